@@ -1,0 +1,1 @@
+console.error('image build: not yet')

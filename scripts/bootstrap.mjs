@@ -1,0 +1,70 @@
+#!/usr/bin/env node
+// Installs what ferry needs on a fresh Debian 12 machine. Plain Node with no packages, because it
+// runs before `npm ci` has put anything in node_modules.
+//
+//   node scripts/bootstrap.mjs           Debian packages + node_modules
+//   node scripts/bootstrap.mjs --image   the same, then the tiny guest image (images/build.mjs)
+//
+// Not root and something is missing: print the exact command to run, exit 1, change nothing.
+import { spawnSync } from 'node:child_process';
+import { existsSync, statSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+/** Debian packages ferry and its guest image need. */
+const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils'];
+
+function log(msg) {
+  process.stderr.write(`bootstrap: ${msg}\n`);
+}
+
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, { stdio: 'inherit', cwd: root, ...opts });
+  if (r.error) throw r.error;
+  return r.status ?? 1;
+}
+
+function installed(name) {
+  const r = spawnSync('dpkg-query', ['-W', '-f=${db:Status-Abbrev}', name], { encoding: 'utf8' });
+  return r.status === 0 && r.stdout.startsWith('ii');
+}
+
+function ensureDebianPackages() {
+  const missing = packages.filter((name) => !installed(name));
+  if (missing.length === 0) return;
+  const install = `apt-get install -y --no-install-recommends ${missing.join(' ')}`;
+  if (process.getuid?.() !== 0) {
+    log(`missing Debian packages: ${missing.join(', ')}`);
+    log(`run as root:  apt-get update && ${install}`);
+    process.exit(1);
+  }
+  log(`installing ${missing.join(', ')}`);
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  const args = ['install', '-y', '-q', '--no-install-recommends', ...missing];
+  if (run('apt-get', args, { env }) !== 0) {
+    // A fresh machine may have empty or stale package lists.
+    if (run('apt-get', ['update', '-q'], { env }) !== 0) fail('apt-get update failed');
+    if (run('apt-get', args, { env }) !== 0) fail(`apt-get install ${missing.join(' ')} failed`);
+  }
+}
+
+function ensureNodeModules() {
+  const lock = join(root, 'package-lock.json');
+  const marker = join(root, 'node_modules', '.package-lock.json');
+  if (existsSync(marker) && statSync(marker).mtimeMs >= statSync(lock).mtimeMs) return;
+  log('npm ci');
+  if (run('npm', ['ci', '--no-audit', '--no-fund']) !== 0) fail('npm ci failed');
+}
+
+function fail(msg) {
+  log(msg);
+  process.exit(1);
+}
+
+ensureDebianPackages();
+ensureNodeModules();
+if (process.argv.includes('--image')) {
+  if (run(process.execPath, [join(root, 'images', 'build.mjs')]) !== 0) fail('guest image build failed');
+}
