@@ -1,0 +1,52 @@
+import type { QmpClient } from '../qmp/index.js';
+import type { VmSpec } from '../qemu/spec.js';
+
+/**
+ * What the engine needs of the host the guest leaves. Everything else goes over the VM's QMP.
+ * `LocalSource` does it on this machine; an agent-backed endpoint does it through a host agent.
+ */
+export interface SourceEndpoint {
+  /** A name for logs and plans. */
+  readonly name: string;
+  /** A QMP session to the running source VM, owned by the caller of connect (who closes it). */
+  connect(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QmpClient>;
+  /**
+   * Bytes the source QEMU has sent to an NBD server at host:port, read from the kernel's socket
+   * counters; undefined where this host cannot tell (the engine then reports the jobs' counters).
+   */
+  nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined>;
+  /** After a successful migration: make the source QEMU exit (it is paused in postmigrate). */
+  retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
+}
+
+/** A destination QEMU started with `-incoming defer` and `-S`. */
+export interface IncomingVm {
+  readonly pid: number;
+  readonly qmp: QmpClient;
+  /** Settles when the process has exited, for whatever reason. */
+  readonly exited: Promise<unknown>;
+  running(): boolean;
+  /** SIGKILL by PID, then wait for the exit: used on rollback only. */
+  kill(): Promise<void>;
+}
+
+/** What the engine needs of the host the guest goes to. */
+export interface DestinationEndpoint {
+  readonly name: string;
+  /** Address the source's QEMU connects to, for NBD and the migration stream. */
+  readonly migrationHost: string;
+  /** The same VM, its disks placed where this host keeps them. */
+  targetSpec(spec: VmSpec, migrationId: string): VmSpec;
+  /** Bytes free where `targetSpec` puts the disks. */
+  freeBytes(spec: VmSpec): Promise<number>;
+  /** Problems that make this host unable to take the VM (folder not writable, file exists...). */
+  checkTarget(spec: VmSpec): Promise<string[]>;
+  /** Creates an empty sparse image; refuses to overwrite. */
+  createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number }): Promise<void>;
+  removeDisk(path: string): Promise<void>;
+  startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<IncomingVm>;
+  /** Candidate TCP ports on migrationHost, in the order to try them. */
+  candidatePorts(): Iterable<number>;
+  /** Removes what startIncoming left behind besides disks (run dir, sockets). */
+  removeRunDir(spec: VmSpec): Promise<void>;
+}

@@ -1,0 +1,155 @@
+import { execFile } from 'node:child_process';
+import { constants } from 'node:fs';
+import { access, mkdir, rm, stat, statfs, unlink } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import { FerryError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { silentLogger } from '../log.js';
+import { QmpClient } from '../qmp/index.js';
+import { launchVm } from '../qemu/launcher.js';
+import { retargetSpec, type VmSpec } from '../qemu/spec.js';
+import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
+import { tcpBytesAcked } from './wire.js';
+
+const run = promisify(execFile);
+
+/** The source VM runs on this machine and its QMP socket is reachable at a path. */
+export class LocalSource implements SourceEndpoint {
+  readonly name: string;
+  readonly #qmpSocket: string;
+  readonly #logger: Logger;
+
+  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger }) {
+    this.#qmpSocket = opts.qmpSocket;
+    this.name = opts.name ?? 'local';
+    this.#logger = opts.logger ?? silentLogger;
+  }
+
+  connect(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QmpClient> {
+    return QmpClient.connect({ path: this.#qmpSocket }, { ...opts, logger: this.#logger, name: 'source' });
+  }
+
+  nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
+    return tcpBytesAcked(peer);
+  }
+
+  async retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
+    // `quit` replies before the process is gone; the session closing is the proof it went.
+    await qmp.execute('quit', undefined, { timeoutMs: opts.timeoutMs });
+    const outcome = await Promise.race([
+      qmp.closed.then(() => 'closed' as const),
+      new Promise<'timeout'>((r) => setTimeout(r, opts.timeoutMs, 'timeout').unref()),
+    ]);
+    if (outcome === 'timeout') {
+      throw new FerryError('SOURCE_QUIT_TIMEOUT', `source QEMU did not exit within ${opts.timeoutMs} ms of quit`);
+    }
+  }
+}
+
+export interface LocalDestinationOptions {
+  /** The destination "host": a folder that will hold the disks and the QEMU's run dir. */
+  dir: string;
+  migrationHost?: string;
+  /** Inclusive port range for the NBD server and the migration stream. */
+  portRange?: [number, number];
+  qemuBinary?: string;
+  name?: string;
+  logger?: Logger;
+}
+
+/** The destination is a folder on this machine; its QEMU is a child of this process. */
+export class LocalDestination implements DestinationEndpoint {
+  readonly name: string;
+  readonly migrationHost: string;
+  readonly #dir: string;
+  readonly #ports: [number, number];
+  readonly #qemuBinary: string | undefined;
+  readonly #logger: Logger;
+
+  constructor(opts: LocalDestinationOptions) {
+    this.#dir = opts.dir;
+    this.name = opts.name ?? opts.dir;
+    this.migrationHost = opts.migrationHost ?? '127.0.0.1';
+    this.#ports = opts.portRange ?? [20000, 29999];
+    this.#qemuBinary = opts.qemuBinary;
+    this.#logger = opts.logger ?? silentLogger;
+  }
+
+  targetSpec(spec: VmSpec, migrationId: string): VmSpec {
+    return retargetSpec(spec, { dir: this.#dir, runDir: join(this.#dir, `run-${spec.name}-${migrationId}`) });
+  }
+
+  async freeBytes(): Promise<number> {
+    const s = await statfs(this.#dir);
+    return s.bavail * s.bsize;
+  }
+
+  async checkTarget(spec: VmSpec): Promise<string[]> {
+    const problems: string[] = [];
+    try {
+      const st = await stat(this.#dir);
+      if (!st.isDirectory()) return [`destination ${this.#dir} is not a directory`];
+      await access(this.#dir, constants.W_OK);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      return [`destination folder ${this.#dir} is not usable (${code === 'ENOENT' ? 'does not exist' : code === 'EACCES' ? 'not writable' : String(code)})`];
+    }
+    for (const disk of spec.disks) {
+      if (await exists(disk.path)) problems.push(`destination disk ${disk.path} already exists (ferry never overwrites a disk)`);
+    }
+    return problems;
+  }
+
+  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number }): Promise<void> {
+    if (await exists(disk.path)) throw new FerryError('DISK_EXISTS', `refusing to overwrite ${disk.path}`, { userError: true });
+    await mkdir(dirname(disk.path), { recursive: true });
+    // Sparse: raw is a hole-only file, qcow2 has no preallocation. Only what the mirror writes lands.
+    await run('qemu-img', ['create', '-q', '-f', disk.format, disk.path, String(disk.virtualSize)], { timeout: 30_000 });
+  }
+
+  async removeDisk(path: string): Promise<void> {
+    await unlink(path).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw err;
+    });
+  }
+
+  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<IncomingVm> {
+    const vm = await launchVm(spec, {
+      incoming: true,
+      startPaused: true,
+      timeoutMs: opts.timeoutMs,
+      signal: opts.signal,
+      logger: this.#logger,
+      ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
+    });
+    return {
+      pid: vm.pid,
+      qmp: vm.qmp,
+      exited: vm.exited,
+      running: () => vm.running(),
+      kill: () => vm.kill(),
+    };
+  }
+
+  *candidatePorts(): Iterable<number> {
+    const [lo, hi] = this.#ports;
+    const span = hi - lo + 1;
+    // Start at a random point so concurrent migrations on one machine rarely collide.
+    const start = Math.floor(Math.random() * span);
+    for (let i = 0; i < span; i++) yield lo + ((start + i) % span);
+  }
+
+  async removeRunDir(spec: VmSpec): Promise<void> {
+    await rm(spec.runDir, { recursive: true, force: true });
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await access(path);
+    return true;
+  } catch {
+    return false;
+  }
+}

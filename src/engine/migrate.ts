@@ -1,0 +1,869 @@
+/**
+ * The migration engine: one running VM and its local disks move from a source QEMU to a
+ * destination QEMU, QEMU-native. Read top to bottom, it is the phases of a migration:
+ *
+ *   preflight            probe both sides, read the source's disks, refuse what cannot work
+ *   prepare-destination  sparse target disks, QEMU with -incoming defer -S, NBD exports
+ *   mirror               source: NBD client node + blockdev-mirror per disk, until all READY
+ *   ram                  migration capabilities and parameters, migrate-incoming, migrate
+ *   switchover           at pre-switchover (guest paused): complete the mirrors without pivot,
+ *                        so the destination's disks equal the source's at this instant; continue
+ *   confirm              destination paused with everything; `cont` on the destination =
+ *                        THE POINT OF NO RETURN; confirmed running
+ *   cleanup              NBD plumbing removed on both sides (after `cont`: it adds nothing to
+ *                        the pause); the source QEMU exits
+ *
+ * Until the destination's `cont` succeeds the source is authoritative: any failure or cancel
+ * unwinds the undo stack, which leaves the guest running on the source (resumed if ferry paused
+ * it) and removes everything the destination got. After it, the source is never resumed.
+ */
+import { FerryError, errorText } from '../errors.js';
+import type { Logger } from '../log.js';
+import { silentLogger } from '../log.js';
+import {
+  QmpCommandError,
+  QmpTimeoutError,
+  type QmpCapabilities,
+  type QmpClient,
+  type QmpEvent,
+} from '../qmp/index.js';
+import { diskNodeName, type VmSpec } from '../qemu/spec.js';
+import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
+import { exportName, mirrorJobId, newMigrationId, targetNodeName } from './names.js';
+import { ProgressTracker } from './progress.js';
+import {
+  MigrationError,
+  MigrationOptionsSchema,
+  type MigrationEvent,
+  type MigrationOptionsInput,
+  type MigrationOptions,
+  type MigrationPlan,
+  type MigrationResult,
+  type Phase,
+} from './types.js';
+import { UndoStack } from './undo.js';
+
+export interface MigrateRequest {
+  spec: VmSpec;
+  source: SourceEndpoint;
+  destination: DestinationEndpoint;
+  options?: MigrationOptionsInput;
+  /** Cancels the migration (rolls back) until the point of no return. */
+  signal?: AbortSignal;
+  logger?: Logger;
+  onEvent?: (e: MigrationEvent) => void;
+  /** Preflight only: return the plan, change nothing. */
+  dryRun?: boolean;
+  migrationId?: string;
+}
+
+const QMP_TIMEOUT_MS = 30_000;
+/** A safe "unlimited" for max-bandwidth: QEMU's default is 128 MiB/s, far below a local link. */
+const UNLIMITED_BANDWIDTH = 2 ** 40;
+/** Free space kept beyond what the copy needs, for qcow2 metadata and the filesystem's own. */
+const SPACE_MARGIN_BYTES = 64 * 1024 * 1024;
+
+export async function planMigration(req: MigrateRequest): Promise<MigrationPlan> {
+  const result = await migrate({ ...req, dryRun: true });
+  return result.plan;
+}
+
+export async function migrate(req: MigrateRequest): Promise<MigrationResult> {
+  const parsed = MigrationOptionsSchema.safeParse(req.options ?? {});
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new MigrationError('OPTIONS_INVALID', `invalid migration option ${issue?.path.join('.') ?? ''}: ${issue?.message ?? ''}`, {
+      phase: 'preflight',
+      userError: true,
+    });
+  }
+  const m = new Migration(req, parsed.data);
+  return m.run();
+}
+
+interface SourceState {
+  qmp: QmpClient;
+  caps: QmpCapabilities;
+  wasRunning: boolean;
+}
+
+interface DestinationState {
+  spec: VmSpec;
+  vm: IncomingVm;
+  caps: QmpCapabilities;
+  nbdPort: number;
+  migrationPort: number;
+  /** Destination event cursor taken before migrate-incoming. */
+  since: number;
+}
+
+class Migration {
+  readonly id: string;
+  readonly #req: MigrateRequest;
+  readonly #opts: MigrationOptions;
+  readonly #log: Logger;
+  readonly #undo = new UndoStack();
+  readonly #signal: AbortSignal;
+  readonly #started = performance.now();
+  #phase: Phase = 'preflight';
+  #phaseStarted = performance.now();
+  readonly #phaseMs: Partial<Record<Phase, number>> = {};
+  #progress: ProgressTracker | undefined;
+  #downtimeLimitMs: number;
+  #downtimeSteps = 0;
+  #forced = false;
+  #pastNoReturn = false;
+
+  constructor(req: MigrateRequest, opts: MigrationOptions) {
+    this.#req = req;
+    this.#opts = opts;
+    this.id = req.migrationId ?? newMigrationId();
+    this.#log = (req.logger ?? silentLogger).child({ migration: this.id, vm: req.spec.name });
+    const total = AbortSignal.timeout(opts.totalTimeoutMs);
+    this.#signal = req.signal ? AbortSignal.any([req.signal, total]) : total;
+    this.#downtimeLimitMs = opts.downtimeLimitMs;
+  }
+
+  async run(): Promise<MigrationResult> {
+    let source: SourceState | undefined;
+    try {
+      this.#enter('preflight');
+      source = await this.#connectSource();
+      const plan = await this.#preflight(source);
+      if (this.#req.dryRun) {
+        await source.qmp.close();
+        return this.#result(plan, 0, undefined, 0, 0);
+      }
+      this.#progress = new ProgressTracker(plan, this.#req.source, this.#opts.progressIntervalMs);
+
+      this.#enter('prepare-destination');
+      const dest = await this.#prepareDestination(plan);
+
+      this.#enter('mirror');
+      await this.#startMirrors(source, dest, plan);
+      await this.#waitMirrorsReady(source, dest, plan);
+
+      this.#enter('ram');
+      const sinceMigration = await this.#startRamMigration(source, dest);
+      await this.#waitPreSwitchover(source, dest, plan, sinceMigration);
+
+      this.#enter('switchover');
+      const stoppedAt = performance.now();
+      await this.#completeMirrors(source, plan);
+      const qemuDowntimeMs = await this.#continueSwitchover(source, sinceMigration);
+
+      this.#enter('confirm');
+      await this.#waitDestinationComplete(dest);
+      await this.#resumeDestination(dest);
+      const downtimeMs = performance.now() - stoppedAt;
+
+      // The guest runs on the destination. What follows only tidies up: it cannot fail the
+      // migration, only warn, and the NBD plumbing goes after `cont` so it adds nothing to the pause.
+      this.#enter('cleanup');
+      const diskBytes = await this.#progress.finalDiskBytes();
+      await this.#tidy('detach the source NBD nodes', () => this.#detachSourceTargets(source!, plan));
+      await this.#tidy("stop the destination's NBD server", () => this.#stopDestinationNbd(dest));
+      await this.#retireSource(source);
+      await dest.vm.qmp.close();
+      this.#enter('done');
+      return this.#result(plan, downtimeMs, qemuDowntimeMs, diskBytes, this.#progress.ramTransferred);
+    } catch (err) {
+      throw await this.#fail(err, source);
+    }
+  }
+
+  // ---------------------------------------------------------------- preflight
+
+  async #connectSource(): Promise<SourceState> {
+    let qmp: QmpClient;
+    try {
+      qmp = await this.#req.source.connect({ timeoutMs: 10_000, signal: this.#signal });
+    } catch (err) {
+      throw new MigrationError('SOURCE_UNREACHABLE', `cannot reach the source VM's QMP (${this.#req.source.name}): ${errorText(err)}`, {
+        phase: 'preflight',
+        cause: err,
+        userError: true,
+      });
+    }
+    const caps = await qmp.probeCapabilities({ timeoutMs: QMP_TIMEOUT_MS, signal: this.#signal });
+    const status = await qmp.execute('query-status', undefined, this.#call());
+    return { qmp, caps, wasRunning: status.status === 'running' };
+  }
+
+  async #preflight(source: SourceState): Promise<MigrationPlan> {
+    const { spec } = this.#req;
+    const problems: string[] = [];
+    for (const cmd of ['blockdev-add', 'blockdev-mirror', 'block-job-cancel', 'migrate', 'migrate-continue']) {
+      if (!source.caps.hasCommand(cmd)) problems.push(`source QEMU lacks the command ${cmd}`);
+    }
+    for (const cap of ['events', 'pause-before-switchover']) {
+      if (!source.caps.migrationCapabilities.has(cap)) problems.push(`source QEMU lacks the migration capability ${cap}`);
+    }
+
+    const status = await source.qmp.execute('query-status', undefined, this.#call());
+    if (!['running', 'paused'].includes(status.status)) {
+      problems.push(`source VM is in state '${status.status}', not running or paused`);
+    }
+    const mig = await source.qmp.execute('query-migrate', undefined, this.#call());
+    if (mig.status && !['none', 'completed', 'failed', 'cancelled'].includes(mig.status)) {
+      problems.push(`a migration is already in progress on the source (status ${mig.status})`);
+    }
+    const blockJobs = await source.qmp.execute('query-block-jobs', undefined, this.#call());
+    if (blockJobs.length > 0) problems.push(`the source has block jobs running: ${blockJobs.map((j) => j.device).join(', ')}`);
+
+    // The spec must describe the running VM, disk for disk: the destination is started from it.
+    const nodes = await source.qmp.execute('query-named-block-nodes', { flat: true }, this.#call());
+    const byName = new Map(nodes.map((n) => [n['node-name'], n]));
+    const destSpec = this.#req.destination.targetSpec(spec, this.id);
+    const disks: MigrationPlan['disks'] = [];
+    for (const [i, disk] of spec.disks.entries()) {
+      const node = byName.get(diskNodeName(disk.id));
+      if (!node) {
+        problems.push(
+          `spec does not match the running source: disk '${disk.id}' (node ${diskNodeName(disk.id)}) is not there; the source has ${[...byName.keys()].filter((n) => !n.startsWith('#')).join(', ') || 'no named nodes'}`,
+        );
+        continue;
+      }
+      if (node.drv !== disk.format) {
+        problems.push(`spec does not match the running source: disk '${disk.id}' is ${node.drv}, the spec says ${disk.format}`);
+      }
+      if (node.file !== disk.path) {
+        problems.push(`spec does not match the running source: disk '${disk.id}' is ${node.file}, the spec says ${disk.path}`);
+      }
+      const virtualSize = node.image['virtual-size'];
+      if (disk.virtualSize !== undefined && disk.virtualSize !== virtualSize) {
+        problems.push(`spec does not match the running source: disk '${disk.id}' has ${virtualSize} bytes, the spec says ${disk.virtualSize}`);
+      }
+      disks.push({
+        id: disk.id,
+        format: disk.format,
+        virtualSize,
+        allocatedBytes: node.image['actual-size'] ?? virtualSize,
+        sourcePath: disk.path,
+        destinationPath: destSpec.disks[i]!.path,
+      });
+    }
+    const memory = await source.qmp.executeRaw('query-memory-size-summary', undefined, this.#call());
+    const ramBytes = readBaseMemory(memory) ?? spec.memoryMiB * 1024 * 1024;
+    if (ramBytes !== spec.memoryMiB * 1024 * 1024) {
+      problems.push(`spec does not match the running source: it has ${ramBytes / 1048576} MiB of RAM, the spec says ${spec.memoryMiB}`);
+    }
+
+    problems.push(...(await this.#req.destination.checkTarget(destSpec)));
+    const needed = disks.reduce((s, d) => s + d.allocatedBytes, 0) + SPACE_MARGIN_BYTES;
+    const free = await this.#req.destination.freeBytes(destSpec).catch(() => undefined);
+    if (free !== undefined && free < needed) {
+      problems.push(`not enough space on ${this.#req.destination.name}: the disks hold ${mib(needed - SPACE_MARGIN_BYTES)} MiB, ${mib(free)} MiB free`);
+    }
+
+    if (problems.length > 0) {
+      throw new MigrationError('PREFLIGHT_REFUSED', `cannot migrate ${spec.name}:\n  - ${problems.join('\n  - ')}`, {
+        phase: 'preflight',
+        userError: true,
+        context: { problems },
+      });
+    }
+    const gib = (needed + ramBytes) / 2 ** 30;
+    return {
+      migrationId: this.id,
+      vm: spec.name,
+      source: this.#req.source.name,
+      destination: this.#req.destination.name,
+      destinationHost: this.#req.destination.migrationHost,
+      disks,
+      ramBytes,
+      copyMode: this.#opts.copyMode,
+      capabilities: {
+        source: [...source.caps.migrationCapabilities].sort(),
+        destination: [],
+      },
+      deadlineMs: Math.round(this.#opts.deadlineBaseMs + this.#opts.deadlinePerGiBMs * gib),
+    };
+  }
+
+  // ---------------------------------------------------------------- prepare destination
+
+  async #prepareDestination(plan: MigrationPlan): Promise<DestinationState> {
+    const d = this.#req.destination;
+    const spec = d.targetSpec(this.#req.spec, this.id);
+    for (const [i, disk] of plan.disks.entries()) {
+      await d.createDisk({ path: disk.destinationPath, format: disk.format, virtualSize: disk.virtualSize });
+      this.#undo.push(`remove destination disk ${spec.disks[i]!.id}`, 'destination', () => d.removeDisk(disk.destinationPath));
+    }
+    this.#undo.push('remove destination run dir', 'destination', () => d.removeRunDir(spec));
+    const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: this.#signal });
+    this.#undo.push('stop destination QEMU', 'destination', async () => {
+      await vm.qmp.close().catch(() => undefined);
+      if (vm.running()) await vm.kill();
+    });
+    const caps = await vm.qmp.probeCapabilities(this.#call());
+    plan.capabilities.destination = [...caps.migrationCapabilities].sort();
+    for (const cmd of ['nbd-server-start', 'block-export-add', 'migrate-incoming']) {
+      if (!caps.hasCommand(cmd)) throw new MigrationError('DESTINATION_UNSUPPORTED', `destination QEMU lacks ${cmd}`, { phase: this.#phase });
+    }
+
+    const nbdPort = await this.#onFreePort((port) =>
+      vm.qmp.execute(
+        'nbd-server-start',
+        { addr: { type: 'inet', data: { host: d.migrationHost, port: String(port) } } },
+        this.#call(),
+      ),
+    );
+    // Exporting a node of a QEMU in -incoming defer activates it for writing; that is what lets
+    // the mirror fill it before the migration stream arrives.
+    for (const disk of plan.disks) {
+      const name = exportName(this.id, disk.id);
+      await vm.qmp.execute(
+        'block-export-add',
+        { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: true },
+        this.#call(),
+      );
+    }
+    return { spec, vm, caps, nbdPort, migrationPort: 0, since: vm.qmp.eventCursor() };
+  }
+
+  /** Tries candidate ports until QEMU binds one; another process may hold any of them. */
+  async #onFreePort(bind: (port: number) => Promise<unknown>): Promise<number> {
+    let tried = 0;
+    let last: unknown;
+    for (const port of this.#req.destination.candidatePorts()) {
+      if (tried++ >= 50) break;
+      try {
+        await bind(port);
+        return port;
+      } catch (err) {
+        if (!(err instanceof QmpCommandError) || !/in use|bind/i.test(err.desc)) throw err;
+        last = err;
+      }
+    }
+    throw new MigrationError('NO_FREE_PORT', `no free port on ${this.#req.destination.migrationHost} after ${tried} tries: ${errorText(last)}`, {
+      phase: this.#phase,
+      cause: last,
+    });
+  }
+
+  // ---------------------------------------------------------------- mirror
+
+  async #startMirrors(source: SourceState, dest: DestinationState, plan: MigrationPlan): Promise<void> {
+    const q = source.qmp;
+    for (const disk of plan.disks) {
+      const node = targetNodeName(disk.id);
+      await q.execute(
+        'blockdev-add',
+        {
+          driver: 'nbd',
+          'node-name': node,
+          server: { type: 'inet', host: this.#req.destination.migrationHost, port: String(dest.nbdPort) },
+          export: exportName(this.id, disk.id),
+        },
+        this.#call(),
+      );
+      this.#undo.push(`delete source NBD node ${node}`, 'source', async () => {
+        await q.execute('blockdev-del', { 'node-name': node }, { timeoutMs: QMP_TIMEOUT_MS });
+      });
+      const job = mirrorJobId(disk.id);
+      await q.execute(
+        'blockdev-mirror',
+        {
+          'job-id': job,
+          device: diskNodeName(disk.id),
+          target: node,
+          sync: 'full',
+          'copy-mode': this.#opts.copyMode,
+          // Kept after they end so a failure's reason can be read; dismissed by ferry.
+          'auto-dismiss': false,
+          ...(this.#opts.bandwidthBytesPerSec ? { speed: this.#opts.bandwidthBytesPerSec } : {}),
+        },
+        this.#call(),
+      );
+      this.#undo.push(`cancel mirror ${job}`, 'source', () => cancelJob(q, job));
+    }
+  }
+
+  async #waitMirrorsReady(source: SourceState, dest: DestinationState, plan: MigrationPlan): Promise<void> {
+    const progress = this.#progress!;
+    for (;;) {
+      this.#throwIfAborted();
+      await this.#throwIfDestinationDied(dest);
+      const jobs = await this.#mirrorJobs(source, plan);
+      const snapshot = await progress.sample(source.qmp, dest, this.#phase, this.#downtimeLimitMs, undefined);
+      this.#emit({ event: 'progress', migrationId: this.id, progress: snapshot });
+      this.#checkStalled(progress);
+      if (jobs.every((j) => j.status === 'ready')) return;
+      await this.#nap(source.qmp, (e) => e.event === 'BLOCK_JOB_READY' || e.event === 'BLOCK_JOB_COMPLETED' || e.event === 'BLOCK_JOB_ERROR');
+    }
+  }
+
+  /** The mirrors' states; a mirror that ended or failed before switchover is a failure. */
+  async #mirrorJobs(source: SourceState, plan: MigrationPlan): Promise<{ id: string; status: string }[]> {
+    const jobs = await source.qmp.execute('query-jobs', undefined, this.#call());
+    return plan.disks.map((disk) => {
+      const id = mirrorJobId(disk.id);
+      const job = jobs.find((j) => j.id === id);
+      if (!job) throw new MigrationError('MIRROR_VANISHED', `mirror ${id} is gone`, { phase: this.#phase });
+      if (job.error || ['concluded', 'aborting', 'null'].includes(job.status)) {
+        throw new MigrationError('MIRROR_FAILED', `mirror of disk '${disk.id}' failed: ${job.error ?? job.status}`, {
+          phase: this.#phase,
+          context: { job: id },
+        });
+      }
+      return { id, status: job.status };
+    });
+  }
+
+  // ---------------------------------------------------------------- ram
+
+  async #startRamMigration(source: SourceState, dest: DestinationState): Promise<number> {
+    const sq = source.qmp;
+    const dq = dest.vm.qmp;
+
+    // Saved before they are changed, so a rollback leaves the source as it found it.
+    const savedCaps = await sq.execute('query-migrate-capabilities', undefined, this.#call());
+    const savedParams = await sq.execute('query-migrate-parameters', undefined, this.#call());
+    const want: Record<string, boolean> = { events: true, 'pause-before-switchover': true };
+    if (source.caps.migrationCapabilities.has('auto-converge')) want['auto-converge'] = this.#opts.autoConverge;
+    await sq.execute(
+      'migrate-set-capabilities',
+      { capabilities: Object.entries(want).map(([capability, state]) => ({ capability, state })) },
+      this.#call(),
+    );
+    this.#undo.push('restore source migration capabilities', 'source', async () => {
+      const back = savedCaps.filter((c) => c.capability in want).map((c) => ({ capability: c.capability, state: c.state }));
+      await sq.execute('migrate-set-capabilities', { capabilities: back }, { timeoutMs: QMP_TIMEOUT_MS });
+    });
+    await sq.execute(
+      'migrate-set-parameters',
+      {
+        'max-bandwidth': this.#opts.bandwidthBytesPerSec ?? UNLIMITED_BANDWIDTH,
+        'downtime-limit': this.#downtimeLimitMs,
+      },
+      this.#call(),
+    );
+    this.#undo.push('restore source migration parameters', 'source', async () => {
+      await sq.execute(
+        'migrate-set-parameters',
+        { 'max-bandwidth': savedParams['max-bandwidth'], 'downtime-limit': savedParams['downtime-limit'] },
+        { timeoutMs: QMP_TIMEOUT_MS },
+      );
+    });
+
+    const destCaps: { capability: string; state: boolean }[] = [{ capability: 'events', state: true }];
+    // Like libvirt: the destination's disks are activated by `cont`, not when RAM arrives.
+    if (dest.caps.migrationCapabilities.has('late-block-activate')) destCaps.push({ capability: 'late-block-activate', state: true });
+    await dq.execute('migrate-set-capabilities', { capabilities: destCaps }, this.#call());
+    dest.since = dq.eventCursor();
+    dest.migrationPort = await this.#onFreePort((port) =>
+      dq.execute('migrate-incoming', { uri: `tcp:${this.#req.destination.migrationHost}:${port}` }, this.#call()),
+    );
+
+    const since = sq.eventCursor();
+    // From here until the destination runs, cancelling means: cancel the migration, resume the
+    // source if it is paused. The undo below does exactly that, in every later state.
+    await sq.execute('migrate', { uri: `tcp:${this.#req.destination.migrationHost}:${dest.migrationPort}` }, this.#call());
+    this.#undo.push('cancel migration and resume source', 'source', () => this.#cancelAndResumeSource(source));
+    return since;
+  }
+
+  async #waitPreSwitchover(source: SourceState, dest: DestinationState, plan: MigrationPlan, since: number): Promise<void> {
+    const progress = this.#progress!;
+    const deadline = this.#started + plan.deadlineMs;
+    let lastSync = 0;
+    let syncsAtLimit = 0;
+    for (;;) {
+      this.#throwIfAborted();
+      await this.#throwIfDestinationDied(dest);
+      const mig = await source.qmp.execute('query-migrate', undefined, this.#call());
+      if (mig.status === 'pre-switchover') return;
+      if (mig.status === 'failed' || mig.status === 'cancelled') {
+        throw new MigrationError('RAM_MIGRATION_FAILED', `migration ${mig.status}: ${mig['error-desc'] ?? 'no reason given'}`, {
+          phase: this.#phase,
+        });
+      }
+      await this.#mirrorJobs(source, plan);
+      const snapshot = await progress.sample(source.qmp, dest, this.#phase, this.#downtimeLimitMs, mig);
+      this.#emit({ event: 'progress', migrationId: this.id, progress: snapshot });
+      this.#checkStalled(progress);
+
+      // Convergence: each new dirty sync that did not end the iteration steps the downtime limit
+      // up, by half, within the bound the caller set.
+      const sync = mig.ram?.['dirty-sync-count'] ?? 0;
+      if (sync > lastSync) {
+        if (lastSync > 0 && sync >= 4) syncsAtLimit++;
+        lastSync = sync;
+        if (syncsAtLimit >= 2 && this.#downtimeLimitMs < this.#opts.maxDowntimeLimitMs) {
+          syncsAtLimit = 0;
+          const next = Math.min(this.#opts.maxDowntimeLimitMs, Math.ceil(this.#downtimeLimitMs * 1.5));
+          await this.#setDowntimeLimit(source, next, `RAM not converging after ${sync} dirty syncs`);
+        }
+      }
+      if (performance.now() > deadline && !this.#forced) {
+        if (this.#opts.onDeadline === 'abort') {
+          this.#emit({ event: 'convergence', migrationId: this.id, action: 'deadline-abort', downtimeLimitMs: this.#downtimeLimitMs, detail: `deadline of ${plan.deadlineMs} ms passed` });
+          throw new MigrationError('DEADLINE', `migration did not converge within its deadline of ${plan.deadlineMs} ms (policy: abort)`, {
+            phase: this.#phase,
+          });
+        }
+        // Force: a downtime limit large enough for what remains makes QEMU stop and switch over
+        // at the next iteration; the pause is long but bounded by the link.
+        this.#forced = true;
+        const remaining = mig.ram?.remaining ?? 0;
+        const bytesPerMs = Math.max(1, (mig.ram?.mbps ?? 100) * 125);
+        const needed = Math.min(600_000, Math.max(this.#opts.maxDowntimeLimitMs, Math.ceil((remaining / bytesPerMs) * 2)));
+        this.#emit({ event: 'convergence', migrationId: this.id, action: 'deadline-force', downtimeLimitMs: needed, detail: `deadline of ${plan.deadlineMs} ms passed` });
+        await this.#setDowntimeLimit(source, needed, 'deadline passed, forcing switchover');
+      }
+      await this.#nap(source.qmp, (e) => e.event === 'MIGRATION', since);
+    }
+  }
+
+  async #setDowntimeLimit(source: SourceState, ms: number, why: string): Promise<void> {
+    await source.qmp.execute('migrate-set-parameters', { 'downtime-limit': ms }, this.#call());
+    this.#downtimeLimitMs = ms;
+    this.#downtimeSteps++;
+    this.#log.info({ downtimeLimitMs: ms, why }, 'downtime limit raised');
+    this.#emit({ event: 'convergence', migrationId: this.id, action: 'downtime-step', downtimeLimitMs: ms, detail: why });
+  }
+
+  // ---------------------------------------------------------------- switchover
+
+  /**
+   * The guest is paused at pre-switchover. Cancelling a READY mirror completes it without
+   * pivoting: the destination's disk is a point-in-time copy as of now, and the source keeps its
+   * own disk (libvirt does the same, so the source can still be resumed if anything fails later).
+   * It must happen before the migration continues: QEMU inactivates the source's disks at the end
+   * of the migration and a running job would forbid it.
+   */
+  async #completeMirrors(source: SourceState, plan: MigrationPlan): Promise<void> {
+    const q = source.qmp;
+    const since = q.eventCursor();
+    for (const disk of plan.disks) {
+      await q.execute('block-job-cancel', { device: mirrorJobId(disk.id) }, this.#call());
+    }
+    for (const disk of plan.disks) {
+      const id = mirrorJobId(disk.id);
+      await q.waitForEvent((e) => e.event === 'JOB_STATUS_CHANGE' && e.data.id === id && e.data.status === 'concluded', {
+        since,
+        timeoutMs: QMP_TIMEOUT_MS,
+        signal: this.#signal,
+        what: `mirror ${id} to conclude`,
+      });
+    }
+    const jobs = await q.execute('query-jobs', undefined, this.#call());
+    for (const disk of plan.disks) {
+      const id = mirrorJobId(disk.id);
+      const job = jobs.find((j) => j.id === id);
+      if (job?.error) {
+        throw new MigrationError('MIRROR_FAILED', `mirror of disk '${disk.id}' failed at switchover: ${job.error}`, { phase: this.#phase });
+      }
+      await q.execute('job-dismiss', { id }, this.#call());
+      this.#undo.drop(`cancel mirror ${id}`);
+    }
+  }
+
+  async #continueSwitchover(source: SourceState, since: number): Promise<number | undefined> {
+    const q = source.qmp;
+    await q.execute('migrate-continue', { state: 'pre-switchover' }, this.#call());
+    const ev = await q.waitForEvent(
+      (e) => e.event === 'MIGRATION' && ['completed', 'failed', 'cancelled'].includes(e.data.status),
+      { since, timeoutMs: this.#opts.progressTimeoutMs, signal: this.#signal, what: 'the source migration to complete' },
+    );
+    const mig = await q.execute('query-migrate', undefined, this.#call());
+    if (ev.event !== 'MIGRATION' || mig.status !== 'completed') {
+      throw new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${mig['error-desc'] ?? mig.status ?? 'unknown'}`, { phase: this.#phase });
+    }
+    this.#progress!.recordFinalRam(mig);
+    return mig.downtime;
+  }
+
+  // ---------------------------------------------------------------- confirm
+
+  /** The NBD client nodes must go before the exports can (QEMU refuses to drop an export in use). */
+  async #detachSourceTargets(source: SourceState, plan: MigrationPlan): Promise<void> {
+    for (const disk of plan.disks) {
+      const node = targetNodeName(disk.id);
+      await source.qmp.execute('blockdev-del', { 'node-name': node }, this.#call());
+      this.#undo.drop(`delete source NBD node ${node}`);
+    }
+  }
+
+  async #waitDestinationComplete(dest: DestinationState): Promise<void> {
+    const q = dest.vm.qmp;
+    await q.waitForEvent((e) => e.event === 'MIGRATION' && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
+      since: dest.since,
+      timeoutMs: QMP_TIMEOUT_MS,
+      signal: this.#signal,
+      what: "the destination's incoming migration to end",
+    });
+    const mig = await q.execute('query-migrate', undefined, this.#call());
+    if (mig.status !== 'completed') {
+      throw new MigrationError('DESTINATION_INCOMING_FAILED', `destination's incoming migration ${mig.status ?? 'unknown'}: ${mig['error-desc'] ?? ''}`, {
+        phase: this.#phase,
+      });
+    }
+    const status = await q.execute('query-status', undefined, this.#call());
+    if (status.status !== 'paused') {
+      throw new MigrationError('DESTINATION_STATE', `destination is '${status.status}' after the migration, expected paused`, { phase: this.#phase });
+    }
+  }
+
+  async #stopDestinationNbd(dest: DestinationState): Promise<void> {
+    await dest.vm.qmp.execute('nbd-server-stop', undefined, this.#call());
+  }
+
+  /**
+   * THE POINT OF NO RETURN. Before `cont` reaches the destination, the source can be resumed.
+   * After the destination has run, even for an instant, it must never be: the two would diverge.
+   * A clear refusal from QEMU means it did not run; a lost reply means we cannot know.
+   */
+  async #resumeDestination(dest: DestinationState): Promise<void> {
+    this.#throwIfAborted();
+    try {
+      await dest.vm.qmp.execute('cont', undefined, { timeoutMs: QMP_TIMEOUT_MS });
+    } catch (err) {
+      if (err instanceof QmpCommandError) throw err;
+      // No answer: ask again on the same session if it still stands.
+      const status = await dest.vm.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
+      if (status?.status === 'running') {
+        this.#markPastNoReturn();
+        return;
+      }
+      this.#pastNoReturn = true;
+      throw new MigrationError(
+        'SWITCHOVER_UNCERTAIN',
+        `the destination's 'cont' got no answer (${errorText(err)}); the destination may have run, so the source stays paused. Check the destination QEMU (pid ${dest.vm.pid}) before resuming anything.`,
+        { phase: this.#phase, cause: err, guestOn: 'unknown' },
+      );
+    }
+    this.#markPastNoReturn();
+    const status = await dest.vm.qmp.execute('query-status', undefined, { timeoutMs: QMP_TIMEOUT_MS });
+    if (status.status !== 'running') {
+      this.#log.warn({ status: status.status }, 'destination not running right after cont');
+    }
+  }
+
+  #markPastNoReturn(): void {
+    this.#pastNoReturn = true;
+    // The destination is the guest now: nothing may resume the source, or remove what runs.
+    this.#undo.dropSide('source');
+    this.#undo.dropSide('destination');
+    this.#log.info('destination running: point of no return passed');
+  }
+
+  // ---------------------------------------------------------------- cleanup
+
+  async #retireSource(source: SourceState): Promise<void> {
+    try {
+      await this.#req.source.retireSource(source.qmp, { timeoutMs: QMP_TIMEOUT_MS });
+    } catch (err) {
+      // The guest runs on the destination; a source that lingers paused in postmigrate is
+      // harmless to the guest but the operator must know.
+      this.#warn(`the source QEMU did not exit cleanly: ${errorText(err)}`);
+    } finally {
+      await source.qmp.close();
+    }
+  }
+
+  // ---------------------------------------------------------------- failure and rollback
+
+  async #fail(err: unknown, source: SourceState | undefined): Promise<MigrationError> {
+    const failedPhase = this.#phase;
+    const first = this.#asMigrationError(err, failedPhase);
+    if (this.#pastNoReturn) {
+      // Nothing to roll back: the undo stack was emptied at the point of no return.
+      this.#enter('failed');
+      await source?.qmp.close().catch(() => undefined);
+      return first;
+    }
+    this.#log.warn({ err: errorText(first), phase: failedPhase }, 'migration failed, rolling back');
+    if (this.#undo.size > 0) this.#enter('rollback');
+    const cleanupErrors = await this.#undo.runAll((step, stepErr) => {
+      this.#emit({ event: 'rollback', migrationId: this.id, step, ok: !stepErr, ...(stepErr ? { error: errorText(stepErr) } : {}) });
+      if (stepErr) this.#log.error({ step, err: errorText(stepErr) }, 'rollback step failed');
+    });
+    let guestOn: 'source' | 'unknown' = first.guestOn;
+    if (source) {
+      // Proof, not hope: the guest is where we say it is.
+      const status = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
+      const expected = source.wasRunning ? 'running' : 'paused';
+      if (status?.status !== expected && guestOn === 'source') {
+        cleanupErrors.push(new Error(`after rollback the source is '${status?.status ?? 'unreachable'}', expected ${expected}`));
+        if (!status) guestOn = 'unknown';
+      }
+      await source.qmp.close().catch(() => undefined);
+    }
+    this.#enter('failed');
+    return new MigrationError(first.code, first.message, {
+      phase: failedPhase,
+      cause: first.cause ?? err,
+      userError: first.userError,
+      context: first.context as Record<string, unknown>,
+      guestOn,
+      cleanupErrors: [...first.cleanupErrors, ...cleanupErrors],
+    });
+  }
+
+  #asMigrationError(err: unknown, phase: Phase): MigrationError {
+    if (err instanceof MigrationError) return err;
+    if (this.#signal.aborted && (!(err instanceof FerryError) || err.code === 'QMP_ABORTED' || err.code === 'MIGRATION_CANCELLED')) {
+      const reason = this.#req.signal?.aborted ? 'cancelled' : `total timeout of ${this.#opts.totalTimeoutMs} ms reached`;
+      return new MigrationError(this.#req.signal?.aborted ? 'CANCELLED' : 'TOTAL_TIMEOUT', `migration ${reason} during ${phase}`, {
+        phase,
+        cause: err,
+      });
+    }
+    if (err instanceof FerryError) {
+      return new MigrationError(err.code, `${phase}: ${err.message}`, { phase, cause: err, userError: err.userError, context: { ...err.context } });
+    }
+    return new MigrationError('INTERNAL', `${phase}: ${errorText(err)}`, { phase, cause: err });
+  }
+
+  /**
+   * Undo of `migrate`, valid in every state before the destination runs: cancel what is still in
+   * flight, then make sure the guest runs on the source as it did before. After a completed
+   * migration the source sits in postmigrate with its disks inactive; `cont` reactivates them.
+   */
+  async #cancelAndResumeSource(source: SourceState): Promise<void> {
+    const q = source.qmp;
+    const opts = { timeoutMs: QMP_TIMEOUT_MS };
+    let mig = await q.execute('query-migrate', undefined, opts);
+    if (mig.status && !['completed', 'failed', 'cancelled', 'none'].includes(mig.status)) {
+      await q.execute('migrate_cancel', undefined, opts);
+      const deadline = performance.now() + QMP_TIMEOUT_MS;
+      while (mig.status && !['completed', 'failed', 'cancelled', 'none'].includes(mig.status)) {
+        if (performance.now() > deadline) throw new FerryError('CANCEL_TIMEOUT', `migration still '${mig.status}' after migrate_cancel`);
+        await sleep(20);
+        mig = await q.execute('query-migrate', undefined, opts);
+      }
+    }
+    if (!source.wasRunning) return;
+    const status = await q.execute('query-status', undefined, opts);
+    if (status.status !== 'running') await q.execute('cont', undefined, opts);
+  }
+
+  // ---------------------------------------------------------------- helpers
+
+  #enter(phase: Phase): void {
+    const now = performance.now();
+    this.#phaseMs[this.#phase] = (this.#phaseMs[this.#phase] ?? 0) + (now - this.#phaseStarted);
+    this.#phase = phase;
+    this.#phaseStarted = now;
+    this.#log.info({ phase }, 'phase');
+    this.#emit({ event: 'phase', migrationId: this.id, phase, at: now - this.#started });
+  }
+
+  #emit(e: MigrationEvent): void {
+    try {
+      this.#req.onEvent?.(e);
+    } catch (err) {
+      this.#log.error({ err: errorText(err) }, 'event listener threw');
+    }
+  }
+
+  /** Runs a step past the point of no return: a failure is reported, never thrown. */
+  async #tidy(what: string, step: () => Promise<void>): Promise<void> {
+    try {
+      await step();
+    } catch (err) {
+      this.#warn(`could not ${what}: ${errorText(err)}`);
+    }
+  }
+
+  #warn(message: string): void {
+    this.#log.warn(message);
+    this.#emit({ event: 'warning', migrationId: this.id, message });
+  }
+
+  #call(): { timeoutMs: number; signal: AbortSignal } {
+    return { timeoutMs: QMP_TIMEOUT_MS, signal: this.#signal };
+  }
+
+  #throwIfAborted(): void {
+    if (this.#signal.aborted) {
+      throw new FerryError('MIGRATION_CANCELLED', 'cancelled', { cause: this.#signal.reason });
+    }
+  }
+
+  async #throwIfDestinationDied(dest: DestinationState): Promise<void> {
+    if (!dest.vm.running()) {
+      throw new MigrationError('DESTINATION_DIED', `the destination QEMU (pid ${dest.vm.pid}) exited during ${this.#phase}`, { phase: this.#phase });
+    }
+  }
+
+  #checkStalled(progress: ProgressTracker): void {
+    const idle = progress.idleMs();
+    if (idle > this.#opts.progressTimeoutMs) {
+      throw new MigrationError('STALLED', `no progress for ${Math.round(idle)} ms during ${this.#phase} (progress timeout ${this.#opts.progressTimeoutMs} ms)`, {
+        phase: this.#phase,
+      });
+    }
+  }
+
+  /** Sleeps one progress interval, waking early on a matching event. */
+  async #nap(q: QmpClient, pred: (e: QmpEvent) => boolean, since?: number): Promise<void> {
+    try {
+      await q.waitForEvent(pred, {
+        timeoutMs: this.#opts.progressIntervalMs,
+        signal: this.#signal,
+        ...(since === undefined ? {} : { since: Math.max(since, this.#napCursor.get(q) ?? since) }),
+      });
+    } catch (err) {
+      if (!(err instanceof QmpTimeoutError)) throw err;
+    }
+    // The next nap only wakes for events newer than this one.
+    this.#napCursor.set(q, q.eventCursor());
+  }
+  readonly #napCursor = new WeakMap<QmpClient, number>();
+
+  #result(plan: MigrationPlan, downtimeMs: number, qemuDowntimeMs: number | undefined, diskBytes: number, ramBytes: number): MigrationResult {
+    return {
+      ok: true,
+      migrationId: this.id,
+      plan,
+      totalMs: Math.round(performance.now() - this.#started),
+      downtimeMs: Math.round(downtimeMs),
+      qemuDowntimeMs,
+      diskBytes,
+      ramBytes,
+      phaseMs: Object.fromEntries(Object.entries(this.#phaseMs).map(([k, v]) => [k, Math.round(v)])),
+      convergence: {
+        downtimeLimitMs: this.#downtimeLimitMs,
+        autoConverge: this.#opts.autoConverge,
+        forced: this.#forced,
+        steps: this.#downtimeSteps,
+      },
+    };
+  }
+}
+
+async function cancelJob(q: QmpClient, id: string): Promise<void> {
+  const opts = { timeoutMs: QMP_TIMEOUT_MS };
+  const jobs = await q.execute('query-jobs', undefined, opts);
+  const job = jobs.find((j) => j.id === id);
+  if (!job) return;
+  if (job.status !== 'concluded' && job.status !== 'null') {
+    const since = q.eventCursor();
+    await q.execute('block-job-cancel', { device: id, force: true }, opts);
+    await q.waitForEvent((e) => e.event === 'JOB_STATUS_CHANGE' && e.data.id === id && e.data.status === 'concluded', {
+      since,
+      timeoutMs: QMP_TIMEOUT_MS,
+      what: `mirror ${id} to end after cancel`,
+    });
+  }
+  await q.execute('job-dismiss', { id }, opts);
+}
+
+function readBaseMemory(raw: unknown): number | undefined {
+  if (typeof raw === 'object' && raw !== null && 'base-memory' in raw) {
+    const v = (raw as { 'base-memory': unknown })['base-memory'];
+    return typeof v === 'number' ? v : undefined;
+  }
+  return undefined;
+}
+
+function mib(bytes: number): number {
+  return Math.round(bytes / 1048576);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

@@ -1,0 +1,21 @@
+import { randomBytes } from 'node:crypto';
+
+// QEMU node-names and job ids are at most 31 characters; disk ids are at most 16.
+
+export function newMigrationId(): string {
+  return randomBytes(4).toString('hex');
+}
+
+/** The destination's NBD export of a disk: unique per migration so a stale client cannot attach. */
+export function exportName(migrationId: string, diskId: string): string {
+  return `ferry-${migrationId}-${diskId}`;
+}
+
+/** The source's NBD client node that the mirror writes into. */
+export function targetNodeName(diskId: string): string {
+  return `ferry-nbd-${diskId}`;
+}
+
+export function mirrorJobId(diskId: string): string {
+  return `ferry-mirror-${diskId}`;
+}

@@ -1,0 +1,153 @@
+import { z } from 'zod';
+import { FerryError } from '../errors.js';
+
+/**
+ * The phases of one migration, in the order they happen. A migration never goes back to an
+ * earlier phase; `rollback` is entered from any phase before the point of no return (the
+ * destination's `cont`), `done` only after it.
+ */
+export const PHASES = [
+  'preflight',
+  'prepare-destination',
+  'mirror',
+  'ram',
+  'switchover',
+  'confirm',
+  'cleanup',
+  'done',
+] as const;
+export type Phase = (typeof PHASES)[number] | 'rollback' | 'failed';
+
+export type CopyMode = 'background' | 'write-blocking';
+export type DeadlinePolicy = 'abort' | 'force';
+
+export const MigrationOptionsSchema = z
+  .object({
+    /** How the mirrors treat guest writes: see docs/migration.md. */
+    copyMode: z.enum(['background', 'write-blocking']).default('background'),
+    /** Cap on the migration link, bytes/s, shared by RAM and disks; absent = unlimited. */
+    bandwidthBytesPerSec: z.number().int().positive().optional(),
+    /** The pause QEMU aims for at switchover, ms. */
+    downtimeLimitMs: z.number().int().min(1).max(60_000).default(300),
+    /** When RAM does not converge, the downtime limit steps up to at most this, ms. */
+    maxDowntimeLimitMs: z.number().int().min(1).max(600_000).default(2_000),
+    /** Let QEMU throttle the vCPUs of a guest that dirties RAM faster than the link moves it. */
+    autoConverge: z.boolean().default(true),
+    /** What to do when the completion deadline passes: give up (the guest stays on the source) or switch over anyway. */
+    onDeadline: z.enum(['abort', 'force']).default('abort'),
+    /** Completion deadline = base + perGiB x (allocated disk + RAM in GiB). */
+    deadlineBaseMs: z.number().int().positive().default(120_000),
+    deadlinePerGiBMs: z.number().int().nonnegative().default(120_000),
+    /** Abort when neither disk nor RAM bytes move for this long, ms. */
+    progressTimeoutMs: z.number().int().positive().default(60_000),
+    /** Hard bound on the whole migration, ms. */
+    totalTimeoutMs: z.number().int().positive().default(3_600_000),
+    /** Interval between progress events, ms. */
+    progressIntervalMs: z.number().int().min(50).default(500),
+  })
+  .strict();
+export type MigrationOptions = z.infer<typeof MigrationOptionsSchema>;
+export type MigrationOptionsInput = z.input<typeof MigrationOptionsSchema>;
+
+export interface DiskProgress {
+  id: string;
+  /** Bytes the source holds (allocated), the honest size of the copy. */
+  allocatedBytes: number;
+  /** Bytes that crossed the wire to the destination's export, when the endpoint can measure it. */
+  sentBytes: number | undefined;
+  /** The mirror job's own counters (they include zero ranges, which cost nothing on the wire). */
+  jobOffset: number;
+  jobLength: number;
+  ready: boolean;
+}
+
+export interface RamProgress {
+  status: string;
+  transferredBytes: number;
+  remainingBytes: number;
+  totalBytes: number;
+  mbps: number;
+  dirtyPagesRate: number;
+  dirtySyncCount: number;
+  expectedDowntimeMs: number | undefined;
+}
+
+export interface ProgressSnapshot {
+  phase: Phase;
+  elapsedMs: number;
+  disks: DiskProgress[];
+  /** Sum over disks: bytes sent (or job offset when not measurable) and bytes to send. */
+  diskCopiedBytes: number;
+  diskTotalBytes: number;
+  ram: RamProgress | undefined;
+  /** Bytes per second over the last interval, disk + RAM. */
+  rateBytesPerSec: number;
+  etaMs: number | undefined;
+  downtimeLimitMs: number;
+}
+
+export type MigrationEvent =
+  | { event: 'phase'; migrationId: string; phase: Phase; at: number }
+  | { event: 'progress'; migrationId: string; progress: ProgressSnapshot }
+  | { event: 'convergence'; migrationId: string; action: 'downtime-step' | 'deadline-abort' | 'deadline-force'; downtimeLimitMs: number; detail: string }
+  | { event: 'warning'; migrationId: string; message: string }
+  | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string };
+
+export interface MigrationPlan {
+  migrationId: string;
+  vm: string;
+  source: string;
+  destination: string;
+  /** Address the source's QEMU connects to on the destination, for NBD and the migration stream. */
+  destinationHost: string;
+  disks: { id: string; format: 'qcow2' | 'raw'; virtualSize: number; allocatedBytes: number; sourcePath: string; destinationPath: string }[];
+  ramBytes: number;
+  copyMode: CopyMode;
+  capabilities: { source: string[]; destination: string[] };
+  deadlineMs: number;
+}
+
+export interface MigrationResult {
+  ok: true;
+  migrationId: string;
+  plan: MigrationPlan;
+  totalMs: number;
+  /** Pause as seen from outside: source stopped (pre-switchover) until the destination resumed. */
+  downtimeMs: number;
+  /** QEMU's own figure for the RAM/device switchover part of that pause. */
+  qemuDowntimeMs: number | undefined;
+  diskBytes: number;
+  ramBytes: number;
+  phaseMs: Partial<Record<Phase, number>>;
+  convergence: { downtimeLimitMs: number; autoConverge: boolean; forced: boolean; steps: number };
+}
+
+/**
+ * A migration that did not complete. `guestOn` says where the guest is after rollback: `source`
+ * (the normal outcome: untouched and running as before), or `unknown` when the destination may
+ * have started and ferry refused to resume the source (never run twice): an operator must look.
+ */
+export class MigrationError extends FerryError {
+  override name = 'MigrationError';
+  readonly phase: Phase;
+  readonly guestOn: 'source' | 'unknown';
+  readonly cleanupErrors: unknown[];
+
+  constructor(
+    code: string,
+    message: string,
+    opts: {
+      phase: Phase;
+      cause?: unknown;
+      userError?: boolean;
+      context?: Record<string, unknown>;
+      guestOn?: 'source' | 'unknown';
+      cleanupErrors?: unknown[];
+    },
+  ) {
+    super(code, message, { cause: opts.cause, userError: opts.userError, context: { ...opts.context, phase: opts.phase } });
+    this.phase = opts.phase;
+    this.guestOn = opts.guestOn ?? 'source';
+    this.cleanupErrors = opts.cleanupErrors ?? [];
+  }
+}

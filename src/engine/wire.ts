@@ -1,0 +1,28 @@
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+
+const run = promisify(execFile);
+
+/**
+ * Bytes acknowledged by the peer on every established TCP socket of this host connected to
+ * host:port, from `ss -ti` (iproute2). The mirror's own job counters include zero ranges that
+ * cross the wire as a few bytes of NBD WRITE_ZEROES, so this is the honest "bytes sent" figure.
+ * Undefined when ss is missing or prints nothing we can read.
+ */
+export async function tcpBytesAcked(peer: { host: string; port: number }): Promise<number | undefined> {
+  let stdout: string;
+  try {
+    ({ stdout } = await run('ss', ['-tinH', 'state', 'established', 'dst', `${peer.host}:${peer.port}`], {
+      timeout: 5_000,
+    }));
+  } catch {
+    return undefined;
+  }
+  let total = 0;
+  let seen = false;
+  for (const m of stdout.matchAll(/\bbytes_acked:(\d+)/g)) {
+    total += Number(m[1]);
+    seen = true;
+  }
+  return seen ? total : undefined;
+}
