@@ -339,6 +339,7 @@ export class QmpClient implements AsyncDisposable {
   #waitGreeting(signal: AbortSignal): Promise<QmpGreeting> {
     if (this.#greeting) return Promise.resolve(this.#greeting);
     if (this.#state === 'closed') return Promise.reject(this.#closedWith);
+    if (signal.aborted) return Promise.reject(signal.reason);
     return new Promise<QmpGreeting>((resolve, reject) => {
       const finish = (): void => {
         this.#greetingWaiter = undefined;
