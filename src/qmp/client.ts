@@ -158,7 +158,9 @@ export class QmpClient implements AsyncDisposable {
     c: { where: string; stage: string; timeoutMs: number; timedOut: symbol; deadline: AbortSignal; userSignal: AbortSignal | undefined },
   ): QmpError {
     if (c.deadline.aborted && c.deadline.reason === c.timedOut) {
-      return new QmpConnectError(`QMP at ${c.where}: timed out after ${c.timeoutMs} ms ${c.stage}`, {
+      // QEMU serves one client per QMP socket: a second one is accepted but never greeted.
+      const hint = c.stage === 'waiting for the greeting' ? ' (not QMP, or QEMU is busy with another client on this socket?)' : '';
+      return new QmpConnectError(`QMP at ${c.where}: timed out after ${c.timeoutMs} ms ${c.stage}${hint}`, {
         cause: err,
         context: { target: c.where, stage: c.stage },
       });
