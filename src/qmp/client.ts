@@ -382,6 +382,9 @@ export class QmpClient implements AsyncDisposable {
     try {
       msg = JSON.parse(line);
     } catch (err) {
+      if (this.#state === 'greeting') {
+        throw new QmpConnectError(`${this.#where} is not a QMP server: it said ${snippet(line)}`, { cause: err, context: { target: this.#where } });
+      }
       throw new QmpProtocolError(`${this.#where} sent malformed JSON: ${snippet(line)}`, { cause: err });
     }
     if (!isRecord(msg)) throw new QmpProtocolError(`${this.#where} sent a message that is not a JSON object: ${snippet(line)}`);

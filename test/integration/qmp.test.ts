@@ -64,6 +64,28 @@ describe('QmpClient against QEMU 7.2', () => {
     expect(status).toMatchObject({ running: true, status: 'running' });
   });
 
+  it('connects over TCP too', async () => {
+    const probe = createServer();
+    await new Promise<void>((r) => probe.listen(0, '127.0.0.1', r));
+    const port = (probe.address() as { port: number }).port;
+    await new Promise((r) => probe.close(r));
+    const proc = spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', `tcp:127.0.0.1:${port},server=on,wait=off`], {
+      stdio: 'ignore',
+    });
+    qemus.push(proc);
+    let qmp: QmpClient | undefined;
+    for (let tries = 0; !qmp; tries++) {
+      try {
+        qmp = await QmpClient.connect({ host: '127.0.0.1', port }, { timeoutMs: 2_000 });
+      } catch (err) {
+        if (tries > 100 || !(err instanceof QmpConnectError)) throw err;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    clients.push(qmp);
+    expect((await qmp.execute('query-status')).running).toBe(true);
+  });
+
   it('negotiates oob when asked and runs an out-of-band command', async () => {
     const { path } = await startQemu();
     const qmp = await QmpClient.connect({ path }, { timeoutMs: 5_000, oob: true });
@@ -160,6 +182,7 @@ describe('QmpClient connect failures', () => {
     const err = await QmpClient.connect({ path }, { timeoutMs: 2_000 }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(QmpConnectError);
     expect((err as Error).message).toContain(path);
+    expect((err as Error).message).toMatch(/is not a QMP server: it said SSH-2.0/);
   });
 
   it('fails a pending command when QEMU dies under it', async () => {
