@@ -7,7 +7,7 @@ import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
-import { launchVm } from '../qemu/launcher.js';
+import { launchVm, type VmProcess } from '../qemu/launcher.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
 import { tcpBytesAcked } from './wire.js';
@@ -56,6 +56,11 @@ export interface LocalDestinationOptions {
   qemuBinary?: string;
   name?: string;
   logger?: Logger;
+}
+
+/** A destination QEMU on this machine, with its console for whoever wants to watch the guest. */
+export interface LocalIncomingVm extends IncomingVm {
+  readonly process: VmProcess;
 }
 
 /** The destination is a folder on this machine; its QEMU is a child of this process. */
@@ -114,7 +119,7 @@ export class LocalDestination implements DestinationEndpoint {
     });
   }
 
-  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<IncomingVm> {
+  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
     const vm = await launchVm(spec, {
       incoming: true,
       startPaused: true,
@@ -124,6 +129,7 @@ export class LocalDestination implements DestinationEndpoint {
       ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
     });
     return {
+      process: vm,
       pid: vm.pid,
       qmp: vm.qmp,
       exited: vm.exited,

@@ -21,6 +21,7 @@ import { FerryError, errorText } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import {
+  eventIs,
   QmpCommandError,
   QmpTimeoutError,
   type QmpCapabilities,
@@ -220,7 +221,7 @@ class Migration {
       const node = byName.get(diskNodeName(disk.id));
       if (!node) {
         problems.push(
-          `spec does not match the running source: disk '${disk.id}' (node ${diskNodeName(disk.id)}) is not there; the source has ${[...byName.keys()].filter((n) => !n.startsWith('#')).join(', ') || 'no named nodes'}`,
+          `spec does not match the running source: disk '${disk.id}' (node ${diskNodeName(disk.id)}) is not there; the source has ${[...byName.keys()].filter((n): n is string => n !== undefined && !n.startsWith('#')).join(', ') || 'no named nodes'}`,
         );
         continue;
       }
@@ -541,7 +542,7 @@ class Migration {
     }
     for (const disk of plan.disks) {
       const id = mirrorJobId(disk.id);
-      await q.waitForEvent((e) => e.event === 'JOB_STATUS_CHANGE' && e.data.id === id && e.data.status === 'concluded', {
+      await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
         since,
         timeoutMs: QMP_TIMEOUT_MS,
         signal: this.#signal,
@@ -564,11 +565,11 @@ class Migration {
     const q = source.qmp;
     await q.execute('migrate-continue', { state: 'pre-switchover' }, this.#call());
     const ev = await q.waitForEvent(
-      (e) => e.event === 'MIGRATION' && ['completed', 'failed', 'cancelled'].includes(e.data.status),
+      (e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status),
       { since, timeoutMs: this.#opts.progressTimeoutMs, signal: this.#signal, what: 'the source migration to complete' },
     );
     const mig = await q.execute('query-migrate', undefined, this.#call());
-    if (ev.event !== 'MIGRATION' || mig.status !== 'completed') {
+    if (!eventIs(ev, 'MIGRATION') || mig.status !== 'completed') {
       throw new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${mig['error-desc'] ?? mig.status ?? 'unknown'}`, { phase: this.#phase });
     }
     this.#progress!.recordFinalRam(mig);
@@ -588,7 +589,7 @@ class Migration {
 
   async #waitDestinationComplete(dest: DestinationState): Promise<void> {
     const q = dest.vm.qmp;
-    await q.waitForEvent((e) => e.event === 'MIGRATION' && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
+    await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
       since: dest.since,
       timeoutMs: QMP_TIMEOUT_MS,
       signal: this.#signal,
@@ -843,7 +844,7 @@ async function cancelJob(q: QmpClient, id: string): Promise<void> {
   if (job.status !== 'concluded' && job.status !== 'null') {
     const since = q.eventCursor();
     await q.execute('block-job-cancel', { device: id, force: true }, opts);
-    await q.waitForEvent((e) => e.event === 'JOB_STATUS_CHANGE' && e.data.id === id && e.data.status === 'concluded', {
+    await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
       since,
       timeoutMs: QMP_TIMEOUT_MS,
       what: `mirror ${id} to end after cancel`,
