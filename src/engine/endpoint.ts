@@ -28,6 +28,8 @@ export interface IncomingVm {
   running(): boolean;
   /** SIGKILL by PID, then wait for the exit: used on rollback only. */
   kill(): Promise<void>;
+  /** The migration succeeded: the engine lets go, the VM lives on under its host's care. */
+  release(): Promise<void>;
 }
 
 /** What the engine needs of the host the guest goes to. */

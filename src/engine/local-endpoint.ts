@@ -135,6 +135,7 @@ export class LocalDestination implements DestinationEndpoint {
       exited: vm.exited,
       running: () => vm.running(),
       kill: () => vm.kill(),
+      release: async () => vm.release(),
     };
   }
 

@@ -165,7 +165,7 @@ class Migration {
       await this.#tidy('detach the source NBD nodes', () => this.#detachSourceTargets(source!, plan));
       await this.#tidy("stop the destination's NBD server", () => this.#stopDestinationNbd(dest));
       await this.#retireSource(source);
-      await dest.vm.qmp.close();
+      await dest.vm.release();
       this.#enter('done');
       return this.#result(plan, downtimeMs, qemuDowntimeMs, diskBytes, this.#progress.ramTransferred);
     } catch (err) {

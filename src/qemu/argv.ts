@@ -1,0 +1,104 @@
+import { join } from 'node:path';
+import { deviceId, diskNodeName, fileNodeName, type DiskSpec, type VmSpec } from './spec.js';
+
+/** The monitor left free for whoever drives the VM (migrate-vm, an operator's tools). */
+export const qmpSocketPath = (spec: VmSpec): string => join(spec.runDir, 'qmp.sock');
+/** The launcher's own monitor: QEMU greets one client per QMP socket, so each user gets one. */
+export const launcherQmpSocketPath = (spec: VmSpec): string => join(spec.runDir, 'launcher-qmp.sock');
+export const serialSocketPath = (spec: VmSpec): string => join(spec.runDir, 'serial.sock');
+export const serialLogPath = (spec: VmSpec): string => join(spec.runDir, 'serial.log');
+
+/**
+ * -drive cache= modes as -blockdev options (QEMU's own table, docs of -drive):
+ *   writeback: direct=off no-flush=off   none: direct=on no-flush=off   writethrough: the
+ *   device's write cache off   directsync: direct=on + write cache off   unsafe: no-flush=on
+ */
+function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boolean; writeCache: boolean } {
+  switch (cache) {
+    case 'none':
+      return { direct: true, noFlush: false, writeCache: true };
+    case 'writeback':
+      return { direct: false, noFlush: false, writeCache: true };
+    case 'writethrough':
+      return { direct: false, noFlush: false, writeCache: false };
+    case 'directsync':
+      return { direct: true, noFlush: false, writeCache: false };
+    case 'unsafe':
+      return { direct: false, noFlush: true, writeCache: true };
+  }
+}
+
+export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?: boolean } = {}): string[] {
+  const argv = [
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-name',
+    spec.name,
+    '-machine',
+    spec.machine,
+    '-accel',
+    spec.accel,
+    '-m',
+    `${spec.memoryMiB}M`,
+    '-smp',
+    String(spec.vcpus),
+    '-qmp',
+    `unix:${launcherQmpSocketPath(spec)},server=on,wait=off`,
+    '-qmp',
+    `unix:${qmpSocketPath(spec)},server=on,wait=off`,
+    // A socket the launcher reads (to timestamp guest lines on the host) plus a log of everything.
+    '-chardev',
+    `socket,id=serial0,path=${serialSocketPath(spec)},server=on,wait=off,logfile=${serialLogPath(spec)},logappend=on`,
+    '-serial',
+    'chardev:serial0',
+  ];
+  for (const d of spec.disks) {
+    const c = cacheOptions(d.cache);
+    argv.push(
+      '-blockdev',
+      [
+        'driver=file',
+        `node-name=${fileNodeName(d.id)}`,
+        `filename=${escapeOpt(d.path)}`,
+        `cache.direct=${c.direct ? 'on' : 'off'}`,
+        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
+        `aio=${c.direct ? 'native' : 'threads'}`,
+        ...(d.discard ? ['discard=unmap'] : []),
+      ].join(','),
+      '-blockdev',
+      [
+        `driver=${d.format}`,
+        `node-name=${diskNodeName(d.id)}`,
+        `file=${fileNodeName(d.id)}`,
+        `cache.direct=${c.direct ? 'on' : 'off'}`,
+        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
+        ...(d.discard ? ['discard=unmap'] : []),
+      ].join(','),
+      '-device',
+      [
+        'virtio-blk-pci',
+        `drive=${diskNodeName(d.id)}`,
+        `id=${deviceId(d.id)}`,
+        `serial=${d.id}`,
+        `write-cache=${c.writeCache ? 'on' : 'off'}`,
+        ...('disk' in spec.boot && spec.boot.disk === d.id ? ['bootindex=0'] : []),
+      ].join(','),
+    );
+  }
+  if ('kernel' in spec.boot) {
+    argv.push('-kernel', spec.boot.kernel);
+    if (spec.boot.initrd) argv.push('-initrd', spec.boot.initrd);
+    if (spec.boot.append) argv.push('-append', spec.boot.append);
+  }
+  if (opts.incoming) argv.push('-incoming', opts.incoming);
+  if (opts.startPaused) argv.push('-S');
+  argv.push(...spec.extraArgs);
+  return argv;
+}
+
+/** QEMU's option syntax doubles a comma to keep it inside a value. */
+function escapeOpt(v: string): string {
+  return v.replaceAll(',', ',,');
+}

@@ -1,0 +1,82 @@
+/**
+ * Test harness: boot the tiny guest with a workload on "host A" (a temp folder), and make sure
+ * every QEMU is reaped and every temp folder removed after each test, also when it failed.
+ */
+import { execFile } from 'node:child_process';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { loadGuestImage } from '../../src/guest/image.js';
+import { workloadAppend, type Workload } from '../../src/guest/serial.js';
+import { launchVm, type VmProcess } from '../../src/qemu/launcher.js';
+import { reapAll } from '../../src/qemu/reaper.js';
+import { parseVmSpec, type VmSpec } from '../../src/qemu/spec.js';
+
+const run = promisify(execFile);
+const dirs: string[] = [];
+
+export async function makeTempDir(prefix = 'ferry-test-'): Promise<string> {
+  const d = await mkdtemp(join(tmpdir(), prefix));
+  dirs.push(d);
+  return d;
+}
+
+/** Reaps every QEMU this process started and removes every temp folder made by makeTempDir. */
+export async function cleanupAll(): Promise<void> {
+  await reapAll();
+  await Promise.all(dirs.splice(0).map((d) => rm(d, { recursive: true, force: true })));
+}
+
+export interface DiskPlan {
+  id: string;
+  format: 'qcow2' | 'raw';
+  size: number;
+  /** MiB of data to write before boot (pattern 0x5a, spread over the disk). */
+  fillMiB?: number;
+}
+
+export async function makeDisk(path: string, d: DiskPlan): Promise<void> {
+  await run('qemu-img', ['create', '-q', '-f', d.format, path, String(d.size)]);
+  if (d.fillMiB) {
+    // Fill the upper half so the guest's records (scattered over all of it) mostly land elsewhere.
+    await run('qemu-io', ['-f', d.format, '-c', `write -P 0x5a ${Math.floor(d.size / 2)} ${d.fillMiB}M`, path]);
+  }
+}
+
+export interface BootedGuest {
+  vm: VmProcess;
+  spec: VmSpec;
+  hostA: string;
+  hostB: string;
+}
+
+export async function bootWorkloadGuest(opts: {
+  disks: DiskPlan[];
+  workload: Workload;
+  memoryMiB?: number;
+  name?: string;
+}): Promise<BootedGuest> {
+  const root = await makeTempDir();
+  const hostA = join(root, 'host-a');
+  const hostB = join(root, 'host-b');
+  await mkdir(hostA);
+  await mkdir(hostB);
+  const image = await loadGuestImage();
+  for (const d of opts.disks) await makeDisk(join(hostA, `${d.id}.${d.format}`), d);
+  const spec = parseVmSpec({
+    name: opts.name ?? 'guest',
+    memoryMiB: opts.memoryMiB ?? 256,
+    accel: 'tcg',
+    disks: opts.disks.map((d) => ({ id: d.id, path: join(hostA, `${d.id}.${d.format}`), format: d.format })),
+    boot: {
+      kernel: image.kernel,
+      initrd: image.initrd,
+      append: `console=ttyS0 quiet ${workloadAppend({ ...opts.workload, disks: opts.disks.length })}`,
+    },
+    runDir: join(hostA, 'run'),
+  });
+  const vm = await launchVm(spec, { timeoutMs: 30_000 });
+  await vm.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready' });
+  return { vm, spec, hostA, hostB };
+}
