@@ -56,6 +56,11 @@ export interface LocalDestinationOptions {
   qemuBinary?: string;
   name?: string;
   logger?: Logger;
+  /**
+   * After a successful migration the destination QEMU outlives this process (migrate-vm).
+   * Off by default: tests and the demo keep it, so their reaper can stop it.
+   */
+  outliveProcess?: boolean;
 }
 
 /** A destination QEMU on this machine, with its console for whoever wants to watch the guest. */
@@ -71,8 +76,10 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #ports: [number, number];
   readonly #qemuBinary: string | undefined;
   readonly #logger: Logger;
+  readonly #outlive: boolean;
 
   constructor(opts: LocalDestinationOptions) {
+    this.#outlive = opts.outliveProcess ?? false;
     this.#dir = opts.dir;
     this.name = opts.name ?? opts.dir;
     this.migrationHost = opts.migrationHost ?? '127.0.0.1';
@@ -135,7 +142,9 @@ export class LocalDestination implements DestinationEndpoint {
       exited: vm.exited,
       running: () => vm.running(),
       kill: () => vm.kill(),
-      release: async () => vm.release(),
+      release: async () => {
+        if (this.#outlive) vm.release();
+      },
     };
   }
 
