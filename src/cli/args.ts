@@ -1,0 +1,167 @@
+import { parseArgs } from 'node:util';
+import { FerryError } from '../errors.js';
+import type { MigrationOptionsInput } from '../engine/types.js';
+
+/** A mistake on the command line: printed as one line, exit code 2, no stack trace. */
+export class UsageError extends FerryError {
+  override name = 'UsageError';
+  constructor(message: string) {
+    super('USAGE', message, { userError: true });
+  }
+}
+
+export const USAGE = `usage: migrate-vm --spec VM.json --to-dir DIR [options]
+
+Live-migrates a running QEMU VM together with its local disks into DIR (the destination host's
+storage), QEMU to QEMU: NBD mirrors for the disks, the migration stream for RAM.
+
+  --spec FILE              the VM's spec (JSON) as it runs now
+  --source-qmp PATH        the source VM's QMP socket (default: <runDir>/qmp.sock from the spec)
+  --to-dir DIR             where the destination keeps the disks and its run dir
+  --migration-host IP      address the source connects to for NBD and RAM (default 127.0.0.1)
+  --port-range LO-HI       ports to try on the destination (default 20000-29999)
+  --bandwidth SIZE         cap on the link, bytes/s: 500M, 1G, 10M... (default: unlimited)
+  --downtime-limit MS      pause QEMU aims for at switchover (default 300)
+  --max-downtime MS        the limit steps up to this when RAM does not converge (default 2000)
+  --copy-mode MODE         background | write-blocking (default background)
+  --on-deadline POLICY     abort | force, when the completion deadline passes (default abort)
+  --no-auto-converge       do not throttle the guest's vCPUs to make RAM converge
+  --timeout S              give up after S seconds in all (default 3600)
+  --progress-timeout S     give up after S seconds without progress (default 60)
+  --dry-run                check everything and print the plan; change nothing
+  --json                   one JSON event per line on stdout, ending with a summary line
+  --log-level LEVEL        pino level for the log on stderr (default warn)
+  -h, --help               this text
+  --version                ferry's version
+
+Exit codes:
+  0    migrated: the guest runs on the destination, the source QEMU has exited
+  1    the migration failed and was rolled back: the guest runs on the source as before
+  2    bad input (flags, spec, or a preflight refusal): nothing was changed
+  3    outcome uncertain: the destination may have run, the source was left paused; look
+       before resuming anything (the message says which QEMU to check)
+  130  cancelled by SIGINT/SIGTERM and rolled back: the guest runs on the source
+`;
+
+export interface CliArgs {
+  specPath: string;
+  sourceQmp: string | undefined;
+  toDir: string;
+  migrationHost: string;
+  portRange: [number, number];
+  options: MigrationOptionsInput;
+  dryRun: boolean;
+  json: boolean;
+  logLevel: string;
+}
+
+export type Parsed = { kind: 'help' } | { kind: 'version' } | { kind: 'run'; args: CliArgs };
+
+const SIZE_UNITS: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
+
+/** "500M" -> 524288000; binary units; refuses anything that is not a positive size. */
+export function parseSize(flag: string, text: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$/i.exec(text.trim());
+  if (!m) throw new UsageError(`${flag}: '${text}' is not a size (examples: 500M, 1G, 10485760)`);
+  const n = Math.round(Number(m[1]) * SIZE_UNITS[m[2]!.toLowerCase()]!);
+  if (!(n > 0)) throw new UsageError(`${flag}: must be more than 0, got '${text}'`);
+  return n;
+}
+
+export function parseIntIn(flag: string, text: string, min: number, max: number): number {
+  if (!/^\d+$/.test(text.trim())) throw new UsageError(`${flag}: '${text}' is not a whole number`);
+  const n = Number(text);
+  if (n < min || n > max) throw new UsageError(`${flag}: ${n} is out of range (${min}..${max})`);
+  return n;
+}
+
+export function parseCli(argv: string[]): Parsed {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        spec: { type: 'string' },
+        'source-qmp': { type: 'string' },
+        'to-dir': { type: 'string' },
+        'migration-host': { type: 'string' },
+        'port-range': { type: 'string' },
+        bandwidth: { type: 'string' },
+        'downtime-limit': { type: 'string' },
+        'max-downtime': { type: 'string' },
+        'copy-mode': { type: 'string' },
+        'on-deadline': { type: 'string' },
+        'no-auto-converge': { type: 'boolean' },
+        timeout: { type: 'string' },
+        'progress-timeout': { type: 'string' },
+        'dry-run': { type: 'boolean' },
+        json: { type: 'boolean' },
+        'log-level': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+        version: { type: 'boolean' },
+      },
+    }));
+  } catch (err) {
+    // node's messages name the flag ("Unknown option '--fast'", "Option '--spec <value>' argument missing").
+    throw new UsageError((err as Error).message.split('\n')[0]!);
+  }
+  if (values.help) return { kind: 'help' };
+  if (values.version) return { kind: 'version' };
+  if (!values.spec) throw new UsageError('--spec is required (the running VM\'s spec, JSON)');
+  if (!values['to-dir']) throw new UsageError('--to-dir is required (the destination folder)');
+
+  const options: MigrationOptionsInput = {};
+  if (values.bandwidth !== undefined) options.bandwidthBytesPerSec = parseSize('--bandwidth', values.bandwidth);
+  if (values['downtime-limit'] !== undefined) options.downtimeLimitMs = parseIntIn('--downtime-limit', values['downtime-limit'], 1, 60_000);
+  if (values['max-downtime'] !== undefined) options.maxDowntimeLimitMs = parseIntIn('--max-downtime', values['max-downtime'], 1, 600_000);
+  if (values['copy-mode'] !== undefined) {
+    if (values['copy-mode'] !== 'background' && values['copy-mode'] !== 'write-blocking') {
+      throw new UsageError(`--copy-mode: '${values['copy-mode']}' is not one of background, write-blocking`);
+    }
+    options.copyMode = values['copy-mode'];
+  }
+  if (values['on-deadline'] !== undefined) {
+    if (values['on-deadline'] !== 'abort' && values['on-deadline'] !== 'force') {
+      throw new UsageError(`--on-deadline: '${values['on-deadline']}' is not one of abort, force`);
+    }
+    options.onDeadline = values['on-deadline'];
+  }
+  if (values['no-auto-converge']) options.autoConverge = false;
+  if (values.timeout !== undefined) options.totalTimeoutMs = parseIntIn('--timeout', values.timeout, 1, 7 * 86_400) * 1000;
+  if (values['progress-timeout'] !== undefined) options.progressTimeoutMs = parseIntIn('--progress-timeout', values['progress-timeout'], 1, 86_400) * 1000;
+  if (options.downtimeLimitMs !== undefined && options.maxDowntimeLimitMs !== undefined && options.maxDowntimeLimitMs < options.downtimeLimitMs) {
+    throw new UsageError('--max-downtime must not be below --downtime-limit');
+  }
+
+  let portRange: [number, number] = [20000, 29999];
+  if (values['port-range'] !== undefined) {
+    const m = /^(\d+)-(\d+)$/.exec(values['port-range']);
+    if (!m) throw new UsageError(`--port-range: '${values['port-range']}' is not LO-HI (e.g. 20000-29999)`);
+    const lo = parseIntIn('--port-range', m[1]!, 1024, 65535);
+    const hi = parseIntIn('--port-range', m[2]!, 1024, 65535);
+    if (hi < lo) throw new UsageError('--port-range: HI is below LO');
+    portRange = [lo, hi];
+  }
+  const host = values['migration-host'] ?? '127.0.0.1';
+  if (!/^[0-9a-fA-F:.]+$/.test(host)) throw new UsageError(`--migration-host: '${host}' is not an IP address`);
+  const level = values['log-level'] ?? 'warn';
+  if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(level)) {
+    throw new UsageError(`--log-level: '${level}' is not one of fatal, error, warn, info, debug, trace, silent`);
+  }
+  return {
+    kind: 'run',
+    args: {
+      specPath: values.spec,
+      sourceQmp: values['source-qmp'],
+      toDir: values['to-dir'],
+      migrationHost: host,
+      portRange,
+      options,
+      dryRun: values['dry-run'] ?? false,
+      json: values.json ?? false,
+      logLevel: level,
+    },
+  };
+}

@@ -1,0 +1,196 @@
+/**
+ * migrate-vm: one VM, this machine, a destination folder. See USAGE in ./args.ts for the flags and
+ * the exit codes. Human mode draws a progress line on stderr; --json prints one event per line on
+ * stdout and ends with {"event":"summary",...}.
+ */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { errorText, FerryError } from '../errors.js';
+import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
+import { migrate } from '../engine/migrate.js';
+import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
+import { parseVmSpec } from '../qemu/spec.js';
+import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
+import { renderPlan, renderProgress, renderSummary } from './progress.js';
+
+export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, cancelled: 130 } as const;
+
+interface Io {
+  stdout: NodeJS.WritableStream;
+  stderr: NodeJS.WritableStream & { isTTY?: boolean; columns?: number };
+}
+
+export async function main(argv: string[], io: Io = { stdout: process.stdout, stderr: process.stderr }): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseCli(argv);
+  } catch (err) {
+    io.stderr.write(`migrate-vm: ${errorText(err)}\n(see migrate-vm --help)\n`);
+    return EXIT.badInput;
+  }
+  if (parsed.kind === 'help') {
+    io.stdout.write(USAGE);
+    return EXIT.ok;
+  }
+  if (parsed.kind === 'version') {
+    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    io.stdout.write(`ferry ${pkg.version}\n`);
+    return EXIT.ok;
+  }
+  return run(parsed.args, io);
+}
+
+async function loadSpec(path: string): Promise<unknown> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    throw new UsageError(`--spec: cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? errorText(err)})`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new UsageError(`--spec: ${path} is not valid JSON (${errorText(err)})`);
+  }
+}
+
+async function run(args: CliArgs, io: Io): Promise<number> {
+  const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, pino.destination(2));
+  const emit = (obj: Record<string, unknown>): void => {
+    if (args.json) io.stdout.write(`${JSON.stringify(obj)}\n`);
+  };
+  const tty = !args.json && io.stderr.isTTY === true;
+  let lastLine = 0;
+  const status = (line: string): void => {
+    if (args.json) return;
+    if (tty) {
+      const width = (io.stderr.columns ?? 120) - 1;
+      io.stderr.write(`\r${line.slice(0, width).padEnd(Math.min(width, lastLine))}`);
+      lastLine = Math.min(width, line.length);
+    } else {
+      io.stderr.write(`${line}\n`);
+    }
+  };
+  const endStatus = (): void => {
+    if (tty && lastLine > 0) io.stderr.write('\n');
+    lastLine = 0;
+  };
+
+  const ac = new AbortController();
+  let signals = 0;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    signals++;
+    if (signals === 1) {
+      endStatus();
+      io.stderr.write(`migrate-vm: ${sig}: cancelling, rolling back (the guest stays on the source)\n`);
+      ac.abort(new FerryError('CANCELLED', `cancelled by ${sig}`));
+    } else {
+      io.stderr.write(`migrate-vm: still rolling back; it finishes on its own (kill -9 would leave cleanup undone)\n`);
+    }
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+
+  const started = performance.now();
+  let lastPrint = 0;
+  try {
+    const spec = parseVmSpec(await loadSpec(args.specPath));
+    const onEvent = (e: MigrationEvent): void => {
+      emit(e as unknown as Record<string, unknown>);
+      if (e.event === 'progress') {
+        // A plain log (not a TTY) gets a line every 2 s, not every sample.
+        const now = performance.now();
+        if (tty || now - lastPrint > 2_000) {
+          lastPrint = now;
+          status(renderProgress(e.progress));
+        }
+      } else if (e.event === 'phase' && !tty) {
+        status(`phase ${e.phase}`);
+      } else if (e.event === 'warning' || e.event === 'convergence') {
+        endStatus();
+        if (!args.json) io.stderr.write(`${e.event}: ${'message' in e ? e.message : `${e.action}, downtime limit ${e.downtimeLimitMs} ms: ${e.detail}`}\n`);
+      } else if (e.event === 'rollback' && !args.json) {
+        endStatus();
+        io.stderr.write(`rollback: ${e.step}: ${e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);
+      }
+    };
+    const result = await migrate({
+      spec,
+      source: new LocalSource({ qmpSocket: args.sourceQmp ?? join(spec.runDir, 'qmp.sock'), logger }),
+      destination: new LocalDestination({
+        dir: args.toDir,
+        migrationHost: args.migrationHost,
+        portRange: args.portRange,
+        logger,
+        outliveProcess: true,
+      }),
+      options: args.options,
+      signal: ac.signal,
+      logger,
+      onEvent,
+      dryRun: args.dryRun,
+    });
+    endStatus();
+    if (args.dryRun) {
+      emit({ event: 'plan', plan: result.plan });
+      emit({ event: 'summary', ok: true, dryRun: true, totalMs: result.totalMs });
+      if (!args.json) io.stdout.write(`${renderPlan(result.plan)}\n(dry run: nothing was changed)\n`);
+      return EXIT.ok;
+    }
+    emit(summaryOf(result));
+    if (!args.json) io.stdout.write(`${renderSummary(result)}\n`);
+    return EXIT.ok;
+  } catch (err) {
+    endStatus();
+    const code = exitCodeOf(err, ac.signal.aborted);
+    emit({
+      event: 'summary',
+      ok: false,
+      totalMs: Math.round(performance.now() - started),
+      code: err instanceof FerryError ? err.code : 'INTERNAL',
+      message: errorText(err),
+      ...(err instanceof MigrationError ? { phase: err.phase, guestOn: err.guestOn, cleanupErrors: err.cleanupErrors.map(errorText) } : {}),
+    });
+    if (!args.json || code !== EXIT.ok) {
+      const userFacing = err instanceof FerryError && (err.userError || err instanceof MigrationError);
+      io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
+      if (err instanceof MigrationError) {
+        for (const c of err.cleanupErrors) io.stderr.write(`  cleanup problem: ${errorText(c)}\n`);
+        io.stderr.write(
+          err.guestOn === 'source'
+            ? '  the guest runs on the source, as before\n'
+            : '  OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything\n',
+        );
+      }
+    }
+    return code;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+function exitCodeOf(err: unknown, cancelled: boolean): number {
+  if (err instanceof MigrationError && err.guestOn === 'unknown') return EXIT.uncertain;
+  if (cancelled) return EXIT.cancelled;
+  if (err instanceof FerryError && err.userError) return EXIT.badInput;
+  return EXIT.rolledBack;
+}
+
+function summaryOf(r: MigrationResult): Record<string, unknown> {
+  return {
+    event: 'summary',
+    ok: true,
+    migrationId: r.migrationId,
+    totalMs: r.totalMs,
+    downtimeMs: r.downtimeMs,
+    qemuDowntimeMs: r.qemuDowntimeMs ?? null,
+    diskBytes: r.diskBytes,
+    ramBytes: r.ramBytes,
+    allocatedBytes: r.plan.disks.reduce((s, d) => s + d.allocatedBytes, 0),
+    phaseMs: r.phaseMs,
+    convergence: r.convergence,
+    destination: r.plan.destination,
+  };
+}

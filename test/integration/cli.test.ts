@@ -1,0 +1,90 @@
+/** migrate-vm as an operator runs it: a real process, real sockets, a real guest. */
+import { execFile } from 'node:child_process';
+import { readdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterEach, describe, expect, test } from 'vitest';
+import { verifyDisk } from '../../src/guest/verify.js';
+import { highestAcks } from '../../src/guest/serial.js';
+import { bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js';
+
+const exec = promisify(execFile);
+const BIN = join(import.meta.dirname, '..', '..', 'bin', 'migrate-vm.mjs');
+
+async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const r = await exec(process.execPath, [BIN, ...args], { timeout: 120_000 });
+    return { code: 0, stdout: r.stdout, stderr: r.stderr };
+  } catch (err) {
+    const e = err as { code?: number; stdout?: string; stderr?: string };
+    return { code: e.code ?? -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
+  }
+}
+
+afterEach(cleanupAll);
+
+describe('migrate-vm', () => {
+  test('bad input: exit 2, one clear line, no stack trace', async () => {
+    const dir = await makeTempDir();
+    const bad = join(dir, 'bad.json');
+    await writeFile(bad, JSON.stringify({ name: 'x', memoryMiB: 0, disks: [], boot: { disk: 'a' }, runDir: dir }));
+    const cases: [string[], RegExp][] = [
+      [['--spec', join(dir, 'missing.json'), '--to-dir', dir], /--spec: cannot read .*missing\.json/],
+      [['--spec', bad, '--to-dir', dir], /invalid VM spec: memoryMiB/],
+      [['--spec', bad, '--to-dir', dir, '--bandwidth', 'lots'], /--bandwidth: 'lots' is not a size/],
+    ];
+    for (const [args, message] of cases) {
+      const r = await cli(args);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(message);
+      expect(r.stderr).not.toMatch(/\n\s+at /);
+    }
+  });
+
+  test('refusals against a running guest, a dry run, then a real migration with --json', async () => {
+    const { vm, spec, hostA, hostB } = await bootWorkloadGuest({
+      disks: [{ id: 'root', format: 'qcow2', size: 64 << 20 }],
+      workload: { write: { rate: 50 }, tickMs: 50 },
+    });
+    const specPath = join(hostA, 'vm.json');
+    await writeFile(specPath, JSON.stringify(spec));
+
+    // The source socket does not exist.
+    let r = await cli(['--spec', specPath, '--source-qmp', join(hostA, 'nope.sock'), '--to-dir', hostB]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/cannot reach the source VM's QMP.*nope\.sock/);
+    // The destination is a file, not a folder.
+    const file = join(hostA, 'file');
+    await writeFile(file, '');
+    r = await cli(['--spec', specPath, '--to-dir', file]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/not a directory/);
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+
+    // Dry run: the plan, and nothing changed.
+    r = await cli(['--spec', specPath, '--to-dir', hostB, '--dry-run']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/disk root: qcow2, 64\.0 MiB virtual/);
+    expect(r.stdout).toMatch(/nothing was changed/);
+    expect(await readdir(hostB)).toEqual([]);
+    expect((await vm.qmp.execute('query-status')).status).toBe('running');
+
+    r = await cli(['--spec', specPath, '--to-dir', hostB, '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const events = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const summary = events.at(-1)!;
+    expect(summary).toMatchObject({ event: 'summary', ok: true });
+    for (const k of ['totalMs', 'downtimeMs', 'diskBytes', 'ramBytes']) expect(typeof summary[k]).toBe('number');
+    expect(events.filter((e) => e.event === 'phase').map((e) => e.phase)).toContain('switchover');
+    await vm.exited;
+
+    // The destination QEMU outlived the CLI; stop it by its pid file and verify the disk.
+    const runDir = (await readdir(hostB)).find((f) => f.startsWith('run-'))!;
+    const pid = Number((await exec('cat', [join(hostB, runDir, 'qemu.pid')])).stdout.trim());
+    process.kill(pid, 0);
+    process.kill(pid, 'SIGKILL');
+    const acked = highestAcks(vm.serial.history()).get('root')!;
+    const report = await verifyDisk(join(hostB, 'root.qcow2'), { format: 'qcow2', diskId: 'root', ackedSeq: acked });
+    expect(report.ok).toBe(true);
+  });
+});

@@ -1,0 +1,73 @@
+import { describe, expect, test } from 'vitest';
+import { parseCli, parseSize, UsageError } from '../../../src/cli/args.js';
+import { renderProgress } from '../../../src/cli/progress.js';
+import type { ProgressSnapshot } from '../../../src/engine/types.js';
+
+const base = ['--spec', 'vm.json', '--to-dir', '/b'];
+
+describe('parseCli', () => {
+  test('a full command line', () => {
+    const p = parseCli([...base, '--bandwidth', '500M', '--downtime-limit', '200', '--copy-mode', 'write-blocking', '--on-deadline', 'force', '--no-auto-converge', '--timeout', '60', '--json', '--port-range', '30000-30100']);
+    expect(p).toEqual({
+      kind: 'run',
+      args: expect.objectContaining({
+        specPath: 'vm.json',
+        toDir: '/b',
+        json: true,
+        portRange: [30000, 30100],
+        options: { bandwidthBytesPerSec: 500 * 2 ** 20, downtimeLimitMs: 200, copyMode: 'write-blocking', onDeadline: 'force', autoConverge: false, totalTimeoutMs: 60_000 },
+      }),
+    });
+  });
+
+  test.each([
+    [['--to-dir', '/b'], /--spec is required/],
+    [['--spec', 'x'], /--to-dir is required/],
+    [[...base, '--bandwidth', 'fast'], /--bandwidth: 'fast' is not a size/],
+    [[...base, '--bandwidth', '0'], /--bandwidth: must be more than 0/],
+    [[...base, '--bandwidth', '-5M'], /--bandwidth/],
+    [[...base, '--downtime-limit', '0'], /--downtime-limit: 0 is out of range/],
+    [[...base, '--downtime-limit', '1.5'], /--downtime-limit: '1.5' is not a whole number/],
+    [[...base, '--copy-mode', 'fast'], /--copy-mode: 'fast' is not one of/],
+    [[...base, '--on-deadline', 'panic'], /--on-deadline/],
+    [[...base, '--port-range', '9-1'], /--port-range/],
+    [[...base, '--downtime-limit', '500', '--max-downtime', '100'], /--max-downtime must not be below/],
+    [[...base, '--frobnicate'], /Unknown option '--frobnicate'/],
+    [[...base, '--spec'], /--spec/],
+  ])('refuses %j', (argv, message) => {
+    expect(() => parseCli(argv)).toThrow(UsageError);
+    expect(() => parseCli(argv)).toThrow(message);
+  });
+
+  test('help and version', () => {
+    expect(parseCli(['--help'])).toEqual({ kind: 'help' });
+    expect(parseCli(['--version'])).toEqual({ kind: 'version' });
+  });
+
+  test('sizes are binary', () => {
+    expect(parseSize('x', '1G')).toBe(2 ** 30);
+    expect(parseSize('x', '10MiB')).toBe(10 * 2 ** 20);
+    expect(parseSize('x', '1048576')).toBe(2 ** 20);
+  });
+});
+
+test('the progress line shows phase, bytes, rate and ETA', () => {
+  const p: ProgressSnapshot = {
+    phase: 'ram',
+    elapsedMs: 1500,
+    disks: [],
+    diskCopiedBytes: 200 * 2 ** 20,
+    diskTotalBytes: 200 * 2 ** 20,
+    ram: { status: 'active', transferredBytes: 64 * 2 ** 20, remainingBytes: 64 * 2 ** 20, totalBytes: 256 * 2 ** 20, mbps: 800, dirtyPagesRate: 0, dirtySyncCount: 1, expectedDowntimeMs: undefined },
+    rateBytesPerSec: 100 * 2 ** 20,
+    etaMs: 640,
+    downtimeLimitMs: 300,
+  };
+  const line = renderProgress(p, 10);
+  // 200 MiB disk + 64 MiB RAM done of 328 MiB: 80%
+  expect(line).toMatch(/^ram\s+\[########\.\.\]/);
+  expect(line).toContain('disk 200.0 MiB/200.0 MiB');
+  expect(line).toContain('ram 64.0 MiB (64.0 MiB left)');
+  expect(line).toContain('100.0 MiB/s');
+  expect(line).toContain('eta 640 ms');
+});
