@@ -22,6 +22,7 @@ import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import {
   eventIs,
+  isEvent,
   QmpCommandError,
   QmpTimeoutError,
   type QmpCapabilities,
@@ -149,7 +150,7 @@ class Migration {
       await this.#waitPreSwitchover(source, dest, plan, sinceMigration);
 
       this.#enter('switchover');
-      const stoppedAt = performance.now();
+      const stoppedAt = performance.now() - (await this.#pausedForMs(source, sinceMigration));
       await this.#completeMirrors(source, plan);
       const qemuDowntimeMs = await this.#continueSwitchover(source, sinceMigration);
 
@@ -514,6 +515,22 @@ class Migration {
         await this.#setDowntimeLimit(source, needed, 'deadline passed, forcing switchover');
       }
       await this.#nap(source.qmp, (e) => e.event === 'MIGRATION', since);
+    }
+  }
+
+  /**
+   * How long the guest has been paused when pre-switchover is seen: QEMU stops the vCPUs first.
+   * Both timestamps come from the source's clock, so the downtime figure has no cross-host skew.
+   */
+  async #pausedForMs(source: SourceState, since: number): Promise<number> {
+    try {
+      const opts = { since, timeoutMs: 50 };
+      const stop = await source.qmp.waitForEvent(isEvent('STOP'), opts);
+      const pre = await source.qmp.waitForEvent((e) => eventIs(e, 'MIGRATION') && e.data.status === 'pre-switchover', opts);
+      const ms = (t: { seconds: number; microseconds: number }): number => t.seconds * 1000 + t.microseconds / 1000;
+      return Math.max(0, ms(pre.timestamp) - ms(stop.timestamp));
+    } catch {
+      return 0;
     }
   }
 
