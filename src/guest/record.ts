@@ -8,7 +8,7 @@
  */
 export const RECORD_SIZE = 4096;
 export const MAGIC = Buffer.from('FERRYREC', 'latin1');
-const STRIDE = 1000003n;
+const STRIDE = 1000003;
 const PAYLOAD_SEED = 0x9e3779b97f4a7c15n;
 const MASK64 = (1n << 64n) - 1n;
 
@@ -29,7 +29,7 @@ export function crc32(buf: Uint8Array): number {
   return (c ^ 0xffffffff) >>> 0;
 }
 
-function gcd(a: bigint, b: bigint): bigint {
+function gcd(a: number, b: number): number {
   while (b) [a, b] = [b, a % b];
   return a;
 }
@@ -39,11 +39,13 @@ export function slotCount(diskBytes: number): number {
   return Math.floor(diskBytes / RECORD_SIZE);
 }
 
-/** Where record `seq` lives: a fixed permutation that scatters writes over the whole disk. */
+/**
+ * Where record `seq` lives: a fixed permutation that scatters writes over the whole disk.
+ * (seq mod n) * 1000003 < 2^32 * 2^20 stays exact in a double, so no BigInt is needed.
+ */
 export function slot(seq: number, nslots: number): number {
-  const n = BigInt(nslots);
-  const stride = gcd(STRIDE, n) === 1n ? STRIDE : 1n;
-  return Number(((BigInt(seq) % n) * stride) % n);
+  const stride = gcd(STRIDE, nslots) === 1 ? STRIDE : 1;
+  return ((seq % nslots) * stride) % nslots;
 }
 
 export function encodeRecord(seq: number, offset: number, diskId: string): Buffer {

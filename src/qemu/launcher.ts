@@ -106,7 +106,12 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
     const qmp = await Promise.race([
       QmpClient.connect({ path: launcherQmpSocketPath(spec) }, { timeoutMs: remaining, logger: log, name: spec.name, ...(opts.signal ? { signal: opts.signal } : {}) }),
       earlyExit,
-    ]);
+    ]).catch(async (err: unknown) => {
+      // QEMU opens its monitors before its disks: a bad disk shows up first as a QMP session
+      // that ends. If QEMU is exiting, its own message is the one worth reporting.
+      if (!(err instanceof LaunchError) && (await exitsWithin(exited, 1_000))) await earlyExit;
+      throw err;
+    });
     const serial = new SerialConsole();
     try {
       await waitForSocket(serialSocketPath(spec), deadline, opts.signal);
