@@ -115,6 +115,7 @@ class Migration {
   #downtimeSteps = 0;
   #forced = false;
   #pastNoReturn = false;
+  #plan: MigrationPlan | undefined;
 
   constructor(req: MigrateRequest, opts: MigrationOptions) {
     this.#req = req;
@@ -132,6 +133,7 @@ class Migration {
       this.#enter('preflight');
       source = await this.#connectSource();
       const plan = await this.#preflight(source);
+      this.#plan = plan;
       if (this.#req.dryRun) {
         await source.qmp.close();
         return this.#result(plan, 0, undefined, 0, 0);
@@ -165,10 +167,11 @@ class Migration {
       const diskBytes = await this.#progress.finalDiskBytes();
       await this.#tidy('detach the source NBD nodes', () => this.#detachSourceTargets(source!, plan));
       await this.#tidy("stop the destination's NBD server", () => this.#stopDestinationNbd(dest));
+      const bitmapsMigrated = await this.#bitmapsOn(dest.vm.qmp, plan);
       await this.#retireSource(source);
       await dest.vm.release();
       this.#enter('done');
-      return this.#result(plan, downtimeMs, qemuDowntimeMs, diskBytes, this.#progress.ramTransferred);
+      return this.#result(plan, downtimeMs, qemuDowntimeMs, diskBytes, this.#progress.ramTransferred, bitmapsMigrated);
     } catch (err) {
       throw await this.#fail(err, source);
     }
@@ -218,6 +221,7 @@ class Migration {
     const byName = new Map(nodes.map((n) => [n['node-name'], n]));
     const destSpec = this.#req.destination.targetSpec(spec, this.id);
     const disks: MigrationPlan['disks'] = [];
+    const bitmaps: MigrationPlan['bitmaps'] = [];
     for (const [i, disk] of spec.disks.entries()) {
       const node = byName.get(diskNodeName(disk.id));
       if (!node) {
@@ -235,6 +239,9 @@ class Migration {
       const virtualSize = node.image['virtual-size'];
       if (disk.virtualSize !== undefined && disk.virtualSize !== virtualSize) {
         problems.push(`spec does not match the running source: disk '${disk.id}' has ${virtualSize} bytes, the spec says ${disk.virtualSize}`);
+      }
+      for (const b of node['dirty-bitmaps'] ?? []) {
+        if (b.name) bitmaps.push({ disk: disk.id, name: b.name, persistent: b.persistent, count: b.count });
       }
       disks.push({
         id: disk.id,
@@ -275,6 +282,7 @@ class Migration {
       disks,
       ramBytes,
       copyMode: this.#opts.copyMode,
+      bitmaps,
       capabilities: {
         source: [...source.caps.migrationCapabilities].sort(),
         destination: [],
@@ -423,6 +431,18 @@ class Migration {
     const savedCaps = await sq.execute('query-migrate-capabilities', undefined, this.#call());
     const savedParams = await sq.execute('query-migrate-parameters', undefined, this.#call());
     const want: Record<string, boolean> = { events: true, 'pause-before-switchover': true };
+    const moveBitmaps = this.#plan!.bitmaps.length > 0;
+    if (moveBitmaps) {
+      // Without the capability the destination would come up without them, and the next
+      // incremental backup there would silently miss every block written before the move.
+      if (!source.caps.migrationCapabilities.has('dirty-bitmaps') || !dest.caps.migrationCapabilities.has('dirty-bitmaps')) {
+        throw new MigrationError('BITMAPS_UNSUPPORTED', 'the source disks carry dirty bitmaps but a side lacks the dirty-bitmaps migration capability', {
+          phase: this.#phase,
+          userError: true,
+        });
+      }
+      want['dirty-bitmaps'] = true;
+    }
     if (source.caps.migrationCapabilities.has('auto-converge')) want['auto-converge'] = this.#opts.autoConverge;
     await sq.execute(
       'migrate-set-capabilities',
@@ -452,6 +472,7 @@ class Migration {
     const destCaps: { capability: string; state: boolean }[] = [{ capability: 'events', state: true }];
     // Like libvirt: the destination's disks are activated by `cont`, not when RAM arrives.
     if (dest.caps.migrationCapabilities.has('late-block-activate')) destCaps.push({ capability: 'late-block-activate', state: true });
+    if (moveBitmaps) destCaps.push({ capability: 'dirty-bitmaps', state: true });
     await dq.execute('migrate-set-capabilities', { capabilities: destCaps }, this.#call());
     dest.since = dq.eventCursor();
     dest.migrationPort = await this.#onFreePort((port) =>
@@ -832,7 +853,32 @@ class Migration {
   }
   readonly #napCursor = new WeakMap<QmpClient, number>();
 
-  #result(plan: MigrationPlan, downtimeMs: number, qemuDowntimeMs: number | undefined, diskBytes: number, ramBytes: number): MigrationResult {
+  /** The bitmaps that arrived; one that did not is a warning the operator's backups depend on. */
+  async #bitmapsOn(q: QmpClient, plan: MigrationPlan): Promise<{ disk: string; name: string }[]> {
+    if (plan.bitmaps.length === 0) return [];
+    try {
+      const nodes = await q.execute('query-named-block-nodes', { flat: true }, this.#call());
+      const found = plan.disks.flatMap((d) =>
+        (nodes.find((n) => n['node-name'] === diskNodeName(d.id))?.['dirty-bitmaps'] ?? []).flatMap((b) => (b.name ? [{ disk: d.id, name: b.name }] : [])),
+      );
+      for (const b of plan.bitmaps) {
+        if (!found.some((f) => f.disk === b.disk && f.name === b.name)) this.#warn(`dirty bitmap '${b.name}' of disk '${b.disk}' did not arrive on the destination`);
+      }
+      return found;
+    } catch (err) {
+      this.#warn(`could not check the destination's dirty bitmaps: ${errorText(err)}`);
+      return [];
+    }
+  }
+
+  #result(
+    plan: MigrationPlan,
+    downtimeMs: number,
+    qemuDowntimeMs: number | undefined,
+    diskBytes: number,
+    ramBytes: number,
+    bitmapsMigrated: { disk: string; name: string }[] = [],
+  ): MigrationResult {
     return {
       ok: true,
       migrationId: this.id,
@@ -849,6 +895,7 @@ class Migration {
         forced: this.#forced,
         steps: this.#downtimeSteps,
       },
+      bitmapsMigrated,
     };
   }
 }

@@ -103,6 +103,8 @@ export interface MigrationPlan {
   disks: { id: string; format: 'qcow2' | 'raw'; virtualSize: number; allocatedBytes: number; sourcePath: string; destinationPath: string }[];
   ramBytes: number;
   copyMode: CopyMode;
+  /** Dirty bitmaps on the source's disks (backup tools' incremental state): they move with the VM. */
+  bitmaps: { disk: string; name: string; persistent: boolean; count: number }[];
   capabilities: { source: string[]; destination: string[] };
   deadlineMs: number;
 }
@@ -120,6 +122,8 @@ export interface MigrationResult {
   ramBytes: number;
   phaseMs: Partial<Record<Phase, number>>;
   convergence: { downtimeLimitMs: number; autoConverge: boolean; forced: boolean; steps: number };
+  /** Names of the bitmaps found on the destination after the switchover, per disk. */
+  bitmapsMigrated: { disk: string; name: string }[];
 }
 
 /**
