@@ -251,4 +251,51 @@ describe('migrate (real QEMU guests, TCG)', () => {
     );
     await expectRolledBack(vm, spec, hostB, 'data');
   });
+
+  describe('a guest that dirties RAM faster than the link moves it', () => {
+    // 32 MiB rewritten flat out against a 24 MiB/s link, auto-converge off: it never converges.
+    const options = { bandwidthBytesPerSec: 24 << 20, autoConverge: false, deadlineBaseMs: 4_000, deadlinePerGiBMs: 0 };
+    const boot = () =>
+      bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 16 << 20 }], workload: { write: { rate: 20 }, tickMs: 50, dirty: { mib: 32, mibPerSec: 0 } } });
+
+    test('deadline policy abort (the default): rolled back, the guest stays on the source', async () => {
+      const { vm, spec, hostB } = await boot();
+      const events: string[] = [];
+      const err = await migrate({
+        spec,
+        source: sourceOf(spec),
+        destination: new LocalDestination({ dir: hostB }),
+        options,
+        onEvent: (e) => {
+          if (e.event === 'convergence') events.push(e.action);
+        },
+      }).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'DEADLINE', phase: 'ram', guestOn: 'source' });
+      expect(events).toContain('deadline-abort');
+      await expectRolledBack(vm, spec, hostB, 'data');
+    });
+
+    test('deadline policy force: the switchover happens, reported as forced, nothing lost', async () => {
+      const { vm, spec, hostB } = await boot();
+      const dest = new WatchedDestination({ dir: hostB });
+      const events: string[] = [];
+      const result = await migrate({
+        spec,
+        source: sourceOf(spec),
+        destination: dest,
+        options: { ...options, onDeadline: 'force' },
+        onEvent: (e) => {
+          if (e.event === 'convergence') events.push(e.action);
+        },
+      });
+      expect(result.convergence.forced).toBe(true);
+      expect(events).toContain('deadline-force');
+      expect(result.downtimeMs).toBeGreaterThan(0);
+      await vm.exited;
+      const b = dest.incoming!.process;
+      await ackBeyond(b, 'data', highestAcks(vm.serial.history()).get('data')! + 5);
+      await b.quit({ timeoutMs: 10_000 });
+      await verifyAcked([{ ...spec.disks[0]!, path: join(hostB, 'data.qcow2') }], highestAcks([...vm.serial.history(), ...b.serial.history()]));
+    });
+  });
 });
