@@ -118,19 +118,15 @@ async function runScenario(s: Scenario, image: { kernel: string; initrd: string 
     // Let the workload reach its steady state.
     await new Promise((r) => setTimeout(r, 2_000));
 
-    class Dest extends LocalDestination {
-      override async startIncoming(sp: VmSpec, o: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
-        incoming = await super.startIncoming(sp, o);
-        return incoming;
-      }
-    }
+    const destination = new LocalDestination({ dir: hostB });
     const t0 = performance.now();
     const result = await migrate({
       spec,
       source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }),
-      destination: new Dest({ dir: hostB }),
+      destination,
       ...(s.options ? { options: s.options } : {}),
     });
+    incoming = destination.incoming;
     // A second of the guest on the destination closes the ticker window.
     await new Promise((r) => setTimeout(r, 1_000));
     const lines = [...vm.serial.history(), ...(incoming?.process.serial.history() ?? [])];

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { fmtBytes, fmtMs, renderProgress, renderSummary } from '../src/cli/progress.js';
-import { LocalDestination, LocalSource, type LocalIncomingVm } from '../src/engine/local-endpoint.js';
+import { LocalDestination, LocalSource } from '../src/engine/local-endpoint.js';
 import { migrate } from '../src/engine/migrate.js';
 import type { VmSpec } from '../src/qemu/spec.js';
 import { loadGuestImage } from '../src/guest/image.js';
@@ -66,19 +66,13 @@ async function main(): Promise<number> {
     out(`  acknowledged so far: record ${beforeAck}`);
 
     out('migrating to host B...');
-    let incoming: LocalIncomingVm | undefined;
-    class DemoDestination extends LocalDestination {
-      override async startIncoming(s: VmSpec, o: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
-        incoming = await super.startIncoming(s, o);
-        return incoming;
-      }
-    }
+    const destination = new LocalDestination({ dir: hostB, name: 'host B' });
     const tty = process.stderr.isTTY === true;
     const migrationStart = performance.now();
     const result = await migrate({
       spec,
       source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), name: 'host A' }),
-      destination: new DemoDestination({ dir: hostB, name: 'host B' }),
+      destination,
       signal: ac.signal,
       onEvent: (e) => {
         if (e.event === 'progress') process.stderr.write(tty ? `\r${renderProgress(e.progress).slice(0, (process.stderr.columns ?? 120) - 1)}` : '');
@@ -89,7 +83,7 @@ async function main(): Promise<number> {
     out(renderSummary(result));
 
     out('checking the result...');
-    const b = incoming!.process;
+    const b = destination.incoming!.process;
     await a.exited;
     check('source QEMU is gone', !a.running(), `pid ${a.pid} exited`);
     const st = await b.qmp.execute('query-status');

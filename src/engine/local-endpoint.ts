@@ -77,6 +77,8 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #qemuBinary: string | undefined;
   readonly #logger: Logger;
   readonly #outlive: boolean;
+  /** The destination QEMU of the latest migration, for whoever watches the guest (demo, tests). */
+  incoming: LocalIncomingVm | undefined;
 
   constructor(opts: LocalDestinationOptions) {
     this.#outlive = opts.outliveProcess ?? false;
@@ -135,7 +137,7 @@ export class LocalDestination implements DestinationEndpoint {
       logger: this.#logger,
       ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
     });
-    return {
+    this.incoming = {
       process: vm,
       pid: vm.pid,
       qmp: vm.qmp,
@@ -146,6 +148,7 @@ export class LocalDestination implements DestinationEndpoint {
         if (this.#outlive) vm.release();
       },
     };
+    return this.incoming;
   }
 
   *candidatePorts(): Iterable<number> {

@@ -250,6 +250,11 @@ class Migration {
         allocatedBytes: node.image['actual-size'] ?? virtualSize,
         sourcePath: disk.path,
         destinationPath: destSpec.disks[i]!.path,
+        // The target is a fresh image that reads as zeros, so copying what the source allocates
+        // is the whole disk. 'full' would mark every range dirty (QEMU cannot tell that an NBD
+        // target unmaps on write-zeroes) and the empty ranges would count against the speed cap.
+        // With a backing file, 'top' would leave the chain behind: flatten instead.
+        sync: node.backing_file ? 'full' : 'top',
       });
     }
     const memory = await source.qmp.executeRaw('query-memory-size-summary', undefined, this.#call());
@@ -378,7 +383,7 @@ class Migration {
           'job-id': job,
           device: diskNodeName(disk.id),
           target: node,
-          sync: 'full',
+          sync: disk.sync,
           'copy-mode': this.#opts.copyMode,
           // Kept after they end so a failure's reason can be read; dismissed by ferry.
           'auto-dismiss': false,

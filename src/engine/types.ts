@@ -100,7 +100,16 @@ export interface MigrationPlan {
   destination: string;
   /** Address the source's QEMU connects to on the destination, for NBD and the migration stream. */
   destinationHost: string;
-  disks: { id: string; format: 'qcow2' | 'raw'; virtualSize: number; allocatedBytes: number; sourcePath: string; destinationPath: string }[];
+  disks: {
+    id: string;
+    format: 'qcow2' | 'raw';
+    virtualSize: number;
+    allocatedBytes: number;
+    sourcePath: string;
+    destinationPath: string;
+    /** 'top' copies only what the image allocates; 'full' flattens a backing chain. */
+    sync: 'top' | 'full';
+  }[];
   ramBytes: number;
   copyMode: CopyMode;
   /** Dirty bitmaps on the source's disks (backup tools' incremental state): they move with the VM. */

@@ -32,12 +32,21 @@ export interface DiskPlan {
   id: string;
   format: 'qcow2' | 'raw';
   size: number;
-  /** MiB of data to write before boot (pattern 0x5a, spread over the disk). */
+  /** MiB of data to write before boot (pattern 0x5a, in the upper half of the disk). */
   fillMiB?: number;
+  /** Make the disk a qcow2 overlay on a backing file holding this many MiB (pattern 0x6b). */
+  backingFillMiB?: number;
 }
 
 export async function makeDisk(path: string, d: DiskPlan): Promise<void> {
-  await run('qemu-img', ['create', '-q', '-f', d.format, path, String(d.size)]);
+  if (d.backingFillMiB !== undefined) {
+    const base = `${path}.base`;
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', base, String(d.size)]);
+    await run('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x6b ${Math.floor(d.size / 4)} ${d.backingFillMiB}M`, base]);
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', path, String(d.size)]);
+  } else {
+    await run('qemu-img', ['create', '-q', '-f', d.format, path, String(d.size)]);
+  }
   if (d.fillMiB) {
     // Fill the upper half so the guest's records (scattered over all of it) mostly land elsewhere.
     await run('qemu-io', ['-f', d.format, '-c', `write -P 0x5a ${Math.floor(d.size / 2)} ${d.fillMiB}M`, path]);

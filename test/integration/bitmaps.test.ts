@@ -8,10 +8,9 @@ import { execFile } from 'node:child_process';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, expect, test } from 'vitest';
-import { LocalDestination, LocalSource, type LocalIncomingVm } from '../../src/engine/local-endpoint.js';
+import { LocalDestination, LocalSource } from '../../src/engine/local-endpoint.js';
 import { migrate } from '../../src/engine/migrate.js';
 import type { QmpClient } from '../../src/qmp/index.js';
-import type { VmSpec } from '../../src/qemu/spec.js';
 import { bootWorkloadGuest, cleanupAll } from '../helpers/guest.js';
 
 const run = promisify(execFile);
@@ -43,18 +42,12 @@ test('a persistent dirty bitmap moves with the VM and keeps recording on the des
   for (const mib of [1, 2, 3]) await write(vm.qmp, mib);
   expect(await bitmap(vm.qmp, 'backup0')).toEqual({ count: 3 * CHUNK, persistent: true });
 
-  let incoming: LocalIncomingVm | undefined;
-  class Dest extends LocalDestination {
-    override async startIncoming(s: VmSpec, o: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
-      incoming = await super.startIncoming(s, o);
-      return incoming;
-    }
-  }
-  const result = await migrate({ spec, source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }), destination: new Dest({ dir: hostB }) });
+  const destination = new LocalDestination({ dir: hostB });
+  const result = await migrate({ spec, source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }), destination });
   expect(result.plan.bitmaps).toEqual([{ disk: 'data', name: 'backup0', persistent: true, count: 3 * CHUNK }]);
   expect(result.bitmapsMigrated).toEqual([{ disk: 'data', name: 'backup0' }]);
 
-  const b = incoming!.process;
+  const b = destination.incoming!.process;
   expect(await bitmap(b.qmp, 'backup0')).toEqual({ count: 3 * CHUNK, persistent: true });
   // New writes on the destination are recorded; a chunk already dirty stays one chunk.
   for (const mib of [10, 11, 1]) await write(b.qmp, mib);

@@ -8,7 +8,7 @@ import { readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, describe, expect, test } from 'vitest';
-import { LocalDestination, LocalSource, type LocalIncomingVm } from '../../src/engine/local-endpoint.js';
+import { LocalDestination, LocalSource } from '../../src/engine/local-endpoint.js';
 import { migrate } from '../../src/engine/migrate.js';
 import { MigrationError, type Phase } from '../../src/engine/types.js';
 import { highestAcks, parseSerialLine } from '../../src/guest/serial.js';
@@ -20,17 +20,6 @@ import { bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js'
 const run = promisify(execFile);
 
 afterEach(cleanupAll);
-
-/** A destination that hands its QEMU to the test: to read its console, or to kill it. */
-class WatchedDestination extends LocalDestination {
-  incoming: LocalIncomingVm | undefined;
-  onStart: ((vm: LocalIncomingVm) => void) | undefined;
-  override async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
-    this.incoming = await super.startIncoming(spec, opts);
-    this.onStart?.(this.incoming);
-    return this.incoming;
-  }
-}
 
 function sourceOf(spec: VmSpec): LocalSource {
   return new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') });
@@ -77,7 +66,7 @@ describe('migrate (real QEMU guests, TCG)', () => {
       disks: [{ id: 'root', format: 'qcow2', size: 64 << 20, fillMiB: 8 }],
       workload: { tickMs: 50 },
     });
-    const dest = new WatchedDestination({ dir: hostB });
+    const dest = new LocalDestination({ dir: hostB });
     const phases: Phase[] = [];
     const result = await migrate({
       spec,
@@ -102,6 +91,26 @@ describe('migrate (real QEMU guests, TCG)', () => {
     expect(cmp.stdout).toContain('Images are identical');
   });
 
+  test('a disk with a backing file arrives flattened, content identical', async () => {
+    const { vm, spec, hostB } = await bootWorkloadGuest({
+      disks: [{ id: 'root', format: 'qcow2', size: 64 << 20, backingFillMiB: 8, fillMiB: 4 }],
+      workload: { tickMs: 50 },
+    });
+    const destination = new LocalDestination({ dir: hostB });
+    const result = await migrate({ spec, source: sourceOf(spec), destination });
+    expect(result.plan.disks[0]!.sync).toBe('full');
+    await vm.exited;
+    await destination.incoming!.kill();
+    const target = join(hostB, 'root.qcow2');
+    const info = JSON.parse((await run('qemu-img', ['info', '--output=json', target])).stdout) as Record<string, unknown>;
+    expect(info['backing-filename']).toBeUndefined();
+    // The source read through its chain equals the flat target: the backing file's data came too.
+    const cmp = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', spec.disks[0]!.path, target]);
+    expect(cmp.stdout).toContain('Images are identical');
+    const region = await run('qemu-io', ['-f', 'qcow2', '-c', `read -P 0x6b ${16 << 20} 8M`, target]);
+    expect(region.stdout).toMatch(/read 8388608\/8388608 bytes/);
+  });
+
   test('writing guest, two disks (qcow2 + raw): no acknowledged write lost, the guest writes on', async () => {
     const { vm, spec, hostB } = await bootWorkloadGuest({
       disks: [
@@ -111,7 +120,7 @@ describe('migrate (real QEMU guests, TCG)', () => {
       workload: { write: { rate: 100 }, tickMs: 50 },
     });
     const before = await ackBeyond(vm, 'data', 20);
-    const dest = new WatchedDestination({ dir: hostB });
+    const dest = new LocalDestination({ dir: hostB });
     await migrate({ spec, source: sourceOf(spec), destination: dest });
     await vm.exited;
     const b = dest.incoming!.process;
@@ -150,7 +159,7 @@ describe('migrate (real QEMU guests, TCG)', () => {
       workload: { write: { rate: 50 }, tickMs: 50 },
     });
     await ackBeyond(vm, 'data', 10);
-    const dest = new WatchedDestination({ dir: hostB });
+    const dest = new LocalDestination({ dir: hostB });
     const err = await migrate({
       spec,
       source: sourceOf(spec),
@@ -173,7 +182,7 @@ describe('migrate (real QEMU guests, TCG)', () => {
       workload: { write: { rate: 50 }, tickMs: 50, dirty: { mib: 64, mibPerSec: 0 } },
     });
     await ackBeyond(vm, 'data', 10);
-    const dest = new WatchedDestination({ dir: hostB });
+    const dest = new LocalDestination({ dir: hostB });
     const ac = new AbortController();
     const err = await migrate({
       spec,
@@ -277,7 +286,7 @@ describe('migrate (real QEMU guests, TCG)', () => {
 
     test('deadline policy force: the switchover happens, reported as forced, nothing lost', async () => {
       const { vm, spec, hostB } = await boot();
-      const dest = new WatchedDestination({ dir: hostB });
+      const dest = new LocalDestination({ dir: hostB });
       const events: string[] = [];
       const result = await migrate({
         spec,
