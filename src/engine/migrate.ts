@@ -60,6 +60,7 @@ export interface MigrateRequest {
 }
 
 const QMP_TIMEOUT_MS = 30_000;
+const STOP_DESTINATION = 'stop destination QEMU';
 /** A safe "unlimited" for max-bandwidth: QEMU's default is 128 MiB/s, far below a local link. */
 const UNLIMITED_BANDWIDTH = 2 ** 40;
 /** Free space kept beyond what the copy needs, for qcow2 metadata and the filesystem's own. */
@@ -307,7 +308,7 @@ class Migration {
     }
     this.#undo.push('remove destination run dir', 'destination', () => d.removeRunDir(spec));
     const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: this.#signal });
-    this.#undo.push('stop destination QEMU', 'destination', async () => {
+    this.#undo.push(STOP_DESTINATION, 'destination', async () => {
       await vm.qmp.close().catch(() => undefined);
       if (vm.running()) await vm.kill();
     });
@@ -587,7 +588,7 @@ class Migration {
       const id = mirrorJobId(disk.id);
       await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
         since,
-        timeoutMs: QMP_TIMEOUT_MS,
+        timeoutMs: this.#opts.commandTimeoutMs,
         signal: this.#signal,
         what: `mirror ${id} to conclude`,
       });
@@ -634,7 +635,7 @@ class Migration {
     const q = dest.vm.qmp;
     await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
       since: dest.since,
-      timeoutMs: QMP_TIMEOUT_MS,
+      timeoutMs: this.#opts.commandTimeoutMs,
       signal: this.#signal,
       what: "the destination's incoming migration to end",
     });
@@ -661,12 +662,14 @@ class Migration {
    */
   async #resumeDestination(dest: DestinationState): Promise<void> {
     this.#throwIfAborted();
+    this.#emit({ event: 'point-of-no-return', migrationId: this.id, destinationPid: dest.vm.pid });
+    const timeoutMs = this.#opts.commandTimeoutMs;
     try {
-      await dest.vm.qmp.execute('cont', undefined, { timeoutMs: QMP_TIMEOUT_MS });
+      await dest.vm.qmp.execute('cont', undefined, { timeoutMs });
     } catch (err) {
       if (err instanceof QmpCommandError) throw err;
       // No answer: ask again on the same session if it still stands.
-      const status = await dest.vm.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
+      const status = await dest.vm.qmp.execute('query-status', undefined, { timeoutMs }).catch(() => undefined);
       if (status?.status === 'running') {
         this.#markPastNoReturn();
         return;
@@ -679,7 +682,7 @@ class Migration {
       );
     }
     this.#markPastNoReturn();
-    const status = await dest.vm.qmp.execute('query-status', undefined, { timeoutMs: QMP_TIMEOUT_MS });
+    const status = await dest.vm.qmp.execute('query-status', undefined, { timeoutMs });
     if (status.status !== 'running') {
       this.#log.warn({ status: status.status }, 'destination not running right after cont');
     }
@@ -720,10 +723,17 @@ class Migration {
     }
     this.#log.warn({ err: errorText(first), phase: failedPhase }, 'migration failed, rolling back');
     if (this.#undo.size > 0) this.#enter('rollback');
-    const cleanupErrors = await this.#undo.runAll((step, stepErr) => {
+    const report = (step: string, stepErr: unknown): void => {
       this.#emit({ event: 'rollback', migrationId: this.id, step, ok: !stepErr, ...(stepErr ? { error: errorText(stepErr) } : {}) });
       if (stepErr) this.#log.error({ step, err: errorText(stepErr) }, 'rollback step failed');
-    });
+    };
+    // The destination QEMU goes first. It never ran the guest, so killing it is always safe
+    // here, and a destination that is alive but silent (frozen, partitioned) would otherwise
+    // block the source's QEMU: its NBD client waits forever for replies on an open connection,
+    // and every block operation on the source (blockdev-del, the reactivation inside `cont`)
+    // waits with it. A dead peer makes them fail at once.
+    const cleanupErrors = await this.#undo.runNow(STOP_DESTINATION, report);
+    cleanupErrors.push(...(await this.#undo.runAll(report)));
     let guestOn: 'source' | 'unknown' = first.guestOn;
     if (source) {
       // Proof, not hope: the guest is where we say it is.
@@ -779,6 +789,16 @@ class Migration {
         mig = await q.execute('query-migrate', undefined, opts);
       }
     }
+    if (mig.status === 'completed') {
+      // The migration completed and inactivated every node, the NBD client nodes too. `cont`
+      // would reactivate them, reconnecting to a destination that may be dead or frozen, and the
+      // source would hang instead of resuming. They have no use any more: delete them first.
+      for (const disk of this.#plan?.disks ?? []) {
+        const node = targetNodeName(disk.id);
+        await q.execute('blockdev-del', { 'node-name': node }, opts).catch(() => undefined);
+        this.#undo.drop(`delete source NBD node ${node}`);
+      }
+    }
     if (!source.wasRunning) return;
     const status = await q.execute('query-status', undefined, opts);
     if (status.status !== 'running') await q.execute('cont', undefined, opts);
@@ -818,7 +838,7 @@ class Migration {
   }
 
   #call(): { timeoutMs: number; signal: AbortSignal } {
-    return { timeoutMs: QMP_TIMEOUT_MS, signal: this.#signal };
+    return { timeoutMs: this.#opts.commandTimeoutMs, signal: this.#signal };
   }
 
   #throwIfAborted(): void {

@@ -42,6 +42,8 @@ export const MigrationOptionsSchema = z
     progressTimeoutMs: z.number().int().positive().default(60_000),
     /** Hard bound on the whole migration, ms. */
     totalTimeoutMs: z.number().int().positive().default(3_600_000),
+    /** Deadline for each QMP command the engine sends, ms. */
+    commandTimeoutMs: z.number().int().min(100).default(30_000),
     /** Interval between progress events, ms. */
     progressIntervalMs: z.number().int().min(50).default(500),
   })
@@ -91,6 +93,8 @@ export type MigrationEvent =
   | { event: 'progress'; migrationId: string; progress: ProgressSnapshot }
   | { event: 'convergence'; migrationId: string; action: 'downtime-step' | 'deadline-abort' | 'deadline-force'; downtimeLimitMs: number; detail: string }
   | { event: 'warning'; migrationId: string; message: string }
+  /** Sent just before the destination's `cont`: from here on the source is never resumed. */
+  | { event: 'point-of-no-return'; migrationId: string; destinationPid: number }
   | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string };
 
 export interface MigrationPlan {

@@ -27,6 +27,21 @@ export class UndoStack {
     this.#steps = this.#steps.filter((s) => s.side !== side);
   }
 
+  /** Runs one step now, out of order, and forgets it. */
+  async runNow(name: string, report: (step: string, err: unknown) => void): Promise<unknown[]> {
+    const step = this.#steps.find((s) => s.name === name);
+    if (!step) return [];
+    this.drop(name);
+    try {
+      await step.run();
+      report(step.name, undefined);
+      return [];
+    } catch (err) {
+      report(step.name, err);
+      return [new Error(`${step.name}: ${errorText(err)}`, { cause: err })];
+    }
+  }
+
   get size(): number {
     return this.#steps.length;
   }

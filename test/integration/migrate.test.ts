@@ -307,4 +307,62 @@ describe('migrate (real QEMU guests, TCG)', () => {
       await verifyAcked([{ ...spec.disks[0]!, path: join(hostB, 'data.qcow2') }], highestAcks([...vm.serial.history(), ...b.serial.history()]));
     });
   });
+
+  describe('never run twice: a destination that stops answering at the end', () => {
+    test('frozen before its cont: the source, already in postmigrate, is resumed; writes intact', async () => {
+      const { vm, spec, hostB } = await bootWorkloadGuest({
+        disks: [{ id: 'data', format: 'qcow2', size: 32 << 20 }],
+        workload: { write: { rate: 50 }, tickMs: 50 },
+      });
+      await ackBeyond(vm, 'data', 10);
+      const dest = new LocalDestination({ dir: hostB });
+      const err = await migrate({
+        spec,
+        source: sourceOf(spec),
+        destination: dest,
+        options: { commandTimeoutMs: 2_000 },
+        onEvent: (e) => {
+          // The source has completed and sits in postmigrate; the destination goes silent.
+          if (e.event === 'phase' && e.phase === 'confirm') process.kill(dest.incoming!.pid, 'SIGSTOP');
+        },
+      }).catch((e: unknown) => e);
+      expect(err).toMatchObject({ phase: 'confirm', guestOn: 'source', cleanupErrors: [] });
+      expect(dest.incoming!.running()).toBe(false);
+      await expectRolledBack(vm, spec, hostB, 'data');
+    });
+
+    test("frozen at the point of no return: cont gets no answer, the source stays paused, exactly one runs", async () => {
+      const { vm, spec, hostB } = await bootWorkloadGuest({
+        disks: [{ id: 'data', format: 'qcow2', size: 32 << 20 }],
+        workload: { write: { rate: 50 }, tickMs: 50 },
+      });
+      await ackBeyond(vm, 'data', 10);
+      const dest = new LocalDestination({ dir: hostB });
+      let frozen = 0;
+      const err = await migrate({
+        spec,
+        source: sourceOf(spec),
+        destination: dest,
+        options: { commandTimeoutMs: 2_000 },
+        onEvent: (e) => {
+          if (e.event === 'point-of-no-return') {
+            frozen = e.destinationPid;
+            process.kill(e.destinationPid, 'SIGSTOP');
+          }
+        },
+      }).catch((e: unknown) => e);
+      expect(frozen).toBe(dest.incoming!.pid);
+      expect(err).toMatchObject({ code: 'SWITCHOVER_UNCERTAIN', guestOn: 'unknown' });
+      expect((err as Error).message).toContain(`pid ${frozen}`);
+      // ferry did not resume the source: it is still paused after the completed migration.
+      expect((await vm.qmp.execute('query-status')).status).toBe('postmigrate');
+      // The destination got its cont; thawed, it runs the guest, which writes on. One runs, not two.
+      process.kill(frozen, 'SIGCONT');
+      const b = dest.incoming!.process;
+      await ackBeyond(b, 'data', highestAcks(vm.serial.history()).get('data')! + 5);
+      expect((await vm.qmp.execute('query-status')).status).toBe('postmigrate');
+      await b.quit({ timeoutMs: 10_000 });
+      await verifyAcked([{ ...spec.disks[0]!, path: join(hostB, 'data.qcow2') }], highestAcks([...vm.serial.history(), ...b.serial.history()]));
+    });
+  });
 });
