@@ -1,5 +1,5 @@
 /** migrate-vm as an operator runs it: a real process, real sockets, a real guest. */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -86,5 +86,31 @@ describe('migrate-vm', () => {
     const acked = highestAcks(vm.serial.history()).get('root')!;
     const report = await verifyDisk(join(hostB, 'root.qcow2'), { format: 'qcow2', diskId: 'root', ackedSeq: acked });
     expect(report.ok).toBe(true);
+  });
+
+  test('SIGINT during the mirror: exit 130, rolled back, the guest still runs and writes on the source', async () => {
+    const { vm, spec, hostA, hostB } = await bootWorkloadGuest({
+      disks: [{ id: 'root', format: 'qcow2', size: 256 << 20, fillMiB: 100 }],
+      workload: { write: { rate: 50 }, tickMs: 50 },
+    });
+    const specPath = join(hostA, 'vm.json');
+    await writeFile(specPath, JSON.stringify(spec));
+    const child = spawn(process.execPath, [BIN, '--spec', specPath, '--to-dir', hostB, '--json', '--bandwidth', '10M'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (b: Buffer) => {
+      stdout += b.toString();
+      if (stdout.includes('"phase":"mirror"') && child.exitCode === null && !child.killed) child.kill('SIGINT');
+    });
+    child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    expect(code, stderr).toBe(130);
+    expect(stderr).toMatch(/SIGINT: cancelling, rolling back/);
+    const summary = JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<string, unknown>;
+    expect(summary).toMatchObject({ event: 'summary', ok: false, code: 'CANCELLED', guestOn: 'source' });
+    expect((await vm.qmp.execute('query-status')).status).toBe('running');
+    expect(await readdir(hostB)).toEqual([]);
+    const before = highestAcks(vm.serial.history()).get('root')!;
+    await vm.serial.waitForLine((l) => l.text.startsWith('ack root ') && Number(l.text.split(' ')[2]) > before + 5, { timeoutMs: 20_000, what: 'acks after the cancel' });
   });
 });
