@@ -365,4 +365,40 @@ describe('migrate (real QEMU guests, TCG)', () => {
       await verifyAcked([{ ...spec.disks[0]!, path: join(hostB, 'data.qcow2') }], highestAcks([...vm.serial.history(), ...b.serial.history()]));
     });
   });
+
+  describe('every wait has a bound', () => {
+    test('the total timeout ends a slow migration and rolls back', async () => {
+      const { vm, spec, hostB } = await bootWorkloadGuest({
+        disks: [{ id: 'data', format: 'qcow2', size: 256 << 20, fillMiB: 100 }],
+        workload: { write: { rate: 20 }, tickMs: 50 },
+      });
+      const err = await migrate({
+        spec,
+        source: sourceOf(spec),
+        destination: new LocalDestination({ dir: hostB }),
+        options: { bandwidthBytesPerSec: 10 << 20, totalTimeoutMs: 2_000 },
+      }).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'TOTAL_TIMEOUT', phase: 'mirror', guestOn: 'source', cleanupErrors: [] });
+      await expectRolledBack(vm, spec, hostB, 'data');
+    });
+
+    test('a destination that stops answering mid-mirror trips the progress timeout', async () => {
+      const { vm, spec, hostB } = await bootWorkloadGuest({
+        disks: [{ id: 'data', format: 'qcow2', size: 256 << 20, fillMiB: 100 }],
+        workload: { write: { rate: 20 }, tickMs: 50 },
+      });
+      const dest = new LocalDestination({ dir: hostB });
+      const err = await migrate({
+        spec,
+        source: sourceOf(spec),
+        destination: dest,
+        options: { bandwidthBytesPerSec: 10 << 20, progressTimeoutMs: 2_000, progressIntervalMs: 200 },
+        onEvent: (e) => {
+          if (e.event === 'phase' && e.phase === 'mirror') setTimeout(() => process.kill(dest.incoming!.pid, 'SIGSTOP'), 500);
+        },
+      }).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'STALLED', phase: 'mirror', guestOn: 'source', cleanupErrors: [] });
+      await expectRolledBack(vm, spec, hostB, 'data');
+    });
+  });
 });
