@@ -1,0 +1,192 @@
+import { join } from 'node:path';
+import { WebSocket, createWebSocketStream } from 'ws';
+import { errorText, FerryError } from '../errors.js';
+import type { DestinationEndpoint, IncomingVm } from '../engine/endpoint.js';
+import { QmpClient } from '../qmp/index.js';
+import { retargetSpec, type VmSpec } from '../qemu/spec.js';
+import { hostInfoSchema, PROTOCOL_VERSION, responseSchema, startResultSchema, type HostInfo, type Method } from './protocol.js';
+
+export class AgentCallError extends FerryError {
+  override name = 'AgentCallError';
+}
+
+/** One authenticated RPC session with an agent. Every call has a deadline. */
+export class AgentClient {
+  readonly #ws: WebSocket;
+  readonly #url: string;
+  readonly #token: string;
+  #next = 1;
+  readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+
+  private constructor(ws: WebSocket, url: string, token: string) {
+    this.#ws = ws;
+    this.#url = url;
+    this.#token = token;
+    ws.on('message', (data: Buffer) => {
+      const parsed = responseSchema.safeParse(safeJson(data.toString('utf8')));
+      if (!parsed.success || typeof parsed.data.id !== 'number') return;
+      const p = this.#pending.get(parsed.data.id);
+      if (!p) return;
+      this.#pending.delete(parsed.data.id);
+      clearTimeout(p.timer);
+      if (parsed.data.ok) p.resolve(parsed.data.result);
+      else p.reject(new AgentCallError(parsed.data.error.code, parsed.data.error.message, { userError: true }));
+    });
+    ws.on('close', () => {
+      for (const [id, p] of this.#pending) {
+        clearTimeout(p.timer);
+        p.reject(new AgentCallError('AGENT_DISCONNECTED', `agent ${url} closed the session`));
+        this.#pending.delete(id);
+      }
+    });
+  }
+
+  static connect(url: string, token: string, timeoutMs = 10_000): Promise<AgentClient> {
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(`${url}/v1`, { headers: { authorization: `Bearer ${token}` }, handshakeTimeout: timeoutMs });
+      ws.once('open', () => resolve(new AgentClient(ws, url, token)));
+      ws.once('unexpected-response', (_req, res) => {
+        reject(new AgentCallError('AGENT_REFUSED', `agent ${url} refused the connection: HTTP ${res.statusCode}`, { userError: true }));
+        ws.terminate();
+      });
+      ws.once('error', (err) => reject(new AgentCallError('AGENT_UNREACHABLE', `cannot reach agent ${url}: ${err.message}`, { userError: true })));
+    });
+  }
+
+  call(method: Method, params: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<unknown> {
+    const id = this.#next++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new AgentCallError('AGENT_TIMEOUT', `agent ${this.#url} did not answer ${method} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.#pending.set(id, { resolve, reject, timer });
+      this.#ws.send(JSON.stringify({ v: PROTOCOL_VERSION, id, method, params }));
+    });
+  }
+
+  /** A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. */
+  openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
+    const ws = new WebSocket(`${this.#url}/v1/qmp/${vmId}`, { headers: { authorization: `Bearer ${this.#token}` }, handshakeTimeout: timeoutMs });
+    return new Promise((resolve, reject) => {
+      ws.once('open', () => {
+        QmpClient.connect({ stream: createWebSocketStream(ws) }, { timeoutMs, name: `agent:${vmId}` }).then(resolve, reject);
+      });
+      ws.once('unexpected-response', (_req, res) => reject(new AgentCallError('AGENT_REFUSED', `QMP tunnel to ${vmId} refused: HTTP ${res.statusCode}`)));
+      ws.once('error', (err) => reject(new AgentCallError('AGENT_UNREACHABLE', `QMP tunnel to ${vmId}: ${err.message}`)));
+    });
+  }
+
+  close(): void {
+    this.#ws.close();
+  }
+}
+
+/** The destination host is an agent: the engine drives it exactly as it drives a local folder. */
+export class AgentDestination implements DestinationEndpoint {
+  readonly name: string;
+  readonly migrationHost: string;
+  readonly #client: AgentClient;
+  readonly #info: HostInfo;
+  #vmId: string | undefined;
+
+  private constructor(client: AgentClient, info: HostInfo) {
+    this.#client = client;
+    this.#info = info;
+    this.name = `${info.name} (agent)`;
+    this.migrationHost = info.migrationHost;
+  }
+
+  static async connect(url: string, token: string): Promise<AgentDestination> {
+    const client = await AgentClient.connect(url, token);
+    try {
+      const info = hostInfoSchema.parse(await client.call('host.info'));
+      return new AgentDestination(client, info);
+    } catch (err) {
+      client.close();
+      throw err;
+    }
+  }
+
+  get vmId(): string | undefined {
+    return this.#vmId;
+  }
+
+  targetSpec(spec: VmSpec, migrationId: string): VmSpec {
+    const dir = join(this.#info.storageRoot, spec.name);
+    return retargetSpec(spec, { dir, runDir: join(dir, `run-${migrationId}`) });
+  }
+
+  async freeBytes(): Promise<number> {
+    return hostInfoSchema.parse(await this.#client.call('host.info')).freeBytes;
+  }
+
+  async checkTarget(spec: VmSpec): Promise<string[]> {
+    try {
+      const r = (await this.#client.call('dest.check', { spec })) as { problems: string[] };
+      return r.problems;
+    } catch (err) {
+      return [`destination agent refused the spec: ${errorText(err)}`];
+    }
+  }
+
+  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number }): Promise<void> {
+    await this.#client.call('dest.createDisk', disk);
+  }
+
+  async removeDisk(path: string): Promise<void> {
+    await this.#client.call('dest.removeDisk', { path });
+  }
+
+  async startIncoming(spec: VmSpec, opts: { timeoutMs: number }): Promise<IncomingVm> {
+    const started = startResultSchema.parse(await this.#client.call('dest.start', { spec }, opts.timeoutMs + 5_000));
+    this.#vmId = started.vmId;
+    const qmp = await this.#client.openQmp(started.vmId, opts.timeoutMs);
+    let killed = false;
+    let died = false;
+    // `closed` resolves with an error when the tunnel breaks (the destination QEMU died), and
+    // with undefined when someone closed the session on purpose: only the first means dead.
+    const exited = qmp.closed.then((err) => {
+      if (err) died = true;
+    });
+    return {
+      pid: started.pid,
+      qmp,
+      exited,
+      // The tunnel closes when the destination QEMU dies: that is what the engine can see.
+      running: () => !killed && !died,
+      kill: async () => {
+        killed = true;
+        await qmp.close();
+        await this.#client.call('dest.kill', { vmId: started.vmId });
+      },
+      release: async () => {
+        await this.#client.call('dest.release', { vmId: started.vmId });
+        await qmp.close();
+      },
+    };
+  }
+
+  *candidatePorts(): Iterable<number> {
+    const [lo, hi] = this.#info.portRange;
+    const span = hi - lo + 1;
+    const start = Math.floor(Math.random() * span);
+    for (let i = 0; i < span; i++) yield lo + ((start + i) % span);
+  }
+
+  async removeRunDir(): Promise<void> {
+    if (this.#vmId) await this.#client.call('dest.removeRunDir', { vmId: this.#vmId }).catch(() => undefined);
+  }
+
+  close(): void {
+    this.#client.close();
+  }
+}
+
+function safeJson(s: string): unknown {
+  try {
+    return JSON.parse(s);
+  } catch {
+    return undefined;
+  }
+}
