@@ -1,9 +1,9 @@
 import { join } from 'node:path';
 import { WebSocket, createWebSocketStream } from 'ws';
 import { errorText, FerryError } from '../errors.js';
-import type { DestinationEndpoint, IncomingVm } from '../engine/endpoint.js';
+import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
 import { QmpClient } from '../qmp/index.js';
-import { retargetSpec, type VmSpec } from '../qemu/spec.js';
+import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { hostInfoSchema, PROTOCOL_VERSION, responseSchema, startResultSchema, type HostInfo, type Method } from './protocol.js';
 
 export class AgentCallError extends FerryError {
@@ -79,6 +79,53 @@ export class AgentClient {
 
   close(): void {
     this.#ws.close();
+  }
+}
+
+/** The source host is an agent that runs the VM: QMP through its allowlist tunnel. */
+export class AgentSource implements SourceEndpoint {
+  readonly name: string;
+  readonly spec: VmSpec;
+  readonly #client: AgentClient;
+  readonly #vmId: string;
+
+  private constructor(client: AgentClient, name: string, vmId: string, spec: VmSpec) {
+    this.#client = client;
+    this.name = name;
+    this.#vmId = vmId;
+    this.spec = spec;
+  }
+
+  /** Finds the running VM `vmName` of this principal on the agent; its spec comes from there. */
+  static async connect(url: string, token: string, vmName: string): Promise<AgentSource> {
+    const client = await AgentClient.connect(url, token);
+    try {
+      const info = hostInfoSchema.parse(await client.call('host.info'));
+      const found = (await client.call('vm.get', { name: vmName })) as { vmId: string; spec: unknown };
+      return new AgentSource(client, `${info.name} (agent)`, found.vmId, parseVmSpec(found.spec));
+    } catch (err) {
+      client.close();
+      throw err;
+    }
+  }
+
+  connect(opts: { timeoutMs: number }): Promise<QmpClient> {
+    return this.#client.openQmp(this.#vmId, opts.timeoutMs);
+  }
+
+  async nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
+    const r = (await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, ...peer }).catch(() => ({ bytes: null }))) as { bytes: number | null };
+    return r.bytes ?? undefined;
+  }
+
+  async retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
+    await qmp.execute('quit', undefined, { timeoutMs: opts.timeoutMs });
+    const r = (await this.#client.call('vm.waitExit', { vmId: this.#vmId, timeoutMs: opts.timeoutMs }, opts.timeoutMs + 5_000)) as { exited: boolean };
+    if (!r.exited) throw new AgentCallError('SOURCE_QUIT_TIMEOUT', `source QEMU on ${this.name} did not exit within ${opts.timeoutMs} ms of quit`);
+  }
+
+  close(): void {
+    this.#client.close();
   }
 }
 

@@ -26,6 +26,10 @@ export const methodParams = {
   'dest.release': vmRef,
   'dest.removeRunDir': vmRef,
   'vm.list': z.object({}).strict(),
+  'vm.start': z.object({ spec: z.unknown() }).strict(),
+  'vm.get': z.object({ name: z.string().min(1) }).strict(),
+  'vm.nbdBytesSent': z.object({ vmId: z.string(), host: z.string(), port: z.number().int() }).strict(),
+  'vm.waitExit': z.object({ vmId: z.string(), timeoutMs: z.number().int().positive().max(600_000) }).strict(),
 } as const;
 
 export type Method = keyof typeof methodParams;

@@ -28,6 +28,33 @@ export const DESTINATION_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
   'cont',
 ]);
 
+/** What a remote caller may ask of a source QEMU: the engine's side of a migration, and quit. */
+export const SOURCE_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
+  'qmp_capabilities',
+  'query-qmp-schema',
+  'query-migrate-capabilities',
+  'query-migrate-parameters',
+  'query-migrate',
+  'query-status',
+  'query-named-block-nodes',
+  'query-block-jobs',
+  'query-jobs',
+  'query-memory-size-summary',
+  'query-version',
+  'blockdev-add',
+  'blockdev-del',
+  'blockdev-mirror',
+  'block-job-cancel',
+  'job-dismiss',
+  'migrate-set-capabilities',
+  'migrate-set-parameters',
+  'migrate',
+  'migrate_cancel',
+  'migrate-continue',
+  'cont',
+  'quit',
+]);
+
 /**
  * Joins a WebSocket to a VM's free QMP monitor: QEMU's lines go out as they are; the caller's
  * lines are parsed, and a command outside the allowlist is refused in QMP's own error format.

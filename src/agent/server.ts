@@ -17,7 +17,9 @@ import { silentLogger, type Logger } from '../log.js';
 import { qmpSocketPath } from '../qemu/argv.js';
 import { parseVmSpec, SpecError, type VmSpec } from '../qemu/spec.js';
 import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, requestSchema, type HostInfo, type Method } from './protocol.js';
-import { tunnelQmp } from './qmp-tunnel.js';
+import { DESTINATION_QMP_ALLOWLIST, SOURCE_QMP_ALLOWLIST, tunnelQmp } from './qmp-tunnel.js';
+import { launchVm } from '../qemu/launcher.js';
+import { tcpBytesAcked } from '../engine/wire.js';
 
 const run = promisify(execFile);
 
@@ -43,7 +45,9 @@ export class AgentError extends FerryError {
 interface OwnedVm {
   principal: string;
   spec: VmSpec;
-  vm: LocalIncomingVm;
+  /** 'source': a VM this host runs; 'incoming': the destination of a migration. */
+  role: 'source' | 'incoming';
+  vm: Pick<LocalIncomingVm, 'pid' | 'exited' | 'running' | 'kill' | 'release'>;
 }
 
 export interface RunningAgent {
@@ -117,9 +121,39 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       const spec = parseVmSpec(params.spec, { allowedRoots: [config.storageRoot] });
       const vm = await local.startIncoming(spec, { timeoutMs: 30_000 });
       const vmId = `${spec.name.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40)}-${randomBytes(4).toString('hex')}`;
-      vms.set(vmId, { principal, spec, vm });
+      vms.set(vmId, { principal, spec, vm, role: 'incoming' });
       void vm.exited.then(() => log.info({ vmId }, 'VM exited'));
       return { vmId, pid: vm.pid };
+    },
+    'vm.start': async (principal, params) => {
+      const spec = parseVmSpec(params.spec, { allowedRoots: [config.storageRoot] });
+      if ([...vms.values()].some((v) => v.spec.name === spec.name && v.vm.running())) {
+        throw new AgentError('VM_EXISTS', `a VM named '${spec.name}' already runs here`, { userError: true });
+      }
+      const p = await launchVm(spec, { timeoutMs: 30_000, logger: log, ...(config.qemuBinary ? { qemuBinary: config.qemuBinary } : {}) });
+      // The agent's VMs outlive the agent (restarts, upgrades).
+      p.release();
+      await p.qmp.close();
+      const vmId = `${spec.name.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40)}-${randomBytes(4).toString('hex')}`;
+      vms.set(vmId, { principal, spec, role: 'source', vm: { pid: p.pid, exited: p.exited, running: () => p.running(), kill: () => p.kill(), release: async () => undefined } });
+      return { vmId, pid: p.pid };
+    },
+    'vm.get': async (principal, params) => {
+      const found = [...vms.entries()].find(([, v]) => v.principal === principal && v.spec.name === params.name && v.vm.running());
+      if (!found) throw new AgentError('VM_NOT_FOUND', `no running VM named '${params.name}' of yours on this host`, { userError: true });
+      return { vmId: found[0], role: found[1].role, spec: found[1].spec };
+    },
+    'vm.nbdBytesSent': async (principal, params) => {
+      owned(principal, params.vmId);
+      return { bytes: (await tcpBytesAcked({ host: params.host, port: params.port })) ?? null };
+    },
+    'vm.waitExit': async (principal, params) => {
+      const v = owned(principal, params.vmId);
+      let timer: NodeJS.Timeout | undefined;
+      const exited = await Promise.race([v.vm.exited.then(() => true), new Promise<false>((r) => (timer = setTimeout(r, params.timeoutMs, false)))]);
+      clearTimeout(timer);
+      if (exited) vms.delete(params.vmId);
+      return { exited };
     },
     'dest.kill': async (principal, params) => {
       // Ownership stays until the run dir is gone: the caller's rollback removes it after this.
@@ -139,7 +173,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       return {};
     },
     'vm.list': async (principal) =>
-      [...vms.entries()].filter(([, v]) => v.principal === principal).map(([vmId, v]) => ({ vmId, name: v.spec.name, pid: v.vm.pid, running: v.vm.running() })),
+      [...vms.entries()].filter(([, v]) => v.principal === principal).map(([vmId, v]) => ({ vmId, name: v.spec.name, role: v.role, pid: v.vm.pid, running: v.vm.running() })),
   };
 
   const onRpc = (ws: WebSocket, principal: string): void => {
@@ -198,7 +232,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     if (url !== '/v1' && !qmp) return reject('404 Not Found');
     if (qmp && (!vms.has(qmp[1]!) || vms.get(qmp[1]!)!.principal !== principal)) return reject('404 Not Found');
     wss.handleUpgrade(req, socket, head, (ws) => {
-      if (qmp) tunnelQmp(ws, qmpSocketPath(vms.get(qmp[1]!)!.spec), log);
+      const target = qmp ? vms.get(qmp[1]!) : undefined;
+      if (target) tunnelQmp(ws, qmpSocketPath(target.spec), log, target.role === 'source' ? SOURCE_QMP_ALLOWLIST : DESTINATION_QMP_ALLOWLIST);
       else onRpc(ws, principal);
     });
   });

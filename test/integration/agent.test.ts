@@ -1,17 +1,17 @@
 /** ferry-agent on loopback: refusals, and a real migration into an agent's storage root. */
-import { mkdir, readdir, symlink } from 'node:fs/promises';
+import { mkdir, readdir, readFile, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 import { WebSocket } from 'ws';
-import { AgentCallError, AgentClient, AgentDestination } from '../../src/agent/client.js';
+import { AgentCallError, AgentClient, AgentDestination, AgentSource } from '../../src/agent/client.js';
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
 import { LocalSource } from '../../src/engine/local-endpoint.js';
 import { migrate } from '../../src/engine/migrate.js';
 import { loadGuestImage } from '../../src/guest/image.js';
-import { highestAcks } from '../../src/guest/serial.js';
+import { highestAcks, workloadAppend } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { QmpCommandError } from '../../src/qmp/index.js';
-import { bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js';
+import { bootWorkloadGuest, cleanupAll, makeDisk, makeTempDir } from '../helpers/guest.js';
 
 const TOKEN_A = 'token-of-alice-0123456789';
 const TOKEN_B = 'token-of-bob-0123456789ab';
@@ -106,7 +106,7 @@ describe('ferry-agent refuses', () => {
     await expect(bob.call('dest.kill', { vmId })).rejects.toMatchObject({ code: 'VM_NOT_FOUND' });
     await expect(bob.openQmp(vmId)).rejects.toThrow(/HTTP 404/);
     expect(await bob.call('vm.list')).toEqual([]);
-    expect(await alice.call('vm.list')).toEqual([{ vmId, name: 'v', pid, running: true }]);
+    expect(await alice.call('vm.list')).toEqual([{ vmId, name: 'v', role: 'incoming', pid, running: true }]);
     await qmp.close();
     await alice.call('dest.kill', { vmId });
     alice.close();
@@ -138,4 +138,49 @@ test('a writing guest migrates from a local source into an agent: no acknowledge
   client.close();
   dest.close();
   expect(await readdir(root)).toEqual([spec.name]);
+});
+
+test('two agents: a writing guest that agent A runs moves to agent B, no acknowledged write lost', async () => {
+  const rootA = await makeTempDir('ferry-agent-a-');
+  const agentA = await startAgent({ name: 'hostA', listenPort: 0, storageRoot: rootA, tokens: { [TOKEN_A]: 'alice' } });
+  try {
+    const image = await loadGuestImage();
+    const dir = join(rootA, 'web1');
+    await mkdir(dir);
+    await makeDisk(join(dir, 'data.qcow2'), { id: 'data', format: 'qcow2', size: 64 << 20 });
+    const a = await AgentClient.connect(agentA.url, TOKEN_A);
+    const { pid } = (await a.call('vm.start', {
+      spec: {
+        name: 'web1',
+        memoryMiB: 256,
+        disks: [{ id: 'data', path: join(dir, 'data.qcow2'), format: 'qcow2' }],
+        boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend({ write: { rate: 50 }, tickMs: 50, disks: 1 })}` },
+        runDir: join(dir, 'run'),
+      },
+    })) as { pid: number };
+    started.push(pid);
+    const serialLog = join(dir, 'run', 'serial.log');
+    const acksInLog = async (): Promise<number> => highestAcks((await readFile(serialLog, 'utf8').catch(() => '')).split('\n').map((text) => ({ text }))).get('data') ?? -1;
+    for (let i = 0; i < 300 && (await acksInLog()) < 20; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(await acksInLog()).toBeGreaterThanOrEqual(20);
+
+    const source = await AgentSource.connect(agentA.url, TOKEN_A, 'web1');
+    const destination = await AgentDestination.connect(agent.url, TOKEN_A);
+    const result = await migrate({ spec: source.spec, source, destination });
+    expect(result.plan).toMatchObject({ source: 'hostA (agent)', destination: 'hostB (agent)' });
+    expect(result.diskBytes).toBeGreaterThan(0);
+    expect(() => process.kill(pid, 0)).toThrow(); // the source QEMU is gone
+    const b = await AgentClient.connect(agent.url, TOKEN_A);
+    const [moved] = (await b.call('vm.list')) as { vmId: string; pid: number; running: boolean }[];
+    started.push(moved!.pid);
+    const qmp = await b.openQmp(moved!.vmId);
+    expect((await qmp.execute('query-status')).status).toBe('running');
+    await qmp.close();
+    await b.call('dest.kill', { vmId: moved!.vmId });
+    const report = await verifyDisk(join(root, 'web1', 'data.qcow2'), { format: 'qcow2', diskId: 'data', ackedSeq: await acksInLog() });
+    expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
+    for (const c of [a, b, source, destination]) c.close();
+  } finally {
+    await agentA.close();
+  }
 });
