@@ -4,7 +4,10 @@ import { errorText, FerryError } from '../errors.js';
 import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
 import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
-import { hostInfoSchema, PROTOCOL_VERSION, responseSchema, startResultSchema, type HostInfo, type Method } from './protocol.js';
+import { z } from 'zod';
+import { eventFrameSchema, hostInfoSchema, PROTOCOL_VERSION, responseSchema, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
+
+const vmGetSchema = vmSummarySchema.extend({ spec: z.unknown() });
 
 export class AgentCallError extends FerryError {
   override name = 'AgentCallError';
@@ -16,6 +19,7 @@ export class AgentClient {
   readonly #url: string;
   readonly #token: string;
   #next = 1;
+  readonly #listeners = new Set<(e: AgentEvent) => void>();
   readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
 
   private constructor(ws: WebSocket, url: string, token: string) {
@@ -23,7 +27,13 @@ export class AgentClient {
     this.#url = url;
     this.#token = token;
     ws.on('message', (data: Buffer) => {
-      const parsed = responseSchema.safeParse(safeJson(data.toString('utf8')));
+      const json = safeJson(data.toString('utf8'));
+      const event = eventFrameSchema.safeParse(json);
+      if (event.success) {
+        for (const l of this.#listeners) l(event.data.event);
+        return;
+      }
+      const parsed = responseSchema.safeParse(json);
       if (!parsed.success || typeof parsed.data.id !== 'number') return;
       const p = this.#pending.get(parsed.data.id);
       if (!p) return;
@@ -65,6 +75,13 @@ export class AgentClient {
     });
   }
 
+  /** Subscribes this session to the agent's events; returns the function that unsubscribes. */
+  async onEvent(listener: (e: AgentEvent) => void): Promise<() => void> {
+    if (this.#listeners.size === 0) await this.call('events.subscribe');
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
   /** A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. */
   openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
     const ws = new WebSocket(`${this.#url}/v1/qmp/${vmId}`, { headers: { authorization: `Bearer ${this.#token}` }, handshakeTimeout: timeoutMs });
@@ -88,21 +105,27 @@ export class AgentSource implements SourceEndpoint {
   readonly spec: VmSpec;
   readonly #client: AgentClient;
   readonly #vmId: string;
+  readonly #removeDisks: boolean;
 
-  private constructor(client: AgentClient, name: string, vmId: string, spec: VmSpec) {
+  private constructor(client: AgentClient, name: string, vmId: string, spec: VmSpec, removeDisks: boolean) {
     this.#client = client;
+    this.#removeDisks = removeDisks;
     this.name = name;
     this.#vmId = vmId;
     this.spec = spec;
   }
 
-  /** Finds the running VM `vmName` of this principal on the agent; its spec comes from there. */
-  static async connect(url: string, token: string, vmName: string): Promise<AgentSource> {
+  /**
+   * Finds the running VM `vmName` of this principal on the agent; its spec comes from there.
+   * `keepDisks`: leave the source's disk files in place after a successful migration.
+   */
+  static async connect(url: string, token: string, vmName: string, opts: { keepDisks?: boolean } = {}): Promise<AgentSource> {
     const client = await AgentClient.connect(url, token);
     try {
       const info = hostInfoSchema.parse(await client.call('host.info'));
-      const found = (await client.call('vm.get', { name: vmName })) as { vmId: string; spec: unknown };
-      return new AgentSource(client, `${info.name} (agent)`, found.vmId, parseVmSpec(found.spec));
+      const found = vmGetSchema.parse(await client.call('vm.get', { name: vmName }));
+      if (found.state !== 'running') throw new AgentCallError('VM_NOT_RUNNING', `VM '${vmName}' on ${info.name} is ${found.state}, not running`, { userError: true });
+      return new AgentSource(client, `${info.name} (agent)`, found.vmId, parseVmSpec(found.spec), !(opts.keepDisks ?? false));
     } catch (err) {
       client.close();
       throw err;
@@ -118,10 +141,13 @@ export class AgentSource implements SourceEndpoint {
     return r.bytes ?? undefined;
   }
 
+  /**
+   * The agent quits the source QEMU itself (it refuses unless QEMU says postmigrate), waits for
+   * the exit, and forgets the VM; with removeDisks, the source's now stale disk files go too.
+   */
   async retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
-    await qmp.execute('quit', undefined, { timeoutMs: opts.timeoutMs });
-    const r = (await this.#client.call('vm.waitExit', { vmId: this.#vmId, timeoutMs: opts.timeoutMs }, opts.timeoutMs + 5_000)) as { exited: boolean };
-    if (!r.exited) throw new AgentCallError('SOURCE_QUIT_TIMEOUT', `source QEMU on ${this.name} did not exit within ${opts.timeoutMs} ms of quit`);
+    await qmp.close();
+    await this.#client.call('vm.retire', { vmId: this.#vmId, timeoutMs: opts.timeoutMs, removeDisks: this.#removeDisks }, opts.timeoutMs + 5_000);
   }
 
   close(): void {

@@ -1,29 +1,26 @@
 /**
- * ferry-agent --config /etc/ferry/agent.json
- * The config is JSON (see AgentConfigSchema); FERRY_AGENT_TOKEN, if set, adds a token for the
- * principal 'operator' so no secret needs to sit in the file.
+ * ferry-agent [--config FILE] [flags]: see config.ts for the sources of configuration and
+ * docs/agent.md for the API. SIGTERM/SIGINT stop serving; the VMs keep running, and the next
+ * start re-attaches to them.
  */
-import { readFile } from 'node:fs/promises';
-import { parseArgs } from 'node:util';
-import { errorText } from '../errors.js';
+import { errorText, FerryError } from '../errors.js';
 import { createLogger } from '../log.js';
+import { loadAgentConfig, type AgentConfig } from './config.js';
 import { startAgent } from './server.js';
 
 export async function main(argv: string[]): Promise<number> {
-  let config: Record<string, unknown>;
+  let config: AgentConfig;
   try {
-    const { values } = parseArgs({ args: argv, options: { config: { type: 'string' } }, strict: true });
-    if (!values.config) throw new Error('--config FILE is required');
-    config = JSON.parse(await readFile(values.config, 'utf8')) as Record<string, unknown>;
+    config = await loadAgentConfig(argv, process.env);
   } catch (err) {
     process.stderr.write(`ferry-agent: ${errorText(err)}\n`);
     return 2;
   }
-  const token = process.env.FERRY_AGENT_TOKEN;
-  if (token) config.tokens = { ...(config.tokens as Record<string, string> | undefined), [token]: 'operator' };
   const log = createLogger({ tool: 'ferry-agent' });
   try {
     const agent = await startAgent(config, log);
+    // One line on stdout that a supervisor (or a test) can wait for.
+    process.stdout.write(`ferry-agent listening on ${agent.url}\n`);
     await new Promise<void>((resolve) => {
       const stop = (sig: string): void => {
         log.info({ sig }, 'shutting down (VMs keep running)');
@@ -34,7 +31,8 @@ export async function main(argv: string[]): Promise<number> {
     });
     return 0;
   } catch (err) {
+    if (!(err instanceof FerryError && err.userError)) log.error({ err: errorText(err) }, 'agent failed');
     process.stderr.write(`ferry-agent: ${errorText(err)}\n`);
-    return 2;
+    return err instanceof FerryError && err.userError ? 2 : 1;
   }
 }

@@ -14,6 +14,7 @@ export const PROTOCOL_VERSION = 1;
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
 
 const diskParams = z.object({ path: z.string().min(1), format: z.enum(['qcow2', 'raw']), virtualSize: z.number().int().positive() }).strict();
+const vmName = z.object({ name: z.string().min(1) }).strict();
 const vmRef = z.object({ vmId: z.string().regex(/^[a-z0-9-]{1,64}$/) }).strict();
 
 export const methodParams = {
@@ -25,11 +26,17 @@ export const methodParams = {
   'dest.kill': vmRef,
   'dest.release': vmRef,
   'dest.removeRunDir': vmRef,
+  'events.subscribe': z.object({}).strict(),
   'vm.list': z.object({}).strict(),
-  'vm.start': z.object({ spec: z.unknown() }).strict(),
-  'vm.get': z.object({ name: z.string().min(1) }).strict(),
+  'vm.get': vmName,
+  'vm.create': z.object({ spec: z.unknown() }).strict(),
+  'vm.start': vmName,
+  /** QMP quit (QEMU flushes the disks), SIGKILL after timeoutMs. */
+  'vm.stop': z.object({ name: z.string().min(1), timeoutMs: z.number().int().positive().max(600_000).default(30_000) }).strict(),
+  'vm.delete': z.object({ name: z.string().min(1), removeDisks: z.boolean() }).strict(),
   'vm.nbdBytesSent': z.object({ vmId: z.string(), host: z.string(), port: z.number().int() }).strict(),
-  'vm.waitExit': z.object({ vmId: z.string(), timeoutMs: z.number().int().positive().max(600_000) }).strict(),
+  /** After a migration: quits the source QEMU (refused unless it is postmigrate) and forgets it. */
+  'vm.retire': z.object({ vmId: z.string(), timeoutMs: z.number().int().positive().max(600_000), removeDisks: z.boolean() }).strict(),
 } as const;
 
 export type Method = keyof typeof methodParams;
@@ -66,8 +73,45 @@ export const hostInfoSchema = z
     migrationHost: z.string(),
     portRange: z.tuple([z.number().int(), z.number().int()]),
     qemuVersion: z.string(),
+    migrationCapabilities: z.array(z.string()),
+    cpus: z.number().int(),
+    memoryBytes: z.number(),
+    freeMemoryBytes: z.number(),
+    /** Memory of the VMs this agent runs, summed from their specs. */
+    vmMemoryMiB: z.number(),
+    runningVms: z.number().int(),
   })
   .strict();
 export type HostInfo = z.infer<typeof hostInfoSchema>;
 
 export const startResultSchema = z.object({ vmId: z.string(), pid: z.number().int() }).strict();
+
+export const vmSummarySchema = z
+  .object({
+    vmId: z.string(),
+    name: z.string(),
+    role: z.enum(['vm', 'incoming']),
+    state: z.enum(['stopped', 'running', 'died']),
+    pid: z.number().int().nullable(),
+    running: z.boolean(),
+  })
+  .strict();
+export type VmSummary = z.infer<typeof vmSummarySchema>;
+
+/** Pushed to sessions that called events.subscribe: `{ v: 1, event }`, no id. */
+export const agentEventSchema = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('vm.state'), vm: vmSummarySchema }).strict(),
+  z.object({ type: z.literal('vm.retired'), vmId: z.string(), name: z.string() }).strict(),
+  z
+    .object({
+      type: z.literal('vm.qmp'),
+      vmId: z.string(),
+      name: z.string(),
+      event: z.string(),
+      data: z.record(z.string(), z.unknown()),
+      timestamp: z.object({ seconds: z.number(), microseconds: z.number() }),
+    })
+    .strict(),
+]);
+export type AgentEvent = z.infer<typeof agentEventSchema>;
+export const eventFrameSchema = z.object({ v: z.literal(PROTOCOL_VERSION), event: agentEventSchema }).strict();

@@ -1,72 +1,106 @@
 /**
- * ferry-agent: one per hypervisor host. It owns the destination QEMUs it starts, keeps every disk
- * path inside its storage root, and carries control traffic only: disk and RAM bytes go QEMU to
- * QEMU. Callers authenticate at the HTTP upgrade with a bearer token; each token is a principal,
- * and a principal sees only the VMs it created.
+ * ferry-agent: one per hypervisor host. It owns the QEMUs it starts (VMs of this host, and the
+ * destination QEMUs of migrations), keeps every disk path inside its storage root, and carries
+ * control traffic only: disk and RAM bytes go QEMU to QEMU. Callers authenticate at the HTTP
+ * upgrade with a bearer token; each token is a principal, and a principal sees only its own VMs.
+ *
+ * Its VMs outlive it (own process group; the unit's KillMode=process): their records are
+ * persisted (registry.ts), and a restarted agent re-attaches to the ones still running and
+ * reports the ones that died meanwhile.
  */
-import { execFile } from 'node:child_process';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { rm } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { promisify } from 'node:util';
+import { freemem, totalmem, availableParallelism } from 'node:os';
+import { sep } from 'node:path';
 import { WebSocketServer, type WebSocket } from 'ws';
-import { z } from 'zod';
+import type { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
-import { LocalDestination, type LocalIncomingVm } from '../engine/local-endpoint.js';
-import { silentLogger, type Logger } from '../log.js';
-import { qmpSocketPath } from '../qemu/argv.js';
-import { parseVmSpec, SpecError, type VmSpec } from '../qemu/spec.js';
-import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, requestSchema, type HostInfo, type Method } from './protocol.js';
-import { DESTINATION_QMP_ALLOWLIST, SOURCE_QMP_ALLOWLIST, tunnelQmp } from './qmp-tunnel.js';
-import { launchVm } from '../qemu/launcher.js';
+import { LocalDestination } from '../engine/local-endpoint.js';
 import { tcpBytesAcked } from '../engine/wire.js';
+import { silentLogger, type Logger } from '../log.js';
+import type { QmpEvent } from '../qmp/index.js';
+import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
+import { launchVm } from '../qemu/launcher.js';
+import { canonicalPath, parseVmSpec, SpecError, type VmSpec } from '../qemu/spec.js';
+import { parseAgentConfig, type AgentConfig } from './config.js';
+import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, requestSchema, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
+import { DESTINATION_QMP_ALLOWLIST, SOURCE_QMP_ALLOWLIST, tunnelQmp } from './qmp-tunnel.js';
+import { probeQemu, type QemuInfo } from './qemu-probe.js';
+import { TokenBucket } from './rate-limit.js';
+import { processStartTime, VmRegistry, type VmRecord } from './registry.js';
+import { attachMonitor, supervise, type Supervised } from './supervisor.js';
 
-const run = promisify(execFile);
-
-export const AgentConfigSchema = z
-  .object({
-    name: z.string().min(1).default('agent'),
-    listenHost: z.string().default('127.0.0.1'),
-    listenPort: z.number().int().min(0).max(65535).default(7420),
-    storageRoot: z.string().refine((p) => p.startsWith('/'), 'must be an absolute path'),
-    /** token -> principal */
-    tokens: z.record(z.string().min(16, 'tokens must be at least 16 characters'), z.string().min(1)),
-    migrationHost: z.string().default('127.0.0.1'),
-    portRange: z.tuple([z.number().int().min(1024), z.number().int().max(65535)]).default([20000, 29999]),
-    qemuBinary: z.string().optional(),
-  })
-  .strict();
-export type AgentConfig = z.infer<typeof AgentConfigSchema>;
+export { AgentConfigSchema, type AgentConfig } from './config.js';
 
 export class AgentError extends FerryError {
   override name = 'AgentError';
 }
 
-interface OwnedVm {
-  principal: string;
-  spec: VmSpec;
-  /** 'source': a VM this host runs; 'incoming': the destination of a migration. */
-  role: 'source' | 'incoming';
-  vm: Pick<LocalIncomingVm, 'pid' | 'exited' | 'running' | 'kill' | 'release'>;
-}
-
 export interface RunningAgent {
   port: number;
   url: string;
+  /** Stops serving; the VMs keep running, as they do when the process is killed. */
   close(): Promise<void>;
 }
 
+interface Session {
+  ws: WebSocket;
+  principal: string;
+  subscribed: boolean;
+}
+
 export async function startAgent(input: unknown, logger: Logger = silentLogger): Promise<RunningAgent> {
-  const parsed = AgentConfigSchema.safeParse(input);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]!;
-    throw new AgentError('AGENT_CONFIG', `invalid agent config: ${issue.path.join('.')}: ${issue.message}`, { userError: true });
-  }
-  const config = parsed.data;
+  const config: AgentConfig = parseAgentConfig(input);
   const log = logger.child({ agent: config.name });
-  const local = new LocalDestination({ dir: config.storageRoot, migrationHost: config.migrationHost, portRange: config.portRange, logger: log, outliveProcess: true, ...(config.qemuBinary ? { qemuBinary: config.qemuBinary } : {}) });
-  const vms = new Map<string, OwnedVm>();
+  const qemuBinary = config.qemuBinary ?? 'qemu-system-x86_64';
+  const local = new LocalDestination({ dir: config.storageRoot, migrationHost: config.migrationHost, portRange: config.portRange, logger: log, outliveProcess: true, qemuBinary });
+  const registry = new VmRegistry(config.stateDir, log);
+  const supervised = new Map<string, Supervised>();
+  /** VMs whose next exit was asked for (stop, kill, retire): that exit is not a death. */
+  const expectingExit = new Set<string>();
+  const sessions = new Set<Session>();
   const tokenDigests = Object.entries(config.tokens).map(([t, principal]) => ({ digest: sha256(t), principal }));
+  let qemuInfo: Promise<QemuInfo> | undefined;
+
+  const summary = (r: VmRecord): VmSummary => ({ vmId: r.vmId, name: r.name, role: r.role, state: r.state, pid: r.pid ?? null, running: r.state === 'running' });
+
+  const emit = (principal: string, event: AgentEvent): void => {
+    const frame = JSON.stringify({ v: PROTOCOL_VERSION, event });
+    for (const s of sessions) if (s.subscribed && s.principal === principal && s.ws.readyState === s.ws.OPEN) s.ws.send(frame);
+  };
+  const emitState = (r: VmRecord): void => emit(r.principal, { type: 'vm.state', vm: summary(r) });
+
+  /** Watches a running VM; its exit moves the record to stopped (asked for) or died (not). */
+  const watch = (r: VmRecord, sup: Supervised): void => {
+    supervised.set(r.vmId, sup);
+    void sup.exited.then(() => {
+      if (supervised.get(r.vmId) !== sup) return;
+      supervised.delete(r.vmId);
+      if (registry.get(r.vmId) !== r || r.state !== 'running') return;
+      const asked = expectingExit.delete(r.vmId);
+      if (!asked) log.warn({ vmId: r.vmId, vm: r.name, pid: r.pid }, 'VM exited without being asked to');
+      registry.transition(r, asked ? 'stopped' : 'died', { pid: undefined, pidStart: undefined });
+      emitState(r);
+    });
+  };
+  const onQmpEvent = (r: VmRecord) => (e: QmpEvent) =>
+    emit(r.principal, { type: 'vm.qmp', vmId: r.vmId, name: r.name, event: e.event, data: (e.data ?? {}) as Record<string, unknown>, timestamp: e.timestamp });
+
+  // Re-attach to what a previous run of this agent left running.
+  for (const r of registry.load(config.storageRoot)) {
+    if (r.state !== 'running') continue;
+    const alive = r.pid !== undefined && r.pidStart !== undefined && processStartTime(r.pid) === r.pidStart;
+    if (!alive) {
+      log.warn({ vmId: r.vmId, vm: r.name, pid: r.pid }, 'VM died while the agent was not running');
+      registry.transition(r, 'died', { pid: undefined, pidStart: undefined });
+      continue;
+    }
+    const monitor = await attachMonitor(launcherQmpSocketPath(r.spec), log);
+    watch(r, supervise({ pid: r.pid!, pidStart: r.pidStart, monitor, onEvent: onQmpEvent(r), log }));
+    log.info({ vmId: r.vmId, vm: r.name, pid: r.pid, role: r.role }, 're-attached to a running VM');
+  }
 
   const authenticate = (req: IncomingMessage): string | undefined => {
     const m = /^Bearer (.+)$/.exec(req.headers.authorization ?? '');
@@ -78,105 +112,197 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     return principal;
   };
 
-  const confined = (field: string, path: string): void => {
-    parseVmSpec(
-      { name: 'path-check', memoryMiB: 16, disks: [{ id: 'd', path, format: 'raw' }], boot: { disk: 'd' }, runDir: config.storageRoot },
-      { allowedRoots: [config.storageRoot] },
-    );
-    void field;
+  const stateDir = canonicalPath(config.stateDir);
+  /** A spec from a caller: every path inside the storage root, none inside the agent's own state. */
+  const hereSpec = (input: unknown): VmSpec => {
+    const spec = parseVmSpec(input, { allowedRoots: [config.storageRoot] });
+    const paths: [string, string][] = [...spec.disks.map((d, i): [string, string] => [`disks.${i}.path`, d.path]), ['runDir', spec.runDir]];
+    for (const [field, p] of paths) {
+      const c = canonicalPath(p);
+      if (c === stateDir || c.startsWith(stateDir + sep)) throw new SpecError(field, `${p} is inside the agent's state directory`);
+    }
+    return spec;
   };
-  const owned = (principal: string, vmId: string): OwnedVm => {
-    const v = vms.get(vmId);
-    if (!v || v.principal !== principal) throw new AgentError('VM_NOT_FOUND', `no VM '${vmId}' of yours on this host`, { userError: true });
-    return v;
+  const confined = (path: string): void => {
+    hereSpec({ name: 'path-check', memoryMiB: 16, disks: [{ id: 'd', path, format: 'raw' }], boot: { disk: 'd' }, runDir: config.storageRoot });
+  };
+  const owned = (principal: string, vmId: string): VmRecord => {
+    const r = registry.get(vmId);
+    if (!r || r.principal !== principal) throw new AgentError('VM_NOT_FOUND', `no VM '${vmId}' of yours on this host`, { userError: true });
+    return r;
+  };
+  const named = (principal: string, name: string): VmRecord => {
+    const r = registry.byName(principal, name);
+    if (!r) throw new AgentError('VM_NOT_FOUND', `no VM named '${name}' of yours on this host`, { userError: true });
+    return r;
+  };
+  const newVmId = (name: string): string => `${name.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40)}-${randomBytes(4).toString('hex')}`;
+  const waitExit = async (sup: Supervised, timeoutMs: number): Promise<boolean> => {
+    let timer: NodeJS.Timeout | undefined;
+    const exited = await Promise.race([sup.exited.then(() => true), new Promise<false>((r) => (timer = setTimeout(r, timeoutMs, false)))]);
+    clearTimeout(timer);
+    return exited;
+  };
+  const removeFiles = async (r: VmRecord, disks: boolean): Promise<void> => {
+    await rm(r.spec.runDir, { recursive: true, force: true });
+    if (disks) for (const d of r.spec.disks) await rm(d.path, { force: true });
   };
 
-  const handlers: { [M in Method]: (principal: string, params: z.infer<(typeof methodParams)[M]>) => Promise<unknown> } = {
+  type Handlers = { [M in Method]: (principal: string, params: z.infer<(typeof methodParams)[M]>, session: Session) => Promise<unknown> };
+  const handlers: Handlers = {
     'host.info': async (): Promise<HostInfo> => {
-      const version = (await run(config.qemuBinary ?? 'qemu-system-x86_64', ['--version'])).stdout.split('\n')[0] ?? '';
+      qemuInfo ??= probeQemu(qemuBinary);
+      const q = await qemuInfo;
+      const running = registry.all().filter((r) => r.state === 'running');
       return {
         name: config.name,
         storageRoot: config.storageRoot,
         freeBytes: await local.freeBytes(),
         migrationHost: config.migrationHost,
         portRange: config.portRange,
-        qemuVersion: version,
+        qemuVersion: q.version,
+        migrationCapabilities: q.migrationCapabilities,
+        cpus: availableParallelism(),
+        memoryBytes: totalmem(),
+        freeMemoryBytes: freemem(),
+        vmMemoryMiB: running.reduce((s, r) => s + r.spec.memoryMiB, 0),
+        runningVms: running.length,
       };
     },
-    'dest.check': async (_p, params) => {
-      const spec = parseVmSpec(params.spec, { allowedRoots: [config.storageRoot] });
-      return { problems: await local.checkTarget(spec) };
-    },
-    'dest.createDisk': async (_p, params) => {
-      confined('path', params.path);
-      await local.createDisk(params);
+    'events.subscribe': async (_p, _params, session) => {
+      session.subscribed = true;
       return {};
     },
-    'dest.removeDisk': async (_p, params) => {
-      confined('path', params.path);
-      await local.removeDisk(params.path);
-      return {};
+
+    'vm.list': async (principal) => registry.all().filter((r) => r.principal === principal).map(summary),
+    'vm.get': async (principal, params) => {
+      const r = named(principal, params.name);
+      return { ...summary(r), spec: r.spec };
     },
-    'dest.start': async (principal, params) => {
-      const spec = parseVmSpec(params.spec, { allowedRoots: [config.storageRoot] });
-      const vm = await local.startIncoming(spec, { timeoutMs: 30_000 });
-      const vmId = `${spec.name.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40)}-${randomBytes(4).toString('hex')}`;
-      vms.set(vmId, { principal, spec, vm, role: 'incoming' });
-      void vm.exited.then(() => log.info({ vmId }, 'VM exited'));
-      return { vmId, pid: vm.pid };
+    'vm.create': async (principal, params) => {
+      const spec = hereSpec(params.spec);
+      if (registry.byName(principal, spec.name)) throw new AgentError('VM_EXISTS', `a VM named '${spec.name}' already exists here`, { userError: true });
+      const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'vm', state: 'stopped', spec });
+      emitState(r);
+      return { vmId: r.vmId };
     },
     'vm.start': async (principal, params) => {
-      const spec = parseVmSpec(params.spec, { allowedRoots: [config.storageRoot] });
-      if ([...vms.values()].some((v) => v.spec.name === spec.name && v.vm.running())) {
-        throw new AgentError('VM_EXISTS', `a VM named '${spec.name}' already runs here`, { userError: true });
-      }
-      const p = await launchVm(spec, { timeoutMs: 30_000, logger: log, ...(config.qemuBinary ? { qemuBinary: config.qemuBinary } : {}) });
-      // The agent's VMs outlive the agent (restarts, upgrades).
+      const r = named(principal, params.name);
+      if (r.state === 'running') throw new AgentError('VM_RUNNING', `VM '${r.name}' already runs (pid ${r.pid})`, { userError: true });
+      const p = await launchVm(r.spec, { timeoutMs: 30_000, logger: log, qemuBinary });
+      // The agent's VMs outlive the agent (restarts, upgrades): not reaped with this process.
       p.release();
-      await p.qmp.close();
-      const vmId = `${spec.name.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40)}-${randomBytes(4).toString('hex')}`;
-      vms.set(vmId, { principal, spec, role: 'source', vm: { pid: p.pid, exited: p.exited, running: () => p.running(), kill: () => p.kill(), release: async () => undefined } });
-      return { vmId, pid: p.pid };
+      registry.transition(r, 'running', { pid: p.pid, pidStart: processStartTime(p.pid) });
+      watch(r, supervise({ pid: p.pid, pidStart: r.pidStart, monitor: p.qmp, childExited: p.exited, onEvent: onQmpEvent(r), log }));
+      emitState(r);
+      return { vmId: r.vmId, pid: p.pid };
     },
-    'vm.get': async (principal, params) => {
-      const found = [...vms.entries()].find(([, v]) => v.principal === principal && v.spec.name === params.name && v.vm.running());
-      if (!found) throw new AgentError('VM_NOT_FOUND', `no running VM named '${params.name}' of yours on this host`, { userError: true });
-      return { vmId: found[0], role: found[1].role, spec: found[1].spec };
+    'vm.stop': async (principal, params) => {
+      const r = named(principal, params.name);
+      const sup = supervised.get(r.vmId);
+      if (r.state !== 'running' || !sup) throw new AgentError('VM_NOT_RUNNING', `VM '${r.name}' is ${r.state}`, { userError: true });
+      expectingExit.add(r.vmId);
+      await sup.quit(params.timeoutMs);
+      await sup.exited;
+      return summary(r);
+    },
+    'vm.delete': async (principal, params) => {
+      const r = named(principal, params.name);
+      if (r.state === 'running') throw new AgentError('VM_RUNNING', `VM '${r.name}' runs: stop it first`, { userError: true });
+      await removeFiles(r, params.removeDisks);
+      registry.remove(r);
+      return {};
     },
     'vm.nbdBytesSent': async (principal, params) => {
       owned(principal, params.vmId);
       return { bytes: (await tcpBytesAcked({ host: params.host, port: params.port })) ?? null };
     },
-    'vm.waitExit': async (principal, params) => {
-      const v = owned(principal, params.vmId);
-      let timer: NodeJS.Timeout | undefined;
-      const exited = await Promise.race([v.vm.exited.then(() => true), new Promise<false>((r) => (timer = setTimeout(r, params.timeoutMs, false)))]);
-      clearTimeout(timer);
-      if (exited) vms.delete(params.vmId);
-      return { exited };
+    'vm.retire': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      const sup = supervised.get(r.vmId);
+      if (r.role !== 'vm' || r.state !== 'running' || !sup) throw new AgentError('VM_NOT_RUNNING', `VM '${r.name}' is not running here`, { userError: true });
+      // Retiring deletes the source's disks: only ever for a guest that has left (postmigrate).
+      const status = await sup.status();
+      if (status !== 'postmigrate') {
+        throw new AgentError('NOT_MIGRATED', `VM '${r.name}' is ${status ?? 'of unknown status'}, not postmigrate: refusing to retire it`, { userError: true });
+      }
+      expectingExit.add(r.vmId);
+      await sup.quit(params.timeoutMs);
+      await sup.exited;
+      await removeFiles(r, params.removeDisks);
+      registry.remove(r);
+      log.info({ vmId: r.vmId, vm: r.name, removeDisks: params.removeDisks }, 'retired a migrated VM');
+      emit(r.principal, { type: 'vm.retired', vmId: r.vmId, name: r.name });
+      return {};
+    },
+
+    'dest.check': async (principal, params) => {
+      const spec = hereSpec(params.spec);
+      const problems = await local.checkTarget(spec);
+      const same = registry.byName(principal, spec.name);
+      if (same?.state === 'running') problems.push(`a VM named '${spec.name}' already runs on this host`);
+      return { problems };
+    },
+    'dest.createDisk': async (_p, params) => {
+      confined(params.path);
+      await local.createDisk(params);
+      return {};
+    },
+    'dest.removeDisk': async (_p, params) => {
+      confined(params.path);
+      await local.removeDisk(params.path);
+      return {};
+    },
+    'dest.start': async (principal, params) => {
+      const spec = hereSpec(params.spec);
+      const vm = await local.startIncoming(spec, { timeoutMs: 30_000 });
+      const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'incoming', state: 'running', spec, pid: vm.pid, pidStart: processStartTime(vm.pid) });
+      // The incoming QEMU's own reaper registration lasts until release: if this agent exits
+      // mid-migration, the half-made destination goes with it.
+      watch(r, supervise({ pid: vm.pid, pidStart: r.pidStart, monitor: vm.process.qmp, childExited: vm.exited, onEvent: onQmpEvent(r), log }));
+      incomingHandles.set(r.vmId, vm);
+      emitState(r);
+      return { vmId: r.vmId, pid: vm.pid };
     },
     'dest.kill': async (principal, params) => {
-      // Ownership stays until the run dir is gone: the caller's rollback removes it after this.
-      await owned(principal, params.vmId).vm.kill();
+      // The record stays until the run dir is gone: the caller's rollback removes it after this.
+      const r = owned(principal, params.vmId);
+      const sup = supervised.get(r.vmId);
+      if (sup) {
+        expectingExit.add(r.vmId);
+        await sup.kill();
+      }
       return {};
     },
     'dest.release': async (principal, params) => {
-      const v = owned(principal, params.vmId);
-      await v.vm.release();
+      const r = owned(principal, params.vmId);
+      if (r.role !== 'incoming') throw new AgentError('NOT_INCOMING', `VM '${r.name}' is not a migration's destination`, { userError: true });
+      await incomingHandles.get(r.vmId)?.release();
+      incomingHandles.delete(r.vmId);
+      // A stopped or dead record of the same name (the guest lived here before) gives way.
+      const stale = registry.byName(principal, r.name);
+      if (stale && stale !== r) {
+        log.info({ vmId: stale.vmId, vm: stale.name, state: stale.state }, 'an older record of this VM gives way to the one that arrived');
+        if (stale.state === 'running') throw new AgentError('VM_EXISTS', `a VM named '${r.name}' already runs here`, { userError: true });
+        registry.remove(stale);
+      }
+      registry.adopt(r);
+      emitState(r);
       return {};
     },
     'dest.removeRunDir': async (principal, params) => {
-      const v = owned(principal, params.vmId);
-      if (v.vm.running()) throw new AgentError('VM_RUNNING', `VM '${params.vmId}' still runs: stop it first`, { userError: true });
-      await local.removeRunDir(v.spec);
-      vms.delete(params.vmId);
+      const r = owned(principal, params.vmId);
+      if (r.state === 'running') throw new AgentError('VM_RUNNING', `VM '${params.vmId}' still runs: stop it first`, { userError: true });
+      await local.removeRunDir(r.spec);
+      registry.remove(r);
       return {};
     },
-    'vm.list': async (principal) =>
-      [...vms.entries()].filter(([, v]) => v.principal === principal).map(([vmId, v]) => ({ vmId, name: v.spec.name, role: v.role, pid: v.vm.pid, running: v.vm.running() })),
   };
+  const incomingHandles = new Map<string, { release(): Promise<void> }>();
 
-  const onRpc = (ws: WebSocket, principal: string): void => {
+  const onRpc = (session: Session): void => {
+    const { ws, principal } = session;
+    const bucket = new TokenBucket(config.limits.requestsPerSecond, config.limits.burst);
     // ws reports a frame over maxPayload (and other protocol faults) here, then closes the
     // connection with the right code (1009): log it, nothing more.
     ws.on('error', (err) => log.warn({ err: err.message, principal }, 'WebSocket session ended on an error'));
@@ -197,16 +323,17 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
             throw new AgentError('BAD_MESSAGE', `bad request: ${issue.path.join('.') || '(message)'}: ${issue.message}`, { userError: true });
           }
           id = req.data.id;
+          if (!bucket.take()) throw new AgentError('RATE_LIMITED', `more than ${config.limits.requestsPerSecond} requests per second (burst ${config.limits.burst}): slow down`, { userError: true });
           const method = req.data.method;
-          if (!(method in methodParams)) throw new AgentError('UNKNOWN_METHOD', `unknown method '${method}'`, { userError: true });
+          if (!Object.hasOwn(methodParams, method)) throw new AgentError('UNKNOWN_METHOD', `unknown method '${method}'`, { userError: true });
           const schema = methodParams[method as Method];
           const params = schema.safeParse(req.data.params);
           if (!params.success) {
             const issue = params.error.issues[0]!;
             throw new AgentError('BAD_PARAMS', `${method}: ${issue.path.join('.') || 'params'}: ${issue.message}`, { userError: true });
           }
-          const handler = handlers[method as Method] as (p: string, params: unknown) => Promise<unknown>;
-          const result = await handler(principal, params.data);
+          const handler = handlers[method as Method] as (p: string, params: unknown, s: Session) => Promise<unknown>;
+          const result = await handler(principal, params.data, session);
           ws.send(JSON.stringify({ v: PROTOCOL_VERSION, id, ok: true, result }));
         } catch (err) {
           const code = err instanceof SpecError ? 'PATH_REFUSED' : err instanceof FerryError ? err.code : 'INTERNAL';
@@ -230,11 +357,15 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     const url = req.url ?? '';
     const qmp = /^\/v1\/qmp\/([a-z0-9-]{1,64})$/.exec(url);
     if (url !== '/v1' && !qmp) return reject('404 Not Found');
-    if (qmp && (!vms.has(qmp[1]!) || vms.get(qmp[1]!)!.principal !== principal)) return reject('404 Not Found');
+    const target = qmp ? registry.get(qmp[1]!) : undefined;
+    if (qmp && (!target || target.principal !== principal || target.state !== 'running')) return reject('404 Not Found');
+    if ([...sessions].filter((s) => s.principal === principal).length >= config.limits.sessionsPerPrincipal) return reject('429 Too Many Requests');
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const target = qmp ? vms.get(qmp[1]!) : undefined;
-      if (target) tunnelQmp(ws, qmpSocketPath(target.spec), log, target.role === 'source' ? SOURCE_QMP_ALLOWLIST : DESTINATION_QMP_ALLOWLIST);
-      else onRpc(ws, principal);
+      const session: Session = { ws, principal, subscribed: false };
+      sessions.add(session);
+      ws.once('close', () => sessions.delete(session));
+      if (target) tunnelQmp(ws, qmpSocketPath(target.spec), log, target.role === 'vm' ? SOURCE_QMP_ALLOWLIST : DESTINATION_QMP_ALLOWLIST);
+      else onRpc(session);
     });
   });
 
@@ -243,13 +374,15 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     http.listen(config.listenPort, config.listenHost, () => resolve());
   });
   const port = (http.address() as AddressInfo).port;
-  log.info({ port, storageRoot: config.storageRoot }, 'agent listening');
+  log.info({ port, storageRoot: config.storageRoot, vms: registry.all().length }, 'agent listening');
   return {
     port,
-    url: `ws://${config.listenHost}:${port}`,
+    url: `ws://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`,
     close: async () => {
       for (const c of wss.clients) c.terminate();
       await new Promise<void>((r) => http.close(() => r()));
+      for (const sup of supervised.values()) await sup.detach();
+      supervised.clear();
     },
   };
 }

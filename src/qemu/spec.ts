@@ -77,9 +77,9 @@ export function parseVmSpec(input: unknown, opts: { allowedRoots?: string[] } = 
     throw new SpecError('boot.disk', `'${spec.boot.disk}' is not one of the disk ids (${[...seen].join(', ')})`);
   }
   if (opts.allowedRoots) {
-    const roots = opts.allowedRoots.map(canonical);
+    const roots = opts.allowedRoots.map(canonicalPath);
     const check = (field: string, p: string): void => {
-      const c = canonical(p);
+      const c = canonicalPath(p);
       if (!roots.some((root) => c === root || c.startsWith(root.endsWith(sep) ? root : root + sep))) {
         throw new SpecError(field, `${p} is outside the allowed roots (${opts.allowedRoots!.join(', ')})`);
       }
@@ -94,7 +94,7 @@ export function parseVmSpec(input: unknown, opts: { allowedRoots?: string[] } = 
  * The real location of a path that may not exist yet: `..` resolved, and symlinks resolved in
  * the longest existing prefix, so a link that leads out of a root is seen for what it is.
  */
-function canonical(p: string): string {
+export function canonicalPath(p: string): string {
   let head = resolve(p);
   const tail: string[] = [];
   for (;;) {

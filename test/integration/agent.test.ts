@@ -1,5 +1,5 @@
 /** ferry-agent on loopback: refusals, and a real migration into an agent's storage root. */
-import { mkdir, readdir, readFile, symlink } from 'node:fs/promises';
+import { mkdir, readdir, readFile, stat, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 import { WebSocket } from 'ws';
@@ -106,7 +106,7 @@ describe('ferry-agent refuses', () => {
     await expect(bob.call('dest.kill', { vmId })).rejects.toMatchObject({ code: 'VM_NOT_FOUND' });
     await expect(bob.openQmp(vmId)).rejects.toThrow(/HTTP 404/);
     expect(await bob.call('vm.list')).toEqual([]);
-    expect(await alice.call('vm.list')).toEqual([{ vmId, name: 'v', role: 'incoming', pid, running: true }]);
+    expect(await alice.call('vm.list')).toEqual([{ vmId, name: 'v', role: 'incoming', state: 'running', pid, running: true }]);
     await qmp.close();
     await alice.call('dest.kill', { vmId });
     alice.close();
@@ -137,7 +137,7 @@ test('a writing guest migrates from a local source into an agent: no acknowledge
   expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
   client.close();
   dest.close();
-  expect(await readdir(root)).toEqual([spec.name]);
+  expect((await readdir(root)).sort()).toEqual(['.ferry-agent', spec.name]);
 });
 
 test('two agents: a writing guest that agent A runs moves to agent B, no acknowledged write lost', async () => {
@@ -149,7 +149,7 @@ test('two agents: a writing guest that agent A runs moves to agent B, no acknowl
     await mkdir(dir);
     await makeDisk(join(dir, 'data.qcow2'), { id: 'data', format: 'qcow2', size: 64 << 20 });
     const a = await AgentClient.connect(agentA.url, TOKEN_A);
-    const { pid } = (await a.call('vm.start', {
+    await a.call('vm.create', {
       spec: {
         name: 'web1',
         memoryMiB: 256,
@@ -157,7 +157,8 @@ test('two agents: a writing guest that agent A runs moves to agent B, no acknowl
         boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend({ write: { rate: 50 }, tickMs: 50, disks: 1 })}` },
         runDir: join(dir, 'run'),
       },
-    })) as { pid: number };
+    });
+    const { pid } = (await a.call('vm.start', { name: 'web1' })) as { pid: number };
     started.push(pid);
     const serialLog = join(dir, 'run', 'serial.log');
     const acksInLog = async (): Promise<number> => highestAcks((await readFile(serialLog, 'utf8').catch(() => '')).split('\n').map((text) => ({ text }))).get('data') ?? -1;
@@ -166,21 +167,145 @@ test('two agents: a writing guest that agent A runs moves to agent B, no acknowl
 
     const source = await AgentSource.connect(agentA.url, TOKEN_A, 'web1');
     const destination = await AgentDestination.connect(agent.url, TOKEN_A);
-    const result = await migrate({ spec: source.spec, source, destination });
+    let acked = -1;
+    const result = await migrate({
+      spec: source.spec,
+      source,
+      destination,
+      // The source's serial log goes with its run dir when it retires: read the acks at switchover.
+      onEvent: (e) => {
+        if (e.event === 'point-of-no-return') void acksInLog().then((n) => (acked = Math.max(acked, n)));
+      },
+    });
+    acked = Math.max(acked, await acksInLog().catch(() => -1));
+    expect(acked).toBeGreaterThanOrEqual(20);
     expect(result.plan).toMatchObject({ source: 'hostA (agent)', destination: 'hostB (agent)' });
     expect(result.diskBytes).toBeGreaterThan(0);
     expect(() => process.kill(pid, 0)).toThrow(); // the source QEMU is gone
+    // A's serial log went with its run dir: keep the acks read just before.
+    expect(await a.call('vm.list')).toEqual([]);
+    await expect(stat(join(dir, 'data.qcow2'))).rejects.toMatchObject({ code: 'ENOENT' }); // stale source disk removed
     const b = await AgentClient.connect(agent.url, TOKEN_A);
     const [moved] = (await b.call('vm.list')) as { vmId: string; pid: number; running: boolean }[];
+    expect(moved).toMatchObject({ name: 'web1', role: 'vm', state: 'running' });
     started.push(moved!.pid);
     const qmp = await b.openQmp(moved!.vmId);
     expect((await qmp.execute('query-status')).status).toBe('running');
     await qmp.close();
-    await b.call('dest.kill', { vmId: moved!.vmId });
-    const report = await verifyDisk(join(root, 'web1', 'data.qcow2'), { format: 'qcow2', diskId: 'data', ackedSeq: await acksInLog() });
+    await b.call('vm.stop', { name: 'web1' });
+    // The guest went on writing on B: its acks there count too.
+    const runB = (await readdir(join(root, 'web1'))).find((f) => f.startsWith('run-'))!;
+    const fromB = highestAcks((await readFile(join(root, 'web1', runB, 'serial.log'), 'utf8')).split('\n').map((text) => ({ text }))).get('data') ?? -1;
+    expect(fromB).toBeGreaterThan(acked);
+    acked = fromB;
+    const report = await verifyDisk(join(root, 'web1', 'data.qcow2'), { format: 'qcow2', diskId: 'data', ackedSeq: acked });
     expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
     for (const c of [a, b, source, destination]) c.close();
   } finally {
     await agentA.close();
   }
+});
+
+describe('an agent restart', () => {
+  /** A VM created and started on `agent`, booted to userland. */
+  async function startedVm(client: AgentClient, name: string): Promise<{ vmId: string; pid: number }> {
+    const image = await loadGuestImage();
+    const disk = join(root, name, 'd0.raw');
+    await client.call('dest.createDisk', { path: disk, format: 'raw', virtualSize: 8 << 20 });
+    await client.call('vm.create', {
+      spec: { name, memoryMiB: 128, disks: [{ id: 'd0', path: disk, format: 'raw' }], boot: { kernel: image.kernel, initrd: image.initrd }, runDir: join(root, name, 'run') },
+    });
+    const r = (await client.call('vm.start', { name })) as { vmId: string; pid: number };
+    started.push(r.pid);
+    return r;
+  }
+
+  test('re-attaches to a VM that kept running, and the VM is still under its control', async () => {
+    let c = await AgentClient.connect(agent.url, TOKEN_A);
+    const { vmId, pid } = await startedVm(c, 'keeper');
+    c.close();
+    await agent.close();
+    agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, tokens: { [TOKEN_A]: 'alice' } });
+    c = await AgentClient.connect(agent.url, TOKEN_A);
+    expect(await c.call('vm.list')).toEqual([{ vmId, name: 'keeper', role: 'vm', state: 'running', pid, running: true }]);
+    const events: string[] = [];
+    await c.onEvent((e) => events.push(e.type === 'vm.qmp' ? e.event : `${e.type}:${e.type === 'vm.state' ? e.vm.state : ''}`));
+    // stop goes through the monitor the new agent re-attached to.
+    expect(await c.call('vm.stop', { name: 'keeper', timeoutMs: 10_000 })).toMatchObject({ state: 'stopped', running: false });
+    expect(() => process.kill(pid, 0)).toThrow();
+    expect(events).toContain('vm.state:stopped');
+    expect(events).toContain('SHUTDOWN');
+    // Started again, it is the same VM with a new process.
+    const again = (await c.call('vm.start', { name: 'keeper' })) as { vmId: string; pid: number };
+    started.push(again.pid);
+    expect(again.vmId).toBe(vmId);
+    c.close();
+  });
+
+  test('reports a VM that died while the agent was down', async () => {
+    let c = await AgentClient.connect(agent.url, TOKEN_A);
+    const { vmId, pid } = await startedVm(c, 'goner');
+    c.close();
+    await agent.close();
+    process.kill(pid, 'SIGKILL');
+    for (let i = 0; i < 100; i++) {
+      try {
+        process.kill(pid, 0);
+        await new Promise((r) => setTimeout(r, 50));
+      } catch {
+        break;
+      }
+    }
+    agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, tokens: { [TOKEN_A]: 'alice' } });
+    c = await AgentClient.connect(agent.url, TOKEN_A);
+    expect(await c.call('vm.list')).toEqual([{ vmId, name: 'goner', role: 'vm', state: 'died', pid: null, running: false }]);
+    c.close();
+  });
+
+  test('refuses to retire a VM that has not migrated, and leaves its disks alone', async () => {
+    const c = await AgentClient.connect(agent.url, TOKEN_A);
+    const { vmId } = await startedVm(c, 'stay');
+    await expect(c.call('vm.retire', { vmId, timeoutMs: 5_000, removeDisks: true })).rejects.toMatchObject({ code: 'NOT_MIGRATED', message: expect.stringMatching(/is running, not postmigrate/) });
+    expect(await c.call('vm.get', { name: 'stay' })).toMatchObject({ state: 'running' });
+    await expect(stat(join(root, 'stay', 'd0.raw'))).resolves.toBeTruthy();
+    await expect(c.call('vm.delete', { name: 'stay', removeDisks: true })).rejects.toMatchObject({ code: 'VM_RUNNING' });
+    await c.call('vm.stop', { name: 'stay' });
+    await c.call('vm.delete', { name: 'stay', removeDisks: true });
+    await expect(stat(join(root, 'stay', 'd0.raw'))).rejects.toMatchObject({ code: 'ENOENT' });
+    expect(await c.call('vm.list')).toEqual([]);
+    c.close();
+  });
+});
+
+describe('ferry-agent limits', () => {
+  test("a spec that points into the agent's own state is refused", async () => {
+    const c = await AgentClient.connect(agent.url, TOKEN_A);
+    const err = await c.call('dest.createDisk', { path: join(root, '.ferry-agent', 'vms', 'x.json'), format: 'raw', virtualSize: 1 << 20 }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'PATH_REFUSED', message: expect.stringMatching(/inside the agent's state directory/) });
+    c.close();
+  });
+
+  test('requests over the rate limit are refused, sessions over the limit too', async () => {
+    const limited = await startAgent({
+      name: 'slow',
+      listenPort: 0,
+      storageRoot: await makeTempDir('ferry-agent-limits-'),
+      tokens: { [TOKEN_A]: 'alice' },
+      limits: { requestsPerSecond: 1, burst: 3, sessionsPerPrincipal: 2 },
+    });
+    try {
+      const c = await AgentClient.connect(limited.url, TOKEN_A);
+      const results = await Promise.allSettled([1, 2, 3, 4, 5].map(() => c.call('vm.list')));
+      expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(3);
+      const refused = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
+      expect(refused).toHaveLength(2);
+      expect(refused[0]!.reason).toMatchObject({ code: 'RATE_LIMITED' });
+      const second = await AgentClient.connect(limited.url, TOKEN_A);
+      await expect(AgentClient.connect(limited.url, TOKEN_A)).rejects.toThrow(/HTTP 429/);
+      c.close();
+      second.close();
+    } finally {
+      await limited.close();
+    }
+  });
 });
