@@ -103,8 +103,20 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
     earlyExit.catch(() => undefined);
     await Promise.race([waitForSocket(launcherQmpSocketPath(spec), deadline, opts.signal), earlyExit]);
     const remaining = Math.max(1_000, deadline - performance.now());
+    const connectMonitor = async (): Promise<QmpClient> => {
+      // The socket file appears at bind(), a moment before QEMU listens: refused means "not yet".
+      for (;;) {
+        try {
+          return await QmpClient.connect({ path: launcherQmpSocketPath(spec) }, { timeoutMs: remaining, logger: log, name: spec.name, ...(opts.signal ? { signal: opts.signal } : {}) });
+        } catch (err) {
+          const refused = err instanceof FerryError && err.context.errno === 'ECONNREFUSED';
+          if (!refused || !alive || performance.now() > deadline) throw err;
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      }
+    };
     const qmp = await Promise.race([
-      QmpClient.connect({ path: launcherQmpSocketPath(spec) }, { timeoutMs: remaining, logger: log, name: spec.name, ...(opts.signal ? { signal: opts.signal } : {}) }),
+      connectMonitor(),
       earlyExit,
     ]).catch(async (err: unknown) => {
       // QEMU opens its monitors before its disks: a bad disk shows up first as a QMP session
