@@ -17,8 +17,10 @@ export const AgentConfigSchema = z
     storageRoot: z.string().refine((p) => p.startsWith('/'), 'must be an absolute path'),
     /** Where the agent keeps its own records; never reachable as a disk path. */
     stateDir: z.string().refine((p) => p.startsWith('/'), 'must be an absolute path').optional(),
-    /** token -> principal */
-    tokens: z.record(z.string().min(16, 'tokens must be at least 16 characters'), z.string().min(1)),
+    /** token -> principal. Checked as a whole so that no error message ever shows a token. */
+    tokens: z
+      .record(z.string(), z.string().min(1))
+      .refine((t) => Object.keys(t).every((k) => k.length >= 16), 'tokens must be at least 16 characters'),
     migrationHost: z.string().default('127.0.0.1'),
     portRange: z
       .tuple([z.number().int().min(1024).max(65535), z.number().int().min(1024).max(65535)])

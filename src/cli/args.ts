@@ -10,16 +10,22 @@ export class UsageError extends FerryError {
   }
 }
 
-export const USAGE = `usage: migrate-vm --spec VM.json --to-dir DIR [options]
+export const USAGE = `usage: migrate-vm --spec VM.json --to-dir DIR [options]          this machine, into a folder
+       migrate-vm --spec VM.json --to ws://HOST_B:7420 [options]  this machine, into an agent
+       migrate-vm --from ws://HOST_A:7420 --to ws://HOST_B:7420 VM [options]   agent to agent
 
-Live-migrates a running QEMU VM together with its local disks into DIR (the destination host's
-storage), QEMU to QEMU: NBD mirrors for the disks, the migration stream for RAM.
+Live-migrates a running QEMU VM together with its local disks, QEMU to QEMU: NBD mirrors for the
+disks, the migration stream for RAM. Through agents (ferry-agent), the agents carry control only.
 
-  --spec FILE              the VM's spec (JSON) as it runs now
+  --spec FILE              the VM's spec (JSON) as it runs now, on this machine
   --source-qmp PATH        the source VM's QMP socket (default: <runDir>/qmp.sock from the spec)
   --to-dir DIR             where the destination keeps the disks and its run dir
-  --migration-host IP      address the source connects to for NBD and RAM (default 127.0.0.1)
-  --port-range LO-HI       ports to try on the destination (default 20000-29999)
+  --migration-host IP      (--to-dir) address the source connects to for NBD and RAM (default 127.0.0.1)
+  --port-range LO-HI       (--to-dir) ports to try on the destination (default 20000-29999)
+  --from URL               the agent that runs VM now (then VM, its name, is the one argument)
+  --to URL                 the agent of the destination host
+  --token-file FILE        the agents' bearer token (default: the FERRY_TOKEN environment variable)
+  --keep-source-disks      (--from) leave the source's disk files after a successful migration
   --bandwidth SIZE         cap on the link, bytes/s: 500M, 1G, 10M... (default: unlimited)
   --downtime-limit MS      pause QEMU aims for at switchover (default 300)
   --max-downtime MS        the limit steps up to this when RAM does not converge (default 2000)
@@ -43,12 +49,14 @@ Exit codes:
   130  cancelled by SIGINT/SIGTERM and rolled back: the guest runs on the source
 `;
 
+export type SourceArg = { kind: 'local'; specPath: string; sourceQmp: string | undefined } | { kind: 'agent'; url: string; vm: string; keepDisks: boolean };
+export type DestinationArg = { kind: 'dir'; toDir: string; migrationHost: string; portRange: [number, number] } | { kind: 'agent'; url: string };
+
 export interface CliArgs {
-  specPath: string;
-  sourceQmp: string | undefined;
-  toDir: string;
-  migrationHost: string;
-  portRange: [number, number];
+  source: SourceArg;
+  destination: DestinationArg;
+  /** Where the agents' token comes from, when an agent is involved. */
+  tokenFile: string | undefined;
   options: MigrationOptionsInput;
   dryRun: boolean;
   json: boolean;
@@ -77,13 +85,18 @@ export function parseIntIn(flag: string, text: string, min: number, max: number)
 
 export function parseCli(argv: string[]): Parsed {
   let values;
+  let positionals: string[];
   try {
-    ({ values } = parseArgs({
+    ({ values, positionals } = parseArgs({
       args: argv,
       strict: true,
-      allowPositionals: false,
+      allowPositionals: true,
       options: {
         spec: { type: 'string' },
+        from: { type: 'string' },
+        to: { type: 'string' },
+        'token-file': { type: 'string' },
+        'keep-source-disks': { type: 'boolean' },
         'source-qmp': { type: 'string' },
         'to-dir': { type: 'string' },
         'migration-host': { type: 'string' },
@@ -109,8 +122,38 @@ export function parseCli(argv: string[]): Parsed {
   }
   if (values.help) return { kind: 'help' };
   if (values.version) return { kind: 'version' };
-  if (!values.spec) throw new UsageError('--spec is required (the running VM\'s spec, JSON)');
-  if (!values['to-dir']) throw new UsageError('--to-dir is required (the destination folder)');
+  const url = (flag: string, text: string): string => {
+    if (/^wss:\/\//i.test(text)) throw new UsageError(`${flag}: '${text}': TLS to agents (wss://) is not supported yet; use ws:// on a trusted network`);
+    let u: URL;
+    try {
+      u = new URL(text);
+    } catch {
+      throw new UsageError(`${flag}: '${text}' is not a URL (example: ws://10.0.0.17:7420)`);
+    }
+    if (u.protocol !== 'ws:' || u.pathname !== '/' || u.search || u.hash) throw new UsageError(`${flag}: '${text}' is not an agent URL (example: ws://10.0.0.17:7420)`);
+    return `ws://${u.host}`;
+  };
+  let source: SourceArg;
+  if (values.from !== undefined) {
+    if (values.spec !== undefined) throw new UsageError('--from and --spec exclude each other: with --from the agent knows the spec');
+    if (values['source-qmp'] !== undefined) throw new UsageError('--source-qmp is for a local source (--spec), not --from');
+    if (positionals.length !== 1) throw new UsageError(`--from needs exactly one VM name after the flags, got ${positionals.length === 0 ? 'none' : positionals.join(' ')}`);
+    if (values.to === undefined) throw new UsageError('--from needs --to ws://HOST (an agent) as the destination');
+    source = { kind: 'agent', url: url('--from', values.from), vm: positionals[0]!, keepDisks: values['keep-source-disks'] ?? false };
+  } else {
+    if (positionals.length > 0) throw new UsageError(`unexpected argument '${positionals[0]}' (a VM name goes with --from)`);
+    if (values['keep-source-disks']) throw new UsageError('--keep-source-disks goes with --from (a local source keeps its disks anyway)');
+    if (!values.spec) throw new UsageError('--spec is required (the running VM\'s spec, JSON), or --from ws://HOST VM');
+    source = { kind: 'local', specPath: values.spec, sourceQmp: values['source-qmp'] };
+  }
+  if (values.to !== undefined && values['to-dir'] !== undefined) throw new UsageError('--to and --to-dir exclude each other: one destination');
+  if (values.to === undefined && values['to-dir'] === undefined) throw new UsageError('--to-dir is required (the destination folder), or --to ws://HOST (an agent)');
+  if (values.to !== undefined) {
+    for (const f of ['migration-host', 'port-range'] as const) {
+      if (values[f] !== undefined) throw new UsageError(`--${f} goes with --to-dir; an agent has its own (see its config)`);
+    }
+  }
+  if (values['token-file'] !== undefined && values.to === undefined) throw new UsageError('--token-file goes with --from/--to (agents)');
 
   const options: MigrationOptionsInput = {};
   if (values.bandwidth !== undefined) options.bandwidthBytesPerSec = parseSize('--bandwidth', values.bandwidth);
@@ -150,14 +193,13 @@ export function parseCli(argv: string[]): Parsed {
   if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(level)) {
     throw new UsageError(`--log-level: '${level}' is not one of fatal, error, warn, info, debug, trace, silent`);
   }
+  const destination: DestinationArg = values.to !== undefined ? { kind: 'agent', url: url('--to', values.to) } : { kind: 'dir', toDir: values['to-dir']!, migrationHost: host, portRange };
   return {
     kind: 'run',
     args: {
-      specPath: values.spec,
-      sourceQmp: values['source-qmp'],
-      toDir: values['to-dir'],
-      migrationHost: host,
-      portRange,
+      source,
+      destination,
+      tokenFile: values['token-file'],
       options,
       dryRun: values['dry-run'] ?? false,
       json: values.json ?? false,

@@ -1,5 +1,5 @@
 /**
- * migrate-vm: one VM, this machine, a destination folder. See USAGE in ./args.ts for the flags and
+ * migrate-vm: one VM, from this machine or an agent, into a folder or an agent. See USAGE in ./args.ts for the flags and
  * the exit codes. Human mode draws a progress line on stderr; --json prints one event per line on
  * stdout and ends with {"event":"summary",...}.
  */
@@ -10,7 +10,10 @@ import { errorText, FerryError } from '../errors.js';
 import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
 import { migrate } from '../engine/migrate.js';
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
-import { parseVmSpec } from '../qemu/spec.js';
+import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
+import { AgentDestination, AgentSource } from '../agent/client.js';
+import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
+import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
 import { renderPlan, renderProgress, renderSummary } from './progress.js';
 
@@ -94,8 +97,9 @@ async function run(args: CliArgs, io: Io): Promise<number> {
 
   const started = performance.now();
   let lastPrint = 0;
+  const closers: (() => void)[] = [];
   try {
-    const spec = parseVmSpec(await loadSpec(args.specPath));
+    const { spec, source, destination } = await endpointsOf(args, logger, closers);
     const onEvent = (e: MigrationEvent): void => {
       emit(e as unknown as Record<string, unknown>);
       if (e.event === 'progress') {
@@ -117,14 +121,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     };
     const result = await migrate({
       spec,
-      source: new LocalSource({ qmpSocket: args.sourceQmp ?? join(spec.runDir, 'qmp.sock'), logger }),
-      destination: new LocalDestination({
-        dir: args.toDir,
-        migrationHost: args.migrationHost,
-        portRange: args.portRange,
-        logger,
-        outliveProcess: true,
-      }),
+      source,
+      destination,
       options: args.options,
       signal: ac.signal,
       logger,
@@ -166,9 +164,52 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     }
     return code;
   } finally {
+    for (const close of closers) close();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** The agents' bearer token: --token-file, else FERRY_TOKEN. Never a flag (it would show in ps). */
+async function agentToken(args: CliArgs): Promise<string> {
+  if (args.tokenFile !== undefined) {
+    let text: string;
+    try {
+      text = await readFile(args.tokenFile, 'utf8');
+    } catch (err) {
+      throw new UsageError(`--token-file: cannot read ${args.tokenFile} (${(err as NodeJS.ErrnoException).code ?? errorText(err)})`);
+    }
+    const token = text.trim();
+    if (!token) throw new UsageError(`--token-file: ${args.tokenFile} is empty`);
+    return token;
+  }
+  const token = process.env.FERRY_TOKEN?.trim();
+  if (!token) throw new UsageError('an agent needs a token: set FERRY_TOKEN or pass --token-file FILE');
+  return token;
+}
+
+async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[]): Promise<{ spec: VmSpec; source: SourceEndpoint; destination: DestinationEndpoint }> {
+  const token = args.source.kind === 'agent' || args.destination.kind === 'agent' ? await agentToken(args) : '';
+  let spec: VmSpec;
+  let source: SourceEndpoint;
+  if (args.source.kind === 'agent') {
+    const s = await AgentSource.connect(args.source.url, token, args.source.vm, { keepDisks: args.source.keepDisks });
+    closers.push(() => s.close());
+    spec = s.spec;
+    source = s;
+  } else {
+    spec = parseVmSpec(await loadSpec(args.source.specPath));
+    source = new LocalSource({ qmpSocket: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'), logger });
+  }
+  let destination: DestinationEndpoint;
+  if (args.destination.kind === 'agent') {
+    const d = await AgentDestination.connect(args.destination.url, token);
+    closers.push(() => d.close());
+    destination = d;
+  } else {
+    destination = new LocalDestination({ dir: args.destination.toDir, migrationHost: args.destination.migrationHost, portRange: args.destination.portRange, logger, outliveProcess: true });
+  }
+  return { spec, source, destination };
 }
 
 function exitCodeOf(err: unknown, cancelled: boolean): number {

@@ -11,13 +11,42 @@ describe('parseCli', () => {
     expect(p).toEqual({
       kind: 'run',
       args: expect.objectContaining({
-        specPath: 'vm.json',
-        toDir: '/b',
+        source: { kind: 'local', specPath: 'vm.json', sourceQmp: undefined },
+        destination: { kind: 'dir', toDir: '/b', migrationHost: '127.0.0.1', portRange: [30000, 30100] },
         json: true,
-        portRange: [30000, 30100],
         options: { bandwidthBytesPerSec: 500 * 2 ** 20, downtimeLimitMs: 200, copyMode: 'write-blocking', onDeadline: 'force', autoConverge: false, totalTimeoutMs: 60_000 },
       }),
     });
+  });
+
+  test('agent to agent, and a local source into an agent', () => {
+    expect(parseCli(['--from', 'ws://10.0.0.1:7420', '--to', 'ws://10.0.0.2:7420/', 'web1', '--keep-source-disks'])).toMatchObject({
+      kind: 'run',
+      args: { source: { kind: 'agent', url: 'ws://10.0.0.1:7420', vm: 'web1', keepDisks: true }, destination: { kind: 'agent', url: 'ws://10.0.0.2:7420' }, tokenFile: undefined },
+    });
+    expect(parseCli(['--spec', 'vm.json', '--to', 'ws://[::1]:7420', '--token-file', '/t'])).toMatchObject({
+      kind: 'run',
+      args: { source: { kind: 'local', specPath: 'vm.json' }, destination: { kind: 'agent', url: 'ws://[::1]:7420' }, tokenFile: '/t' },
+    });
+  });
+
+  const agents = ['--from', 'ws://a:7420', '--to', 'ws://b:7420'];
+  test.each([
+    [[...agents], /--from needs exactly one VM name after the flags, got none/],
+    [[...agents, 'a', 'b'], /got a b/],
+    [['--from', 'ws://a:7420', 'web1'], /--from needs --to ws:\/\/HOST/],
+    [[...agents, '--spec', 'x.json', 'web1'], /--from and --spec exclude each other/],
+    [[...agents, 'web1', '--port-range', '1-2'], /--port-range goes with --to-dir/],
+    [[...agents, 'web1', '--to-dir', '/b'], /--to and --to-dir exclude each other/],
+    [['--from', 'wss://a:7420', '--to', 'ws://b', 'web1'], /wss:\/\/\) is not supported yet/],
+    [['--from', 'http://a:7420', '--to', 'ws://b', 'web1'], /is not an agent URL/],
+    [['--from', 'ws://a:7420/v1', '--to', 'ws://b', 'web1'], /is not an agent URL/],
+    [[...base, 'web1'], /unexpected argument 'web1'/],
+    [[...base, '--token-file', '/t'], /--token-file goes with --from\/--to/],
+    [[...base, '--keep-source-disks'], /--keep-source-disks goes with --from/],
+  ])('refuses %j', (argv, message) => {
+    expect(() => parseCli(argv)).toThrow(UsageError);
+    expect(() => parseCli(argv)).toThrow(message);
   });
 
   test.each([

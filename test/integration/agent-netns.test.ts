@@ -1,0 +1,158 @@
+/**
+ * Two ferry-agent processes, each in its own network namespace, joined by a shaped veth link.
+ * Agent A runs a writing guest; A is killed with SIGKILL and started again (it must re-attach);
+ * then `migrate-vm --from ws://A --to ws://B` moves the guest across the link, and no
+ * acknowledged write is lost. Namespaces and every process in them are removed afterwards, also
+ * when the test fails.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { afterAll, beforeAll, expect, test } from 'vitest';
+import { processStartTime } from '../../src/agent/registry.js';
+import { loadGuestImage } from '../../src/guest/image.js';
+import { highestAcks, workloadAppend } from '../../src/guest/serial.js';
+import { verifyDisk } from '../../src/guest/verify.js';
+import { cleanupAll, makeDisk, makeTempDir } from '../helpers/guest.js';
+import { createNetnsPair, netnsAvailable, type NetnsPair } from '../helpers/netns.js';
+
+const REPO = resolve(import.meta.dirname, '../..');
+const TOKEN = 'netns-test-token-0123456789';
+const PORT = 7420;
+const canRun = await netnsAvailable();
+
+let pair: NetnsPair | undefined;
+const agents: ChildProcess[] = [];
+const roots: string[] = [];
+
+/** Runs argv inside namespace `ns`; resolves with exit code and output. */
+function inNs(ns: string, argv: string[], timeoutMs = 120_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolveRun) => {
+    const child = spawn('ip', ['netns', 'exec', ns, ...argv], { cwd: REPO, env: { ...process.env, FERRY_TOKEN: TOKEN, FERRY_LOG_LEVEL: 'warn' } });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.once('close', (code) => {
+      clearTimeout(timer);
+      resolveRun({ code, stdout, stderr });
+    });
+  });
+}
+
+async function call(ns: string, url: string, method: string, params: Record<string, unknown> = {}): Promise<unknown> {
+  const r = await inNs(ns, ['node', '--import', 'tsx', 'test/helpers/agent-call.ts', url, method, JSON.stringify(params)], 30_000);
+  if (r.code !== 0) throw new Error(`${method} on ${url} failed: ${r.stderr.trim()}`);
+  return JSON.parse(r.stdout) as unknown;
+}
+
+/** Starts ferry-agent in `ns` and waits for its "listening" line. */
+async function startAgentIn(ns: string, config: string): Promise<ChildProcess> {
+  const child = spawn('ip', ['netns', 'exec', ns, 'node', 'bin/ferry-agent.mjs', '--config', config], { cwd: REPO, env: { ...process.env, FERRY_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  agents.push(child);
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-4000)));
+  await new Promise<void>((ready, fail) => {
+    const timer = setTimeout(() => fail(new Error(`agent in ${ns} did not start: ${err}`)), 30_000);
+    child.stdout!.on('data', (d: Buffer) => {
+      if (d.toString().includes('listening on')) {
+        clearTimeout(timer);
+        ready();
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      fail(new Error(`agent in ${ns} exited (${code}): ${err}`));
+    });
+  });
+  return child;
+}
+
+beforeAll(async () => {
+  if (!canRun) return;
+  pair = await createNetnsPair({ rateMbit: 800 });
+}, 30_000);
+
+afterAll(async () => {
+  for (const a of agents) a.kill('SIGKILL');
+  // Everything the agents started lives in the namespaces: remove() kills it and them.
+  await pair?.remove();
+  await cleanupAll();
+}, 30_000);
+
+test.skipIf(!canRun)(
+  'across two network namespaces: agent A killed and restarted re-attaches, then migrate-vm --from A --to B loses no write',
+  async () => {
+    const [nsA, nsB] = pair!.names;
+    const [ipA, ipB] = pair!.addresses;
+    const urlA = `ws://${ipA}:${PORT}`;
+    const urlB = `ws://${ipB}:${PORT}`;
+    const configs: string[] = [];
+    const configDir = await makeTempDir('ferry-netns-config-');
+    for (const [i, ip] of [ipA, ipB].entries()) {
+      const root = await makeTempDir(`ferry-netns-${i}-`);
+      roots.push(root);
+      const config = join(configDir, `agent-${i}.json`);
+      await writeFile(config, JSON.stringify({ name: `host${'AB'[i]}`, listenHost: ip, listenPort: PORT, storageRoot: root, tokens: { [TOKEN]: 'ops' }, migrationHost: ip, portRange: [21000, 21100] }));
+      configs.push(config);
+    }
+    let agentA = await startAgentIn(nsA, configs[0]!);
+    await startAgentIn(nsB, configs[1]!);
+
+    const image = await loadGuestImage();
+    const dir = join(roots[0]!, 'web1');
+    await mkdir(dir);
+    await makeDisk(join(dir, 'data.qcow2'), { id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 16 });
+    await call(nsA, urlA, 'vm.create', {
+      spec: {
+        name: 'web1',
+        memoryMiB: 256,
+        disks: [{ id: 'data', path: join(dir, 'data.qcow2'), format: 'qcow2' }],
+        boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend({ write: { rate: 50 }, tickMs: 50, disks: 1 })}` },
+        runDir: join(dir, 'run'),
+      },
+    });
+    const { pid } = (await call(nsA, urlA, 'vm.start', { name: 'web1' })) as { pid: number };
+
+    // The source's serial log goes with its run dir when the source retires: keep reading it.
+    let ackedOnA = -1;
+    const readAcks = async (path: string): Promise<number> =>
+      highestAcks((await readFile(path, 'utf8').catch(() => '')).split('\n').map((text) => ({ text }))).get('data') ?? -1;
+    const poll = setInterval(() => void readAcks(join(dir, 'run', 'serial.log')).then((n) => (ackedOnA = Math.max(ackedOnA, n))), 100);
+    try {
+      for (let i = 0; i < 300 && ackedOnA < 20; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(ackedOnA).toBeGreaterThanOrEqual(20);
+
+      // kill -9 the agent: its VM must not notice, and a new agent must take it back.
+      agentA.kill('SIGKILL');
+      await new Promise((r) => agentA.once('exit', r));
+      expect(processStartTime(pid)).toBeDefined();
+      agentA = await startAgentIn(nsA, configs[0]!);
+      expect(await call(nsA, urlA, 'vm.list')).toEqual([{ vmId: expect.any(String), name: 'web1', role: 'vm', state: 'running', pid, running: true }]);
+      const before = ackedOnA;
+      for (let i = 0; i < 100 && ackedOnA < before + 10; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(ackedOnA).toBeGreaterThanOrEqual(before + 10); // the guest kept writing throughout
+
+      const cli = await inNs(nsA, ['node', 'bin/migrate-vm.mjs', '--from', urlA, '--to', urlB, 'web1', '--json']);
+      expect(cli.code, cli.stderr).toBe(0);
+      const summary = JSON.parse(cli.stdout.trim().split('\n').pop()!) as Record<string, unknown>;
+      expect(summary).toMatchObject({ event: 'summary', ok: true, destination: 'hostB (agent)' });
+      expect(summary.diskBytes as number).toBeGreaterThan(16 << 20); // the 16 MiB fill crossed the link
+    } finally {
+      clearInterval(poll);
+    }
+    expect(processStartTime(pid)).toBeUndefined(); // the source QEMU is gone (or a zombie, not yet reaped by init)
+    expect(await call(nsA, urlA, 'vm.list')).toEqual([]);
+    // B is reached over the link, from A's side, as a control plane would.
+    const listed = (await call(nsA, urlB, 'vm.list')) as { pid: number; name: string; role: string; state: string }[];
+    expect(listed).toMatchObject([{ name: 'web1', role: 'vm', state: 'running' }]);
+    const runB = (await readdir(join(roots[1]!, 'web1'))).find((f) => f.startsWith('run-'))!;
+    const ackedOnB = await readAcks(join(roots[1]!, 'web1', runB, 'serial.log'));
+    expect(ackedOnB).toBeGreaterThan(ackedOnA); // the guest writes on, on B
+    await call(nsA, urlB, 'vm.stop', { name: 'web1' });
+    const report = await verifyDisk(join(roots[1]!, 'web1', 'data.qcow2'), { format: 'qcow2', diskId: 'data', ackedSeq: ackedOnB });
+    expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
+  },
+  180_000,
+);
