@@ -1,0 +1,448 @@
+/**
+ * Turns requests (migrate a VM, drain a host) into migrations that run no more at a time than
+ * each host and the cluster can take, in priority order, and that survive the scheduler's own
+ * death (store.ts persists before anything acts; `start` settles what was in flight).
+ *
+ * Admission, in two steps:
+ *  1. Each source host has a p-queue whose concurrency is its outgoing limit; tasks carry the
+ *     migration's priority, so a drain overtakes a rebalance on the same host.
+ *  2. A task that got an outgoing slot then asks the Gate for an incoming slot on its destination
+ *     and a cluster slot. Waiters are served by priority, then arrival. A waiting task holds its
+ *     outgoing slot: that can idle one of its host's slots while the cluster is full, but it
+ *     cannot deadlock (every slot it waits for is held by a running migration, which ends), and
+ *     it keeps each pick O(waiters) with waiters <= hosts x outgoing limit, never O(queue).
+ */
+import { EventEmitter } from 'node:events';
+import PQueue from 'p-queue';
+import { errorText } from '../errors.js';
+import { silentLogger, type Logger } from '../log.js';
+import type { SchedulerStore } from './store.js';
+import { PRIORITY, retryable, SchedulerError, TERMINAL, type Inventory, type MigrationJob, type MigrationRunner, type Reason, type Reconciler, type VmInfo } from './types.js';
+
+export interface SchedulerLimits {
+  outgoingPerHost: number;
+  incomingPerHost: number;
+  cluster: number;
+  /** Shared by the migrations of a host (in and out); undefined: no cap. */
+  bandwidthPerHostBytesPerSec?: number | undefined;
+}
+
+export const DEFAULT_LIMITS: SchedulerLimits = { outgoingPerHost: 2, incomingPerHost: 2, cluster: 5 };
+
+export interface SchedulerOptions {
+  store: SchedulerStore;
+  inventory: Inventory;
+  runner: MigrationRunner;
+  reconciler: Reconciler;
+  limits?: Partial<SchedulerLimits>;
+  retry?: { maxAttempts?: number; baseDelayMs?: number };
+  logger?: Logger;
+}
+
+export interface SchedulerEvents {
+  job: [MigrationJob];
+  phase: [{ id: string; vm: string; phase: string }];
+}
+
+interface Waiter {
+  job: MigrationJob;
+  grant: (release: () => void) => void;
+}
+
+/** Incoming-per-host and cluster-wide slots, granted by priority then arrival. */
+class Gate {
+  readonly #incoming = new Map<string, number>();
+  #cluster = 0;
+  readonly #waiters: Waiter[] = [];
+  readonly #limits: SchedulerLimits;
+
+  constructor(limits: SchedulerLimits) {
+    this.#limits = limits;
+  }
+
+  acquire(job: MigrationJob, signal: AbortSignal): Promise<() => void> {
+    return new Promise((resolve, reject) => {
+      const w: Waiter = { job, grant: resolve };
+      // Sorted insert: priority first, then arrival.
+      const at = this.#waiters.findIndex((o) => o.job.priority < job.priority || (o.job.priority === job.priority && o.job.seq > job.seq));
+      this.#waiters.splice(at < 0 ? this.#waiters.length : at, 0, w);
+      const onAbort = (): void => {
+        const i = this.#waiters.indexOf(w);
+        if (i >= 0) this.#waiters.splice(i, 1);
+        reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      w.grant = (release) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(release);
+      };
+      this.#pump();
+    });
+  }
+
+  incomingOf(host: string): number {
+    return this.#incoming.get(host) ?? 0;
+  }
+
+  #pump(): void {
+    for (let i = 0; i < this.#waiters.length && this.#cluster < this.#limits.cluster; ) {
+      const w = this.#waiters[i]!;
+      if (this.incomingOf(w.job.to) >= this.#limits.incomingPerHost) {
+        i++;
+        continue;
+      }
+      this.#waiters.splice(i, 1);
+      this.#cluster++;
+      this.#incoming.set(w.job.to, this.incomingOf(w.job.to) + 1);
+      let released = false;
+      w.grant(() => {
+        if (released) return;
+        released = true;
+        this.#cluster--;
+        this.#incoming.set(w.job.to, this.incomingOf(w.job.to) - 1);
+        this.#pump();
+      });
+    }
+  }
+}
+
+export class Scheduler extends EventEmitter<SchedulerEvents> {
+  readonly #store: SchedulerStore;
+  readonly #inventory: Inventory;
+  readonly #runner: MigrationRunner;
+  readonly #reconciler: Reconciler;
+  readonly #limits: SchedulerLimits;
+  readonly #maxAttempts: number;
+  readonly #baseDelayMs: number;
+  readonly #log: Logger;
+  readonly #gate: Gate;
+  readonly #out = new Map<string, PQueue>();
+  readonly #outgoing = new Map<string, number>();
+  /**
+   * Two signals per migration: `queue` takes it out of its p-queue (only while it waits there:
+   * p-queue frees the slot at once when a running task's signal aborts, before the rollback
+   * ends); `run` cancels the engine, which rolls back and only then frees the slot.
+   */
+  readonly #controllers = new Map<string, { queue: AbortController; run: AbortController }>();
+  /** Memory and disk promised to each destination by active migrations. */
+  readonly #reserved = new Map<string, { memoryMiB: number; diskBytes: number }>();
+  readonly #reservations = new Set<string>();
+  readonly #cancelRequested = new Set<string>();
+  readonly #timers = new Map<string, NodeJS.Timeout>();
+  readonly #runs = new Set<Promise<void>>();
+  #stopping = false;
+  #started = false;
+
+  constructor(opts: SchedulerOptions) {
+    super();
+    this.#store = opts.store;
+    this.#inventory = opts.inventory;
+    this.#runner = opts.runner;
+    this.#reconciler = opts.reconciler;
+    this.#limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    for (const [k, v] of Object.entries(this.#limits)) {
+      if (v !== undefined && !(Number.isFinite(v) && v > 0)) throw new SchedulerError('BAD_LIMIT', `limit ${k} must be a positive number, got ${String(v)}`, { userError: true });
+    }
+    this.#maxAttempts = opts.retry?.maxAttempts ?? 3;
+    this.#baseDelayMs = opts.retry?.baseDelayMs ?? 5_000;
+    this.#log = (opts.logger ?? silentLogger).child({ component: 'scheduler' });
+    this.#gate = new Gate(this.#limits);
+    for (const state of ['queued', 'running'] as const) for (const j of this.#store.inState(state)) this.#changed(j);
+  }
+
+  get limits(): Readonly<SchedulerLimits> {
+    return this.#limits;
+  }
+
+  /**
+   * Settles what the previous run left in flight, then queues what was queued. Recovery table:
+   *   guest on the destination -> succeeded (the reconciler finished the hand-over)
+   *   guest on the source      -> queued again (the reconciler rolled the half-migration back)
+   *   cannot tell              -> failed, "needs operator"; nothing touched
+   */
+  async start(): Promise<void> {
+    if (this.#started) return;
+    this.#started = true;
+    for (const job of this.#store.inState('running')) {
+      let settled: { runsOn: string; detail: string } | undefined;
+      for (let attempt = 1; attempt <= 3 && !settled; attempt++) {
+        try {
+          settled = await this.#reconciler.settle(job);
+        } catch (err) {
+          this.#log.warn({ id: job.id, vm: job.vm, attempt, err: errorText(err) }, 'cannot settle an in-flight migration yet');
+          if (attempt < 3) await new Promise((r) => setTimeout(r, 2_000));
+        }
+      }
+      const detail = `recovered after a scheduler restart: ${settled?.detail ?? 'agents unreachable'}`;
+      if (settled?.runsOn === 'to') this.#changed(this.#store.transition(job.id, 'succeeded', { detail }));
+      else if (settled?.runsOn === 'from') this.#changed(this.#store.transition(job.id, 'queued', { detail }));
+      else this.#changed(this.#store.transition(job.id, 'failed', { detail, error: `needs operator: ${settled?.detail ?? 'agents unreachable'}` }));
+      this.#log.info({ id: job.id, vm: job.vm, runsOn: settled?.runsOn ?? 'unknown' }, 'settled an in-flight migration');
+    }
+    for (const job of this.#store.inState('queued')) this.#schedule(job);
+  }
+
+  // ------------------------------------------------------------------ requests
+
+  /** One VM to a host, or anywhere it fits. A VM already moving answers with that migration. */
+  async migrate(vm: string, opts: { to?: string; reason?: Reason } = {}): Promise<{ job: MigrationJob; existing: boolean }> {
+    this.#assertOpen();
+    const existing = this.#store.activeFor(vm);
+    if (existing) return { job: existing, existing: true };
+    const [hosts, vms] = await Promise.all([this.#inventory.hosts(), this.#inventory.vms()]);
+    const info = vms.find((v) => v.name === vm);
+    if (!info) throw new SchedulerError('VM_NOT_FOUND', `no VM named '${vm}' on any host`, { userError: true });
+    const room = this.#room(hosts);
+    let to = opts.to;
+    if (to !== undefined) {
+      if (!room.has(to)) throw new SchedulerError('HOST_NOT_FOUND', `no host named '${to}' (hosts: ${[...room.keys()].join(', ')})`, { userError: true });
+      if (to === info.host) throw new SchedulerError('ALREADY_THERE', `VM '${vm}' already runs on ${to}`, { userError: true });
+      const r = room.get(to)!;
+      if (r.memoryMiB < info.memoryMiB || r.diskBytes < info.diskBytes) {
+        throw new SchedulerError('NO_CAPACITY', `${to} cannot take '${vm}': it needs ${info.memoryMiB} MiB and ${info.diskBytes} bytes of disk, ${to} has ${r.memoryMiB} MiB and ${r.diskBytes} bytes left`, { userError: true });
+      }
+    } else {
+      to = pick(room, info, new Set([info.host]));
+      if (!to) throw new SchedulerError('NO_CAPACITY', `no other host can take '${vm}' (${info.memoryMiB} MiB, ${info.diskBytes} bytes of disk)`, { userError: true });
+    }
+    const reason = opts.reason ?? 'manual';
+    const [r] = this.#store.enqueue([{ vm, from: info.host, to, reason, priority: PRIORITY[reason], memoryMiB: info.memoryMiB, diskBytes: info.diskBytes }]);
+    if (!r!.existing) {
+      this.#changed(r!.job);
+      this.#schedule(r!.job);
+    }
+    return r!;
+  }
+
+  /** Plans a destination for every VM of `host`; all or nothing. */
+  async drain(host: string): Promise<{ job: MigrationJob; existing: boolean }[]> {
+    this.#assertOpen();
+    const [hosts, vms] = await Promise.all([this.#inventory.hosts(), this.#inventory.vms()]);
+    if (!hosts.some((h) => h.name === host)) throw new SchedulerError('HOST_NOT_FOUND', `no host named '${host}' (hosts: ${hosts.map((h) => h.name).join(', ')})`, { userError: true });
+    const room = this.#room(hosts);
+    const plan: Parameters<SchedulerStore['enqueue']>[0] = [];
+    const unplaced: string[] = [];
+    // Largest first: the hardest to place gets the widest choice.
+    for (const v of vms.filter((x) => x.host === host).sort((a, b) => b.memoryMiB - a.memoryMiB)) {
+      if (this.#store.activeFor(v.name)) {
+        plan.push({ vm: v.name, from: host, to: '', reason: 'drain', priority: PRIORITY.drain, memoryMiB: 0, diskBytes: 0 });
+        continue;
+      }
+      const to = pick(room, v, new Set([host]));
+      if (!to) {
+        unplaced.push(`${v.name} (${v.memoryMiB} MiB)`);
+        continue;
+      }
+      const r = room.get(to)!;
+      r.memoryMiB -= v.memoryMiB;
+      r.diskBytes -= v.diskBytes;
+      plan.push({ vm: v.name, from: host, to, reason: 'drain', priority: PRIORITY.drain, memoryMiB: v.memoryMiB, diskBytes: v.diskBytes });
+    }
+    if (unplaced.length > 0) {
+      throw new SchedulerError('NO_CAPACITY', `cannot drain ${host}: no host can take ${unplaced.join(', ')}; nothing was queued`, { userError: true });
+    }
+    const results = this.#store.enqueue(plan);
+    for (const r of results) {
+      if (r.existing) continue;
+      this.#changed(r.job);
+      this.#schedule(r.job);
+    }
+    return results;
+  }
+
+  /** Cancels a queued migration at once; a running one is rolled back by the engine (if still possible). */
+  cancel(id: string): MigrationJob {
+    const job = this.#store.get(id);
+    if (!job) throw new SchedulerError('NO_SUCH_MIGRATION', `no migration '${id}'`, { userError: true });
+    if (job.state === 'queued') {
+      clearTimeout(this.#timers.get(id));
+      this.#timers.delete(id);
+      const done = this.#store.transition(id, 'cancelled', { detail: 'cancelled while queued' });
+      const c = this.#controllers.get(id);
+      c?.queue.abort(new SchedulerError('CANCELLED', 'cancelled'));
+      c?.run.abort(new SchedulerError('CANCELLED', 'cancelled'));
+      this.#controllers.delete(id);
+      this.#changed(done);
+      return done;
+    }
+    if (job.state === 'running') {
+      this.#cancelRequested.add(id);
+      this.#controllers.get(id)?.run.abort(new SchedulerError('CANCELLED', `migration ${id} cancelled by request`));
+      return job;
+    }
+    throw new SchedulerError('NOT_CANCELLABLE', `migration ${id} is already ${job.state}`, { userError: true });
+  }
+
+  get(id: string): MigrationJob | undefined {
+    return this.#store.get(id);
+  }
+
+  list(limit?: number): MigrationJob[] {
+    return this.#store.recent(limit);
+  }
+
+  /** Migrations running now, per source and destination host and in all: what the limits bound. */
+  running(): { cluster: number; outgoing: Record<string, number>; incoming: Record<string, number> } {
+    const jobs = this.#store.inState('running');
+    const count = (key: 'from' | 'to'): Record<string, number> => jobs.reduce<Record<string, number>>((m, j) => ({ ...m, [j[key]]: (m[j[key]] ?? 0) + 1 }), {});
+    return { cluster: jobs.length, outgoing: count('from'), incoming: count('to') };
+  }
+
+  /**
+   * Stops taking work. Running migrations get `graceMs` to finish; the rest are cancelled (the
+   * engine rolls them back) and left queued, so the next start runs them again.
+   */
+  async stop(graceMs = 30_000): Promise<void> {
+    this.#stopping = true;
+    for (const t of this.#timers.values()) clearTimeout(t);
+    this.#timers.clear();
+    for (const q of this.#out.values()) q.clear();
+    const all = Promise.allSettled([...this.#runs]);
+    let timer: NodeJS.Timeout | undefined;
+    const finished = await Promise.race([all.then(() => true), new Promise<false>((r) => (timer = setTimeout(r, graceMs, false)))]);
+    clearTimeout(timer);
+    if (!finished) {
+      for (const c of this.#controllers.values()) c.run.abort(new SchedulerError('SCHEDULER_STOPPING', 'the scheduler is stopping'));
+      await all;
+    }
+  }
+
+  // ------------------------------------------------------------------ execution
+
+  #assertOpen(): void {
+    if (this.#stopping) throw new SchedulerError('STOPPING', 'the scheduler is stopping and takes no new requests');
+  }
+
+  #schedule(job: MigrationJob): void {
+    if (this.#stopping) return;
+    const wait = job.notBefore - Date.now();
+    if (wait > 0) {
+      this.#timers.set(
+        job.id,
+        setTimeout(() => {
+          this.#timers.delete(job.id);
+          this.#schedule({ ...job, notBefore: 0 });
+        }, wait),
+      );
+      return;
+    }
+    const ac = { queue: new AbortController(), run: new AbortController() };
+    this.#controllers.set(job.id, ac);
+    let q = this.#out.get(job.from);
+    if (!q) {
+      q = new PQueue({ concurrency: this.#limits.outgoingPerHost });
+      this.#out.set(job.from, q);
+    }
+    const run = q.add(() => this.#execute(job.id, ac.run.signal), { priority: job.priority, signal: ac.queue.signal }).catch((err: unknown) => {
+      if (!ac.queue.signal.aborted && !ac.run.signal.aborted) this.#log.error({ id: job.id, err: errorText(err) }, 'migration task failed unexpectedly');
+    });
+    this.#runs.add(run);
+    void run.finally(() => this.#runs.delete(run));
+  }
+
+  async #execute(id: string, signal: AbortSignal): Promise<void> {
+    const queued = this.#store.get(id);
+    if (!queued || queued.state !== 'queued' || this.#stopping) return;
+    const release = await this.#gate.acquire(queued, signal);
+    if (this.#store.get(id)?.state !== 'queued') return release();
+    let job: MigrationJob;
+    try {
+      const bandwidth = this.#bandwidthFor(queued);
+      // Persisted before the engine touches anything: a crash from here on is reconciled.
+      job = this.#store.transition(id, 'running', { attempts: queued.attempts + 1, bandwidthBytesPerSec: bandwidth ?? null, error: null });
+    } catch (err) {
+      release();
+      throw err;
+    }
+    this.#outgoing.set(job.from, (this.#outgoing.get(job.from) ?? 0) + 1);
+    this.#changed(job);
+    this.#log.info({ id, vm: job.vm, from: job.from, to: job.to, attempt: job.attempts }, 'migration starts');
+    try {
+      await this.#runner.run(job, {
+        signal,
+        bandwidthBytesPerSec: job.bandwidthBytesPerSec ?? 0,
+        onPhase: (phase) => {
+          this.#store.phase(id, phase);
+          this.emit('phase', { id, vm: job.vm, phase });
+        },
+      });
+      this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}` }));
+      this.#log.info({ id, vm: job.vm, to: job.to }, 'migration succeeded');
+    } catch (err) {
+      this.#failed(job, err);
+    } finally {
+      this.#outgoing.set(job.from, (this.#outgoing.get(job.from) ?? 1) - 1);
+      this.#controllers.delete(id);
+      this.#cancelRequested.delete(id);
+      release();
+    }
+  }
+
+  #failed(job: MigrationJob, err: unknown): void {
+    const text = errorText(err);
+    const uncertain = !retryable(err) && (err as { guestOn?: string }).guestOn === 'unknown';
+    if (uncertain) {
+      this.#changed(this.#store.transition(job.id, 'failed', { error: `needs operator: ${text}`, detail: 'outcome uncertain' }));
+    } else if (this.#cancelRequested.has(job.id)) {
+      this.#changed(this.#store.transition(job.id, 'cancelled', { error: text, detail: 'cancelled while running; rolled back' }));
+    } else if (this.#stopping) {
+      this.#changed(this.#store.transition(job.id, 'queued', { error: text, detail: 'the scheduler stopped; rolled back, runs again at the next start' }));
+    } else if (retryable(err) && job.attempts < this.#maxAttempts) {
+      const delay = this.#baseDelayMs * 2 ** (job.attempts - 1);
+      const again = this.#store.transition(job.id, 'queued', { error: text, notBefore: Date.now() + delay, detail: `attempt ${job.attempts} failed; retry in ${delay} ms` });
+      this.#changed(again);
+      this.#schedule(again);
+    } else {
+      this.#changed(this.#store.transition(job.id, 'failed', { error: text, detail: retryable(err) ? `gave up after ${job.attempts} attempts` : 'not retryable' }));
+    }
+    this.#log.warn({ id: job.id, vm: job.vm, err: text }, 'migration failed');
+  }
+
+  #bandwidthFor(job: MigrationJob): number | undefined {
+    const budget = this.#limits.bandwidthPerHostBytesPerSec;
+    if (budget === undefined) return undefined;
+    const out = (this.#outgoing.get(job.from) ?? 0) + 1;
+    const inc = this.#gate.incomingOf(job.to);
+    return Math.floor(Math.min(budget / out, budget / Math.max(1, inc)));
+  }
+
+  /** Free room per host, minus what queued and running migrations already promised it. */
+  #room(hosts: { name: string; freeMemoryMiB: number; freeDiskBytes: number }[]): Map<string, { memoryMiB: number; diskBytes: number }> {
+    return new Map(
+      hosts.map((h) => {
+        const r = this.#reserved.get(h.name);
+        return [h.name, { memoryMiB: h.freeMemoryMiB - (r?.memoryMiB ?? 0), diskBytes: h.freeDiskBytes - (r?.diskBytes ?? 0) }];
+      }),
+    );
+  }
+
+  #reserve(job: MigrationJob, sign: 1 | -1): void {
+    const r = this.#reserved.get(job.to) ?? { memoryMiB: 0, diskBytes: 0 };
+    r.memoryMiB += sign * job.memoryMiB;
+    r.diskBytes += sign * job.diskBytes;
+    this.#reserved.set(job.to, r);
+  }
+
+  #changed(job: MigrationJob): void {
+    if (TERMINAL.has(job.state) && this.#reservations.delete(job.id)) this.#reserve(job, -1);
+    else if (!TERMINAL.has(job.state) && !this.#reservations.has(job.id)) {
+      this.#reservations.add(job.id);
+      this.#reserve(job, 1);
+    }
+    this.emit('job', job);
+  }
+}
+
+/** The host with the most memory left that fits the VM, or undefined. */
+function pick(room: Map<string, { memoryMiB: number; diskBytes: number }>, vm: VmInfo, exclude: Set<string>): string | undefined {
+  let best: string | undefined;
+  let bestFree = -Infinity;
+  for (const [name, r] of room) {
+    if (exclude.has(name) || r.memoryMiB < vm.memoryMiB || r.diskBytes < vm.diskBytes) continue;
+    if (r.memoryMiB > bestFree) {
+      best = name;
+      bestFree = r.memoryMiB;
+    }
+  }
+  return best;
+}

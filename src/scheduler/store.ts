@@ -1,0 +1,202 @@
+/**
+ * The scheduler's durable state: one SQLite file (WAL), migrations and their journal. Every
+ * change is a transaction that updates the row and appends to the journal, and it is committed
+ * before the scheduler acts on it, so a crash leaves a state a restart can reconcile.
+ *
+ *   queued ──start──► running ──► succeeded | failed | cancelled
+ *     │                  └──retry / recovery──► queued
+ *     └──cancel──► cancelled
+ *
+ * One active (queued or running) migration per VM is a UNIQUE partial index, not a check in
+ * code: two schedulers racing, or a bug, cannot make a VM move twice at once.
+ *
+ * When one scheduler is not enough (several control-plane nodes), this is the module a shared
+ * database (PostgreSQL, same schema, SELECT ... FOR UPDATE SKIP LOCKED to claim work) replaces.
+ */
+import Database from 'better-sqlite3';
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+import { MIGRATION_STATES, SchedulerError, type MigrationJob, type MigrationState, type Reason } from './types.js';
+
+const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
+  queued: ['running', 'cancelled', 'failed'],
+  running: ['succeeded', 'failed', 'cancelled', 'queued'],
+  succeeded: [],
+  failed: [],
+  cancelled: [],
+};
+
+const rowSchema = z.object({
+  id: z.string(),
+  vm: z.string(),
+  src: z.string(),
+  dst: z.string(),
+  reason: z.enum(['drain', 'manual', 'rebalance']),
+  priority: z.number().int(),
+  state: z.enum(MIGRATION_STATES),
+  attempts: z.number().int(),
+  phase: z.string().nullable(),
+  error: z.string().nullable(),
+  bandwidth: z.number().nullable(),
+  memory_mib: z.number(),
+  disk_bytes: z.number(),
+  not_before: z.number(),
+  created_at: z.number(),
+  updated_at: z.number(),
+  seq: z.number().int(),
+});
+
+const journalSchema = z.object({ migration_id: z.string(), at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
+export type JournalEntry = z.infer<typeof journalSchema>;
+
+const SCHEMA_VERSION = 1;
+
+function toJob(raw: unknown): MigrationJob {
+  const r = rowSchema.parse(raw);
+  return {
+    id: r.id,
+    vm: r.vm,
+    from: r.src,
+    to: r.dst,
+    reason: r.reason,
+    priority: r.priority,
+    state: r.state,
+    attempts: r.attempts,
+    phase: r.phase,
+    error: r.error,
+    bandwidthBytesPerSec: r.bandwidth,
+    memoryMiB: r.memory_mib,
+    diskBytes: r.disk_bytes,
+    notBefore: r.not_before,
+    createdAt: r.created_at,
+    updatedAt: r.updated_at,
+    seq: r.seq,
+  };
+}
+
+export class SchedulerStore {
+  readonly #db: Database.Database;
+  readonly #stmts;
+
+  constructor(path: string) {
+    this.#db = new Database(path);
+    this.#db.pragma('journal_mode = WAL');
+    // FULL: a committed transition survives a power cut, not only a process crash.
+    this.#db.pragma('synchronous = FULL');
+    this.#migrate();
+    this.#stmts = {
+      insert: this.#db.prepare(
+        `INSERT INTO migrations (id, vm, src, dst, reason, priority, state, attempts, phase, error, bandwidth, memory_mib, disk_bytes, not_before, created_at, updated_at, seq)
+         VALUES (@id, @vm, @src, @dst, @reason, @priority, 'queued', 0, NULL, NULL, NULL, @memoryMiB, @diskBytes, 0, @now, @now, (SELECT COALESCE(MAX(seq), 0) + 1 FROM migrations))`,
+      ),
+      get: this.#db.prepare('SELECT * FROM migrations WHERE id = ?'),
+      activeForVm: this.#db.prepare("SELECT * FROM migrations WHERE vm = ? AND state IN ('queued', 'running')"),
+      byState: this.#db.prepare('SELECT * FROM migrations WHERE state = ? ORDER BY priority DESC, seq ASC'),
+      all: this.#db.prepare('SELECT * FROM migrations ORDER BY seq DESC LIMIT ?'),
+      update: this.#db.prepare(
+        'UPDATE migrations SET state = @state, attempts = @attempts, phase = @phase, error = @error, bandwidth = @bandwidth, not_before = @not_before, updated_at = @now WHERE id = @id',
+      ),
+      setPhase: this.#db.prepare('UPDATE migrations SET phase = ?, updated_at = ? WHERE id = ?'),
+      journal: this.#db.prepare('INSERT INTO journal (migration_id, at, state, phase, detail) VALUES (?, ?, ?, ?, ?)'),
+      journalOf: this.#db.prepare('SELECT * FROM journal WHERE migration_id = ? ORDER BY rowid'),
+    };
+  }
+
+  #migrate(): void {
+    const version = this.#db.pragma('user_version', { simple: true }) as number;
+    if (version > SCHEMA_VERSION) throw new SchedulerError('DB_TOO_NEW', `the database has schema ${version}; this scheduler knows ${SCHEMA_VERSION}`, { userError: true });
+    if (version < 1) {
+      this.#db.exec(`
+        CREATE TABLE migrations (
+          id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL,
+          reason TEXT NOT NULL, priority INTEGER NOT NULL, state TEXT NOT NULL,
+          attempts INTEGER NOT NULL, phase TEXT, error TEXT, bandwidth REAL,
+          memory_mib INTEGER NOT NULL, disk_bytes INTEGER NOT NULL,
+          not_before INTEGER NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+          seq INTEGER NOT NULL);
+        CREATE UNIQUE INDEX one_active_migration_per_vm ON migrations (vm) WHERE state IN ('queued', 'running');
+        CREATE INDEX migrations_by_state ON migrations (state, priority, seq);
+        CREATE TABLE journal (migration_id TEXT NOT NULL, at INTEGER NOT NULL, state TEXT NOT NULL, phase TEXT, detail TEXT);
+        CREATE INDEX journal_by_migration ON journal (migration_id);
+        PRAGMA user_version = 1;`);
+    }
+  }
+
+  /** New queued migrations, all or none. A VM that already has an active one keeps it. */
+  enqueue(requests: { vm: string; from: string; to: string; reason: Reason; priority: number; memoryMiB: number; diskBytes: number }[]): { job: MigrationJob; existing: boolean }[] {
+    const now = Date.now();
+    return this.#db.transaction(() =>
+      requests.map((r) => {
+        const active = this.#stmts.activeForVm.get(r.vm);
+        if (active) return { job: toJob(active), existing: true };
+        const id = `m-${randomBytes(5).toString('hex')}`;
+        this.#stmts.insert.run({ id, vm: r.vm, src: r.from, dst: r.to, reason: r.reason, priority: r.priority, memoryMiB: r.memoryMiB, diskBytes: r.diskBytes, now });
+        this.#stmts.journal.run(id, now, 'queued', null, `${r.reason}: ${r.from} -> ${r.to}`);
+        return { job: toJob(this.#stmts.get.get(id)), existing: false };
+      }),
+    )();
+  }
+
+  get(id: string): MigrationJob | undefined {
+    const row = this.#stmts.get.get(id);
+    return row ? toJob(row) : undefined;
+  }
+
+  activeFor(vm: string): MigrationJob | undefined {
+    const row = this.#stmts.activeForVm.get(vm);
+    return row ? toJob(row) : undefined;
+  }
+
+  inState(state: MigrationState): MigrationJob[] {
+    return this.#stmts.byState.all(state).map(toJob);
+  }
+
+  recent(limit = 1000): MigrationJob[] {
+    return this.#stmts.all.all(limit).map(toJob);
+  }
+
+  journal(id: string): JournalEntry[] {
+    return this.#stmts.journalOf.all(id).map((r) => journalSchema.parse(r));
+  }
+
+  /** The one way a migration changes state: checked, written and journalled in one transaction. */
+  transition(
+    id: string,
+    to: MigrationState,
+    change: { detail?: string; error?: string | null; attempts?: number; bandwidthBytesPerSec?: number | null; notBefore?: number } = {},
+  ): MigrationJob {
+    return this.#db.transaction(() => {
+      const cur = this.get(id);
+      if (!cur) throw new SchedulerError('NO_SUCH_MIGRATION', `no migration '${id}'`, { userError: true });
+      if (!ALLOWED[cur.state].includes(to)) {
+        throw new SchedulerError('BAD_TRANSITION', `migration ${id} is ${cur.state} and cannot become ${to}`, { userError: true, context: { id, from: cur.state, to } });
+      }
+      const now = Date.now();
+      this.#stmts.update.run({
+        id,
+        state: to,
+        attempts: change.attempts ?? cur.attempts,
+        phase: to === 'queued' ? null : cur.phase,
+        error: change.error === undefined ? cur.error : change.error,
+        bandwidth: change.bandwidthBytesPerSec === undefined ? cur.bandwidthBytesPerSec : change.bandwidthBytesPerSec,
+        not_before: change.notBefore ?? cur.notBefore,
+        now,
+      });
+      this.#stmts.journal.run(id, now, to, cur.phase, change.detail ?? null);
+      return this.get(id)!;
+    })();
+  }
+
+  /** A phase reported by the engine: journalled, so a post-mortem reads the whole story. */
+  phase(id: string, phase: string): void {
+    const now = Date.now();
+    this.#db.transaction(() => {
+      this.#stmts.setPhase.run(phase, now, id);
+      this.#stmts.journal.run(id, now, 'running', phase, null);
+    })();
+  }
+
+  close(): void {
+    this.#db.close();
+  }
+}

@@ -1,0 +1,91 @@
+/**
+ * The scheduler's vocabulary. The scheduler decides what moves when; an Inventory tells it what
+ * the hosts have, a MigrationRunner moves one VM (the engine through two agents), and a
+ * Reconciler settles a migration that was in flight when the scheduler died.
+ */
+import { FerryError } from '../errors.js';
+
+export interface HostInfo {
+  name: string;
+  /** What the host can still give to new VMs. */
+  freeMemoryMiB: number;
+  freeDiskBytes: number;
+}
+
+export interface VmInfo {
+  name: string;
+  host: string;
+  memoryMiB: number;
+  /** Bytes its disks occupy (allocated), what a copy needs at the destination. */
+  diskBytes: number;
+}
+
+export interface Inventory {
+  hosts(): Promise<HostInfo[]>;
+  vms(): Promise<VmInfo[]>;
+}
+
+export const MIGRATION_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
+export type MigrationState = (typeof MIGRATION_STATES)[number];
+export const TERMINAL: ReadonlySet<MigrationState> = new Set(['succeeded', 'failed', 'cancelled']);
+
+export type Reason = 'drain' | 'manual' | 'rebalance';
+/** A drain empties a host someone worries about: it goes first. */
+export const PRIORITY: Record<Reason, number> = { drain: 20, manual: 10, rebalance: 0 };
+
+export interface MigrationJob {
+  id: string;
+  vm: string;
+  from: string;
+  to: string;
+  reason: Reason;
+  priority: number;
+  state: MigrationState;
+  attempts: number;
+  phase: string | null;
+  error: string | null;
+  bandwidthBytesPerSec: number | null;
+  /** What the VM needs at the destination, reserved there while the migration is active. */
+  memoryMiB: number;
+  diskBytes: number;
+  /** Not to be started before this time (ms since epoch): retry backoff. */
+  notBefore: number;
+  createdAt: number;
+  updatedAt: number;
+  /** Order of arrival, for FIFO among equal priorities. */
+  seq: number;
+}
+
+export interface RunContext {
+  signal: AbortSignal;
+  bandwidthBytesPerSec: number;
+  onPhase(phase: string): void;
+}
+
+export interface MigrationRunner {
+  /** Moves the VM; throws on failure (see `retryable`). */
+  run(job: MigrationJob, ctx: RunContext): Promise<void>;
+}
+
+export type WhereRuns = 'from' | 'to' | 'unknown';
+export interface Reconciler {
+  /**
+   * For a migration that was running when the scheduler died: finish it or roll it back, and say
+   * which host runs the guest now. 'unknown' leaves everything as found, for an operator.
+   */
+  settle(job: MigrationJob): Promise<{ runsOn: WhereRuns; detail: string }>;
+}
+
+export class SchedulerError extends FerryError {
+  override name = 'SchedulerError';
+}
+
+/**
+ * A failure worth another attempt: not a mistake in the request, and not one whose outcome is
+ * uncertain (guestOn 'unknown'), which only an operator may settle.
+ */
+export function retryable(err: unknown): boolean {
+  if (!(err instanceof FerryError)) return true;
+  if (err.userError) return false;
+  return (err as FerryError & { guestOn?: string }).guestOn !== 'unknown';
+}
