@@ -24,6 +24,8 @@ export const methodParams = {
   'dest.removeDisk': z.object({ path: z.string().min(1) }).strict(),
   'dest.start': z.object({ spec: z.unknown() }).strict(),
   'dest.kill': vmRef,
+  /** Rolls back a destination whose engine is gone: refused if the guest runs there. */
+  'dest.abandon': vmRef,
   'dest.release': vmRef,
   'dest.removeRunDir': vmRef,
   'events.subscribe': z.object({}).strict(),
@@ -94,6 +96,9 @@ export const vmSummarySchema = z
     state: z.enum(['stopped', 'running', 'died']),
     pid: z.number().int().nullable(),
     running: z.boolean(),
+    memoryMiB: z.number().int(),
+    /** Bytes its disk files occupy (allocated, not virtual): what a copy needs elsewhere. */
+    diskBytes: z.number(),
   })
   .strict();
 export type VmSummary = z.infer<typeof vmSummarySchema>;

@@ -8,15 +8,16 @@
  * persisted (registry.ts), and a restarted agent re-attaches to the ones still running and
  * reports the ones that died meanwhile.
  */
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
+import { statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { createServer, type IncomingMessage, type Server } from 'node:http';
+import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { freemem, totalmem, availableParallelism } from 'node:os';
 import { sep } from 'node:path';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { z } from 'zod';
-import { errorText, FerryError } from '../errors.js';
+import { FerryError } from '../errors.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
 import { tcpBytesAcked } from '../engine/wire.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -25,7 +26,8 @@ import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
 import { launchVm } from '../qemu/launcher.js';
 import { canonicalPath, parseVmSpec, SpecError, type VmSpec } from '../qemu/spec.js';
 import { parseAgentConfig, type AgentConfig } from './config.js';
-import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, requestSchema, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
+import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
+import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
 import { DESTINATION_QMP_ALLOWLIST, SOURCE_QMP_ALLOWLIST, tunnelQmp } from './qmp-tunnel.js';
 import { probeQemu, type QemuInfo } from './qemu-probe.js';
 import { TokenBucket } from './rate-limit.js';
@@ -61,10 +63,18 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   /** VMs whose next exit was asked for (stop, kill, retire): that exit is not a death. */
   const expectingExit = new Set<string>();
   const sessions = new Set<Session>();
-  const tokenDigests = Object.entries(config.tokens).map(([t, principal]) => ({ digest: sha256(t), principal }));
   let qemuInfo: Promise<QemuInfo> | undefined;
 
-  const summary = (r: VmRecord): VmSummary => ({ vmId: r.vmId, name: r.name, role: r.role, state: r.state, pid: r.pid ?? null, running: r.state === 'running' });
+  const summary = (r: VmRecord): VmSummary => ({
+    vmId: r.vmId,
+    name: r.name,
+    role: r.role,
+    state: r.state,
+    pid: r.pid ?? null,
+    running: r.state === 'running',
+    memoryMiB: r.spec.memoryMiB,
+    diskBytes: r.spec.disks.reduce((sum, d) => sum + allocatedBytes(d.path), 0),
+  });
 
   const emit = (principal: string, event: AgentEvent): void => {
     const frame = JSON.stringify({ v: PROTOCOL_VERSION, event });
@@ -102,15 +112,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     log.info({ vmId: r.vmId, vm: r.name, pid: r.pid, role: r.role }, 're-attached to a running VM');
   }
 
-  const authenticate = (req: IncomingMessage): string | undefined => {
-    const m = /^Bearer (.+)$/.exec(req.headers.authorization ?? '');
-    if (!m) return undefined;
-    const given = sha256(m[1]!);
-    // Compare digests in constant time, against every token, so timing says nothing.
-    let principal: string | undefined;
-    for (const t of tokenDigests) if (timingSafeEqual(given, t.digest)) principal = t.principal;
-    return principal;
-  };
+  const authenticate = bearerAuthenticator(config.tokens);
 
   const stateDir = canonicalPath(config.stateDir);
   /** A spec from a caller: every path inside the storage root, none inside the agent's own state. */
@@ -274,6 +276,25 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       }
       return {};
     },
+    'dest.abandon': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      if (r.role !== 'incoming') throw new AgentError('NOT_INCOMING', `VM '${r.name}' is not a migration's destination`, { userError: true });
+      const sup = supervised.get(r.vmId);
+      if (sup && r.state === 'running') {
+        // The one thing a rollback must never do: kill the QEMU that runs the guest.
+        const status = await sup.status();
+        if (status === undefined || status === 'running') {
+          throw new AgentError('GUEST_RUNS_HERE', `the destination QEMU of '${r.name}' is ${status ?? 'of unknown status'}: refusing to abandon it`, { userError: true });
+        }
+        expectingExit.add(r.vmId);
+        await sup.kill();
+      }
+      await removeFiles(r, true);
+      registry.remove(r);
+      incomingHandles.delete(r.vmId);
+      log.info({ vmId: r.vmId, vm: r.name }, 'abandoned an incoming VM');
+      return {};
+    },
     'dest.release': async (principal, params) => {
       const r = owned(principal, params.vmId);
       if (r.role !== 'incoming') throw new AgentError('NOT_INCOMING', `VM '${r.name}' is not a migration's destination`, { userError: true });
@@ -301,46 +322,14 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   const incomingHandles = new Map<string, { release(): Promise<void> }>();
 
   const onRpc = (session: Session): void => {
-    const { ws, principal } = session;
     const bucket = new TokenBucket(config.limits.requestsPerSecond, config.limits.burst);
-    // ws reports a frame over maxPayload (and other protocol faults) here, then closes the
-    // connection with the right code (1009): log it, nothing more.
-    ws.on('error', (err) => log.warn({ err: err.message, principal }, 'WebSocket session ended on an error'));
-    ws.on('message', (data: Buffer, isBinary: boolean) => {
-      void (async () => {
-        let id: string | number | null = null;
-        try {
-          if (isBinary) throw new AgentError('BAD_MESSAGE', 'binary frames are not part of the protocol', { userError: true });
-          let raw: unknown;
-          try {
-            raw = JSON.parse(data.toString('utf8'));
-          } catch {
-            throw new AgentError('BAD_MESSAGE', 'the message is not JSON', { userError: true });
-          }
-          const req = requestSchema.safeParse(raw);
-          if (!req.success) {
-            const issue = req.error.issues[0]!;
-            throw new AgentError('BAD_MESSAGE', `bad request: ${issue.path.join('.') || '(message)'}: ${issue.message}`, { userError: true });
-          }
-          id = req.data.id;
-          if (!bucket.take()) throw new AgentError('RATE_LIMITED', `more than ${config.limits.requestsPerSecond} requests per second (burst ${config.limits.burst}): slow down`, { userError: true });
-          const method = req.data.method;
-          if (!Object.hasOwn(methodParams, method)) throw new AgentError('UNKNOWN_METHOD', `unknown method '${method}'`, { userError: true });
-          const schema = methodParams[method as Method];
-          const params = schema.safeParse(req.data.params);
-          if (!params.success) {
-            const issue = params.error.issues[0]!;
-            throw new AgentError('BAD_PARAMS', `${method}: ${issue.path.join('.') || 'params'}: ${issue.message}`, { userError: true });
-          }
-          const handler = handlers[method as Method] as (p: string, params: unknown, s: Session) => Promise<unknown>;
-          const result = await handler(principal, params.data, session);
-          ws.send(JSON.stringify({ v: PROTOCOL_VERSION, id, ok: true, result }));
-        } catch (err) {
-          const code = err instanceof SpecError ? 'PATH_REFUSED' : err instanceof FerryError ? err.code : 'INTERNAL';
-          if (!(err instanceof FerryError && err.userError)) log.error({ err: errorText(err) }, 'request failed');
-          ws.send(JSON.stringify({ v: PROTOCOL_VERSION, id, ok: false, error: { code, message: errorText(err) } }));
-        }
-      })();
+    serveRpc(session.ws, {
+      version: PROTOCOL_VERSION,
+      methods: methodParams,
+      handle: (method, params) => (handlers[method] as (p: string, params: unknown, s: Session) => Promise<unknown>)(session.principal, params, session),
+      admit: () => bucket.take(),
+      limitText: `more than ${config.limits.requestsPerSecond} requests per second (burst ${config.limits.burst}): slow down`,
+      log: log.child({ principal: session.principal }),
     });
   };
 
@@ -387,6 +376,11 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   };
 }
 
-function sha256(s: string): Buffer {
-  return createHash('sha256').update(s).digest();
+function allocatedBytes(path: string): number {
+  try {
+    return statSync(path).blocks * 512;
+  } catch {
+    return 0;
+  }
 }
+

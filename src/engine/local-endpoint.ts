@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { constants } from 'node:fs';
-import { access, mkdir, rm, stat, statfs, unlink } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { access, mkdir, rm, rmdir, stat, statfs, unlink } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -126,6 +126,13 @@ export class LocalDestination implements DestinationEndpoint {
     await unlink(path).catch((err: NodeJS.ErrnoException) => {
       if (err.code !== 'ENOENT') throw err;
     });
+    await this.#removeEmptyParent(path);
+  }
+
+  /** createDisk may have made the VM's folder: it goes too once empty, never the host's own folder. */
+  async #removeEmptyParent(path: string): Promise<void> {
+    const parent = dirname(path);
+    if (resolve(parent) !== resolve(this.#dir) && resolve(parent).startsWith(resolve(this.#dir) + '/')) await rmdir(parent).catch(() => undefined);
   }
 
   async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
@@ -161,6 +168,7 @@ export class LocalDestination implements DestinationEndpoint {
 
   async removeRunDir(spec: VmSpec): Promise<void> {
     await rm(spec.runDir, { recursive: true, force: true });
+    await this.#removeEmptyParent(spec.runDir);
   }
 }
 

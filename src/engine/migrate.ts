@@ -925,7 +925,7 @@ class Migration {
   }
 }
 
-async function cancelJob(q: QmpClient, id: string): Promise<void> {
+export async function cancelJob(q: QmpClient, id: string): Promise<void> {
   const opts = { timeoutMs: QMP_TIMEOUT_MS };
   const jobs = await q.execute('query-jobs', undefined, opts);
   const job = jobs.find((j) => j.id === id);

@@ -129,7 +129,7 @@ test.skipIf(!canRun)(
       await new Promise((r) => agentA.once('exit', r));
       expect(processStartTime(pid)).toBeDefined();
       agentA = await startAgentIn(nsA, configs[0]!);
-      expect(await call(nsA, urlA, 'vm.list')).toEqual([{ vmId: expect.any(String), name: 'web1', role: 'vm', state: 'running', pid, running: true }]);
+      expect(await call(nsA, urlA, 'vm.list')).toEqual([{ vmId: expect.any(String), name: 'web1', role: 'vm', state: 'running', pid, running: true, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
       const before = ackedOnA;
       for (let i = 0; i < 100 && ackedOnA < before + 10; i++) await new Promise((r) => setTimeout(r, 100));
       expect(ackedOnA).toBeGreaterThanOrEqual(before + 10); // the guest kept writing throughout

@@ -106,7 +106,7 @@ describe('ferry-agent refuses', () => {
     await expect(bob.call('dest.kill', { vmId })).rejects.toMatchObject({ code: 'VM_NOT_FOUND' });
     await expect(bob.openQmp(vmId)).rejects.toThrow(/HTTP 404/);
     expect(await bob.call('vm.list')).toEqual([]);
-    expect(await alice.call('vm.list')).toEqual([{ vmId, name: 'v', role: 'incoming', state: 'running', pid, running: true }]);
+    expect(await alice.call('vm.list')).toEqual([{ vmId, name: 'v', role: 'incoming', state: 'running', pid, running: true, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
     await qmp.close();
     await alice.call('dest.kill', { vmId });
     alice.close();
@@ -227,7 +227,7 @@ describe('an agent restart', () => {
     await agent.close();
     agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, tokens: { [TOKEN_A]: 'alice' } });
     c = await AgentClient.connect(agent.url, TOKEN_A);
-    expect(await c.call('vm.list')).toEqual([{ vmId, name: 'keeper', role: 'vm', state: 'running', pid, running: true }]);
+    expect(await c.call('vm.list')).toEqual([{ vmId, name: 'keeper', role: 'vm', state: 'running', pid, running: true, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
     const events: string[] = [];
     await c.onEvent((e) => events.push(e.type === 'vm.qmp' ? e.event : `${e.type}:${e.type === 'vm.state' ? e.vm.state : ''}`));
     // stop goes through the monitor the new agent re-attached to.
@@ -258,7 +258,7 @@ describe('an agent restart', () => {
     }
     agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, tokens: { [TOKEN_A]: 'alice' } });
     c = await AgentClient.connect(agent.url, TOKEN_A);
-    expect(await c.call('vm.list')).toEqual([{ vmId, name: 'goner', role: 'vm', state: 'died', pid: null, running: false }]);
+    expect(await c.call('vm.list')).toEqual([{ vmId, name: 'goner', role: 'vm', state: 'died', pid: null, running: false, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
     c.close();
   });
 

@@ -1,0 +1,95 @@
+/**
+ * The request/response framing the agent and the scheduler share: JSON text frames
+ * `{ v, id, method, params }`, each parsed and checked against the method's own schema, answered
+ * `{ v, id, ok: true, result }` or `{ v, id, ok: false, error: { code, message } }`. Anything
+ * unknown is refused by name; a user's mistake is answered, never logged as our failure.
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { IncomingMessage } from 'node:http';
+import type { WebSocket } from 'ws';
+import { z } from 'zod';
+import { errorText, FerryError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { SpecError } from '../qemu/spec.js';
+
+export class RpcError extends FerryError {
+  override name = 'RpcError';
+}
+
+export function rpcRequestSchema(version: number) {
+  return z
+    .object({
+      v: z.literal(version),
+      id: z.union([z.string().max(64), z.number().int()]),
+      method: z.string(),
+      params: z.unknown().default({}),
+    })
+    .strict();
+}
+
+/** Bearer tokens at the HTTP upgrade; digests compared in constant time against every token. */
+export function bearerAuthenticator(tokens: Record<string, string>): (req: IncomingMessage) => string | undefined {
+  const digests = Object.entries(tokens).map(([t, principal]) => ({ digest: sha256(t), principal }));
+  return (req) => {
+    const m = /^Bearer (.+)$/.exec(req.headers.authorization ?? '');
+    if (!m) return undefined;
+    const given = sha256(m[1]!);
+    let principal: string | undefined;
+    for (const t of digests) if (timingSafeEqual(given, t.digest)) principal = t.principal;
+    return principal;
+  };
+}
+
+export function serveRpc<S extends Record<string, z.ZodType>>(
+  ws: WebSocket,
+  opts: {
+    version: number;
+    methods: S;
+    handle: (method: keyof S & string, params: unknown) => Promise<unknown>;
+    /** Called before each request is dispatched; false refuses it with RATE_LIMITED. */
+    admit?: () => boolean;
+    limitText?: string;
+    log: Logger;
+  },
+): void {
+  const requestSchema = rpcRequestSchema(opts.version);
+  ws.on('error', (err) => opts.log.warn({ err: err.message }, 'WebSocket session ended on an error'));
+  ws.on('message', (data: Buffer, isBinary: boolean) => {
+    void (async () => {
+      let id: string | number | null = null;
+      try {
+        if (isBinary) throw new RpcError('BAD_MESSAGE', 'binary frames are not part of the protocol', { userError: true });
+        let raw: unknown;
+        try {
+          raw = JSON.parse(data.toString('utf8'));
+        } catch {
+          throw new RpcError('BAD_MESSAGE', 'the message is not JSON', { userError: true });
+        }
+        const req = requestSchema.safeParse(raw);
+        if (!req.success) {
+          const issue = req.error.issues[0]!;
+          throw new RpcError('BAD_MESSAGE', `bad request: ${issue.path.join('.') || '(message)'}: ${issue.message}`, { userError: true });
+        }
+        id = req.data.id;
+        if (opts.admit && !opts.admit()) throw new RpcError('RATE_LIMITED', opts.limitText ?? 'too many requests: slow down', { userError: true });
+        const method = req.data.method;
+        if (!Object.hasOwn(opts.methods, method)) throw new RpcError('UNKNOWN_METHOD', `unknown method '${method}'`, { userError: true });
+        const params = opts.methods[method]!.safeParse(req.data.params);
+        if (!params.success) {
+          const issue = params.error.issues[0]!;
+          throw new RpcError('BAD_PARAMS', `${method}: ${issue.path.join('.') || 'params'}: ${issue.message}`, { userError: true });
+        }
+        const result = await opts.handle(method, params.data);
+        ws.send(JSON.stringify({ v: opts.version, id, ok: true, result }));
+      } catch (err) {
+        const code = err instanceof SpecError ? 'PATH_REFUSED' : err instanceof FerryError ? err.code : 'INTERNAL';
+        if (!(err instanceof FerryError && err.userError)) opts.log.error({ err: errorText(err) }, 'request failed');
+        ws.send(JSON.stringify({ v: opts.version, id, ok: false, error: { code, message: errorText(err) } }));
+      }
+    })();
+  });
+}
+
+function sha256(s: string): Buffer {
+  return createHash('sha256').update(s).digest();
+}

@@ -1,0 +1,173 @@
+/**
+ * The scheduler's view of real hosts: their agents. Inventory from host.info and vm.list, each
+ * migration run by the engine between two agents, and the settling of a migration that was in
+ * flight when the scheduler died.
+ */
+import { z } from 'zod';
+import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
+import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
+import { migrate } from '../engine/migrate.js';
+import { rollBackSource } from '../engine/recover.js';
+import { errorText } from '../errors.js';
+import { silentLogger, type Logger } from '../log.js';
+import { SchedulerError, type HostInfo, type Inventory, type MigrationJob, type MigrationRunner, type Reconciler, type RunContext, type VmInfo, type WhereRuns } from './types.js';
+
+export const HostConfigSchema = z
+  .object({
+    name: z.string().min(1),
+    url: z.string().regex(/^ws:\/\/[^/]+$/, 'must be ws://HOST:PORT'),
+    /** Memory this host may give to VMs; default: all of its RAM. */
+    memoryMiB: z.number().int().positive().optional(),
+  })
+  .strict();
+export type HostConfig = z.infer<typeof HostConfigSchema>;
+
+const MiB = 1024 * 1024;
+
+export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
+  readonly #hosts: HostConfig[];
+  readonly #token: string;
+  readonly #log: Logger;
+
+  constructor(hosts: HostConfig[], token: string, logger: Logger = silentLogger) {
+    this.#hosts = hosts;
+    this.#token = token;
+    this.#log = logger.child({ component: 'fleet' });
+  }
+
+  #host(name: string): HostConfig {
+    const h = this.#hosts.find((x) => x.name === name);
+    if (!h) throw new SchedulerError('HOST_NOT_FOUND', `no host named '${name}'`, { userError: true });
+    return h;
+  }
+
+  async #withClient<T>(host: HostConfig, fn: (c: AgentClient) => Promise<T>): Promise<T> {
+    const c = await AgentClient.connect(host.url, this.#token, 5_000);
+    try {
+      return await fn(c);
+    } finally {
+      c.close();
+    }
+  }
+
+  async #list(host: HostConfig): Promise<VmSummary[]> {
+    return this.#withClient(host, async (c) => z.array(vmSummarySchema).parse(await c.call('vm.list', {}, 10_000)));
+  }
+
+  /** Hosts whose agent answers; one that does not is left out (and logged), not fatal. */
+  async hosts(): Promise<HostInfo[]> {
+    const out = await Promise.all(
+      this.#hosts.map(async (h) => {
+        try {
+          const info = hostInfoSchema.parse(await this.#withClient(h, (c) => c.call('host.info', {}, 15_000)));
+          const capacity = h.memoryMiB ?? Math.floor(info.memoryBytes / MiB);
+          return { name: h.name, freeMemoryMiB: capacity - info.vmMemoryMiB, freeDiskBytes: info.freeBytes };
+        } catch (err) {
+          this.#log.warn({ host: h.name, err: errorText(err) }, 'host unreachable: left out of planning');
+          return undefined;
+        }
+      }),
+    );
+    return out.filter((h): h is HostInfo => h !== undefined);
+  }
+
+  /** Running VMs of every reachable host: what can move live. */
+  async vms(): Promise<VmInfo[]> {
+    const lists = await Promise.all(
+      this.#hosts.map(async (h) => {
+        try {
+          return (await this.#list(h)).filter((v) => v.role === 'vm' && v.running).map((v) => ({ name: v.name, host: h.name, memoryMiB: v.memoryMiB, diskBytes: v.diskBytes }));
+        } catch (err) {
+          this.#log.warn({ host: h.name, err: errorText(err) }, 'host unreachable: its VMs are not listed');
+          return [];
+        }
+      }),
+    );
+    return lists.flat();
+  }
+
+  async run(job: MigrationJob, ctx: RunContext): Promise<void> {
+    const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm);
+    try {
+      const destination = await AgentDestination.connect(this.#host(job.to).url, this.#token);
+      try {
+        await migrate({
+          spec: source.spec,
+          source,
+          destination,
+          migrationId: job.id.replace(/^m-/, '').slice(0, 8),
+          options: ctx.bandwidthBytesPerSec > 0 ? { bandwidthBytesPerSec: ctx.bandwidthBytesPerSec } : {},
+          signal: ctx.signal,
+          logger: this.#log,
+          onEvent: (e) => {
+            if (e.event === 'phase') ctx.onPhase(e.phase);
+          },
+        });
+      } finally {
+        destination.close();
+      }
+    } finally {
+      source.close();
+    }
+  }
+
+  /**
+   * Which QEMU runs the guest decides, and only the destination's own word counts:
+   *   destination QEMU says running     -> retire the source, release the destination: 'to'
+   *   destination absent or not running -> abandon it, roll the source back, resume it: 'from'
+   *   the destination cannot be asked   -> touch nothing: 'unknown'
+   */
+  async settle(job: MigrationJob): Promise<{ runsOn: WhereRuns; detail: string }> {
+    const from = this.#host(job.from);
+    const to = this.#host(job.to);
+    let destList: VmSummary[];
+    try {
+      destList = await this.#list(to);
+    } catch (err) {
+      return { runsOn: 'unknown', detail: `destination ${to.name} unreachable: ${errorText(err)}` };
+    }
+    const arrived = destList.find((v) => v.name === job.vm && v.role === 'vm' && v.running);
+    if (arrived) return { runsOn: 'to', detail: `${job.vm} already runs on ${to.name}` };
+    const incoming = destList.find((v) => v.name === job.vm && v.role === 'incoming');
+    let destStatus: string | undefined = 'absent';
+    if (incoming?.running) {
+      destStatus = await this.#withClient(to, async (c) => {
+        const q = await c.openQmp(incoming.vmId, 10_000);
+        try {
+          return (await q.execute('query-status', undefined, { timeoutMs: 10_000 })).status;
+        } finally {
+          await q.close();
+        }
+      }).catch(() => undefined);
+    }
+    if (destStatus === undefined) return { runsOn: 'unknown', detail: `cannot ask the destination QEMU of ${job.vm} on ${to.name} whether it runs` };
+    if (destStatus === 'running') {
+      // The guest moved: the source must be in postmigrate (vm.retire checks) and goes.
+      await this.#withClient(from, async (c) => {
+        const src = (await this.#list(from)).find((v) => v.name === job.vm && v.role === 'vm' && v.running);
+        if (src) await c.call('vm.retire', { vmId: src.vmId, timeoutMs: 30_000, removeDisks: true }, 40_000);
+      });
+      await this.#withClient(to, (c) => c.call('dest.release', { vmId: incoming!.vmId }));
+      return { runsOn: 'to', detail: `the destination ran ${job.vm}: hand-over finished` };
+    }
+    // The destination never ran the guest: it goes, and the source is made whole again.
+    if (incoming) await this.#withClient(to, (c) => c.call('dest.abandon', { vmId: incoming.vmId }, 40_000));
+    let source: AgentSource;
+    try {
+      source = await AgentSource.connect(from.url, this.#token, job.vm);
+    } catch (err) {
+      return { runsOn: 'unknown', detail: `${job.vm} runs on neither host (source: ${errorText(err)})` };
+    }
+    try {
+      const q = await source.connect({ timeoutMs: 10_000 });
+      try {
+        const did = await rollBackSource(q, this.#log);
+        return { runsOn: 'from', detail: `rolled back on ${from.name}${did.length ? `: ${did.join(', ')}` : ''}${incoming ? `; abandoned the destination QEMU (${destStatus})` : ''}` };
+      } finally {
+        await q.close();
+      }
+    } finally {
+      source.close();
+    }
+  }
+}

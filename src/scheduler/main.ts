@@ -1,0 +1,52 @@
+/**
+ * ferry-scheduler --config FILE [--listen HOST:PORT] [--database PATH]
+ * Tokens from the environment so no secret sits in a flag: FERRY_TOKEN is what the scheduler
+ * presents to the agents, FERRY_SCHEDULER_TOKEN adds an API token for principal 'operator'.
+ * SIGTERM/SIGINT: stop taking work, give running migrations 30 s, roll back the rest (queued
+ * again for the next start).
+ */
+import { readFile } from 'node:fs/promises';
+import { parseArgs } from 'node:util';
+import { errorText, FerryError } from '../errors.js';
+import { createLogger } from '../log.js';
+import { startSchedulerService } from './service.js';
+
+export async function main(argv: string[]): Promise<number> {
+  let config: Record<string, unknown>;
+  try {
+    const { values } = parseArgs({ args: argv, options: { config: { type: 'string' }, listen: { type: 'string' }, database: { type: 'string' } }, strict: true });
+    if (!values.config) throw new Error('--config FILE is required');
+    const raw: unknown = JSON.parse(await readFile(values.config, 'utf8'));
+    if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new Error(`${values.config} is not a JSON object`);
+    config = raw as Record<string, unknown>;
+    if (values.listen) {
+      const m = /^(.+):(\d+)$/.exec(values.listen);
+      if (!m) throw new Error(`--listen: expected HOST:PORT, got '${values.listen}'`);
+      config.listenHost = m[1];
+      config.listenPort = Number(m[2]);
+    }
+    if (values.database) config.database = values.database;
+    if (process.env.FERRY_TOKEN) config.agentToken = process.env.FERRY_TOKEN;
+    if (process.env.FERRY_SCHEDULER_TOKEN) config.tokens = { ...(config.tokens as Record<string, string> | undefined), [process.env.FERRY_SCHEDULER_TOKEN]: 'operator' };
+  } catch (err) {
+    process.stderr.write(`ferry-scheduler: ${errorText(err)}\n`);
+    return 2;
+  }
+  const log = createLogger({ tool: 'ferry-scheduler' });
+  try {
+    const svc = await startSchedulerService(config, log);
+    process.stdout.write(`ferry-scheduler listening on ${svc.url}\n`);
+    await new Promise<void>((resolve) => {
+      const stop = (sig: string): void => {
+        log.info({ sig }, 'stopping: running migrations get 30 s, the rest roll back and stay queued');
+        void svc.close({ graceMs: 30_000 }).then(resolve);
+      };
+      process.once('SIGTERM', () => stop('SIGTERM'));
+      process.once('SIGINT', () => stop('SIGINT'));
+    });
+    return 0;
+  } catch (err) {
+    process.stderr.write(`ferry-scheduler: ${errorText(err)}\n`);
+    return err instanceof FerryError && err.userError ? 2 : 1;
+  }
+}
