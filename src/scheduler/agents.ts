@@ -86,6 +86,10 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     return lists.flat();
   }
 
+  async vm(name: string): Promise<VmInfo | undefined> {
+    return (await this.vms()).find((v) => v.name === name);
+  }
+
   async run(job: MigrationJob, ctx: RunContext): Promise<void> {
     const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm);
     try {

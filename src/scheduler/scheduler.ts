@@ -189,8 +189,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#assertOpen();
     const existing = this.#store.activeFor(vm);
     if (existing) return { job: existing, existing: true };
-    const [hosts, vms] = await Promise.all([this.#inventory.hosts(), this.#inventory.vms()]);
-    const info = vms.find((v) => v.name === vm);
+    const [hosts, info] = await Promise.all([this.#inventory.hosts(), this.#inventory.vm(vm)]);
     if (!info) throw new SchedulerError('VM_NOT_FOUND', `no VM named '${vm}' on any host`, { userError: true });
     const room = this.#room(hosts);
     let to = opts.to;

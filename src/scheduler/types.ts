@@ -23,6 +23,8 @@ export interface VmInfo {
 export interface Inventory {
   hosts(): Promise<HostInfo[]>;
   vms(): Promise<VmInfo[]>;
+  /** One running VM by name, or undefined. */
+  vm(name: string): Promise<VmInfo | undefined>;
 }
 
 export const MIGRATION_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;

@@ -14,6 +14,9 @@ export class FakeInventory implements Inventory {
   async vms() {
     return this.vmList;
   }
+  async vm(name: string) {
+    return this.vmList.find((v) => v.name === name);
+  }
 }
 
 interface Running {
