@@ -44,15 +44,6 @@ export const methodParams = {
 export type Method = keyof typeof methodParams;
 export const METHODS = Object.keys(methodParams) as Method[];
 
-export const requestSchema = z
-  .object({
-    v: z.literal(PROTOCOL_VERSION),
-    id: z.union([z.string().max(64), z.number().int()]),
-    method: z.string(),
-    params: z.unknown().default({}),
-  })
-  .strict();
-export type Request = z.infer<typeof requestSchema>;
 
 export const responseSchema = z.union([
   z.object({ v: z.literal(PROTOCOL_VERSION), id: z.union([z.string(), z.number()]), ok: z.literal(true), result: z.unknown() }).strict(),

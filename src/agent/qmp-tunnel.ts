@@ -8,7 +8,8 @@ import { LineDecoder } from '../qmp/framing.js';
  * migration engine sends to one. Anything else (human-monitor-command, device_add, quit...) is
  * answered by the agent with a QMP error and never reaches QEMU.
  */
-export const DESTINATION_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
+/** Both sides: the session itself, and what the engine reads before it acts. */
+const COMMON = [
   'qmp_capabilities',
   'query-qmp-schema',
   'query-migrate-capabilities',
@@ -16,6 +17,10 @@ export const DESTINATION_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
   'query-migrate',
   'query-status',
   'query-named-block-nodes',
+];
+
+export const DESTINATION_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
+  ...COMMON,
   'query-block-exports',
   'query-version',
   'nbd-server-start',
@@ -30,13 +35,7 @@ export const DESTINATION_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
 
 /** What a remote caller may ask of a source QEMU: the engine's side of a migration, and quit. */
 export const SOURCE_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
-  'qmp_capabilities',
-  'query-qmp-schema',
-  'query-migrate-capabilities',
-  'query-migrate-parameters',
-  'query-migrate',
-  'query-status',
-  'query-named-block-nodes',
+  ...COMMON,
   'query-block-jobs',
   'query-jobs',
   'query-memory-size-summary',

@@ -89,3 +89,29 @@ export async function bootWorkloadGuest(opts: {
   await vm.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready' });
   return { vm, spec, hostA, hostB };
 }
+
+/**
+ * A writing guest laid out the way an agent keeps it: `<root>/<name>/data.qcow2` (made here) and
+ * `<root>/<name>/run`. Returns the spec to hand to `vm.create`, and where its serial log will be.
+ */
+export async function agentGuestSpec(
+  root: string,
+  name: string,
+  opts: { memoryMiB?: number; diskMiB?: number; fillMiB?: number; rate?: number; tickMs?: number } = {},
+): Promise<{ spec: Record<string, unknown>; serialLog: string }> {
+  const image = await loadGuestImage();
+  const dir = join(root, name);
+  await mkdir(dir, { recursive: true });
+  await makeDisk(join(dir, 'data.qcow2'), { id: 'data', format: 'qcow2', size: (opts.diskMiB ?? 64) << 20, ...(opts.fillMiB ? { fillMiB: opts.fillMiB } : {}) });
+  const workload = workloadAppend({ write: { rate: opts.rate ?? 50 }, tickMs: opts.tickMs ?? 50, disks: 1 });
+  return {
+    spec: {
+      name,
+      memoryMiB: opts.memoryMiB ?? 256,
+      disks: [{ id: 'data', path: join(dir, 'data.qcow2'), format: 'qcow2' }],
+      boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workload}` },
+      runDir: join(dir, 'run'),
+    },
+    serialLog: join(dir, 'run', 'serial.log'),
+  };
+}

@@ -6,14 +6,13 @@
  * when the test fails.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { processStartTime } from '../../src/agent/registry.js';
-import { loadGuestImage } from '../../src/guest/image.js';
-import { highestAcks, workloadAppend } from '../../src/guest/serial.js';
+import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
-import { cleanupAll, makeDisk, makeTempDir } from '../helpers/guest.js';
+import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
 import { createNetnsPair, netnsAvailable, type NetnsPair } from '../helpers/netns.js';
 
 const REPO = resolve(import.meta.dirname, '../..');
@@ -100,19 +99,9 @@ test.skipIf(!canRun)(
     let agentA = await startAgentIn(nsA, configs[0]!);
     await startAgentIn(nsB, configs[1]!);
 
-    const image = await loadGuestImage();
     const dir = join(roots[0]!, 'web1');
-    await mkdir(dir);
-    await makeDisk(join(dir, 'data.qcow2'), { id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 16 });
-    await call(nsA, urlA, 'vm.create', {
-      spec: {
-        name: 'web1',
-        memoryMiB: 256,
-        disks: [{ id: 'data', path: join(dir, 'data.qcow2'), format: 'qcow2' }],
-        boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend({ write: { rate: 50 }, tickMs: 50, disks: 1 })}` },
-        runDir: join(dir, 'run'),
-      },
-    });
+    const { spec } = await agentGuestSpec(roots[0]!, 'web1', { fillMiB: 16 });
+    await call(nsA, urlA, 'vm.create', { spec });
     const { pid } = (await call(nsA, urlA, 'vm.start', { name: 'web1' })) as { pid: number };
 
     // The source's serial log goes with its run dir when the source retires: keep reading it.
@@ -148,7 +137,9 @@ test.skipIf(!canRun)(
     const listed = (await call(nsA, urlB, 'vm.list')) as { pid: number; name: string; role: string; state: string }[];
     expect(listed).toMatchObject([{ name: 'web1', role: 'vm', state: 'running' }]);
     const runB = (await readdir(join(roots[1]!, 'web1'))).find((f) => f.startsWith('run-'))!;
-    const ackedOnB = await readAcks(join(roots[1]!, 'web1', runB, 'serial.log'));
+    const serialB = join(roots[1]!, 'web1', runB, 'serial.log');
+    for (let i = 0; i < 100 && (await readAcks(serialB)) <= ackedOnA; i++) await new Promise((r) => setTimeout(r, 100));
+    const ackedOnB = await readAcks(serialB);
     expect(ackedOnB).toBeGreaterThan(ackedOnA); // the guest writes on, on B
     await call(nsA, urlB, 'vm.stop', { name: 'web1' });
     const report = await verifyDisk(join(roots[1]!, 'web1', 'data.qcow2'), { format: 'qcow2', diskId: 'data', ackedSeq: ackedOnB });

@@ -4,19 +4,18 @@
  * separate process, killed with SIGKILL mid-drain and started again.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { AgentClient } from '../../src/agent/client.js';
 import type { AgentEvent } from '../../src/agent/protocol.js';
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
-import { loadGuestImage } from '../../src/guest/image.js';
-import { highestAcks, workloadAppend } from '../../src/guest/serial.js';
+import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
 import { startSchedulerService } from '../../src/scheduler/service.js';
 import type { MigrationJob } from '../../src/scheduler/types.js';
-import { cleanupAll, makeDisk, makeTempDir } from '../helpers/guest.js';
+import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
 
 const REPO = resolve(import.meta.dirname, '../..');
 const AGENT_TOKEN = 'agent-token-for-the-scheduler-0123';
@@ -40,21 +39,10 @@ beforeAll(async () => {
     roots[h] = await makeTempDir(`ferry-sched-${h}-`);
     agents[h] = await startAgent({ name: h, listenPort: 0, storageRoot: roots[h], tokens: { [AGENT_TOKEN]: 'scheduler' }, portRange: [22000 + 1000 * (h.charCodeAt(0) - 65), 22999 + 1000 * (h.charCodeAt(0) - 65)] });
   }
-  const image = await loadGuestImage();
   const a = await AgentClient.connect(agents.A!.url, AGENT_TOKEN);
   for (const vm of VMS) {
-    const dir = join(roots.A!, vm);
-    await mkdir(dir);
-    await makeDisk(join(dir, 'data.qcow2'), { id: 'data', format: 'qcow2', size: 32 << 20, fillMiB: 4 });
-    await a.call('vm.create', {
-      spec: {
-        name: vm,
-        memoryMiB: 128,
-        disks: [{ id: 'data', path: join(dir, 'data.qcow2'), format: 'qcow2' }],
-        boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend({ write: { rate: 20 }, tickMs: 100, disks: 1 })}` },
-        runDir: join(dir, 'run'),
-      },
-    });
+    const { spec } = await agentGuestSpec(roots.A!, vm, { memoryMiB: 128, diskMiB: 32, fillMiB: 4, rate: 20, tickMs: 100 });
+    await a.call('vm.create', { spec });
     pids.push(((await a.call('vm.start', { name: vm })) as { pid: number }).pid);
   }
   a.close();
