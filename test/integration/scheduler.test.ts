@@ -12,6 +12,7 @@ import type { AgentEvent } from '../../src/agent/protocol.js';
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
+import { main as ferryMain } from '../../src/scheduler/cli.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
 import { startSchedulerService } from '../../src/scheduler/service.js';
 import type { MigrationJob } from '../../src/scheduler/types.js';
@@ -91,6 +92,19 @@ test('refusals, and cancelling a queued and a running migration through real age
     await expect(c.call('migrate', { vm: 'vm1', to: 'Z' })).rejects.toMatchObject({ code: 'HOST_NOT_FOUND' });
     await expect(c.call('frobnicate' as 'hosts')).rejects.toMatchObject({ code: 'UNKNOWN_METHOD' });
     expect(await c.call('queue', { all: true })).toEqual([]);
+    // The operator's CLI against the same service: tables, JSON, and refusals with exit 2.
+    const ferry = async (...argv: string[]): Promise<{ code: number; out: string; err: string }> => {
+      let out = '';
+      let err = '';
+      const sink = (f: (s: string) => void) => ({ write: (s: string) => (f(s), true) }) as unknown as NodeJS.WritableStream;
+      const code = await ferryMain(['--scheduler', svc.url, ...argv], { stdout: sink((x) => (out += x)), stderr: sink((x) => (err += x)) }, { FERRY_SCHEDULER_TOKEN: API_TOKEN });
+      return { code, out, err };
+    };
+    expect(await ferry('hosts')).toMatchObject({ code: 0, out: expect.stringMatching(/^HOST +UP +FREE MEM.*\nA +yes .* 4 +0 +0\nB +yes +200 MiB/) });
+    expect(JSON.parse((await ferry('--json', 'vms')).out)).toHaveLength(4);
+    expect(await ferry('migrate', 'ghost')).toMatchObject({ code: 2, err: "ferry: no VM named 'ghost' on any host\n" });
+    expect(await ferry('drain')).toMatchObject({ code: 2, err: expect.stringMatching(/^ferry: ferry drain: expected one host name\n/) });
+    expect((await ferryMain(['--scheduler', svc.url, 'queue'], { stdout: process.stdout, stderr: { write: () => true } as unknown as NodeJS.WritableStream }, {}))).toBe(2); // no token
 
     const phases: string[] = [];
     await c.watch((e) => {
