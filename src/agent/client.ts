@@ -1,7 +1,8 @@
 import { join } from 'node:path';
 import { WebSocket, createWebSocketStream } from 'ws';
 import { errorText, FerryError } from '../errors.js';
-import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
+import type { BackingNbd, DestinationEndpoint, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
+import { randomOrder } from '../engine/local-endpoint.js';
 import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { z } from 'zod';
@@ -102,13 +103,18 @@ export class AgentClient {
 /** The source host is an agent that runs the VM: QMP through its allowlist tunnel. */
 export class AgentSource implements SourceEndpoint {
   readonly name: string;
+  readonly exportHost: string;
+  readonly #portRange: [number, number];
   readonly spec: VmSpec;
   readonly #client: AgentClient;
   readonly #vmId: string;
   readonly #removeDisks: boolean;
 
-  private constructor(client: AgentClient, name: string, vmId: string, spec: VmSpec, removeDisks: boolean) {
+  private constructor(client: AgentClient, info: HostInfo, vmId: string, spec: VmSpec, removeDisks: boolean) {
     this.#client = client;
+    const name = `${info.name} (agent)`;
+    this.exportHost = info.migrationHost;
+    this.#portRange = info.portRange;
     this.#removeDisks = removeDisks;
     this.name = name;
     this.#vmId = vmId;
@@ -125,7 +131,7 @@ export class AgentSource implements SourceEndpoint {
       const info = hostInfoSchema.parse(await client.call('host.info'));
       const found = vmGetSchema.parse(await client.call('vm.get', { name: vmName }));
       if (found.state !== 'running') throw new AgentCallError('VM_NOT_RUNNING', `VM '${vmName}' on ${info.name} is ${found.state}, not running`, { userError: true });
-      return new AgentSource(client, `${info.name} (agent)`, found.vmId, parseVmSpec(found.spec), !(opts.keepDisks ?? false));
+      return new AgentSource(client, info, found.vmId, parseVmSpec(found.spec), !(opts.keepDisks ?? false));
     } catch (err) {
       client.close();
       throw err;
@@ -134,6 +140,15 @@ export class AgentSource implements SourceEndpoint {
 
   connect(opts: { timeoutMs: number }): Promise<QmpClient> {
     return this.#client.openQmp(this.#vmId, opts.timeoutMs);
+  }
+
+  candidateExportPorts(): Iterable<number> {
+    return randomOrder(this.#portRange);
+  }
+
+  async nbdBytesServed(localPort: number): Promise<number | undefined> {
+    const r = (await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, localPort }).catch(() => ({ bytes: null }))) as { bytes: number | null };
+    return r.bytes ?? undefined;
   }
 
   async nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
@@ -203,7 +218,7 @@ export class AgentDestination implements DestinationEndpoint {
     }
   }
 
-  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number }): Promise<void> {
+  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }): Promise<void> {
     await this.#client.call('dest.createDisk', disk);
   }
 
@@ -240,11 +255,8 @@ export class AgentDestination implements DestinationEndpoint {
     };
   }
 
-  *candidatePorts(): Iterable<number> {
-    const [lo, hi] = this.#info.portRange;
-    const span = hi - lo + 1;
-    const start = Math.floor(Math.random() * span);
-    for (let i = 0; i < span; i++) yield lo + ((start + i) % span);
+  candidatePorts(): Iterable<number> {
+    return randomOrder(this.#info.portRange);
   }
 
   async removeRunDir(): Promise<void> {

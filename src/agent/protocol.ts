@@ -13,7 +13,11 @@ import { z } from 'zod';
 export const PROTOCOL_VERSION = 1;
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
 
-const diskParams = z.object({ path: z.string().min(1), format: z.enum(['qcow2', 'raw']), virtualSize: z.number().int().positive() }).strict();
+/** A lazy overlay's backing: structured, so the agent builds the backing string itself. */
+const backingNbd = z
+  .object({ host: z.string().regex(/^[0-9a-fA-F:.]+$/, 'must be an IP address'), port: z.number().int().min(1).max(65535), export: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/), reconnectDelayS: z.number().int().min(0).max(300) })
+  .strict();
+const diskParams = z.object({ path: z.string().min(1), format: z.enum(['qcow2', 'raw']), virtualSize: z.number().int().positive(), backingNbd: backingNbd.optional() }).strict();
 const vmName = z.object({ name: z.string().min(1) }).strict();
 const vmRef = z.object({ vmId: z.string().regex(/^[a-z0-9-]{1,64}$/) }).strict();
 
@@ -36,7 +40,11 @@ export const methodParams = {
   /** QMP quit (QEMU flushes the disks), SIGKILL after timeoutMs. */
   'vm.stop': z.object({ name: z.string().min(1), timeoutMs: z.number().int().positive().max(600_000).default(30_000) }).strict(),
   'vm.delete': z.object({ name: z.string().min(1), removeDisks: z.boolean() }).strict(),
-  'vm.nbdBytesSent': z.object({ vmId: z.string(), host: z.string(), port: z.number().int() }).strict(),
+  /** Bytes the VM's QEMU sent to host:port (precopy's mirror), or from its own localPort (lazy's export). */
+  'vm.nbdBytesSent': z.union([
+    z.object({ vmId: z.string(), host: z.string(), port: z.number().int() }).strict(),
+    z.object({ vmId: z.string(), localPort: z.number().int().min(1).max(65535) }).strict(),
+  ]),
   /** After a migration: quits the source QEMU (refused unless it is postmigrate) and forgets it. */
   'vm.retire': z.object({ vmId: z.string(), timeoutMs: z.number().int().positive().max(600_000), removeDisks: z.boolean() }).strict(),
 } as const;

@@ -31,6 +31,14 @@ export const DESTINATION_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
   'migrate-set-parameters',
   'migrate-incoming',
   'cont',
+  // lazy mode: the background hydration of the overlays
+  'block-stream',
+  'block-job-set-speed',
+  'block-job-cancel',
+  'query-block-jobs',
+  'query-jobs',
+  'job-finalize',
+  'job-dismiss',
 ]);
 
 /** What a remote caller may ask of a source QEMU: the engine's side of a migration, and quit. */
@@ -52,6 +60,12 @@ export const SOURCE_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
   'migrate-continue',
   'cont',
   'quit',
+  // lazy mode: the source serves its disks read-only until the destination has them all
+  'nbd-server-start',
+  'nbd-server-stop',
+  'block-export-add',
+  'block-export-del',
+  'query-block-exports',
 ]);
 
 /**

@@ -19,7 +19,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import type { z } from 'zod';
 import { FerryError } from '../errors.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
-import { tcpBytesAcked } from '../engine/wire.js';
+import { tcpBytesAcked, tcpBytesAckedFrom } from '../engine/wire.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
 import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
@@ -217,7 +217,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     },
     'vm.nbdBytesSent': async (principal, params) => {
       owned(principal, params.vmId);
-      return { bytes: (await tcpBytesAcked({ host: params.host, port: params.port })) ?? null };
+      const bytes = 'localPort' in params ? await tcpBytesAckedFrom(params.localPort) : await tcpBytesAcked({ host: params.host, port: params.port });
+      return { bytes: bytes ?? null };
     },
     'vm.retire': async (principal, params) => {
       const r = owned(principal, params.vmId);

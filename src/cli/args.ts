@@ -29,6 +29,9 @@ disks, the migration stream for RAM. Through agents (ferry-agent), the agents ca
   --bandwidth SIZE         cap on the link, bytes/s: 500M, 1G, 10M... (default: unlimited)
   --downtime-limit MS      pause QEMU aims for at switchover (default 300)
   --max-downtime MS        the limit steps up to this when RAM does not converge (default 2000)
+  --mode MODE              precopy | lazy (default precopy). lazy: the destination runs as soon as
+                           RAM has moved and pulls disk blocks from the source while it hydrates
+  --hydration-rate SIZE    (lazy) cap on the background hydration, bytes/s per disk
   --copy-mode MODE         background | write-blocking (default background)
   --on-deadline POLICY     abort | force, when the completion deadline passes (default abort)
   --no-auto-converge       do not throttle the guest's vCPUs to make RAM converge
@@ -46,6 +49,8 @@ Exit codes:
   2    bad input (flags, spec, or a preflight refusal): nothing was changed
   3    outcome uncertain: the destination may have run, the source was left paused; look
        before resuming anything (the message says which QEMU to check)
+  4    (lazy) the guest runs on the destination but hydration failed: keep the source QEMU
+       up, it still serves the blocks the destination lacks (docs/migration.md)
   130  cancelled by SIGINT/SIGTERM and rolled back: the guest runs on the source
 `;
 
@@ -105,6 +110,8 @@ export function parseCli(argv: string[]): Parsed {
         'downtime-limit': { type: 'string' },
         'max-downtime': { type: 'string' },
         'copy-mode': { type: 'string' },
+        mode: { type: 'string' },
+        'hydration-rate': { type: 'string' },
         'on-deadline': { type: 'string' },
         'no-auto-converge': { type: 'boolean' },
         timeout: { type: 'string' },
@@ -164,6 +171,14 @@ export function parseCli(argv: string[]): Parsed {
       throw new UsageError(`--copy-mode: '${values['copy-mode']}' is not one of background, write-blocking`);
     }
     options.copyMode = values['copy-mode'];
+  }
+  if (values.mode !== undefined) {
+    if (values.mode !== 'precopy' && values.mode !== 'lazy') throw new UsageError(`--mode: '${values.mode}' is not one of precopy, lazy`);
+    options.mode = values.mode;
+  }
+  if (values['hydration-rate'] !== undefined) {
+    if (options.mode !== 'lazy') throw new UsageError('--hydration-rate goes with --mode lazy');
+    options.hydrationBytesPerSec = parseSize('--hydration-rate', values['hydration-rate']);
   }
   if (values['on-deadline'] !== undefined) {
     if (values['on-deadline'] !== 'abort' && values['on-deadline'] !== 'force') {

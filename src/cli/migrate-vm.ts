@@ -15,9 +15,9 @@ import { AgentDestination, AgentSource } from '../agent/client.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
-import { renderPlan, renderProgress, renderSummary } from './progress.js';
+import { renderHydration, renderPlan, renderProgress, renderSummary } from './progress.js';
 
-export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, cancelled: 130 } as const;
+export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, hydrationFailed: 4, cancelled: 130 } as const;
 
 interface Io {
   stdout: NodeJS.WritableStream;
@@ -109,6 +109,12 @@ async function run(args: CliArgs, io: Io): Promise<number> {
           lastPrint = now;
           status(renderProgress(e.progress));
         }
+      } else if (e.event === 'hydration') {
+        const now = performance.now();
+        if (tty || now - lastPrint > 2_000) {
+          lastPrint = now;
+          status(renderHydration(e));
+        }
       } else if (e.event === 'phase' && !tty) {
         status(`phase ${e.phase}`);
       } else if (e.event === 'warning' || e.event === 'convergence') {
@@ -158,7 +164,9 @@ async function run(args: CliArgs, io: Io): Promise<number> {
         io.stderr.write(
           err.guestOn === 'source'
             ? '  the guest runs on the source, as before\n'
-            : '  OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything\n',
+            : err.guestOn === 'destination'
+              ? '  the guest runs on the DESTINATION and still needs the source for blocks not yet hydrated: keep the source QEMU up\n'
+              : '  OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything\n',
         );
       }
     }
@@ -214,6 +222,7 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
 
 function exitCodeOf(err: unknown, cancelled: boolean): number {
   if (err instanceof MigrationError && err.guestOn === 'unknown') return EXIT.uncertain;
+  if (err instanceof MigrationError && err.guestOn === 'destination') return EXIT.hydrationFailed;
   if (cancelled) return EXIT.cancelled;
   if (err instanceof FerryError && err.userError) return EXIT.badInput;
   return EXIT.rolledBack;
@@ -233,5 +242,7 @@ function summaryOf(r: MigrationResult): Record<string, unknown> {
     phaseMs: r.phaseMs,
     convergence: r.convergence,
     destination: r.plan.destination,
+    mode: r.plan.mode,
+    ...(r.lazy ? { destinationRunningMs: r.lazy.destinationRunningMs, hydrationMs: r.lazy.hydrationMs, hydratedWireBytes: r.lazy.hydratedWireBytes ?? null } : {}),
   };
 }

@@ -59,6 +59,17 @@ export function renderSummary(r: MigrationResult): string {
     `  disk ${fmtBytes(r.diskBytes)} sent for ${fmtBytes(r.plan.disks.reduce((s, d) => s + d.allocatedBytes, 0))} allocated, RAM ${fmtBytes(r.ramBytes)}`,
     `  phases: ${phases}`,
     `  convergence: downtime limit ${r.convergence.downtimeLimitMs} ms, ${r.convergence.steps} step(s), auto-converge ${r.convergence.autoConverge ? 'on' : 'off'}${r.convergence.forced ? ', switchover FORCED at the deadline' : ''}`,
+    ...(r.lazy
+      ? [`  lazy: the destination ran ${fmtMs(r.lazy.destinationRunningMs)} after the start; hydration took ${fmtMs(r.lazy.hydrationMs)} and moved ${r.lazy.hydratedWireBytes === undefined ? '(not measurable)' : fmtBytes(r.lazy.hydratedWireBytes)}`]
+      : []),
     `  the guest runs on the destination; the source QEMU has exited`,
   ].join('\n');
+}
+
+/** lazy mode, after the destination runs: what is hydrated and what the source still serves. */
+export function renderHydration(e: { disks: { id: string; doneBytes: number; totalBytes: number }[]; wireBytes: number | undefined; elapsedMs: number }): string {
+  const done = e.disks.reduce((s, d) => s + d.doneBytes, 0);
+  const total = e.disks.reduce((s, d) => s + d.totalBytes, 0);
+  const pct = total > 0 ? Math.floor((100 * done) / total) : 100;
+  return `hydrate ${pct}% ${fmtBytes(done)}/${fmtBytes(total)}, ${fmtBytes(Math.max(0, total - done))} left, ${e.wireBytes === undefined ? '' : `${fmtBytes(e.wireBytes)} on the wire, `}${fmtMs(e.elapsedMs)}`;
 }

@@ -15,6 +15,12 @@ export interface SourceEndpoint {
    * counters; undefined where this host cannot tell (the engine then reports the jobs' counters).
    */
   nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined>;
+  /** lazy mode: the address the destination reaches this host's NBD server at. */
+  readonly exportHost: string;
+  /** lazy mode: candidate TCP ports on exportHost for the source's NBD server. */
+  candidateExportPorts(): Iterable<number>;
+  /** lazy mode: bytes this host's NBD server on `localPort` has sent (hydration on the wire). */
+  nbdBytesServed(localPort: number): Promise<number | undefined>;
   /** After a successful migration: make the source QEMU exit (it is paused in postmigrate). */
   retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
 }
@@ -43,12 +49,28 @@ export interface DestinationEndpoint {
   freeBytes(spec: VmSpec): Promise<number>;
   /** Problems that make this host unable to take the VM (folder not writable, file exists...). */
   checkTarget(spec: VmSpec): Promise<string[]>;
-  /** Creates an empty sparse image; refuses to overwrite. */
-  createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number }): Promise<void>;
+  /**
+   * Creates an empty sparse image; refuses to overwrite. With `backingNbd` (lazy mode): a qcow2
+   * overlay whose backing is the source's read-only NBD export of the same disk.
+   */
+  createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }): Promise<void>;
   removeDisk(path: string): Promise<void>;
   startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<IncomingVm>;
   /** Candidate TCP ports on migrationHost, in the order to try them. */
   candidatePorts(): Iterable<number>;
   /** Removes what startIncoming left behind besides disks (run dir, sockets). */
   removeRunDir(spec: VmSpec): Promise<void>;
+}
+
+/** The source's NBD export a lazy destination reads unhydrated blocks from. */
+export interface BackingNbd {
+  host: string;
+  port: number;
+  export: string;
+  reconnectDelayS: number;
+}
+
+/** The qcow2 backing-file string for a BackingNbd; built here only, never taken from a caller. */
+export function backingNbdFilename(b: BackingNbd): string {
+  return `json:${JSON.stringify({ driver: 'nbd', server: { type: 'inet', host: b.host, port: String(b.port) }, export: b.export, 'reconnect-delay': b.reconnectDelayS })}`;
 }

@@ -9,21 +9,34 @@ import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
 import { launchVm, type VmProcess } from '../qemu/launcher.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
-import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
-import { tcpBytesAcked } from './wire.js';
+import { backingNbdFilename, type BackingNbd, type DestinationEndpoint, type IncomingVm, type SourceEndpoint } from './endpoint.js';
+import { tcpBytesAcked, tcpBytesAckedFrom } from './wire.js';
 
 const run = promisify(execFile);
 
 /** The source VM runs on this machine and its QMP socket is reachable at a path. */
 export class LocalSource implements SourceEndpoint {
   readonly name: string;
+  readonly exportHost: string;
   readonly #qmpSocket: string;
   readonly #logger: Logger;
+  readonly #exportPorts: [number, number];
 
-  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger }) {
+  /** exportHost/exportPortRange: where lazy mode's read-only NBD server listens on this host. */
+  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number] }) {
     this.#qmpSocket = opts.qmpSocket;
     this.name = opts.name ?? 'local';
     this.#logger = opts.logger ?? silentLogger;
+    this.exportHost = opts.exportHost ?? '127.0.0.1';
+    this.#exportPorts = opts.exportPortRange ?? [30000, 39999];
+  }
+
+  candidateExportPorts(): Iterable<number> {
+    return randomOrder(this.#exportPorts);
+  }
+
+  nbdBytesServed(localPort: number): Promise<number | undefined> {
+    return tcpBytesAckedFrom(localPort);
   }
 
   connect(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QmpClient> {
@@ -115,9 +128,15 @@ export class LocalDestination implements DestinationEndpoint {
     return problems;
   }
 
-  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number }): Promise<void> {
+  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }): Promise<void> {
     if (await exists(disk.path)) throw new FerryError('DISK_EXISTS', `refusing to overwrite ${disk.path}`, { userError: true });
     await mkdir(dirname(disk.path), { recursive: true });
+    if (disk.backingNbd) {
+      if (disk.format !== 'qcow2') throw new FerryError('OVERLAY_FORMAT', 'a lazy overlay must be qcow2', { userError: true });
+      // -u: the export need not be reachable from qemu-img; QEMU opens it when it starts.
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', backingNbdFilename(disk.backingNbd), '-F', 'nbd', disk.path, String(disk.virtualSize)], { timeout: 30_000 });
+      return;
+    }
     // Sparse: raw is a hole-only file, qcow2 has no preallocation. Only what the mirror writes lands.
     await run('qemu-img', ['create', '-q', '-f', disk.format, disk.path, String(disk.virtualSize)], { timeout: 30_000 });
   }
@@ -158,18 +177,21 @@ export class LocalDestination implements DestinationEndpoint {
     return this.incoming;
   }
 
-  *candidatePorts(): Iterable<number> {
-    const [lo, hi] = this.#ports;
-    const span = hi - lo + 1;
-    // Start at a random point so concurrent migrations on one machine rarely collide.
-    const start = Math.floor(Math.random() * span);
-    for (let i = 0; i < span; i++) yield lo + ((start + i) % span);
+  candidatePorts(): Iterable<number> {
+    return randomOrder(this.#ports);
   }
 
   async removeRunDir(spec: VmSpec): Promise<void> {
     await rm(spec.runDir, { recursive: true, force: true });
     await this.#removeEmptyParent(spec.runDir);
   }
+}
+
+/** Every port of the range once, from a random start, so concurrent migrations rarely collide. */
+export function* randomOrder([lo, hi]: [number, number]): Iterable<number> {
+  const span = hi - lo + 1;
+  const start = Math.floor(Math.random() * span);
+  for (let i = 0; i < span; i++) yield lo + ((start + i) % span);
 }
 
 async function exists(path: string): Promise<boolean> {

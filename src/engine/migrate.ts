@@ -31,7 +31,7 @@ import {
 } from '../qmp/index.js';
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
 import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
-import { exportName, mirrorJobId, newMigrationId, targetNodeName } from './names.js';
+import { exportName, mirrorJobId, newMigrationId, streamJobId, targetNodeName } from './names.js';
 import { ProgressTracker } from './progress.js';
 import {
   MigrationError,
@@ -90,6 +90,11 @@ interface SourceState {
   wasRunning: boolean;
 }
 
+interface SourceExport {
+  /** The source's NBD server port on its exportHost. */
+  port: number;
+}
+
 interface DestinationState {
   spec: VmSpec;
   vm: IncomingVm;
@@ -139,14 +144,19 @@ class Migration {
         await source.qmp.close();
         return this.#result(plan, 0, undefined, 0, 0);
       }
-      this.#progress = new ProgressTracker(plan, this.#req.source, this.#opts.progressIntervalMs);
+      const lazy = plan.mode === 'lazy';
+      // lazy: no disk is copied before the guest moves, so progress until then is RAM only.
+      this.#progress = new ProgressTracker(lazy ? { ...plan, disks: [] } : plan, this.#req.source, this.#opts.progressIntervalMs);
 
       this.#enter('prepare-destination');
-      const dest = await this.#prepareDestination(plan);
+      const sourceExport = lazy ? await this.#exportSourceDisks(source, plan) : undefined;
+      const dest = await this.#prepareDestination(plan, sourceExport);
 
-      this.#enter('mirror');
-      await this.#startMirrors(source, dest, plan);
-      await this.#waitMirrorsReady(source, dest, plan);
+      if (!lazy) {
+        this.#enter('mirror');
+        await this.#startMirrors(source, dest, plan);
+        await this.#waitMirrorsReady(source, dest, plan);
+      }
 
       this.#enter('ram');
       const sinceMigration = await this.#startRamMigration(source, dest);
@@ -154,25 +164,40 @@ class Migration {
 
       this.#enter('switchover');
       const stoppedAt = performance.now() - (await this.#pausedForMs(source, sinceMigration));
-      await this.#completeMirrors(source, plan);
+      if (!lazy) await this.#completeMirrors(source, plan);
       const qemuDowntimeMs = await this.#continueSwitchover(source, sinceMigration);
 
       this.#enter('confirm');
       await this.#waitDestinationComplete(dest);
       await this.#resumeDestination(dest);
       const downtimeMs = performance.now() - stoppedAt;
+      const destinationRunningMs = performance.now() - this.#started;
+
+      let hydration: { hydrationMs: number; hydratedWireBytes: number | undefined } | undefined;
+      if (sourceExport) {
+        // The guest runs on the destination and reads what it lacks from the source, which must
+        // therefore stay up (paused, serving its export) until every overlay holds everything.
+        this.#enter('hydrate');
+        hydration = await this.#hydrate(dest, plan, sourceExport);
+      }
 
       // The guest runs on the destination. What follows only tidies up: it cannot fail the
       // migration, only warn, and the NBD plumbing goes after `cont` so it adds nothing to the pause.
       this.#enter('cleanup');
-      const diskBytes = await this.#progress.finalDiskBytes();
-      await this.#tidy('detach the source NBD nodes', () => this.#detachSourceTargets(source!, plan));
-      await this.#tidy("stop the destination's NBD server", () => this.#stopDestinationNbd(dest));
+      const diskBytes = sourceExport ? (hydration?.hydratedWireBytes ?? 0) : await this.#progress.finalDiskBytes();
+      if (sourceExport) {
+        await this.#tidy("stop the source's NBD export", () => this.#unexportSourceDisks(source!, plan));
+      } else {
+        await this.#tidy('detach the source NBD nodes', () => this.#detachSourceTargets(source!, plan));
+        await this.#tidy("stop the destination's NBD server", () => this.#stopDestinationNbd(dest));
+      }
       const bitmapsMigrated = await this.#bitmapsOn(dest.vm.qmp, plan);
       await this.#retireSource(source);
       await dest.vm.release();
       this.#enter('done');
-      return this.#result(plan, downtimeMs, qemuDowntimeMs, diskBytes, this.#progress.ramTransferred, bitmapsMigrated);
+      const result = this.#result(plan, downtimeMs, qemuDowntimeMs, diskBytes, this.#progress.ramTransferred, bitmapsMigrated);
+      if (hydration) result.lazy = { destinationRunningMs: Math.round(destinationRunningMs), ...hydration };
+      return result;
     } catch (err) {
       throw await this.#fail(err, source);
     }
@@ -220,7 +245,12 @@ class Migration {
     // The spec must describe the running VM, disk for disk: the destination is started from it.
     const nodes = await source.qmp.execute('query-named-block-nodes', { flat: true }, this.#call());
     const byName = new Map(nodes.map((n) => [n['node-name'], n]));
-    const destSpec = this.#req.destination.targetSpec(spec, this.id);
+    const destSpec = this.#targetSpec();
+    if (this.#opts.mode === 'lazy') {
+      for (const cmd of ['nbd-server-start', 'block-export-add', 'block-export-del']) {
+        if (!source.caps.hasCommand(cmd)) problems.push(`lazy mode: source QEMU lacks the command ${cmd}`);
+      }
+    }
     const disks: MigrationPlan['disks'] = [];
     const bitmaps: MigrationPlan['bitmaps'] = [];
     for (const [i, disk] of spec.disks.entries()) {
@@ -246,7 +276,7 @@ class Migration {
       }
       disks.push({
         id: disk.id,
-        format: disk.format,
+        format: destSpec.disks[i]!.format,
         virtualSize,
         allocatedBytes: node.image['actual-size'] ?? virtualSize,
         sourcePath: disk.path,
@@ -257,6 +287,10 @@ class Migration {
         // With a backing file, 'top' would leave the chain behind: flatten instead.
         sync: node.backing_file ? 'full' : 'top',
       });
+    }
+    if (this.#opts.mode === 'lazy' && bitmaps.length > 0) {
+      // Not verified yet: the bitmap would land on the overlay while the data is still behind it.
+      problems.push(`lazy mode does not move dirty bitmaps yet (found ${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}); use precopy`);
     }
     const memory = await source.qmp.executeRaw('query-memory-size-summary', undefined, this.#call());
     const ramBytes = readBaseMemory(memory) ?? spec.memoryMiB * 1024 * 1024;
@@ -287,6 +321,7 @@ class Migration {
       destinationHost: this.#req.destination.migrationHost,
       disks,
       ramBytes,
+      mode: this.#opts.mode,
       copyMode: this.#opts.copyMode,
       bitmaps,
       capabilities: {
@@ -299,11 +334,24 @@ class Migration {
 
   // ---------------------------------------------------------------- prepare destination
 
-  async #prepareDestination(plan: MigrationPlan): Promise<DestinationState> {
+  /**
+   * The destination's spec. In lazy mode every disk is a qcow2 overlay (named .qcow2) whose
+   * backing is the source's export until hydration ends; after that it stands alone.
+   */
+  #targetSpec(): VmSpec {
+    const spec = this.#req.destination.targetSpec(this.#req.spec, this.id);
+    if (this.#opts.mode !== 'lazy') return spec;
+    return { ...spec, disks: spec.disks.map((d) => ({ ...d, format: 'qcow2' as const, path: d.path.replace(/(\.(raw|img|qcow2))?$/, '.qcow2') })) };
+  }
+
+  async #prepareDestination(plan: MigrationPlan, sourceExport?: SourceExport): Promise<DestinationState> {
     const d = this.#req.destination;
-    const spec = d.targetSpec(this.#req.spec, this.id);
+    const spec = this.#targetSpec();
     for (const [i, disk] of plan.disks.entries()) {
-      await d.createDisk({ path: disk.destinationPath, format: disk.format, virtualSize: disk.virtualSize });
+      const backingNbd = sourceExport
+        ? { host: this.#req.source.exportHost, port: sourceExport.port, export: exportName(this.id, disk.id), reconnectDelayS: this.#opts.nbdReconnectDelayS }
+        : undefined;
+      await d.createDisk({ path: disk.destinationPath, format: disk.format, virtualSize: disk.virtualSize, ...(backingNbd ? { backingNbd } : {}) });
       this.#undo.push(`remove destination disk ${spec.disks[i]!.id}`, 'destination', () => d.removeDisk(disk.destinationPath));
     }
     this.#undo.push('remove destination run dir', 'destination', () => d.removeRunDir(spec));
@@ -314,10 +362,14 @@ class Migration {
     });
     const caps = await vm.qmp.probeCapabilities(this.#call());
     plan.capabilities.destination = [...caps.migrationCapabilities].sort();
-    for (const cmd of ['nbd-server-start', 'block-export-add', 'migrate-incoming']) {
+    for (const cmd of sourceExport ? ['migrate-incoming'] : ['nbd-server-start', 'block-export-add', 'migrate-incoming']) {
       if (!caps.hasCommand(cmd)) throw new MigrationError('DESTINATION_UNSUPPORTED', `destination QEMU lacks ${cmd}`, { phase: this.#phase });
     }
 
+    if (sourceExport) {
+      if (!caps.hasCommand('block-stream')) throw new MigrationError('DESTINATION_UNSUPPORTED', 'destination QEMU lacks block-stream (lazy mode)', { phase: this.#phase });
+      return { spec, vm, caps, nbdPort: 0, migrationPort: 0, since: vm.qmp.eventCursor() };
+    }
     const nbdPort = await this.#onFreePort((port) =>
       vm.qmp.execute(
         'nbd-server-start',
@@ -339,10 +391,10 @@ class Migration {
   }
 
   /** Tries candidate ports until QEMU binds one; another process may hold any of them. */
-  async #onFreePort(bind: (port: number) => Promise<unknown>): Promise<number> {
+  async #onFreePort(bind: (port: number) => Promise<unknown>, where: { host: string; ports: Iterable<number> } = { host: this.#req.destination.migrationHost, ports: this.#req.destination.candidatePorts() }): Promise<number> {
     let tried = 0;
     let last: unknown;
-    for (const port of this.#req.destination.candidatePorts()) {
+    for (const port of where.ports) {
       if (tried++ >= 50) break;
       try {
         await bind(port);
@@ -352,10 +404,128 @@ class Migration {
         last = err;
       }
     }
-    throw new MigrationError('NO_FREE_PORT', `no free port on ${this.#req.destination.migrationHost} after ${tried} tries: ${errorText(last)}`, {
+    throw new MigrationError('NO_FREE_PORT', `no free port on ${where.host} after ${tried} tries: ${errorText(last)}`, {
       phase: this.#phase,
       cause: last,
     });
+  }
+
+  // ---------------------------------------------------------------- lazy mode: export and hydrate
+
+  /**
+   * The source serves each disk read-only over NBD. Read-only matters: a writable export could
+   * not be inactivated when the migration completes, and the source must stop writing then.
+   */
+  async #exportSourceDisks(source: SourceState, plan: MigrationPlan): Promise<SourceExport> {
+    const q = source.qmp;
+    const src = this.#req.source;
+    const port = await this.#onFreePort(
+      (p) => q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: src.exportHost, port: String(p) } } }, this.#call()),
+      { host: src.exportHost, ports: src.candidateExportPorts() },
+    );
+    this.#undo.push("stop the source's NBD server", 'source', async () => {
+      await q.execute('nbd-server-stop', undefined, { timeoutMs: QMP_TIMEOUT_MS });
+    });
+    for (const disk of plan.disks) {
+      const name = exportName(this.id, disk.id);
+      await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: false }, this.#call());
+      this.#undo.push(`remove source export ${name}`, 'source', async () => {
+        await q.execute('block-export-del', { id: name, mode: 'hard' }, { timeoutMs: QMP_TIMEOUT_MS });
+      });
+    }
+    return { port };
+  }
+
+  async #unexportSourceDisks(source: SourceState, plan: MigrationPlan): Promise<void> {
+    for (const disk of plan.disks) {
+      await source.qmp.execute('block-export-del', { id: exportName(this.id, disk.id), mode: 'hard' }, this.#call());
+    }
+    await source.qmp.execute('nbd-server-stop', undefined, this.#call());
+  }
+
+  /**
+   * block-stream per disk pulls what the overlay lacks from the source, at the caller's rate.
+   * Zero ranges cross the wire as NBD holes, so only allocated data moves. A stream that fails
+   * (source unreachable past the reconnect delay) is started again: it skips what already
+   * arrived. Past the point of no return, a failure is reported loudly and never rolled back.
+   */
+  async #hydrate(dest: DestinationState, plan: MigrationPlan, sourceExport: SourceExport): Promise<{ hydrationMs: number; hydratedWireBytes: number | undefined }> {
+    const q = dest.vm.qmp;
+    const started = performance.now();
+    const timeoutMs = this.#opts.commandTimeoutMs;
+    const wireAtStart = (await this.#req.source.nbdBytesServed(sourceExport.port)) ?? 0;
+    let wireSeen: number | undefined;
+    let pending = plan.disks.map((d) => d.id);
+    for (let attempt = 1; pending.length > 0; attempt++) {
+      const since = q.eventCursor();
+      for (const id of pending) {
+        await q.execute(
+          'block-stream',
+          { 'job-id': streamJobId(id), device: diskNodeName(id), 'auto-finalize': false, 'auto-dismiss': false, ...(this.#opts.hydrationBytesPerSec ? { speed: this.#opts.hydrationBytesPerSec } : {}) },
+          { timeoutMs },
+        );
+      }
+      const failed: { id: string; error: string }[] = [];
+      let lastMoved = performance.now();
+      let lastDone = -1;
+      for (;;) {
+        const jobs = await q.execute('query-block-jobs', undefined, { timeoutMs });
+        const wire = await this.#req.source.nbdBytesServed(sourceExport.port);
+        if (wire !== undefined) wireSeen = Math.max(wireSeen ?? 0, wire);
+        const disks = plan.disks.map((d) => {
+          const job = jobs.find((j) => j.device === streamJobId(d.id));
+          const finished = !pending.includes(d.id) || job?.status === 'pending' || job?.status === 'concluded';
+          return { id: d.id, doneBytes: finished && !job?.len ? d.virtualSize : (job?.offset ?? 0), totalBytes: job?.len || d.virtualSize };
+        });
+        this.#emit({ event: 'hydration', migrationId: this.id, disks, wireBytes: wireSeen === undefined ? undefined : wireSeen - wireAtStart, elapsedMs: Math.round(performance.now() - started) });
+        const states = await q.execute('query-jobs', undefined, { timeoutMs });
+        const ours = pending.map((id) => ({ id, job: states.find((j) => j.id === streamJobId(id)) }));
+        // auto-finalize is off: a finished stream waits in 'pending' with its backing (and the
+        // NBD connection whose byte counter we read) still attached. Count, then let go.
+        if (ours.every((o) => !o.job || o.job.status === 'pending' || o.job.status === 'concluded')) {
+          const last = await this.#req.source.nbdBytesServed(sourceExport.port);
+          if (last !== undefined) wireSeen = Math.max(wireSeen ?? 0, last);
+          const since2 = q.eventCursor();
+          for (const o of ours) if (o.job?.status === 'pending') await q.executeRaw('job-finalize', { id: streamJobId(o.id) }, { timeoutMs });
+          for (const o of ours) {
+            if (o.job?.status !== 'pending') continue;
+            const id = streamJobId(o.id);
+            await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', { since: since2, timeoutMs, what: `stream ${id} to conclude` });
+          }
+          const final = await q.execute('query-jobs', undefined, { timeoutMs });
+          for (const o of ours) {
+            const job = final.find((j) => j.id === streamJobId(o.id));
+            if (job?.error) failed.push({ id: o.id, error: job.error });
+            if (job) await q.execute('job-dismiss', { id: streamJobId(o.id) }, { timeoutMs });
+          }
+          break;
+        }
+        const done = disks.reduce((sum, d) => sum + d.doneBytes, 0);
+        if (done !== lastDone) {
+          lastDone = done;
+          lastMoved = performance.now();
+        } else if (performance.now() - lastMoved > this.#opts.progressTimeoutMs + this.#opts.nbdReconnectDelayS * 1000) {
+          throw new MigrationError('HYDRATION_STALLED', `hydration made no progress for ${this.#opts.progressTimeoutMs} ms; the guest runs on ${this.#req.destination.name} and still reads unhydrated blocks from ${this.#req.source.name}, which must stay up`, {
+            phase: this.#phase,
+            guestOn: 'destination',
+          });
+        }
+        await this.#nap(q, (e) => e.event === 'JOB_STATUS_CHANGE' || e.event === 'BLOCK_JOB_ERROR', since);
+      }
+      pending = failed.map((f) => f.id);
+      if (pending.length === 0) break;
+      const why = failed.map((f) => `${f.id}: ${f.error}`).join('; ');
+      if (attempt >= this.#opts.hydrationAttempts) {
+        throw new MigrationError(
+          'HYDRATION_FAILED',
+          `hydration failed after ${attempt} attempts (${why}). The guest runs on ${this.#req.destination.name}; reads of blocks not yet hydrated fail with I/O errors until the source (${this.#req.source.name}) serves its export again. Do not stop the source QEMU; see docs/migration.md, lazy mode.`,
+          { phase: this.#phase, guestOn: 'destination' },
+        );
+      }
+      this.#emit({ event: 'warning', migrationId: this.id, message: `hydration attempt ${attempt} failed (${why}); resuming` });
+      await new Promise((r) => setTimeout(r, 1_000));
+    }
+    return { hydrationMs: Math.round(performance.now() - started), hydratedWireBytes: wireSeen === undefined ? undefined : wireSeen - wireAtStart };
   }
 
   // ---------------------------------------------------------------- mirror
@@ -508,7 +678,7 @@ class Migration {
           phase: this.#phase,
         });
       }
-      await this.#mirrorJobs(source, plan);
+      if (plan.mode !== 'lazy') await this.#mirrorJobs(source, plan);
       const snapshot = await progress.sample(source.qmp, dest, this.#phase, this.#downtimeLimitMs, mig);
       this.#emit({ event: 'progress', migrationId: this.id, progress: snapshot });
       this.#checkStalled(progress);
@@ -734,7 +904,7 @@ class Migration {
     // waits with it. A dead peer makes them fail at once.
     const cleanupErrors = await this.#undo.runNow(STOP_DESTINATION, report);
     cleanupErrors.push(...(await this.#undo.runAll(report)));
-    let guestOn: 'source' | 'unknown' = first.guestOn;
+    let guestOn: 'source' | 'unknown' | 'destination' = first.guestOn;
     if (source) {
       // Proof, not hope: the guest is where we say it is.
       const status = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);

@@ -19,3 +19,8 @@ export function targetNodeName(diskId: string): string {
 export function mirrorJobId(diskId: string): string {
   return `ferry-mirror-${diskId}`;
 }
+
+/** lazy mode: the destination's background copy of one disk from the source's export. */
+export function streamJobId(diskId: string): string {
+  return `ferry-stream-${diskId}`;
+}

@@ -13,6 +13,7 @@ export const PHASES = [
   'ram',
   'switchover',
   'confirm',
+  'hydrate',
   'cleanup',
   'done',
 ] as const;
@@ -23,6 +24,18 @@ export type DeadlinePolicy = 'abort' | 'force';
 
 export const MigrationOptionsSchema = z
   .object({
+    /**
+     * precopy: disks and RAM are copied before the guest moves (the default: the destination
+     * runs at full speed from its first instant). lazy: RAM moves, the destination runs at once
+     * and pulls disk blocks from the source on demand while the rest hydrates in the background.
+     */
+    mode: z.enum(['precopy', 'lazy']).default('precopy'),
+    /** lazy: cap on background hydration, bytes/s per disk; absent = as fast as it goes. */
+    hydrationBytesPerSec: z.number().int().positive().optional(),
+    /** lazy: how long the destination's NBD client waits for a lost source to come back, s. */
+    nbdReconnectDelayS: z.number().int().min(0).max(300).default(10),
+    /** lazy: attempts to resume a hydration that failed (each restart skips what is already there). */
+    hydrationAttempts: z.number().int().min(1).max(20).default(3),
     /** How the mirrors treat guest writes: see docs/migration.md. */
     copyMode: z.enum(['background', 'write-blocking']).default('background'),
     /** Cap on the migration link, bytes/s, shared by RAM and disks; absent = unlimited. */
@@ -95,7 +108,9 @@ export type MigrationEvent =
   | { event: 'warning'; migrationId: string; message: string }
   /** Sent just before the destination's `cont`: from here on the source is never resumed. */
   | { event: 'point-of-no-return'; migrationId: string; destinationPid: number }
-  | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string };
+  | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string }
+  /** lazy: background hydration after the destination runs. */
+  | { event: 'hydration'; migrationId: string; disks: { id: string; doneBytes: number; totalBytes: number }[]; wireBytes: number | undefined; elapsedMs: number };
 
 export interface MigrationPlan {
   migrationId: string;
@@ -115,6 +130,7 @@ export interface MigrationPlan {
     sync: 'top' | 'full';
   }[];
   ramBytes: number;
+  mode: 'precopy' | 'lazy';
   copyMode: CopyMode;
   /** Dirty bitmaps on the source's disks (backup tools' incremental state): they move with the VM. */
   bitmaps: { disk: string; name: string; persistent: boolean; count: number }[];
@@ -137,6 +153,8 @@ export interface MigrationResult {
   convergence: { downtimeLimitMs: number; autoConverge: boolean; forced: boolean; steps: number };
   /** Names of the bitmaps found on the destination after the switchover, per disk. */
   bitmapsMigrated: { disk: string; name: string }[];
+  /** lazy mode: when the destination ran (ms after the start), how long hydration took, and its bytes on the wire. */
+  lazy?: { destinationRunningMs: number; hydrationMs: number; hydratedWireBytes: number | undefined };
 }
 
 /**
@@ -147,7 +165,8 @@ export interface MigrationResult {
 export class MigrationError extends FerryError {
   override name = 'MigrationError';
   readonly phase: Phase;
-  readonly guestOn: 'source' | 'unknown';
+  /** destination: past the point of no return (lazy mode's hydration failed): the guest runs there. */
+  readonly guestOn: 'source' | 'unknown' | 'destination';
   readonly cleanupErrors: unknown[];
 
   constructor(
@@ -158,7 +177,7 @@ export class MigrationError extends FerryError {
       cause?: unknown;
       userError?: boolean;
       context?: Record<string, unknown>;
-      guestOn?: 'source' | 'unknown';
+      guestOn?: 'source' | 'unknown' | 'destination';
       cleanupErrors?: unknown[];
     },
   ) {

@@ -26,3 +26,20 @@ export async function tcpBytesAcked(peer: { host: string; port: number }): Promi
   }
   return seen ? total : undefined;
 }
+
+/** Bytes sent and acknowledged on every established TCP socket of this host whose local port is `port`. */
+export async function tcpBytesAckedFrom(port: number): Promise<number | undefined> {
+  let stdout: string;
+  try {
+    ({ stdout } = await run('ss', ['-tinH', 'state', 'established', 'sport', '=', `:${port}`], { timeout: 5_000 }));
+  } catch {
+    return undefined;
+  }
+  let total = 0;
+  let seen = false;
+  for (const m of stdout.matchAll(/\bbytes_acked:(\d+)/g)) {
+    total += Number(m[1]);
+    seen = true;
+  }
+  return seen ? total : undefined;
+}

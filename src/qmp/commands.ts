@@ -45,6 +45,17 @@ export interface BlockdevOptions {
   [driverOption: string]: unknown;
 }
 
+/** block-stream: copies what a node's backing chain holds into the node (lazy mode's hydration). */
+export interface BlockStreamArgs {
+  'job-id'?: string;
+  device: string;
+  'base-node'?: string;
+  speed?: number;
+  'on-error'?: BlockdevOnError;
+  'auto-finalize'?: boolean;
+  'auto-dismiss'?: boolean;
+}
+
 export interface BlockdevMirrorArgs {
   'job-id'?: string;
   device: string;
@@ -312,6 +323,7 @@ export interface QmpCommands {
   'job-finalize': Cmd<{ id: string }, typeof empty>;
   'query-jobs': Cmd<NoArgs, z.ZodArray<typeof jobInfoSchema>>;
   'blockdev-mirror': Cmd<BlockdevMirrorArgs, typeof empty>;
+  'block-stream': Cmd<BlockStreamArgs, typeof empty>;
   'block-job-cancel': Cmd<{ device: string; force?: boolean }, typeof empty>;
   'block-job-complete': Cmd<{ device: string }, typeof empty>;
   'block-job-set-speed': Cmd<{ device: string; speed: number }, typeof empty>;
@@ -376,6 +388,7 @@ export const replySchemas: { [C in QmpCommandName]: QmpCommands[C]['reply'] } = 
   'job-finalize': empty,
   'query-jobs': list(jobInfoSchema),
   'blockdev-mirror': empty,
+  'block-stream': empty,
   'block-job-cancel': empty,
   'block-job-complete': empty,
   'block-job-set-speed': empty,
