@@ -100,7 +100,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
           source,
           destination,
           migrationId: job.id.replace(/^m-/, '').slice(0, 8),
-          options: ctx.bandwidthBytesPerSec > 0 ? { bandwidthBytesPerSec: ctx.bandwidthBytesPerSec } : {},
+          options: { mode: job.mode, ...(ctx.bandwidthBytesPerSec > 0 ? { bandwidthBytesPerSec: ctx.bandwidthBytesPerSec } : {}) },
           signal: ctx.signal,
           logger: this.#log,
           onEvent: (e) => {

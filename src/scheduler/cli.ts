@@ -15,8 +15,10 @@ export const FERRY_USAGE = `usage: ferry [--scheduler URL] [--token-file FILE] [
   hosts                 hosts, free memory and disk, migrations in and out
   vms                   running VMs and where they are
   queue [--all]         active migrations (--all: recent finished ones too)
-  migrate VM [--to H]   move VM to host H, or wherever it fits best
-  drain HOST            move every VM off HOST
+  migrate VM [--to H] [--mode precopy|lazy]
+                        move VM to host H, or wherever it fits best
+  drain HOST [--mode precopy|lazy]
+                        move every VM off HOST
   cancel ID             cancel a queued or running migration
   show ID               a migration and its journal
   watch                 live changes of every migration (Ctrl-C to stop)
@@ -35,7 +37,7 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
       args: argv,
       allowPositionals: true,
       strict: true,
-      options: { scheduler: { type: 'string' }, 'token-file': { type: 'string' }, json: { type: 'boolean' }, to: { type: 'string' }, all: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+      options: { scheduler: { type: 'string' }, 'token-file': { type: 'string' }, json: { type: 'boolean' }, to: { type: 'string' }, mode: { type: 'string' }, all: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
     }));
   } catch (err) {
     io.stderr.write(`ferry: ${errorText(err).split('\n')[0]}\n${FERRY_USAGE}`);
@@ -78,13 +80,13 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
       }
       case 'migrate': {
         const [vm] = need(1, 'one VM name');
-        const r = (await call('migrate', { vm, ...(values.to ? { to: values.to } : {}) })) as { job: MigrationJob; existing: boolean };
+        const r = (await call('migrate', { vm, ...(values.to ? { to: values.to } : {}), ...(values.mode ? { mode: values.mode } : {}) })) as { job: MigrationJob; existing: boolean };
         print(r, () => `${r.existing ? 'already moving' : 'queued'}: ${r.job.id} ${r.job.vm} ${r.job.from} -> ${r.job.to} (${r.job.state})`);
         break;
       }
       case 'drain': {
         const [host] = need(1, 'one host name');
-        const r = (await call('drain', { host })) as { job: MigrationJob; existing: boolean }[];
+        const r = (await call('drain', { host, ...(values.mode ? { mode: values.mode } : {}) })) as { job: MigrationJob; existing: boolean }[];
         print(r, () => (r.length === 0 ? `${host} has no running VMs` : jobTable(r.map((x) => x.job))));
         break;
       }

@@ -10,8 +10,8 @@ export const SCHEDULER_PROTOCOL_VERSION = 1;
 export const schedulerMethods = {
   hosts: z.object({}).strict(),
   vms: z.object({}).strict(),
-  migrate: z.object({ vm: z.string().min(1), to: z.string().min(1).optional(), reason: z.enum(['manual', 'rebalance']).optional() }).strict(),
-  drain: z.object({ host: z.string().min(1) }).strict(),
+  migrate: z.object({ vm: z.string().min(1), to: z.string().min(1).optional(), reason: z.enum(['manual', 'rebalance']).optional(), mode: z.enum(['precopy', 'lazy']).optional() }).strict(),
+  drain: z.object({ host: z.string().min(1), mode: z.enum(['precopy', 'lazy']).optional() }).strict(),
   queue: z.object({ all: z.boolean().default(false), limit: z.number().int().positive().max(10_000).default(200) }).strict(),
   get: z.object({ id: z.string().min(1) }).strict(),
   journal: z.object({ id: z.string().min(1) }).strict(),

@@ -17,7 +17,7 @@ import PQueue from 'p-queue';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { SchedulerStore } from './store.js';
-import { PRIORITY, retryable, SchedulerError, TERMINAL, type Inventory, type MigrationJob, type MigrationRunner, type Reason, type Reconciler, type VmInfo } from './types.js';
+import { PRIORITY, retryable, SchedulerError, TERMINAL, type Inventory, type MigrationJob, type MigrationMode, type MigrationRunner, type Reason, type Reconciler, type VmInfo } from './types.js';
 
 export interface SchedulerLimits {
   outgoingPerHost: number;
@@ -36,6 +36,8 @@ export interface SchedulerOptions {
   reconciler: Reconciler;
   limits?: Partial<SchedulerLimits>;
   retry?: { maxAttempts?: number; baseDelayMs?: number };
+  /** The engine's mode for requests that do not name one. */
+  mode?: MigrationMode;
   logger?: Logger;
 }
 
@@ -130,6 +132,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   readonly #cancelRequested = new Set<string>();
   readonly #timers = new Map<string, NodeJS.Timeout>();
   readonly #runs = new Set<Promise<void>>();
+  readonly #mode: MigrationMode;
   #stopping = false;
   #started = false;
 
@@ -143,6 +146,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     for (const [k, v] of Object.entries(this.#limits)) {
       if (v !== undefined && !(Number.isFinite(v) && v > 0)) throw new SchedulerError('BAD_LIMIT', `limit ${k} must be a positive number, got ${String(v)}`, { userError: true });
     }
+    this.#mode = opts.mode ?? 'precopy';
     this.#maxAttempts = opts.retry?.maxAttempts ?? 3;
     this.#baseDelayMs = opts.retry?.baseDelayMs ?? 5_000;
     this.#log = (opts.logger ?? silentLogger).child({ component: 'scheduler' });
@@ -185,7 +189,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   // ------------------------------------------------------------------ requests
 
   /** One VM to a host, or anywhere it fits. A VM already moving answers with that migration. */
-  async migrate(vm: string, opts: { to?: string; reason?: Reason } = {}): Promise<{ job: MigrationJob; existing: boolean }> {
+  async migrate(vm: string, opts: { to?: string; reason?: Reason; mode?: MigrationMode } = {}): Promise<{ job: MigrationJob; existing: boolean }> {
     this.#assertOpen();
     const existing = this.#store.activeFor(vm);
     if (existing) return { job: existing, existing: true };
@@ -205,7 +209,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       if (!to) throw new SchedulerError('NO_CAPACITY', `no other host can take '${vm}' (${info.memoryMiB} MiB, ${info.diskBytes} bytes of disk)`, { userError: true });
     }
     const reason = opts.reason ?? 'manual';
-    const [r] = this.#store.enqueue([{ vm, from: info.host, to, reason, priority: PRIORITY[reason], memoryMiB: info.memoryMiB, diskBytes: info.diskBytes }]);
+    const [r] = this.#store.enqueue([{ vm, from: info.host, to, reason, priority: PRIORITY[reason], mode: opts.mode ?? this.#mode, memoryMiB: info.memoryMiB, diskBytes: info.diskBytes }]);
     if (!r!.existing) {
       this.#changed(r!.job);
       this.#schedule(r!.job);
@@ -214,7 +218,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   }
 
   /** Plans a destination for every VM of `host`; all or nothing. */
-  async drain(host: string): Promise<{ job: MigrationJob; existing: boolean }[]> {
+  async drain(host: string, opts: { mode?: MigrationMode } = {}): Promise<{ job: MigrationJob; existing: boolean }[]> {
     this.#assertOpen();
     const [hosts, vms] = await Promise.all([this.#inventory.hosts(), this.#inventory.vms()]);
     if (!hosts.some((h) => h.name === host)) throw new SchedulerError('HOST_NOT_FOUND', `no host named '${host}' (hosts: ${hosts.map((h) => h.name).join(', ')})`, { userError: true });
@@ -235,7 +239,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       const r = room.get(to)!;
       r.memoryMiB -= v.memoryMiB;
       r.diskBytes -= v.diskBytes;
-      plan.push({ vm: v.name, from: host, to, reason: 'drain', priority: PRIORITY.drain, memoryMiB: v.memoryMiB, diskBytes: v.diskBytes });
+      plan.push({ vm: v.name, from: host, to, reason: 'drain', priority: PRIORITY.drain, mode: opts.mode ?? this.#mode, memoryMiB: v.memoryMiB, diskBytes: v.diskBytes });
     }
     if (unplaced.length > 0) {
       throw new SchedulerError('NO_CAPACITY', `cannot drain ${host}: no host can take ${unplaced.join(', ')}; nothing was queued`, { userError: true });

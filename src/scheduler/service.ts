@@ -37,6 +37,8 @@ export const SchedulerConfigSchema = z
       })
       .strict()
       .default({ outgoingPerHost: 2, incomingPerHost: 2, cluster: 5 }),
+    /** The engine's mode when a request names none: precopy (default) or lazy. */
+    mode: z.enum(['precopy', 'lazy']).default('precopy'),
     retry: z
       .object({ maxAttempts: z.number().int().positive().default(3), baseDelayMs: z.number().int().positive().default(5_000) })
       .strict()
@@ -61,7 +63,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const log = logger.child({ tool: 'ferry-scheduler' });
   const store = new SchedulerStore(config.database);
   const fleet = new AgentFleet(config.hosts, config.agentToken, log);
-  const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, logger: log });
+  const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, mode: config.mode, logger: log });
   await scheduler.start();
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
@@ -87,10 +89,12 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
         return fleet.vms();
       case 'migrate': {
         const p = schedulerMethods.migrate.parse(params);
-        return scheduler.migrate(p.vm, { ...(p.to ? { to: p.to } : {}), ...(p.reason ? { reason: p.reason } : {}) });
+        return scheduler.migrate(p.vm, { ...(p.to ? { to: p.to } : {}), ...(p.reason ? { reason: p.reason } : {}), ...(p.mode ? { mode: p.mode } : {}) });
       }
-      case 'drain':
-        return scheduler.drain(schedulerMethods.drain.parse(params).host);
+      case 'drain': {
+        const p = schedulerMethods.drain.parse(params);
+        return scheduler.drain(p.host, p.mode ? { mode: p.mode } : {});
+      }
       case 'queue': {
         const p = schedulerMethods.queue.parse(params);
         const jobs = scheduler.list(p.limit);

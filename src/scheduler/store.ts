@@ -16,7 +16,7 @@
 import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import { MIGRATION_STATES, SchedulerError, type MigrationJob, type MigrationState, type Reason } from './types.js';
+import { MIGRATION_STATES, SchedulerError, type MigrationJob, type MigrationMode, type MigrationState, type Reason } from './types.js';
 
 const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   queued: ['running', 'cancelled', 'failed'],
@@ -33,6 +33,7 @@ const rowSchema = z.object({
   dst: z.string(),
   reason: z.enum(['drain', 'manual', 'rebalance']),
   priority: z.number().int(),
+  mode: z.enum(['precopy', 'lazy']),
   state: z.enum(MIGRATION_STATES),
   attempts: z.number().int(),
   phase: z.string().nullable(),
@@ -60,6 +61,7 @@ function toJob(raw: unknown): MigrationJob {
     to: r.dst,
     reason: r.reason,
     priority: r.priority,
+    mode: r.mode,
     state: r.state,
     attempts: r.attempts,
     phase: r.phase,
@@ -86,8 +88,8 @@ export class SchedulerStore {
     this.#migrate();
     this.#stmts = {
       insert: this.#db.prepare(
-        `INSERT INTO migrations (id, vm, src, dst, reason, priority, state, attempts, phase, error, bandwidth, memory_mib, disk_bytes, not_before, created_at, updated_at, seq)
-         VALUES (@id, @vm, @src, @dst, @reason, @priority, 'queued', 0, NULL, NULL, NULL, @memoryMiB, @diskBytes, 0, @now, @now, (SELECT COALESCE(MAX(seq), 0) + 1 FROM migrations))`,
+        `INSERT INTO migrations (id, vm, src, dst, reason, priority, mode, state, attempts, phase, error, bandwidth, memory_mib, disk_bytes, not_before, created_at, updated_at, seq)
+         VALUES (@id, @vm, @src, @dst, @reason, @priority, @mode, 'queued', 0, NULL, NULL, NULL, @memoryMiB, @diskBytes, 0, @now, @now, (SELECT COALESCE(MAX(seq), 0) + 1 FROM migrations))`,
       ),
       get: this.#db.prepare('SELECT * FROM migrations WHERE id = ?'),
       activeForVm: this.#db.prepare("SELECT * FROM migrations WHERE vm = ? AND state IN ('queued', 'running')"),
@@ -109,7 +111,7 @@ export class SchedulerStore {
       this.#db.exec(`
         CREATE TABLE migrations (
           id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL,
-          reason TEXT NOT NULL, priority INTEGER NOT NULL, state TEXT NOT NULL,
+          reason TEXT NOT NULL, priority INTEGER NOT NULL, mode TEXT NOT NULL, state TEXT NOT NULL,
           attempts INTEGER NOT NULL, phase TEXT, error TEXT, bandwidth REAL,
           memory_mib INTEGER NOT NULL, disk_bytes INTEGER NOT NULL,
           not_before INTEGER NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
@@ -123,14 +125,14 @@ export class SchedulerStore {
   }
 
   /** New queued migrations, all or none. A VM that already has an active one keeps it. */
-  enqueue(requests: { vm: string; from: string; to: string; reason: Reason; priority: number; memoryMiB: number; diskBytes: number }[]): { job: MigrationJob; existing: boolean }[] {
+  enqueue(requests: { vm: string; from: string; to: string; reason: Reason; priority: number; mode?: MigrationMode; memoryMiB: number; diskBytes: number }[]): { job: MigrationJob; existing: boolean }[] {
     const now = Date.now();
     return this.#db.transaction(() =>
       requests.map((r) => {
         const active = this.#stmts.activeForVm.get(r.vm);
         if (active) return { job: toJob(active), existing: true };
         const id = `m-${randomBytes(5).toString('hex')}`;
-        this.#stmts.insert.run({ id, vm: r.vm, src: r.from, dst: r.to, reason: r.reason, priority: r.priority, memoryMiB: r.memoryMiB, diskBytes: r.diskBytes, now });
+        this.#stmts.insert.run({ id, vm: r.vm, src: r.from, dst: r.to, reason: r.reason, priority: r.priority, mode: r.mode ?? 'precopy', memoryMiB: r.memoryMiB, diskBytes: r.diskBytes, now });
         this.#stmts.journal.run(id, now, 'queued', null, `${r.reason}: ${r.from} -> ${r.to}`);
         return { job: toJob(this.#stmts.get.get(id)), existing: false };
       }),

@@ -32,6 +32,7 @@ export type MigrationState = (typeof MIGRATION_STATES)[number];
 export const TERMINAL: ReadonlySet<MigrationState> = new Set(['succeeded', 'failed', 'cancelled']);
 
 export type Reason = 'drain' | 'manual' | 'rebalance';
+export type MigrationMode = 'precopy' | 'lazy';
 /** A drain empties a host someone worries about: it goes first. */
 export const PRIORITY: Record<Reason, number> = { drain: 20, manual: 10, rebalance: 0 };
 
@@ -42,6 +43,8 @@ export interface MigrationJob {
   to: string;
   reason: Reason;
   priority: number;
+  /** precopy or lazy (the engine's mode). */
+  mode: MigrationMode;
   state: MigrationState;
   attempts: number;
   phase: string | null;

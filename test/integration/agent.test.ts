@@ -301,3 +301,41 @@ describe('ferry-agent limits', () => {
     }
   });
 });
+
+test('two agents, lazy mode: the destination agent runs the guest at once and hydrates it from the source agent', async () => {
+  const rootA = await makeTempDir('ferry-agent-lazy-a-');
+  const agentA = await startAgent({ name: 'hostA', listenPort: 0, storageRoot: rootA, tokens: { [TOKEN_A]: 'alice' }, portRange: [31000, 31999] });
+  try {
+    const { spec, serialLog } = await agentGuestSpec(rootA, 'web2', { diskMiB: 256, fillMiB: 16 });
+    const a = await AgentClient.connect(agentA.url, TOKEN_A);
+    await a.call('vm.create', { spec });
+    started.push(((await a.call('vm.start', { name: 'web2' })) as { pid: number }).pid);
+    const acksOnA = async (): Promise<number> => highestAcks((await readFile(serialLog, 'utf8').catch(() => '')).split('\n').map((text) => ({ text }))).get('data') ?? -1;
+    for (let i = 0; i < 300 && (await acksOnA()) < 10; i++) await new Promise((r) => setTimeout(r, 100));
+    let acked = -1;
+    const source = await AgentSource.connect(agentA.url, TOKEN_A, 'web2');
+    const destination = await AgentDestination.connect(agent.url, TOKEN_A);
+    const result = await migrate({
+      spec: source.spec,
+      source,
+      destination,
+      options: { mode: 'lazy' },
+      onEvent: (e) => {
+        if (e.event === 'point-of-no-return') void acksOnA().then((n) => (acked = Math.max(acked, n)));
+      },
+    });
+    expect(result.lazy!.hydratedWireBytes).toBeGreaterThan(8 << 20); // measured by agent A, through its API
+    expect(await a.call('vm.list')).toEqual([]);
+    const b = await AgentClient.connect(agent.url, TOKEN_A);
+    const [moved] = (await b.call('vm.list')) as { pid: number; name: string }[];
+    expect(moved).toMatchObject({ name: 'web2', role: 'vm', state: 'running' });
+    started.push(moved!.pid);
+    await b.call('vm.stop', { name: 'web2' });
+    const report = await verifyDisk(join(root, 'web2', 'data.qcow2'), { format: 'qcow2', diskId: 'data', ackedSeq: acked });
+    expect(acked).toBeGreaterThanOrEqual(10);
+    expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
+    for (const c of [a, b, source, destination]) c.close();
+  } finally {
+    await agentA.close();
+  }
+}, 90_000);
