@@ -3,7 +3,11 @@
  *
  * Scenarios: idle (256 MiB RAM, 1 GiB qcow2 holding 200 MiB), sparse (8 GiB qcow2 holding 100 MiB),
  * writing (the idle disk, guest writing as fast as it can) in background and in write-blocking
- * copy mode, dirtying (guest dirtying 64 MiB of RAM as fast as it can).
+ * copy mode, dirtying (guest dirtying 64 MiB of RAM as fast as it can); and lazy mode beside
+ * pre-copy on the same guests (idle-lazy, sparse-8g-lazy, writing-lazy): time until the
+ * destination runs, hydration time and bytes, and the guest's own 4 KiB read latency and acked
+ * write latency (ferry.probe) on the destination during hydration, against the same figures in
+ * the same window length after a pre-copy migration (probe-precopy).
  * `npx tsx bench/migrate.ts writing writing-wb` runs only the named scenarios. Each
  * reports total time, per-phase times, downtime (the engine's, QEMU's, and the guest ticker's
  * largest gap seen from the host) and bytes moved. Beside them, the bound: bytes moved divided by
@@ -21,7 +25,7 @@ import { LocalDestination, LocalSource, type LocalIncomingVm } from '../src/engi
 import { migrate } from '../src/engine/migrate.js';
 import type { MigrationOptionsInput, MigrationResult } from '../src/engine/types.js';
 import { loadGuestImage } from '../src/guest/image.js';
-import { workloadAppend } from '../src/guest/serial.js';
+import { parseSerialLine, workloadAppend } from '../src/guest/serial.js';
 import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
 import { parseVmSpec, type VmSpec } from '../src/qemu/spec.js';
@@ -39,8 +43,14 @@ interface Scenario {
   options?: MigrationOptionsInput;
 }
 
+const PROBE = { tickMs: 20, probeMs: 50, write: { rate: 20 } };
 const scenarios: Scenario[] = [
   { name: 'idle', diskSize: GiB, fillMiB: 200, workload: { tickMs: 20 } },
+  { name: 'idle-lazy', diskSize: GiB, fillMiB: 200, workload: { tickMs: 20 }, options: { mode: 'lazy' } },
+  { name: 'sparse-8g-lazy', diskSize: 8 * GiB, fillMiB: 100, workload: { tickMs: 20 }, options: { mode: 'lazy' } },
+  // The guest's own I/O latency on the destination: while lazy hydrates at 20 MiB/s, and after precopy.
+  { name: 'probe-precopy', diskSize: GiB, fillMiB: 200, workload: PROBE },
+  { name: 'probe-lazy', diskSize: GiB, fillMiB: 200, workload: PROBE, options: { mode: 'lazy', hydrationBytesPerSec: 20 * MiB } },
   { name: 'sparse-8g', diskSize: 8 * GiB, fillMiB: 100, workload: { tickMs: 20 } },
   { name: 'writing', diskSize: GiB, fillMiB: 200, workload: { tickMs: 20, write: { rate: 0 } } },
   { name: 'writing-wb', diskSize: GiB, fillMiB: 200, workload: { tickMs: 20, write: { rate: 0 } }, options: { copyMode: 'write-blocking' } },
@@ -62,6 +72,18 @@ interface Row {
   boundMs?: number;
   ratioToBound?: number;
   forced?: boolean;
+  /** lazy: ms from the start until the destination ran; hydration ms and its bytes on the wire. */
+  destinationRunningMs?: number;
+  hydrationMs?: number;
+  hydratedBytes?: number | undefined;
+  /** The guest's probes on the destination (ferry.probe), over the window after it started running. */
+  latency?: { windowMs: number; readP50Us: number; readP99Us: number; reads: number; writeP50Us: number; writeP99Us: number; writes: number };
+}
+
+function percentile(xs: number[], p: number): number {
+  if (xs.length === 0) return 0;
+  const sorted = [...xs].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 }
 
 async function fillDisk(path: string, format: 'qcow2' | 'raw', size: number, fillMiB: number): Promise<void> {
@@ -120,15 +142,32 @@ async function runScenario(s: Scenario, image: { kernel: string; initrd: string 
 
     const destination = new LocalDestination({ dir: hostB });
     const t0 = performance.now();
+    let runningAt = 0;
     const result = await migrate({
       spec,
       source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }),
       destination,
       ...(s.options ? { options: s.options } : {}),
+      onEvent: (e) => {
+        if (e.event === 'phase' && (e.phase === 'hydrate' || (e.phase === 'cleanup' && runningAt === 0))) runningAt = performance.now();
+      },
     });
     incoming = destination.incoming;
+    // Latency window: lazy, the hydration; precopy, as long again after the guest arrived.
+    const windowMs = result.lazy ? result.lazy.hydrationMs : 10_000;
+    if (!result.lazy && s.workload.probeMs) await new Promise((r) => setTimeout(r, windowMs));
     // A second of the guest on the destination closes the ticker window.
     await new Promise((r) => setTimeout(r, 1_000));
+    let latency: Row['latency'];
+    if (s.workload.probeMs) {
+      const probes = (incoming?.process.serial.history() ?? [])
+        .filter((l) => l.at >= runningAt && l.at <= runningAt + windowMs)
+        .map((l) => parseSerialLine(l.text))
+        .filter((m): m is Extract<ReturnType<typeof parseSerialLine>, { kind: 'latency' }> => m.kind === 'latency');
+      const reads = probes.filter((p) => p.op === 'r').map((p) => p.us);
+      const writes = probes.filter((p) => p.op === 'w').map((p) => p.us);
+      latency = { windowMs, readP50Us: percentile(reads, 50), readP99Us: percentile(reads, 99), reads: reads.length, writeP50Us: percentile(writes, 50), writeP99Us: percentile(writes, 99), writes: writes.length };
+    }
     const lines = [...vm.serial.history(), ...(incoming?.process.serial.history() ?? [])];
     const gap = tickerGap(lines, { from: t0 });
     const allocated = result.plan.disks.reduce((sum, d) => sum + d.allocatedBytes, 0);
@@ -147,6 +186,8 @@ async function runScenario(s: Scenario, image: { kernel: string; initrd: string 
       boundMs: Math.round(boundMs),
       ratioToBound: Number((result.totalMs / boundMs).toFixed(2)),
       forced: result.convergence.forced,
+      ...(result.lazy ? { destinationRunningMs: result.lazy.destinationRunningMs, hydrationMs: result.lazy.hydrationMs, hydratedBytes: result.lazy.hydratedWireBytes } : {}),
+      ...(latency ? { latency } : {}),
     };
   } catch (err) {
     return { scenario: s.name, ok: false, error: err instanceof Error ? err.message : String(err) };
@@ -202,6 +243,15 @@ async function main(): Promise<void> {
   const line = (cells: string[]): string => cells.map((c, i) => c.padStart(widths[i] ?? 0)).join('  ');
   process.stderr.write(`\nNBD copy baseline: ${doc.nbdBaseline.mibPerSec} MiB/s\n${line(head)}\n`);
   for (const row of table) process.stderr.write(`${line(row)}\n`);
+  const lazyRows = rows.filter((r) => r.ok && (r.destinationRunningMs !== undefined || r.latency));
+  if (lazyRows.length > 0) {
+    process.stderr.write(`\n${['scenario', 'dest runs ms', 'hydration ms', 'hydrated', 'read p50/p99 us', 'write p50/p99 us'].join('  ')}\n`);
+    for (const r of lazyRows) {
+      process.stderr.write(
+        `${[r.scenario, r.destinationRunningMs ?? `(precopy) ${r.totalMs}`, r.hydrationMs ?? '-', fmtBytes(r.hydratedBytes), r.latency ? `${r.latency.readP50Us}/${r.latency.readP99Us} (${r.latency.reads})` : '-', r.latency ? `${r.latency.writeP50Us}/${r.latency.writeP99Us} (${r.latency.writes})` : '-'].join('  ')}\n`,
+      );
+    }
+  }
   if (rows.some((r) => !r.ok)) process.exitCode = 1;
 }
 

@@ -8,9 +8,13 @@
  *   ferry.tick=<ms>                                `tick <n>` at that interval
  *   ferry.dirty=<MiB>:<MiB/s, 0 = flat out>        keep rewriting that much RAM
  *   ferry.disks=<n>                                wait until n virtio disks are present
+ *   ferry.probe=<ms>                               every <ms>, time a 4 KiB O_DIRECT read at a
+ *                                                  random offset of each disk (`lat r`), and the
+ *                                                  writer times its acked write+fdatasync (`lat w`)
  *
  * Serial protocol, one line per write(2) so workloads never interleave inside a line:
  *   ferry-ready | ack <disk> <seq> | tick <n> | full <disk> | ferry-error <text>
+ *   lat r <disk> <microseconds> | lat w <disk> <microseconds>
  *
  * `ack d 41` means records 0..41 of disk d were written and an fdatasync returned after them.
  *
@@ -138,6 +142,8 @@ static const char *arg(const char *key) {
 }
 
 /* ---- workloads ---- */
+static int probe_ms = 0;
+
 static void writer(const char *dev, const char *disk, uint64_t size, double rate, long ack_every) {
   int fd = open(dev, O_RDWR | O_DIRECT);
   if (fd < 0) {
@@ -152,6 +158,7 @@ static void writer(const char *dev, const char *disk, uint64_t size, double rate
   for (uint64_t seq = 0; seq < nslots; seq++) {
     uint64_t off = slot_of(seq, nslots) * RECORD;
     encode(buf, seq, off, disk);
+    double wrote_at = now_s();
     if (pwrite(fd, buf, RECORD, (off_t)off) != RECORD) {
       say("ferry-error write %s seq %llu: %s", disk, (unsigned long long)seq, strerror(errno));
       _exit(1);
@@ -164,6 +171,7 @@ static void writer(const char *dev, const char *disk, uint64_t size, double rate
         _exit(1);
       }
       say("ack %s %llu", disk, (unsigned long long)seq);
+      if (probe_ms > 0) say("lat w %s %ld", disk, (long)((now_s() - wrote_at) * 1e6));
       unacked = 0;
       last_ack = t;
     }
@@ -173,6 +181,23 @@ static void writer(const char *dev, const char *disk, uint64_t size, double rate
   say("ack %s %llu", disk, (unsigned long long)(nslots - 1));
   say("full %s", disk);
   _exit(0);
+}
+
+static void prober(const char *dev, const char *disk, uint64_t size, long ms) {
+  int fd = open(dev, O_RDONLY | O_DIRECT);
+  if (fd < 0) _exit(1);
+  uint8_t *buf;
+  if (posix_memalign((void **)&buf, RECORD, RECORD) != 0) _exit(1);
+  uint64_t x = 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid();
+  uint64_t nblocks = size / RECORD;
+  for (;;) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    double t = now_s();
+    ssize_t r = pread(fd, buf, RECORD, (off_t)((x % nblocks) * RECORD));
+    if (r != RECORD) say("ferry-error probe read %s: %s", disk, strerror(errno));
+    else say("lat r %s %ld", disk, (long)((now_s() - t) * 1e6));
+    sleep_s((double)ms / 1000.0);
+  }
 }
 
 static void ticker(long ms) {
@@ -247,7 +272,8 @@ int main(int argc, char **argv) {
     close(c);
   }
   const char *w = arg("ferry.write"), *a = arg("ferry.ack"), *t = arg("ferry.tick"), *dm = arg("ferry.dirty"),
-             *nd = arg("ferry.disks");
+             *nd = arg("ferry.disks"), *pr = arg("ferry.probe");
+  probe_ms = pr ? atoi(pr) : 0;
 
   struct disk disks[MAX_DISKS];
   int want = nd ? atoi(nd) : 0, n = 0;
@@ -265,6 +291,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n; i++) {
       if (disks[i].size < RECORD) continue;
       if (fork() == 0) writer(disks[i].dev, disks[i].id, disks[i].size, rate, ack_every);
+    }
+  }
+  if (probe_ms > 0) {
+    for (int i = 0; i < n; i++) {
+      if (disks[i].size >= RECORD && fork() == 0) prober(disks[i].dev, disks[i].id, disks[i].size, probe_ms);
     }
   }
   if (t && atol(t) > 0 && fork() == 0) ticker(atol(t));

@@ -5,6 +5,8 @@ export type SerialMessage =
   | { kind: 'tick'; n: number }
   | { kind: 'full'; disk: string }
   | { kind: 'error'; text: string }
+  /** ferry.probe: a timed 4 KiB read (r) or an acked write+fdatasync (w), in microseconds. */
+  | { kind: 'latency'; op: 'r' | 'w'; disk: string; us: number }
   | { kind: 'other'; line: string };
 
 export function parseSerialLine(line: string): SerialMessage {
@@ -16,6 +18,8 @@ export function parseSerialLine(line: string): SerialMessage {
   if (m) return { kind: 'tick', n: Number(m[1]) };
   m = /^full ([a-z][a-z0-9-]{0,15})$/.exec(t);
   if (m) return { kind: 'full', disk: m[1]! };
+  m = /^lat ([rw]) ([a-z][a-z0-9-]{0,15}) (\d+)$/.exec(t);
+  if (m) return { kind: 'latency', op: m[1] as 'r' | 'w', disk: m[2]!, us: Number(m[3]) };
   m = /^ferry-error (.*)$/.exec(t);
   if (m) return { kind: 'error', text: m[1]! };
   return { kind: 'other', line };
@@ -28,6 +32,8 @@ export interface Workload {
   dirty?: { mib: number; mibPerSec: number };
   /** Wait for this many virtio disks before starting. */
   disks?: number;
+  /** Time a random 4 KiB read of each disk every this many ms, and the writer's acked writes. */
+  probeMs?: number;
 }
 
 /** The `ferry.*` kernel arguments that configure the guest workload. */
@@ -44,6 +50,7 @@ export function workloadAppend(w: Workload): string {
   if (w.tickMs !== undefined) args.push(`ferry.tick=${int('tickMs', w.tickMs, 1)}`);
   if (w.dirty) args.push(`ferry.dirty=${int('dirty.mib', w.dirty.mib, 1)}:${int('dirty.mibPerSec', w.dirty.mibPerSec, 0)}`);
   if (w.disks !== undefined) args.push(`ferry.disks=${int('disks', w.disks, 0)}`);
+  if (w.probeMs !== undefined) args.push(`ferry.probe=${int('probeMs', w.probeMs, 1)}`);
   return args.join(' ');
 }
 
