@@ -32,6 +32,7 @@ disks, the migration stream for RAM. Through agents (ferry-agent), the agents ca
   --mode MODE              precopy | lazy (default precopy). lazy: the destination runs as soon as
                            RAM has moved and pulls disk blocks from the source while it hydrates
   --hydration-rate SIZE    (lazy) cap on the background hydration, bytes/s per disk
+  --nbd-reconnect S        (lazy) how long reads wait for a lost source to come back (default 10)
   --copy-mode MODE         background | write-blocking (default background)
   --on-deadline POLICY     abort | force, when the completion deadline passes (default abort)
   --no-auto-converge       do not throttle the guest's vCPUs to make RAM converge
@@ -112,6 +113,7 @@ export function parseCli(argv: string[]): Parsed {
         'copy-mode': { type: 'string' },
         mode: { type: 'string' },
         'hydration-rate': { type: 'string' },
+        'nbd-reconnect': { type: 'string' },
         'on-deadline': { type: 'string' },
         'no-auto-converge': { type: 'boolean' },
         timeout: { type: 'string' },
@@ -179,6 +181,10 @@ export function parseCli(argv: string[]): Parsed {
   if (values['hydration-rate'] !== undefined) {
     if (options.mode !== 'lazy') throw new UsageError('--hydration-rate goes with --mode lazy');
     options.hydrationBytesPerSec = parseSize('--hydration-rate', values['hydration-rate']);
+  }
+  if (values['nbd-reconnect'] !== undefined) {
+    if (options.mode !== 'lazy') throw new UsageError('--nbd-reconnect goes with --mode lazy');
+    options.nbdReconnectDelayS = parseIntIn('--nbd-reconnect', values['nbd-reconnect'], 0, 300);
   }
   if (values['on-deadline'] !== undefined) {
     if (values['on-deadline'] !== 'abort' && values['on-deadline'] !== 'force') {

@@ -30,6 +30,15 @@ describe('parseCli', () => {
     });
   });
 
+  test('lazy mode and its knobs', () => {
+    expect(parseCli([...base, '--mode', 'lazy', '--hydration-rate', '50M', '--nbd-reconnect', '5'])).toMatchObject({
+      args: { options: { mode: 'lazy', hydrationBytesPerSec: 50 * 2 ** 20, nbdReconnectDelayS: 5 } },
+    });
+    expect(() => parseCli([...base, '--mode', 'fast'])).toThrow(/--mode: 'fast' is not one of precopy, lazy/);
+    expect(() => parseCli([...base, '--hydration-rate', '5M'])).toThrow(/--hydration-rate goes with --mode lazy/);
+    expect(() => parseCli([...base, '--mode', 'lazy', '--nbd-reconnect', '999'])).toThrow(/--nbd-reconnect: 999 is out of range/);
+  });
+
   const agents = ['--from', 'ws://a:7420', '--to', 'ws://b:7420'];
   test.each([
     [[...agents], /--from needs exactly one VM name after the flags, got none/],
