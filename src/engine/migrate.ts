@@ -455,6 +455,19 @@ class Migration {
     const timeoutMs = this.#opts.commandTimeoutMs;
     const wireAtStart = (await this.#req.source.nbdBytesServed(sourceExport.port)) ?? 0;
     let wireSeen: number | undefined;
+    // A reconnect (network blip) starts a new socket whose counter starts at zero: what the old
+    // one carried is kept in wireBase.
+    let wireBase = 0;
+    let wireLast = 0;
+    const countWire = (sample: number | undefined): void => {
+      if (sample === undefined) return;
+      if (sample < wireLast) {
+        wireBase += wireLast;
+        this.#log.warn({ before: wireLast, now: sample }, 'the NBD connection to the source was re-established');
+      }
+      wireLast = sample;
+      wireSeen = Math.max(wireSeen ?? 0, wireBase + sample);
+    };
     let pending = plan.disks.map((d) => d.id);
     for (let attempt = 1; pending.length > 0; attempt++) {
       const since = q.eventCursor();
@@ -470,8 +483,7 @@ class Migration {
       let lastDone = -1;
       for (;;) {
         const jobs = await q.execute('query-block-jobs', undefined, { timeoutMs });
-        const wire = await this.#req.source.nbdBytesServed(sourceExport.port);
-        if (wire !== undefined) wireSeen = Math.max(wireSeen ?? 0, wire);
+        countWire(await this.#req.source.nbdBytesServed(sourceExport.port));
         const disks = plan.disks.map((d) => {
           const job = jobs.find((j) => j.device === streamJobId(d.id));
           const finished = !pending.includes(d.id) || job?.status === 'pending' || job?.status === 'concluded';
@@ -483,8 +495,7 @@ class Migration {
         // auto-finalize is off: a finished stream waits in 'pending' with its backing (and the
         // NBD connection whose byte counter we read) still attached. Count, then let go.
         if (ours.every((o) => !o.job || o.job.status === 'pending' || o.job.status === 'concluded')) {
-          const last = await this.#req.source.nbdBytesServed(sourceExport.port);
-          if (last !== undefined) wireSeen = Math.max(wireSeen ?? 0, last);
+          countWire(await this.#req.source.nbdBytesServed(sourceExport.port));
           const since2 = q.eventCursor();
           for (const o of ours) if (o.job?.status === 'pending') await q.executeRaw('job-finalize', { id: streamJobId(o.id) }, { timeoutMs });
           for (const o of ours) {
