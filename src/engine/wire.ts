@@ -9,29 +9,19 @@ const run = promisify(execFile);
  * cross the wire as a few bytes of NBD WRITE_ZEROES, so this is the honest "bytes sent" figure.
  * Undefined when ss is missing or prints nothing we can read.
  */
-export async function tcpBytesAcked(peer: { host: string; port: number }): Promise<number | undefined> {
-  let stdout: string;
-  try {
-    ({ stdout } = await run('ss', ['-tinH', 'state', 'established', 'dst', `${peer.host}:${peer.port}`], {
-      timeout: 5_000,
-    }));
-  } catch {
-    return undefined;
-  }
-  let total = 0;
-  let seen = false;
-  for (const m of stdout.matchAll(/\bbytes_acked:(\d+)/g)) {
-    total += Number(m[1]);
-    seen = true;
-  }
-  return seen ? total : undefined;
+export function tcpBytesAcked(peer: { host: string; port: number }): Promise<number | undefined> {
+  return sumBytesAcked(['dst', `${peer.host}:${peer.port}`]);
 }
 
 /** Bytes sent and acknowledged on every established TCP socket of this host whose local port is `port`. */
-export async function tcpBytesAckedFrom(port: number): Promise<number | undefined> {
+export function tcpBytesAckedFrom(port: number): Promise<number | undefined> {
+  return sumBytesAcked(['sport', '=', `:${port}`]);
+}
+
+async function sumBytesAcked(filter: string[]): Promise<number | undefined> {
   let stdout: string;
   try {
-    ({ stdout } = await run('ss', ['-tinH', 'state', 'established', 'sport', '=', `:${port}`], { timeout: 5_000 }));
+    ({ stdout } = await run('ss', ['-tinH', 'state', 'established', ...filter], { timeout: 5_000 }));
   } catch {
     return undefined;
   }
