@@ -105,6 +105,14 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
           logger: this.#log,
           onEvent: (e) => {
             if (e.event === 'phase') ctx.onPhase(e.phase);
+            else if (e.event === 'progress') {
+              const p = e.progress;
+              const ram = p.ram ? { done: p.ram.transferredBytes, total: p.ram.transferredBytes + p.ram.remainingBytes } : { done: 0, total: 0 };
+              ctx.onProgress?.({ phase: p.phase, doneBytes: p.diskCopiedBytes + ram.done, totalBytes: p.diskTotalBytes + ram.total, bytesPerSec: Math.round(p.rateBytesPerSec), etaMs: p.etaMs ?? null });
+            } else if (e.event === 'hydration') {
+              const done = e.disks.reduce((s, d) => s + d.doneBytes, 0);
+              ctx.onProgress?.({ phase: 'hydrate', doneBytes: done, totalBytes: e.disks.reduce((s, d) => s + d.totalBytes, 0), bytesPerSec: e.elapsedMs > 0 ? Math.round((done * 1000) / e.elapsedMs) : 0, etaMs: null });
+            }
           },
         });
       } finally {

@@ -21,7 +21,7 @@ export const FERRY_USAGE = `usage: ferry [--scheduler URL] [--token-file FILE] [
                         move every VM off HOST
   cancel ID             cancel a queued or running migration
   show ID               a migration and its journal
-  watch                 live changes of every migration (Ctrl-C to stop)
+  watch                 live changes, phases and progress of every migration (Ctrl-C to stop)
 `;
 
 interface Io {
@@ -112,6 +112,13 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
             const j = e.job as MigrationJob;
             io.stdout.write(`${new Date().toISOString()}  ${j.id} ${j.vm} ${j.from} -> ${j.to}: ${j.state}${j.error ? ` (${j.error})` : ''}\n`);
           } else if (e.type === 'phase') io.stdout.write(`${new Date().toISOString()}  ${String(e.id)} ${String(e.vm)}: ${String(e.phase)}\n`);
+          else if (e.type === 'progress') {
+            const done = Number(e.doneBytes);
+            const total = Number(e.totalBytes);
+            const pct = total > 0 ? Math.floor((100 * done) / total) : 0;
+            const eta = typeof e.etaMs === 'number' ? `, ETA ${Math.ceil(e.etaMs / 1000)} s` : '';
+            io.stdout.write(`${new Date().toISOString()}  ${String(e.id)} ${String(e.vm)}: ${String(e.phase)} ${pct}% of ${mib(total)}, ${mib(Number(e.bytesPerSec))}/s${eta}\n`);
+          }
         });
         await new Promise<void>((resolve) => {
           process.once('SIGINT', resolve);
@@ -142,6 +149,10 @@ async function token(file: string | undefined, env: NodeJS.ProcessEnv): Promise<
   const t = env.FERRY_SCHEDULER_TOKEN?.trim();
   if (!t) throw new FerryError('USAGE', 'the scheduler needs a token: set FERRY_SCHEDULER_TOKEN or pass --token-file FILE', { userError: true });
   return t;
+}
+
+function mib(bytes: number): string {
+  return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 }
 
 function gib(bytes: number): string {

@@ -17,7 +17,7 @@ import PQueue from 'p-queue';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { SchedulerStore } from './store.js';
-import { PRIORITY, retryable, SchedulerError, TERMINAL, type Inventory, type MigrationJob, type MigrationMode, type MigrationRunner, type Reason, type Reconciler, type VmInfo } from './types.js';
+import { PRIORITY, retryable, SchedulerError, TERMINAL, type Inventory, type MigrationJob, type MigrationMode, type MigrationProgress, type MigrationRunner, type Reason, type Reconciler, type VmInfo } from './types.js';
 
 export interface SchedulerLimits {
   outgoingPerHost: number;
@@ -44,6 +44,8 @@ export interface SchedulerOptions {
 export interface SchedulerEvents {
   job: [MigrationJob];
   phase: [{ id: string; vm: string; phase: string }];
+  /** At most one per second per migration. */
+  progress: [{ id: string; vm: string } & MigrationProgress];
 }
 
 interface Waiter {
@@ -360,10 +362,17 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#outgoing.set(job.from, (this.#outgoing.get(job.from) ?? 0) + 1);
     this.#changed(job);
     this.#log.info({ id, vm: job.vm, from: job.from, to: job.to, attempt: job.attempts }, 'migration starts');
+    let lastProgress = 0;
     try {
       await this.#runner.run(job, {
         signal,
         bandwidthBytesPerSec: job.bandwidthBytesPerSec ?? 0,
+        onProgress: (p) => {
+          const now = performance.now();
+          if (now - lastProgress < 1_000) return;
+          lastProgress = now;
+          this.emit('progress', { id, vm: job.vm, ...p });
+        },
         onPhase: (phase) => {
           this.#store.phase(id, phase);
           this.emit('phase', { id, vm: job.vm, phase });

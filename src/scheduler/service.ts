@@ -126,6 +126,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     wss.handleUpgrade(req, socket, head, (ws) => {
       const onJob = (job: unknown): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event: { type: 'job', job } })));
       const onPhase = (p: unknown): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event: { type: 'phase', ...(p as object) } })));
+      const onProgress = (p: unknown): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event: { type: 'progress', ...(p as object) } })));
       let watching = false;
       serveRpc(ws, {
         version: SCHEDULER_PROTOCOL_VERSION,
@@ -135,6 +136,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
             watching = true;
             scheduler.on('job', onJob);
             scheduler.on('phase', onPhase);
+            scheduler.on('progress', onProgress);
           }
           return handle(method, params);
         },
@@ -143,6 +145,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       ws.once('close', () => {
         scheduler.off('job', onJob);
         scheduler.off('phase', onPhase);
+        scheduler.off('progress', onProgress);
       });
     });
   });

@@ -61,10 +61,20 @@ export interface MigrationJob {
   seq: number;
 }
 
+export interface MigrationProgress {
+  phase: string;
+  doneBytes: number;
+  totalBytes: number;
+  bytesPerSec: number;
+  etaMs: number | null;
+}
+
 export interface RunContext {
   signal: AbortSignal;
   bandwidthBytesPerSec: number;
   onPhase(phase: string): void;
+  /** Bytes moved so far of those to move (disk copy or hydration, and RAM), for `ferry watch`. */
+  onProgress?(p: MigrationProgress): void;
 }
 
 export interface MigrationRunner {

@@ -107,14 +107,18 @@ test('refusals, and cancelling a queued and a running migration through real age
     expect((await ferryMain(['--scheduler', svc.url, 'queue'], { stdout: process.stdout, stderr: { write: () => true } as unknown as NodeJS.WritableStream }, {}))).toBe(2); // no token
 
     const phases: string[] = [];
+    const progress: { doneBytes: number; totalBytes: number }[] = [];
     await c.watch((e) => {
       if (e.type === 'phase') phases.push(String(e.phase));
+      if (e.type === 'progress') progress.push(e as unknown as { doneBytes: number; totalBytes: number });
     });
     // 1 MiB/s: the 4 MiB mirror takes seconds, long enough to cancel it mid-copy.
     const running = ((await c.call('migrate', { vm: 'vm1', to: 'B' })) as { job: MigrationJob }).job;
     const queued = ((await c.call('migrate', { vm: 'vm2', to: 'C' })) as { job: MigrationJob }).job;
     for (let i = 0; i < 200 && !phases.includes('mirror'); i++) await sleep(50);
     expect(phases).toContain('mirror');
+    for (let i = 0; i < 60 && progress.length === 0; i++) await sleep(50);
+    expect(progress[0]!.totalBytes).toBeGreaterThan(4 << 20); // live progress reaches `ferry watch`
     expect(((await c.call('get', { id: queued.id })) as MigrationJob).state).toBe('queued'); // one out of A at a time
     expect(await c.call('cancel', { id: queued.id })).toMatchObject({ state: 'cancelled' });
     await c.call('cancel', { id: running.id });
