@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 /** Debian packages ferry and its guest image need. */
-const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils'];
+const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils', 'openssl'];
 
 function log(msg) {
   process.stderr.write(`bootstrap: ${msg}\n`);

@@ -6,6 +6,7 @@ import { randomOrder } from '../engine/local-endpoint.js';
 import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { z } from 'zod';
+import type { TlsMaterial } from './tls.js';
 import { eventFrameSchema, hostInfoSchema, PROTOCOL_VERSION, responseSchema, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
 
 const vmGetSchema = vmSummarySchema.extend({ spec: z.unknown() });
@@ -23,7 +24,10 @@ export class AgentClient {
   readonly #listeners = new Set<(e: AgentEvent) => void>();
   readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
 
-  private constructor(ws: WebSocket, url: string, token: string) {
+  readonly #tls: TlsMaterial | undefined;
+
+  private constructor(ws: WebSocket, url: string, token: string, tls: TlsMaterial | undefined) {
+    this.#tls = tls;
     this.#ws = ws;
     this.#url = url;
     this.#token = token;
@@ -52,10 +56,15 @@ export class AgentClient {
     });
   }
 
-  static connect(url: string, token: string, timeoutMs = 10_000): Promise<AgentClient> {
+  /** `wss://` needs `tls` (mutual TLS: this side's certificate and the CA of the agent's). */
+  static connect(url: string, token: string, timeoutMs = 10_000, tls?: TlsMaterial): Promise<AgentClient> {
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(`${url}/v1`, { headers: { authorization: `Bearer ${token}` }, handshakeTimeout: timeoutMs });
-      ws.once('open', () => resolve(new AgentClient(ws, url, token)));
+      if (url.startsWith('wss://') && !tls) {
+        reject(new AgentCallError('AGENT_TLS', `${url} is TLS: give the client certificate, key and CA (--tls-cert, --tls-key, --tls-ca)`, { userError: true }));
+        return;
+      }
+      const ws = new WebSocket(`${url}/v1`, { headers: { authorization: `Bearer ${token}` }, handshakeTimeout: timeoutMs, ...tlsOptions(url, tls) });
+      ws.once('open', () => resolve(new AgentClient(ws, url, token, tls)));
       ws.once('unexpected-response', (_req, res) => {
         reject(new AgentCallError('AGENT_REFUSED', `agent ${url} refused the connection: HTTP ${res.statusCode}`, { userError: true }));
         ws.terminate();
@@ -85,7 +94,7 @@ export class AgentClient {
 
   /** A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. */
   openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
-    const ws = new WebSocket(`${this.#url}/v1/qmp/${vmId}`, { headers: { authorization: `Bearer ${this.#token}` }, handshakeTimeout: timeoutMs });
+    const ws = new WebSocket(`${this.#url}/v1/qmp/${vmId}`, { headers: { authorization: `Bearer ${this.#token}` }, handshakeTimeout: timeoutMs, ...tlsOptions(this.#url, this.#tls) });
     return new Promise((resolve, reject) => {
       ws.once('open', () => {
         QmpClient.connect({ stream: createWebSocketStream(ws) }, { timeoutMs, name: `agent:${vmId}` }).then(resolve, reject);
@@ -125,8 +134,8 @@ export class AgentSource implements SourceEndpoint {
    * Finds the running VM `vmName` of this principal on the agent; its spec comes from there.
    * `keepDisks`: leave the source's disk files in place after a successful migration.
    */
-  static async connect(url: string, token: string, vmName: string, opts: { keepDisks?: boolean } = {}): Promise<AgentSource> {
-    const client = await AgentClient.connect(url, token);
+  static async connect(url: string, token: string, vmName: string, opts: { keepDisks?: boolean; tls?: TlsMaterial } = {}): Promise<AgentSource> {
+    const client = await AgentClient.connect(url, token, 10_000, opts.tls);
     try {
       const info = hostInfoSchema.parse(await client.call('host.info'));
       const found = vmGetSchema.parse(await client.call('vm.get', { name: vmName }));
@@ -185,8 +194,8 @@ export class AgentDestination implements DestinationEndpoint {
     this.migrationHost = info.migrationHost;
   }
 
-  static async connect(url: string, token: string): Promise<AgentDestination> {
-    const client = await AgentClient.connect(url, token);
+  static async connect(url: string, token: string, opts: { tls?: TlsMaterial } = {}): Promise<AgentDestination> {
+    const client = await AgentClient.connect(url, token, 10_000, opts.tls);
     try {
       const info = hostInfoSchema.parse(await client.call('host.info'));
       return new AgentDestination(client, info);
@@ -266,6 +275,11 @@ export class AgentDestination implements DestinationEndpoint {
   close(): void {
     this.#client.close();
   }
+}
+
+/** ws options for mutual TLS; the agent's certificate must name the host in the URL. */
+function tlsOptions(url: string, tls: TlsMaterial | undefined): { cert?: Buffer; key?: Buffer; ca?: Buffer; minVersion?: 'TLSv1.3' } {
+  return url.startsWith('wss://') && tls ? { cert: tls.cert, key: tls.key, ca: tls.ca, minVersion: 'TLSv1.3' } : {};
 }
 
 function safeJson(s: string): unknown {

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
+import { TlsFilesSchema } from './tls.js';
 
 export const AgentConfigSchema = z
   .object({
@@ -27,6 +28,8 @@ export const AgentConfigSchema = z
       .refine(([lo, hi]) => lo <= hi, 'the first port must not be above the second')
       .default([20000, 29999]),
     qemuBinary: z.string().optional(),
+    /** Mutual TLS: the agent's certificate and key, and the CA that signs its callers'. */
+    tls: TlsFilesSchema.optional(),
     limits: z
       .object({
         /** Sustained requests per second per session, and the burst above it. */

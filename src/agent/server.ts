@@ -11,7 +11,8 @@
 import { randomBytes } from 'node:crypto';
 import { statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { freemem, totalmem, availableParallelism } from 'node:os';
 import { sep } from 'node:path';
@@ -31,6 +32,7 @@ import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, typ
 import { DESTINATION_QMP_ALLOWLIST, SOURCE_QMP_ALLOWLIST, tunnelQmp } from './qmp-tunnel.js';
 import { probeQemu, type QemuInfo } from './qemu-probe.js';
 import { TokenBucket } from './rate-limit.js';
+import { loadTls } from './tls.js';
 import { processStartTime, VmRegistry, type VmRecord } from './registry.js';
 import { attachMonitor, supervise, type Supervised } from './supervisor.js';
 
@@ -334,9 +336,14 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     });
   };
 
-  const http: Server = createServer((_req, res) => {
+  const onPlainRequest = (_req: IncomingMessage, res: ServerResponse): void => {
     res.writeHead(426, { 'content-type': 'text/plain' }).end('ferry-agent speaks WebSocket on /v1\n');
-  });
+  };
+  // Mutual TLS when configured: no certificate signed by the configured CA, no handshake.
+  const tls = config.tls ? await loadTls(config.tls) : undefined;
+  const http: Server = tls
+    ? createHttpsServer({ cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3' }, onPlainRequest)
+    : createServer(onPlainRequest);
   const wss = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES });
   http.on('upgrade', (req, socket, head) => {
     const principal = authenticate(req);
@@ -367,7 +374,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   log.info({ port, storageRoot: config.storageRoot, vms: registry.all().length }, 'agent listening');
   return {
     port,
-    url: `ws://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`,
+    url: `${tls ? 'wss' : 'ws'}://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`,
     close: async () => {
       for (const c of wss.clients) c.terminate();
       await new Promise<void>((r) => http.close(() => r()));

@@ -26,6 +26,9 @@ disks, the migration stream for RAM. Through agents (ferry-agent), the agents ca
   --to URL                 the agent of the destination host
   --token-file FILE        the agents' bearer token (default: the FERRY_TOKEN environment variable)
   --keep-source-disks      (--from) leave the source's disk files after a successful migration
+  --tls-cert FILE, --tls-key FILE, --tls-ca FILE
+                           mutual TLS to agents at wss:// URLs: this side's certificate and key
+                           (PEM), and the CA that signs the agents' certificates
   --bandwidth SIZE         cap on the link, bytes/s: 500M, 1G, 10M... (default: unlimited)
   --downtime-limit MS      pause QEMU aims for at switchover (default 300)
   --max-downtime MS        the limit steps up to this when RAM does not converge (default 2000)
@@ -63,6 +66,8 @@ export interface CliArgs {
   destination: DestinationArg;
   /** Where the agents' token comes from, when an agent is involved. */
   tokenFile: string | undefined;
+  /** Mutual TLS to wss:// agents. */
+  tls: { cert: string; key: string; ca: string } | undefined;
   options: MigrationOptionsInput;
   dryRun: boolean;
   json: boolean;
@@ -103,6 +108,9 @@ export function parseCli(argv: string[]): Parsed {
         to: { type: 'string' },
         'token-file': { type: 'string' },
         'keep-source-disks': { type: 'boolean' },
+        'tls-cert': { type: 'string' },
+        'tls-key': { type: 'string' },
+        'tls-ca': { type: 'string' },
         'source-qmp': { type: 'string' },
         'to-dir': { type: 'string' },
         'migration-host': { type: 'string' },
@@ -131,16 +139,19 @@ export function parseCli(argv: string[]): Parsed {
   }
   if (values.help) return { kind: 'help' };
   if (values.version) return { kind: 'version' };
+  const tlsGiven = ['tls-cert', 'tls-key', 'tls-ca'].filter((f) => values[f as 'tls-cert'] !== undefined);
+  if (tlsGiven.length > 0 && tlsGiven.length < 3) throw new UsageError(`mutual TLS needs all of --tls-cert, --tls-key and --tls-ca (got only --${tlsGiven.join(', --')})`);
+  const tls = tlsGiven.length === 3 ? { cert: values['tls-cert']!, key: values['tls-key']!, ca: values['tls-ca']! } : undefined;
   const url = (flag: string, text: string): string => {
-    if (/^wss:\/\//i.test(text)) throw new UsageError(`${flag}: '${text}': TLS to agents (wss://) is not supported yet; use ws:// on a trusted network`);
     let u: URL;
     try {
       u = new URL(text);
     } catch {
       throw new UsageError(`${flag}: '${text}' is not a URL (example: ws://10.0.0.17:7420)`);
     }
-    if (u.protocol !== 'ws:' || u.pathname !== '/' || u.search || u.hash) throw new UsageError(`${flag}: '${text}' is not an agent URL (example: ws://10.0.0.17:7420)`);
-    return `ws://${u.host}`;
+    if ((u.protocol !== 'ws:' && u.protocol !== 'wss:') || u.pathname !== '/' || u.search || u.hash) throw new UsageError(`${flag}: '${text}' is not an agent URL (example: ws://10.0.0.17:7420)`);
+    if (u.protocol === 'wss:' && !tls) throw new UsageError(`${flag}: '${text}' is TLS: give --tls-cert, --tls-key and --tls-ca`);
+    return `${u.protocol}//${u.host}`;
   };
   let source: SourceArg;
   if (values.from !== undefined) {
@@ -163,6 +174,7 @@ export function parseCli(argv: string[]): Parsed {
     }
   }
   if (values['token-file'] !== undefined && values.to === undefined) throw new UsageError('--token-file goes with --from/--to (agents)');
+  if (tls && values.to === undefined) throw new UsageError('--tls-* go with --from/--to (agents)');
 
   const options: MigrationOptionsInput = {};
   if (values.bandwidth !== undefined) options.bandwidthBytesPerSec = parseSize('--bandwidth', values.bandwidth);
@@ -221,6 +233,7 @@ export function parseCli(argv: string[]): Parsed {
       source,
       destination,
       tokenFile: values['token-file'],
+      tls,
       options,
       dryRun: values['dry-run'] ?? false,
       json: values.json ?? false,

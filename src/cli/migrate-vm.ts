@@ -12,6 +12,7 @@ import { migrate } from '../engine/migrate.js';
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
 import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
 import { AgentDestination, AgentSource } from '../agent/client.js';
+import { loadTls } from '../agent/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
@@ -198,10 +199,11 @@ async function agentToken(args: CliArgs): Promise<string> {
 
 async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[]): Promise<{ spec: VmSpec; source: SourceEndpoint; destination: DestinationEndpoint }> {
   const token = args.source.kind === 'agent' || args.destination.kind === 'agent' ? await agentToken(args) : '';
+  const tls = args.tls ? await loadTls(args.tls) : undefined;
   let spec: VmSpec;
   let source: SourceEndpoint;
   if (args.source.kind === 'agent') {
-    const s = await AgentSource.connect(args.source.url, token, args.source.vm, { keepDisks: args.source.keepDisks });
+    const s = await AgentSource.connect(args.source.url, token, args.source.vm, { keepDisks: args.source.keepDisks, ...(tls ? { tls } : {}) });
     closers.push(() => s.close());
     spec = s.spec;
     source = s;
@@ -211,7 +213,7 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
   }
   let destination: DestinationEndpoint;
   if (args.destination.kind === 'agent') {
-    const d = await AgentDestination.connect(args.destination.url, token);
+    const d = await AgentDestination.connect(args.destination.url, token, tls ? { tls } : {});
     closers.push(() => d.close());
     destination = d;
   } else {

@@ -5,6 +5,7 @@
  */
 import { z } from 'zod';
 import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
+import type { TlsMaterial } from '../agent/tls.js';
 import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
 import { migrate } from '../engine/migrate.js';
 import { rollBackSource } from '../engine/recover.js';
@@ -15,7 +16,7 @@ import { SchedulerError, type HostInfo, type Inventory, type MigrationJob, type 
 export const HostConfigSchema = z
   .object({
     name: z.string().min(1),
-    url: z.string().regex(/^ws:\/\/[^/]+$/, 'must be ws://HOST:PORT'),
+    url: z.string().regex(/^wss?:\/\/[^/]+$/, 'must be ws://HOST:PORT or wss://HOST:PORT'),
     /** Memory this host may give to VMs; default: all of its RAM. */
     memoryMiB: z.number().int().positive().optional(),
   })
@@ -29,7 +30,10 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
   readonly #token: string;
   readonly #log: Logger;
 
-  constructor(hosts: HostConfig[], token: string, logger: Logger = silentLogger) {
+  readonly #tls: TlsMaterial | undefined;
+
+  constructor(hosts: HostConfig[], token: string, logger: Logger = silentLogger, tls?: TlsMaterial) {
+    this.#tls = tls;
     this.#hosts = hosts;
     this.#token = token;
     this.#log = logger.child({ component: 'fleet' });
@@ -42,7 +46,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
   }
 
   async #withClient<T>(host: HostConfig, fn: (c: AgentClient) => Promise<T>): Promise<T> {
-    const c = await AgentClient.connect(host.url, this.#token, 5_000);
+    const c = await AgentClient.connect(host.url, this.#token, 5_000, this.#tls);
     try {
       return await fn(c);
     } finally {
@@ -91,9 +95,9 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
   }
 
   async run(job: MigrationJob, ctx: RunContext): Promise<void> {
-    const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm);
+    const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
     try {
-      const destination = await AgentDestination.connect(this.#host(job.to).url, this.#token);
+      const destination = await AgentDestination.connect(this.#host(job.to).url, this.#token, this.#tls ? { tls: this.#tls } : {});
       try {
         await migrate({
           spec: source.spec,
@@ -166,7 +170,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     if (incoming) await this.#withClient(to, (c) => c.call('dest.abandon', { vmId: incoming.vmId }, 40_000));
     let source: AgentSource;
     try {
-      source = await AgentSource.connect(from.url, this.#token, job.vm);
+      source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
     } catch (err) {
       return { runsOn: 'unknown', detail: `${job.vm} runs on neither host (source: ${errorText(err)})` };
     }

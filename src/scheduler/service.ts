@@ -9,6 +9,7 @@ import { z } from 'zod';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
+import { loadTls, TlsFilesSchema } from '../agent/tls.js';
 import { AgentFleet, HostConfigSchema } from './agents.js';
 import { SCHEDULER_PROTOCOL_VERSION, schedulerMethods, type SchedulerMethod } from './protocol.js';
 import { Scheduler } from './scheduler.js';
@@ -24,6 +25,8 @@ export const SchedulerConfigSchema = z
       .array(HostConfigSchema)
       .min(1, 'at least one host')
       .refine((h) => new Set(h.map((x) => x.name)).size === h.length, 'host names must be unique'),
+    /** Mutual TLS to wss:// agents: the scheduler's certificate and key, and the agents' CA. */
+    agentTls: TlsFilesSchema.optional(),
     /** The token the scheduler presents to the agents. */
     agentToken: z.string().min(16, 'the agent token must be at least 16 characters'),
     /** Tokens of the scheduler's own API: token -> principal. */
@@ -61,8 +64,9 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   }
   const config = parsed.data;
   const log = logger.child({ tool: 'ferry-scheduler' });
+  const tls = config.agentTls ? await loadTls(config.agentTls) : undefined;
   const store = new SchedulerStore(config.database);
-  const fleet = new AgentFleet(config.hosts, config.agentToken, log);
+  const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls);
   const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, mode: config.mode, logger: log });
   await scheduler.start();
 

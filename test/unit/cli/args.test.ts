@@ -19,6 +19,12 @@ describe('parseCli', () => {
     });
   });
 
+  test('agents over mutual TLS', () => {
+    expect(parseCli(['--from', 'wss://a:7420', '--to', 'wss://b:7420', 'web1', '--tls-cert', 'c.pem', '--tls-key', 'k.pem', '--tls-ca', 'ca.pem'])).toMatchObject({
+      args: { source: { url: 'wss://a:7420' }, destination: { url: 'wss://b:7420' }, tls: { cert: 'c.pem', key: 'k.pem', ca: 'ca.pem' } },
+    });
+  });
+
   test('agent to agent, and a local source into an agent', () => {
     expect(parseCli(['--from', 'ws://10.0.0.1:7420', '--to', 'ws://10.0.0.2:7420/', 'web1', '--keep-source-disks'])).toMatchObject({
       kind: 'run',
@@ -47,7 +53,9 @@ describe('parseCli', () => {
     [[...agents, '--spec', 'x.json', 'web1'], /--from and --spec exclude each other/],
     [[...agents, 'web1', '--port-range', '1-2'], /--port-range goes with --to-dir/],
     [[...agents, 'web1', '--to-dir', '/b'], /--to and --to-dir exclude each other/],
-    [['--from', 'wss://a:7420', '--to', 'ws://b', 'web1'], /wss:\/\/\) is not supported yet/],
+    [['--from', 'wss://a:7420', '--to', 'ws://b', 'web1'], /'wss:\/\/a:7420' is TLS: give --tls-cert, --tls-key and --tls-ca/],
+    [[...agents, 'web1', '--tls-cert', 'c.pem'], /mutual TLS needs all of --tls-cert, --tls-key and --tls-ca \(got only --tls-cert\)/],
+    [[...base, '--tls-cert', 'c', '--tls-key', 'k', '--tls-ca', 'a'], /--tls-\* go with --from\/--to/],
     [['--from', 'http://a:7420', '--to', 'ws://b', 'web1'], /is not an agent URL/],
     [['--from', 'ws://a:7420/v1', '--to', 'ws://b', 'web1'], /is not an agent URL/],
     [[...base, 'web1'], /unexpected argument 'web1'/],
