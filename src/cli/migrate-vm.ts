@@ -83,8 +83,14 @@ async function run(args: CliArgs, io: Io): Promise<number> {
 
   const ac = new AbortController();
   let signals = 0;
+  let pastNoReturn = false;
   const onSignal = (sig: NodeJS.Signals): void => {
     signals++;
+    if (pastNoReturn) {
+      endStatus();
+      io.stderr.write(`migrate-vm: ${sig}: the guest already runs on the destination; finishing what is left (lazy mode: the hydration), which a cancel cannot undo\n`);
+      return;
+    }
     if (signals === 1) {
       endStatus();
       io.stderr.write(`migrate-vm: ${sig}: cancelling, rolling back (the guest stays on the source)\n`);
@@ -103,6 +109,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     const { spec, source, destination } = await endpointsOf(args, logger, closers);
     const onEvent = (e: MigrationEvent): void => {
       emit(e as unknown as Record<string, unknown>);
+      if (e.event === 'point-of-no-return') pastNoReturn = true;
       if (e.event === 'progress') {
         // A plain log (not a TTY) gets a line every 2 s, not every sample.
         const now = performance.now();

@@ -521,7 +521,9 @@ class Migration {
             guestOn: 'destination',
           });
         }
-        await this.#nap(q, (e) => e.event === 'JOB_STATUS_CHANGE' || e.event === 'BLOCK_JOB_ERROR', since);
+        // Past the point of no return: neither a cancel nor the total timeout may stop this
+        // (the guest needs every block); only the stall check above bounds it.
+        await this.#nap(q, (e) => e.event === 'JOB_STATUS_CHANGE' || e.event === 'BLOCK_JOB_ERROR', since, null);
       }
       pending = failed.map((f) => f.id);
       if (pending.length === 0) break;
@@ -897,10 +899,12 @@ class Migration {
     const failedPhase = this.#phase;
     const first = this.#asMigrationError(err, failedPhase);
     if (this.#pastNoReturn) {
-      // Nothing to roll back: the undo stack was emptied at the point of no return.
+      // Nothing to roll back: the undo stack was emptied at the point of no return. The guest
+      // runs on the destination unless the error itself says nobody can know.
       this.#enter('failed');
       await source?.qmp.close().catch(() => undefined);
-      return first;
+      if (first.guestOn !== 'source') return first;
+      return new MigrationError(first.code, first.message, { phase: failedPhase, cause: first.cause ?? err, userError: first.userError, context: first.context as Record<string, unknown>, guestOn: 'destination', cleanupErrors: first.cleanupErrors });
     }
     this.#log.warn({ err: errorText(first), phase: failedPhase }, 'migration failed, rolling back');
     if (this.#undo.size > 0) this.#enter('rollback');
@@ -1044,11 +1048,12 @@ class Migration {
   }
 
   /** Sleeps one progress interval, waking early on a matching event. */
-  async #nap(q: QmpClient, pred: (e: QmpEvent) => boolean, since?: number): Promise<void> {
+  /** signal null: a wait past the point of no return, which no cancel interrupts. */
+  async #nap(q: QmpClient, pred: (e: QmpEvent) => boolean, since?: number, signal: AbortSignal | null = this.#signal): Promise<void> {
     try {
       await q.waitForEvent(pred, {
         timeoutMs: this.#opts.progressIntervalMs,
-        signal: this.#signal,
+        ...(signal ? { signal } : {}),
         ...(since === undefined ? {} : { since: Math.max(since, this.#napCursor.get(q) ?? since) }),
       });
     } catch (err) {

@@ -8,7 +8,7 @@ import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
 import type { TlsMaterial } from '../agent/tls.js';
 import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
 import { migrate } from '../engine/migrate.js';
-import { rollBackSource } from '../engine/recover.js';
+import { finishHydration, rollBackSource, unexportSource } from '../engine/recover.js';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { SchedulerError, type HostInfo, type Inventory, type MigrationJob, type MigrationRunner, type Reconciler, type RunContext, type VmInfo, type WhereRuns } from './types.js';
@@ -32,8 +32,11 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
 
   readonly #tls: TlsMaterial | undefined;
 
-  constructor(hosts: HostConfig[], token: string, logger: Logger = silentLogger, tls?: TlsMaterial) {
+  readonly #hydrationBytesPerSec: number | undefined;
+
+  constructor(hosts: HostConfig[], token: string, logger: Logger = silentLogger, tls?: TlsMaterial, opts: { hydrationBytesPerSec?: number } = {}) {
     this.#tls = tls;
+    this.#hydrationBytesPerSec = opts.hydrationBytesPerSec;
     this.#hosts = hosts;
     this.#token = token;
     this.#log = logger.child({ component: 'fleet' });
@@ -104,7 +107,11 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
           source,
           destination,
           migrationId: job.id.replace(/^m-/, '').slice(0, 8),
-          options: { mode: job.mode, ...(ctx.bandwidthBytesPerSec > 0 ? { bandwidthBytesPerSec: ctx.bandwidthBytesPerSec } : {}) },
+          options: {
+            mode: job.mode,
+            ...(ctx.bandwidthBytesPerSec > 0 ? { bandwidthBytesPerSec: ctx.bandwidthBytesPerSec } : {}),
+            ...(job.mode === 'lazy' && this.#hydrationBytesPerSec ? { hydrationBytesPerSec: this.#hydrationBytesPerSec } : {}),
+          },
           signal: ctx.signal,
           logger: this.#log,
           onEvent: (e) => {
@@ -158,13 +165,33 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     }
     if (destStatus === undefined) return { runsOn: 'unknown', detail: `cannot ask the destination QEMU of ${job.vm} on ${to.name} whether it runs` };
     if (destStatus === 'running') {
-      // The guest moved: the source must be in postmigrate (vm.retire checks) and goes.
+      // The guest moved. Lazy mode: the destination may still read from the source, so first
+      // every overlay is hydrated to the end; then the source must be in postmigrate
+      // (vm.retire checks) and goes.
+      const hydrated = await this.#withClient(to, async (c) => {
+        const q = await c.openQmp(incoming!.vmId, 10_000);
+        try {
+          return await finishHydration(q, this.#log);
+        } finally {
+          await q.close();
+        }
+      });
+      const src = (await this.#list(from)).find((v) => v.name === job.vm && v.role === 'vm' && v.running);
+      if (src) {
+        const source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
+        try {
+          const q = await source.connect({ timeoutMs: 10_000 });
+          await unexportSource(q).finally(() => q.close());
+        } finally {
+          source.close();
+        }
+      }
       await this.#withClient(from, async (c) => {
         const src = (await this.#list(from)).find((v) => v.name === job.vm && v.role === 'vm' && v.running);
         if (src) await c.call('vm.retire', { vmId: src.vmId, timeoutMs: 30_000, removeDisks: true }, 40_000);
       });
       await this.#withClient(to, (c) => c.call('dest.release', { vmId: incoming!.vmId }));
-      return { runsOn: 'to', detail: `the destination ran ${job.vm}: hand-over finished` };
+      return { runsOn: 'to', detail: `the destination ran ${job.vm}: hand-over finished${hydrated.length ? ` (${hydrated.join(', ')})` : ''}` };
     }
     // The destination never ran the guest: it goes, and the source is made whole again.
     if (incoming) await this.#withClient(to, (c) => c.call('dest.abandon', { vmId: incoming.vmId }, 40_000));

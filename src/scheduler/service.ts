@@ -40,6 +40,8 @@ export const SchedulerConfigSchema = z
       })
       .strict()
       .default({ outgoingPerHost: 2, incomingPerHost: 2, cluster: 5 }),
+    /** lazy mode: cap on each disk's background hydration, bytes/s. */
+    hydrationBytesPerSec: z.number().int().positive().optional(),
     /** The engine's mode when a request names none: precopy (default) or lazy. */
     mode: z.enum(['precopy', 'lazy']).default('precopy'),
     retry: z
@@ -66,7 +68,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const log = logger.child({ tool: 'ferry-scheduler' });
   const tls = config.agentTls ? await loadTls(config.agentTls) : undefined;
   const store = new SchedulerStore(config.database);
-  const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls);
+  const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {});
   const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, mode: config.mode, logger: log });
   await scheduler.start();
 

@@ -164,7 +164,7 @@ describe('lazy mode', () => {
   }, 60_000);
 });
 
-test('a network blip during hydration: the NBD client reconnects and hydration completes, nothing lost', async () => {
+test('a network blip and a cancel during hydration: the NBD client reconnects, the cancel is too late to matter, hydration completes, nothing lost', async () => {
   const { vm, spec, hostB } = await bootWorkloadGuest({
     disks: [{ id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 8 }],
     workload: { write: { rate: 20 }, tickMs: 100 },
@@ -173,7 +173,9 @@ test('a network blip during hydration: the NBD client reconnects and hydration c
   const dest = new LocalDestination({ dir: hostB });
   let blips = 0;
   let killed: Promise<string> | undefined;
+  const ac = new AbortController();
   const result = await migrate({
+    signal: ac.signal,
     spec,
     source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), exportPortRange: [port, port] }),
     destination: dest,
@@ -183,6 +185,8 @@ test('a network blip during hydration: the NBD client reconnects and hydration c
       // Once, a second into the hydration: cut every connection to the source's export.
       if (e.event === 'hydration' && e.elapsedMs > 1_000 && blips === 0) {
         blips++;
+        // Past the point of no return a cancel must not stop the hydration: the guest needs it.
+        ac.abort();
         killed = run('ss', ['-K', 'dst', '127.0.0.1', 'dport', '=', `:${port}`]).then(
           (r) => r.stdout,
           (e: { stdout?: string }) => e.stdout ?? '',
