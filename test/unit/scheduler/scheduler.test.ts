@@ -85,6 +85,19 @@ describe('scheduler limits and order', () => {
 });
 
 describe('scheduler requests', () => {
+  test("each request carries its mode to the runner; the scheduler's default fills in", async () => {
+    const store = new SchedulerStore(':memory:');
+    const inventory = new FakeInventory(['a', 'b'], [['v1', 'a'], ['v2', 'a'], ['v3', 'a']]);
+    const runner = new FakeRunner();
+    const scheduler = new Scheduler({ store, inventory, runner, reconciler: new FakeReconciler(), mode: 'lazy' });
+    await scheduler.start();
+    await scheduler.migrate('v1', { to: 'b' });
+    await scheduler.migrate('v2', { to: 'b', mode: 'precopy' });
+    await runner.until(2);
+    expect(Object.fromEntries(runner.started.map((j) => [j.vm, j.mode]))).toEqual({ v1: 'lazy', v2: 'precopy' });
+    expect((await scheduler.drain('a')).find((r) => r.job.vm === 'v3')!.job.mode).toBe('lazy');
+  });
+
   test('a duplicate request answers with the active migration', async () => {
     const { scheduler, store } = setup();
     await scheduler.start();
