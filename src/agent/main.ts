@@ -3,7 +3,8 @@
  * docs/agent.md for the API. SIGTERM/SIGINT stop serving; the VMs keep running, and the next
  * start re-attaches to them.
  */
-import { errorText, FerryError } from '../errors.js';
+import { errorText } from '../errors.js';
+import { serveUntilSignal } from '../serve.js';
 import { createLogger } from '../log.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
 import { startAgent } from './server.js';
@@ -17,22 +18,5 @@ export async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const log = createLogger({ tool: 'ferry-agent' });
-  try {
-    const agent = await startAgent(config, log);
-    // One line on stdout that a supervisor (or a test) can wait for.
-    process.stdout.write(`ferry-agent listening on ${agent.url}\n`);
-    await new Promise<void>((resolve) => {
-      const stop = (sig: string): void => {
-        log.info({ sig }, 'shutting down (VMs keep running)');
-        void agent.close().then(resolve);
-      };
-      process.once('SIGTERM', () => stop('SIGTERM'));
-      process.once('SIGINT', () => stop('SIGINT'));
-    });
-    return 0;
-  } catch (err) {
-    if (!(err instanceof FerryError && err.userError)) log.error({ err: errorText(err) }, 'agent failed');
-    process.stderr.write(`ferry-agent: ${errorText(err)}\n`);
-    return err instanceof FerryError && err.userError ? 2 : 1;
-  }
+  return serveUntilSignal('ferry-agent', log, () => startAgent(config, log), 'shutting down (VMs keep running)');
 }

@@ -7,7 +7,8 @@
  */
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
-import { errorText, FerryError } from '../errors.js';
+import { errorText } from '../errors.js';
+import { serveUntilSignal } from '../serve.js';
 import { createLogger } from '../log.js';
 import { startSchedulerService } from './service.js';
 
@@ -33,20 +34,13 @@ export async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const log = createLogger({ tool: 'ferry-scheduler' });
-  try {
-    const svc = await startSchedulerService(config, log);
-    process.stdout.write(`ferry-scheduler listening on ${svc.url}\n`);
-    await new Promise<void>((resolve) => {
-      const stop = (sig: string): void => {
-        log.info({ sig }, 'stopping: running migrations get 30 s, the rest roll back and stay queued');
-        void svc.close({ graceMs: 30_000 }).then(resolve);
-      };
-      process.once('SIGTERM', () => stop('SIGTERM'));
-      process.once('SIGINT', () => stop('SIGINT'));
-    });
-    return 0;
-  } catch (err) {
-    process.stderr.write(`ferry-scheduler: ${errorText(err)}\n`);
-    return err instanceof FerryError && err.userError ? 2 : 1;
-  }
+  return serveUntilSignal(
+    'ferry-scheduler',
+    log,
+    async () => {
+      const svc = await startSchedulerService(config, log);
+      return { url: svc.url, close: () => svc.close({ graceMs: 30_000 }) };
+    },
+    'stopping: running migrations get 30 s, the rest roll back and stay queued',
+  );
 }

@@ -205,7 +205,10 @@ test('drain A with 2 outgoing at most; the scheduler is killed -9 mid-drain and 
   expect(jobs.map((j) => [j.vm, j.state]).sort()).toEqual(VMS.map((vm) => [vm, 'succeeded']));
   const journals = await Promise.all(jobs.map(async (j) => (await c.call('journal', { id: j.id })) as { detail: string | null }[]));
   c.close();
+  // A clean stop: SIGTERM, nothing running, exit 0.
+  const exited = new Promise<number | null>((r) => child.once('exit', r));
   child.kill('SIGTERM');
+  expect(await exited).toBe(0);
   for (const w of watchers) w.close();
   expect(maxInFlight).toBeLessThanOrEqual(2);
   expect(maxInFlight).toBe(2); // the limit was reached, so the bound means something
