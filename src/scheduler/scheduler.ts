@@ -3,14 +3,13 @@
  * each host and the cluster can take, in priority order, and that survive the scheduler's own
  * death (store.ts persists before anything acts; `start` settles what was in flight).
  *
- * Admission, in two steps:
- *  1. Each source host has a p-queue whose concurrency is its outgoing limit; tasks carry the
- *     migration's priority, so a drain overtakes a rebalance on the same host.
- *  2. A task that got an outgoing slot then asks the Gate for an incoming slot on its destination
- *     and a cluster slot. Waiters are served by priority, then arrival. A waiting task holds its
- *     outgoing slot: that can idle one of its host's slots while the cluster is full, but it
- *     cannot deadlock (every slot it waits for is held by a running migration, which ends), and
- *     it keeps each pick O(waiters) with waiters <= hosts x outgoing limit, never O(queue).
+ * Admission: every queued migration waits at one gate that grants a migration only when its
+ * source has an outgoing slot, its destination an incoming slot, and the cluster a slot, all at
+ * once; waiters are served by priority (drain before manual before rebalance), then arrival. A
+ * migration blocked by one full host never holds a slot another could use. The granted migration
+ * then runs in its source host's p-queue, whose concurrency is the outgoing limit: the gate
+ * decides, p-queue enforces. A pick walks the waiters only until the cluster is full, skipping
+ * hosts already found full, so it does not scale with the queue in the common case.
  */
 import { EventEmitter } from 'node:events';
 import PQueue from 'p-queue';
@@ -38,6 +37,11 @@ export interface SchedulerOptions {
   retry?: { maxAttempts?: number; baseDelayMs?: number };
   /** The engine's mode for requests that do not name one. */
   mode?: MigrationMode;
+  /**
+   * Deadline for settling one in-flight migration at start (lazy mode may finish a hydration
+   * then); past it the migration is failed "needs operator". Default 30 min.
+   */
+  settleTimeoutMs?: number;
   logger?: Logger;
 }
 
@@ -53,11 +57,13 @@ interface Waiter {
   grant: (release: () => void) => void;
 }
 
-/** Incoming-per-host and cluster-wide slots, granted by priority then arrival. */
+/** Outgoing-per-host, incoming-per-host and cluster-wide slots, granted together by priority then arrival. */
 class Gate {
+  readonly #outgoing = new Map<string, number>();
   readonly #incoming = new Map<string, number>();
   #cluster = 0;
-  readonly #waiters: Waiter[] = [];
+  /** Waiters per priority, each bucket in arrival (seq) order. */
+  readonly #buckets = new Map<number, Waiter[]>();
   readonly #limits: SchedulerLimits;
 
   constructor(limits: SchedulerLimits) {
@@ -66,13 +72,21 @@ class Gate {
 
   acquire(job: MigrationJob, signal: AbortSignal): Promise<() => void> {
     return new Promise((resolve, reject) => {
+      if (signal.aborted) return reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       const w: Waiter = { job, grant: resolve };
-      // Sorted insert: priority first, then arrival.
-      const at = this.#waiters.findIndex((o) => o.job.priority < job.priority || (o.job.priority === job.priority && o.job.seq > job.seq));
-      this.#waiters.splice(at < 0 ? this.#waiters.length : at, 0, w);
+      let bucket = this.#buckets.get(job.priority);
+      if (!bucket) {
+        bucket = [];
+        this.#buckets.set(job.priority, bucket);
+      }
+      // New work arrives with the highest seq: the end; a retry goes back to its place.
+      const last = bucket.at(-1);
+      if (!last || last.job.seq < job.seq) bucket.push(w);
+      else bucket.splice(lowerBound(bucket, job.seq), 0, w);
       const onAbort = (): void => {
-        const i = this.#waiters.indexOf(w);
-        if (i >= 0) this.#waiters.splice(i, 1);
+        const b = this.#buckets.get(job.priority);
+        const i = b ? b.indexOf(w) : -1;
+        if (i >= 0) b!.splice(i, 1);
         reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
       };
       signal.addEventListener('abort', onAbort, { once: true });
@@ -84,30 +98,61 @@ class Gate {
     });
   }
 
+  outgoingOf(host: string): number {
+    return this.#outgoing.get(host) ?? 0;
+  }
+
   incomingOf(host: string): number {
     return this.#incoming.get(host) ?? 0;
   }
 
   #pump(): void {
-    for (let i = 0; i < this.#waiters.length && this.#cluster < this.#limits.cluster; ) {
-      const w = this.#waiters[i]!;
-      if (this.incomingOf(w.job.to) >= this.#limits.incomingPerHost) {
-        i++;
-        continue;
+    const fullOut = new Set<string>();
+    const fullIn = new Set<string>();
+    const priorities = [...this.#buckets.keys()].sort((x, y) => y - x);
+    for (const p of priorities) {
+      const bucket = this.#buckets.get(p)!;
+      for (let i = 0; i < bucket.length && this.#cluster < this.#limits.cluster; ) {
+        const { job } = bucket[i]!;
+        if (fullOut.has(job.from) || fullIn.has(job.to)) {
+          i++;
+          continue;
+        }
+        if (this.outgoingOf(job.from) >= this.#limits.outgoingPerHost) fullOut.add(job.from);
+        if (this.incomingOf(job.to) >= this.#limits.incomingPerHost) fullIn.add(job.to);
+        if (fullOut.has(job.from) || fullIn.has(job.to)) {
+          i++;
+          continue;
+        }
+        const w = bucket.splice(i, 1)[0]!;
+        this.#cluster++;
+        this.#outgoing.set(job.from, this.outgoingOf(job.from) + 1);
+        this.#incoming.set(job.to, this.incomingOf(job.to) + 1);
+        let released = false;
+        w.grant(() => {
+          if (released) return;
+          released = true;
+          this.#cluster--;
+          this.#outgoing.set(job.from, this.outgoingOf(job.from) - 1);
+          this.#incoming.set(job.to, this.incomingOf(job.to) - 1);
+          this.#pump();
+        });
       }
-      this.#waiters.splice(i, 1);
-      this.#cluster++;
-      this.#incoming.set(w.job.to, this.incomingOf(w.job.to) + 1);
-      let released = false;
-      w.grant(() => {
-        if (released) return;
-        released = true;
-        this.#cluster--;
-        this.#incoming.set(w.job.to, this.incomingOf(w.job.to) - 1);
-        this.#pump();
-      });
+      if (bucket.length === 0) this.#buckets.delete(p);
+      if (this.#cluster >= this.#limits.cluster) return;
     }
   }
+}
+
+function lowerBound(bucket: Waiter[], seq: number): number {
+  let lo = 0;
+  let hi = bucket.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (bucket[mid]!.job.seq < seq) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 export class Scheduler extends EventEmitter<SchedulerEvents> {
@@ -121,19 +166,20 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   readonly #log: Logger;
   readonly #gate: Gate;
   readonly #out = new Map<string, PQueue>();
-  readonly #outgoing = new Map<string, number>();
   /**
-   * Two signals per migration: `queue` takes it out of its p-queue (only while it waits there:
-   * p-queue frees the slot at once when a running task's signal aborts, before the rollback
-   * ends); `run` cancels the engine, which rolls back and only then frees the slot.
+   * One signal per migration: it takes a waiting migration off the gate, and cancels a running
+   * one's engine, which rolls back and only then frees its slots. (p-queue's own signal is not
+   * used: it frees a running task's slot the moment it aborts, before the rollback ends.)
    */
-  readonly #controllers = new Map<string, { queue: AbortController; run: AbortController }>();
+  readonly #controllers = new Map<string, AbortController>();
   /** Memory and disk promised to each destination by active migrations. */
   readonly #reserved = new Map<string, { memoryMiB: number; diskBytes: number }>();
   readonly #reservations = new Set<string>();
   readonly #cancelRequested = new Set<string>();
   readonly #timers = new Map<string, NodeJS.Timeout>();
+  /** Migrations past the gate (running, or about to). */
   readonly #runs = new Set<Promise<void>>();
+  readonly #settleTimeoutMs: number;
   readonly #mode: MigrationMode;
   #stopping = false;
   #started = false;
@@ -151,6 +197,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#mode = opts.mode ?? 'precopy';
     this.#maxAttempts = opts.retry?.maxAttempts ?? 3;
     this.#baseDelayMs = opts.retry?.baseDelayMs ?? 5_000;
+    this.#settleTimeoutMs = opts.settleTimeoutMs ?? 30 * 60_000;
     this.#log = (opts.logger ?? silentLogger).child({ component: 'scheduler' });
     this.#gate = new Gate(this.#limits);
     for (const state of ['queued', 'running'] as const) for (const j of this.#store.inState(state)) this.#changed(j);
@@ -169,23 +216,38 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   async start(): Promise<void> {
     if (this.#started) return;
     this.#started = true;
-    for (const job of this.#store.inState('running')) {
-      let settled: { runsOn: string; detail: string } | undefined;
-      for (let attempt = 1; attempt <= 3 && !settled; attempt++) {
-        try {
-          settled = await this.#reconciler.settle(job);
-        } catch (err) {
-          this.#log.warn({ id: job.id, vm: job.vm, attempt, err: errorText(err) }, 'cannot settle an in-flight migration yet');
-          if (attempt < 3) await new Promise((r) => setTimeout(r, 2_000));
-        }
-      }
-      const detail = `recovered after a scheduler restart: ${settled?.detail ?? 'agents unreachable'}`;
-      if (settled?.runsOn === 'to') this.#changed(this.#store.transition(job.id, 'succeeded', { detail }));
-      else if (settled?.runsOn === 'from') this.#changed(this.#store.transition(job.id, 'queued', { detail }));
-      else this.#changed(this.#store.transition(job.id, 'failed', { detail, error: `needs operator: ${settled?.detail ?? 'agents unreachable'}` }));
-      this.#log.info({ id: job.id, vm: job.vm, runsOn: settled?.runsOn ?? 'unknown' }, 'settled an in-flight migration');
-    }
+    await Promise.all(this.#store.inState('running').map((job) => this.#settle(job)));
     for (const job of this.#store.inState('queued')) this.#schedule(job);
+  }
+
+  async #settle(job: MigrationJob): Promise<void> {
+    let settled: { runsOn: string; detail: string } | undefined;
+    let lastError = 'agents unreachable';
+    for (let attempt = 1; attempt <= 3 && !settled; attempt++) {
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        settled = await Promise.race([
+          this.#reconciler.settle(job),
+          new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new SchedulerError('SETTLE_TIMEOUT', `settling ${job.id} took more than ${this.#settleTimeoutMs} ms`)), this.#settleTimeoutMs);
+          }),
+        ]);
+      } catch (err) {
+        lastError = errorText(err);
+        this.#log.warn({ id: job.id, vm: job.vm, attempt, err: lastError }, 'cannot settle an in-flight migration yet');
+        // A settle that timed out may still be acting: never start a second one beside it.
+        if (err instanceof SchedulerError && err.code === 'SETTLE_TIMEOUT') break;
+        if (attempt < 3) await new Promise((r) => setTimeout(r, 2_000));
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+    const detail = `recovered after a scheduler restart: ${settled?.detail ?? lastError}`;
+    if (settled?.runsOn === 'to') this.#changed(this.#store.transition(job.id, 'succeeded', { detail }));
+    else if (settled?.runsOn === 'from' && job.attempts < this.#maxAttempts) this.#changed(this.#store.transition(job.id, 'queued', { detail }));
+    else if (settled?.runsOn === 'from') this.#changed(this.#store.transition(job.id, 'failed', { detail, error: `rolled back at restart after ${job.attempts} of ${this.#maxAttempts} attempts; not run again` }));
+    else this.#changed(this.#store.transition(job.id, 'failed', { detail, error: `needs operator: ${settled?.detail ?? lastError}` }));
+    this.#log.info({ id: job.id, vm: job.vm, runsOn: settled?.runsOn ?? 'unknown' }, 'settled an in-flight migration');
   }
 
   // ------------------------------------------------------------------ requests
@@ -263,16 +325,14 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       clearTimeout(this.#timers.get(id));
       this.#timers.delete(id);
       const done = this.#store.transition(id, 'cancelled', { detail: 'cancelled while queued' });
-      const c = this.#controllers.get(id);
-      c?.queue.abort(new SchedulerError('CANCELLED', 'cancelled'));
-      c?.run.abort(new SchedulerError('CANCELLED', 'cancelled'));
+      this.#controllers.get(id)?.abort(new SchedulerError('CANCELLED', 'cancelled'));
       this.#controllers.delete(id);
       this.#changed(done);
       return done;
     }
     if (job.state === 'running') {
       this.#cancelRequested.add(id);
-      this.#controllers.get(id)?.run.abort(new SchedulerError('CANCELLED', `migration ${id} cancelled by request`));
+      this.#controllers.get(id)?.abort(new SchedulerError('CANCELLED', `migration ${id} cancelled by request`));
       return job;
     }
     throw new SchedulerError('NOT_CANCELLABLE', `migration ${id} is already ${job.state}`, { userError: true });
@@ -301,13 +361,14 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#stopping = true;
     for (const t of this.#timers.values()) clearTimeout(t);
     this.#timers.clear();
-    for (const q of this.#out.values()) q.clear();
+    // Off the gate: what has not started stays queued in the database for the next start.
+    for (const [id, c] of this.#controllers) if (this.#store.get(id)?.state === 'queued') c.abort(new SchedulerError('SCHEDULER_STOPPING', 'the scheduler is stopping'));
     const all = Promise.allSettled([...this.#runs]);
     let timer: NodeJS.Timeout | undefined;
     const finished = await Promise.race([all.then(() => true), new Promise<false>((r) => (timer = setTimeout(r, graceMs, false)))]);
     clearTimeout(timer);
     if (!finished) {
-      for (const c of this.#controllers.values()) c.run.abort(new SchedulerError('SCHEDULER_STOPPING', 'the scheduler is stopping'));
+      for (const c of this.#controllers.values()) c.abort(new SchedulerError('SCHEDULER_STOPPING', 'the scheduler is stopping'));
       await all;
     }
   }
@@ -331,25 +392,35 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       );
       return;
     }
-    const ac = { queue: new AbortController(), run: new AbortController() };
+    const ac = new AbortController();
     this.#controllers.set(job.id, ac);
-    let q = this.#out.get(job.from);
-    if (!q) {
-      q = new PQueue({ concurrency: this.#limits.outgoingPerHost });
-      this.#out.set(job.from, q);
-    }
-    const run = q.add(() => this.#execute(job.id, ac.run.signal), { priority: job.priority, signal: ac.queue.signal }).catch((err: unknown) => {
-      if (!ac.queue.signal.aborted && !ac.run.signal.aborted) this.#log.error({ id: job.id, err: errorText(err) }, 'migration task failed unexpectedly');
-    });
-    this.#runs.add(run);
-    void run.finally(() => this.#runs.delete(run));
+    this.#gate.acquire(job, ac.signal).then(
+      (release) => {
+        let q = this.#out.get(job.from);
+        if (!q) {
+          q = new PQueue({ concurrency: this.#limits.outgoingPerHost });
+          this.#out.set(job.from, q);
+        }
+        const run = q.add(() => this.#execute(job.id, ac.signal, release), { priority: job.priority }).catch((err: unknown) => {
+          release();
+          this.#log.error({ id: job.id, err: errorText(err) }, 'migration task failed unexpectedly');
+        });
+        this.#runs.add(run);
+        void run.finally(() => this.#runs.delete(run));
+      },
+      () => {
+        // Cancelled or stopping while it waited: its state says which, nothing holds a slot.
+        if (this.#controllers.get(job.id) === ac) this.#controllers.delete(job.id);
+      },
+    );
   }
 
-  async #execute(id: string, signal: AbortSignal): Promise<void> {
+  async #execute(id: string, signal: AbortSignal, release: () => void): Promise<void> {
     const queued = this.#store.get(id);
-    if (!queued || queued.state !== 'queued' || this.#stopping) return;
-    const release = await this.#gate.acquire(queued, signal);
-    if (this.#store.get(id)?.state !== 'queued') return release();
+    if (!queued || queued.state !== 'queued' || this.#stopping || signal.aborted) {
+      release();
+      return;
+    }
     let job: MigrationJob;
     try {
       const bandwidth = this.#bandwidthFor(queued);
@@ -359,7 +430,6 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       release();
       throw err;
     }
-    this.#outgoing.set(job.from, (this.#outgoing.get(job.from) ?? 0) + 1);
     this.#changed(job);
     this.#log.info({ id, vm: job.vm, from: job.from, to: job.to, attempt: job.attempts }, 'migration starts');
     let lastProgress = 0;
@@ -383,8 +453,8 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     } catch (err) {
       this.#failed(job, err);
     } finally {
-      this.#outgoing.set(job.from, (this.#outgoing.get(job.from) ?? 1) - 1);
-      this.#controllers.delete(id);
+      // A retry may already have put a new controller in place: leave that one.
+      if (this.#controllers.get(id)?.signal === signal) this.#controllers.delete(id);
       this.#cancelRequested.delete(id);
       release();
     }
@@ -413,7 +483,8 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   #bandwidthFor(job: MigrationJob): number | undefined {
     const budget = this.#limits.bandwidthPerHostBytesPerSec;
     if (budget === undefined) return undefined;
-    const out = (this.#outgoing.get(job.from) ?? 0) + 1;
+    // Slots are taken at the gate, this migration's included.
+    const out = Math.max(1, this.#gate.outgoingOf(job.from));
     const inc = this.#gate.incomingOf(job.to);
     return Math.floor(Math.min(budget / out, budget / Math.max(1, inc)));
   }

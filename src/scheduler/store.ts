@@ -50,7 +50,7 @@ const rowSchema = z.object({
 const journalSchema = z.object({ migration_id: z.string(), at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
 export type JournalEntry = z.infer<typeof journalSchema>;
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 
 function toJob(raw: unknown): MigrationJob {
   const r = rowSchema.parse(raw);
@@ -98,7 +98,8 @@ export class SchedulerStore {
       update: this.#db.prepare(
         'UPDATE migrations SET state = @state, attempts = @attempts, phase = @phase, error = @error, bandwidth = @bandwidth, not_before = @not_before, updated_at = @now WHERE id = @id',
       ),
-      setPhase: this.#db.prepare('UPDATE migrations SET phase = ?, updated_at = ? WHERE id = ?'),
+      // Only a running migration has phases: a late report after the end changes nothing.
+      setPhase: this.#db.prepare("UPDATE migrations SET phase = ?, updated_at = ? WHERE id = ? AND state = 'running'"),
       journal: this.#db.prepare('INSERT INTO journal (migration_id, at, state, phase, detail) VALUES (?, ?, ?, ?, ?)'),
       journalOf: this.#db.prepare('SELECT * FROM journal WHERE migration_id = ? ORDER BY rowid'),
     };
@@ -121,6 +122,11 @@ export class SchedulerStore {
         CREATE TABLE journal (migration_id TEXT NOT NULL, at INTEGER NOT NULL, state TEXT NOT NULL, phase TEXT, detail TEXT);
         CREATE INDEX journal_by_migration ON journal (migration_id);
         PRAGMA user_version = 1;`);
+    }
+    if (version < 2) {
+      // The next seq and the recent list read MAX(seq) / ORDER BY seq: without an index both walk
+      // every migration ever stored, and enqueue slowed as history grew.
+      this.#db.exec(`CREATE INDEX migrations_by_seq ON migrations (seq); PRAGMA user_version = 2;`);
     }
   }
 
@@ -193,8 +199,7 @@ export class SchedulerStore {
   phase(id: string, phase: string): void {
     const now = Date.now();
     this.#db.transaction(() => {
-      this.#stmts.setPhase.run(phase, now, id);
-      this.#stmts.journal.run(id, now, 'running', phase, null);
+      if (this.#stmts.setPhase.run(phase, now, id).changes === 1) this.#stmts.journal.run(id, now, 'running', phase, null);
     })();
   }
 
