@@ -538,7 +538,11 @@ class Migration {
       this.#emit({ event: 'warning', migrationId: this.id, message: `hydration attempt ${attempt} failed (${why}); resuming` });
       await new Promise((r) => setTimeout(r, 1_000));
     }
-    return { hydrationMs: Math.round(performance.now() - started), hydratedWireBytes: wireSeen === undefined ? undefined : wireSeen - wireAtStart };
+    const hydrationMs = Math.round(performance.now() - started);
+    const hydratedWireBytes = wireSeen === undefined ? undefined : wireSeen - wireAtStart;
+    // The last sample may predate the streams' end: progress consumers get a final 100%.
+    this.#emit({ event: 'hydration', migrationId: this.id, disks: plan.disks.map((d) => ({ id: d.id, doneBytes: d.virtualSize, totalBytes: d.virtualSize })), wireBytes: hydratedWireBytes, elapsedMs: hydrationMs });
+    return { hydrationMs, hydratedWireBytes };
   }
 
   // ---------------------------------------------------------------- mirror
