@@ -32,6 +32,7 @@ import {
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
 import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
 import { exportName, mirrorJobId, newMigrationId, streamJobId, targetNodeName } from './names.js';
+import { cancelJob, cancelMigration } from './recover.js';
 import { ProgressTracker } from './progress.js';
 import {
   MigrationError,
@@ -968,17 +969,8 @@ class Migration {
   async #cancelAndResumeSource(source: SourceState): Promise<void> {
     const q = source.qmp;
     const opts = { timeoutMs: QMP_TIMEOUT_MS };
-    let mig = await q.execute('query-migrate', undefined, opts);
-    if (mig.status && !['completed', 'failed', 'cancelled', 'none'].includes(mig.status)) {
-      await q.execute('migrate_cancel', undefined, opts);
-      const deadline = performance.now() + QMP_TIMEOUT_MS;
-      while (mig.status && !['completed', 'failed', 'cancelled', 'none'].includes(mig.status)) {
-        if (performance.now() > deadline) throw new FerryError('CANCEL_TIMEOUT', `migration still '${mig.status}' after migrate_cancel`);
-        await sleep(20);
-        mig = await q.execute('query-migrate', undefined, opts);
-      }
-    }
-    if (mig.status === 'completed') {
+    const { status: migStatus } = await cancelMigration(q, QMP_TIMEOUT_MS);
+    if (migStatus === 'completed') {
       // The migration completed and inactivated every node, the NBD client nodes too. `cont`
       // would reactivate them, reconnecting to a destination that may be dead or frozen, and the
       // source would hang instead of resuming. They have no use any more: delete them first.
@@ -1115,23 +1107,6 @@ class Migration {
   }
 }
 
-export async function cancelJob(q: QmpClient, id: string): Promise<void> {
-  const opts = { timeoutMs: QMP_TIMEOUT_MS };
-  const jobs = await q.execute('query-jobs', undefined, opts);
-  const job = jobs.find((j) => j.id === id);
-  if (!job) return;
-  if (job.status !== 'concluded' && job.status !== 'null') {
-    const since = q.eventCursor();
-    await q.execute('block-job-cancel', { device: id, force: true }, opts);
-    await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
-      since,
-      timeoutMs: QMP_TIMEOUT_MS,
-      what: `mirror ${id} to end after cancel`,
-    });
-  }
-  await q.execute('job-dismiss', { id }, opts);
-}
-
 function readBaseMemory(raw: unknown): number | undefined {
   if (typeof raw === 'object' && raw !== null && 'base-memory' in raw) {
     const v = (raw as { 'base-memory': unknown })['base-memory'];
@@ -1142,8 +1117,4 @@ function readBaseMemory(raw: unknown): number | undefined {
 
 function mib(bytes: number): number {
   return Math.round(bytes / 1048576);
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

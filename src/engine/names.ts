@@ -8,16 +8,21 @@ export function newMigrationId(): string {
 
 /** The destination's NBD export of a disk: unique per migration so a stale client cannot attach. */
 export function exportName(migrationId: string, diskId: string): string {
-  return `ferry-${migrationId}-${diskId}`;
+  return `${EXPORT_PREFIX}${migrationId}-${diskId}`;
 }
+
+/** Prefixes of what ferry creates inside QEMU: recovery finds its own things by them. */
+export const EXPORT_PREFIX = 'ferry-';
+export const TARGET_NODE_PREFIX = 'ferry-nbd-';
+export const MIRROR_JOB_PREFIX = 'ferry-mirror-';
 
 /** The source's NBD client node that the mirror writes into. */
 export function targetNodeName(diskId: string): string {
-  return `ferry-nbd-${diskId}`;
+  return `${TARGET_NODE_PREFIX}${diskId}`;
 }
 
 export function mirrorJobId(diskId: string): string {
-  return `ferry-mirror-${diskId}`;
+  return `${MIRROR_JOB_PREFIX}${diskId}`;
 }
 
 /** lazy mode: the destination's background copy of one disk from the source's export. */

@@ -4,38 +4,63 @@
  * new process that knows only the VM. It is only ever called once the destination is known not
  * to run the guest (see scheduler/agents.ts): resuming the source is then safe.
  */
-import { errorText } from '../errors.js';
+import { errorText, FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { QmpClient } from '../qmp/index.js';
-import { cancelJob } from './migrate.js';
+import { eventIs, type QmpClient } from '../qmp/index.js';
+import { DISK_NODE_PREFIX } from '../qemu/spec.js';
+import { EXPORT_PREFIX, MIRROR_JOB_PREFIX, streamJobId, TARGET_NODE_PREFIX } from './names.js';
 
-const MIRROR_PREFIX = 'ferry-mirror-';
-const TARGET_PREFIX = 'ferry-nbd-';
 const SETTLED = new Set(['completed', 'failed', 'cancelled', 'none']);
+
+/**
+ * migrate_cancel, if a migration is under way, and the wait until QEMU says it has ended.
+ * Returns the status it ended in ('completed' if it finished before the cancel took).
+ */
+export async function cancelMigration(q: QmpClient, timeoutMs = 30_000): Promise<{ status: string | undefined; cancelled: boolean }> {
+  const opts = { timeoutMs };
+  let mig = await q.execute('query-migrate', undefined, opts);
+  if (!mig.status || SETTLED.has(mig.status)) return { status: mig.status, cancelled: false };
+  await q.execute('migrate_cancel', undefined, opts);
+  const deadline = performance.now() + timeoutMs;
+  while (mig.status && !SETTLED.has(mig.status)) {
+    if (performance.now() > deadline) throw new FerryError('CANCEL_TIMEOUT', `migration still '${mig.status}' after migrate_cancel`);
+    await new Promise((r) => setTimeout(r, 20));
+    mig = await q.execute('query-migrate', undefined, opts);
+  }
+  return { status: mig.status, cancelled: true };
+}
+
+/** Cancels a block job (force: a READY mirror does not complete) and dismisses it. */
+export async function cancelJob(q: QmpClient, id: string, timeoutMs = 30_000): Promise<void> {
+  const opts = { timeoutMs };
+  const jobs = await q.execute('query-jobs', undefined, opts);
+  const job = jobs.find((j) => j.id === id);
+  if (!job) return;
+  if (job.status !== 'concluded' && job.status !== 'null') {
+    const since = q.eventCursor();
+    await q.execute('block-job-cancel', { device: id, force: true }, opts);
+    await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
+      since,
+      timeoutMs,
+      what: `mirror ${id} to end after cancel`,
+    });
+  }
+  await q.execute('job-dismiss', { id }, opts);
+}
 
 /** Cancels the migration and mirrors, drops the NBD targets, resumes the guest. Returns what it did. */
 export async function rollBackSource(q: QmpClient, log: Logger, timeoutMs = 30_000): Promise<string[]> {
   const did: string[] = [];
   const opts = { timeoutMs };
-  let mig = await q.execute('query-migrate', undefined, opts);
-  if (mig.status && !SETTLED.has(mig.status)) {
-    await q.execute('migrate_cancel', undefined, opts);
-    const deadline = performance.now() + timeoutMs;
-    while (mig.status && !SETTLED.has(mig.status)) {
-      if (performance.now() > deadline) throw new Error(`the source's migration is still '${mig.status}' after migrate_cancel`);
-      await new Promise((r) => setTimeout(r, 50));
-      mig = await q.execute('query-migrate', undefined, opts);
-    }
-    did.push('cancelled the migration');
-  }
+  if ((await cancelMigration(q, timeoutMs)).cancelled) did.push('cancelled the migration');
   for (const job of await q.execute('query-jobs', undefined, opts)) {
-    if (!job.id.startsWith(MIRROR_PREFIX)) continue;
-    await cancelJob(q, job.id);
+    if (!job.id.startsWith(MIRROR_JOB_PREFIX)) continue;
+    await cancelJob(q, job.id, timeoutMs);
     did.push(`cancelled ${job.id}`);
   }
   for (const node of await q.execute('query-named-block-nodes', undefined, opts)) {
     const name = node['node-name'];
-    if (!name?.startsWith(TARGET_PREFIX)) continue;
+    if (!name?.startsWith(TARGET_NODE_PREFIX)) continue;
     await q.execute('blockdev-del', { 'node-name': name }, opts).catch((err: unknown) => log.warn({ node: name, err: errorText(err) }, 'could not delete an NBD target node'));
     did.push(`deleted ${name}`);
   }
@@ -52,7 +77,7 @@ export async function rollBackSource(q: QmpClient, log: Logger, timeoutMs = 30_0
 export async function unexportSource(q: QmpClient, timeoutMs = 30_000): Promise<string[]> {
   const did: string[] = [];
   const exports = (await q.executeRaw('query-block-exports', undefined, { timeoutMs })) as { id?: unknown }[];
-  const ours = exports.map((e) => e.id).filter((id): id is string => typeof id === 'string' && id.startsWith('ferry-'));
+  const ours = exports.map((e) => e.id).filter((id): id is string => typeof id === 'string' && id.startsWith(EXPORT_PREFIX));
   for (const id of ours) {
     await q.execute('block-export-del', { id, mode: 'hard' }, { timeoutMs });
     did.push(`removed export ${id}`);
@@ -78,8 +103,8 @@ export async function finishHydration(q: QmpClient, log: Logger, opts: { stallMs
   for (const node of nodes) {
     const name = node['node-name'];
     // ferry's disks on a destination have a backing only in lazy mode (pre-copy flattens chains).
-    if (!name?.startsWith('disk-') || !node.backing_file) continue;
-    const id = `ferry-stream-${name.slice('disk-'.length)}`;
+    if (!name?.startsWith(DISK_NODE_PREFIX) || !node.backing_file) continue;
+    const id = streamJobId(name.slice(DISK_NODE_PREFIX.length));
     const old = jobs.find((j) => j.id === id);
     if (old && old.status !== 'concluded') {
       // The dead engine's stream may still run (or wait in 'pending'): let it finish.

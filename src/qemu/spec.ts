@@ -58,7 +58,8 @@ export type DiskSpec = VmSpec['disks'][number];
 
 /** Stable names derived from a disk id: source and destination match device for device. */
 export const fileNodeName = (id: string): string => `file-${id}`;
-export const diskNodeName = (id: string): string => `disk-${id}`;
+export const DISK_NODE_PREFIX = 'disk-';
+export const diskNodeName = (id: string): string => `${DISK_NODE_PREFIX}${id}`;
 export const deviceId = (id: string): string => `dev-${id}`;
 
 export function parseVmSpec(input: unknown, opts: { allowedRoots?: string[] } = {}): VmSpec {

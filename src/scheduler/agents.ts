@@ -176,20 +176,18 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
           await q.close();
         }
       });
-      const src = (await this.#list(from)).find((v) => v.name === job.vm && v.role === 'vm' && v.running);
-      if (src) {
+      // A source already gone (retired before the crash) has nothing left to do.
+      if ((await this.#list(from)).some((v) => v.name === job.vm && v.role === 'vm' && v.running)) {
         const source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
         try {
           const q = await source.connect({ timeoutMs: 10_000 });
-          await unexportSource(q).finally(() => q.close());
+          await unexportSource(q);
+          // Closes q; the agent quits the source (refused unless postmigrate) and removes its disks.
+          await source.retireSource(q, { timeoutMs: 30_000 });
         } finally {
           source.close();
         }
       }
-      await this.#withClient(from, async (c) => {
-        const src = (await this.#list(from)).find((v) => v.name === job.vm && v.role === 'vm' && v.running);
-        if (src) await c.call('vm.retire', { vmId: src.vmId, timeoutMs: 30_000, removeDisks: true }, 40_000);
-      });
       await this.#withClient(to, (c) => c.call('dest.release', { vmId: incoming!.vmId }));
       return { runsOn: 'to', detail: `the destination ran ${job.vm}: hand-over finished${hydrated.length ? ` (${hydrated.join(', ')})` : ''}` };
     }
