@@ -1,5 +1,5 @@
 import { join } from 'node:path';
-import { WebSocket, createWebSocketStream } from 'ws';
+import { createWebSocketStream, type WebSocket } from 'ws';
 import { errorText, FerryError } from '../errors.js';
 import type { BackingNbd, DestinationEndpoint, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
 import { randomOrder } from '../engine/local-endpoint.js';
@@ -7,7 +7,8 @@ import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { z } from 'zod';
 import type { TlsMaterial } from './tls.js';
-import { eventFrameSchema, hostInfoSchema, PROTOCOL_VERSION, responseSchema, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
+import { openSocket, RpcSession, type PeerLabel } from '../rpc/ws-client.js';
+import { agentEventSchema, hostInfoSchema, PROTOCOL_VERSION, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
 
 const vmGetSchema = vmSummarySchema.extend({ spec: z.unknown() });
 
@@ -17,72 +18,36 @@ export class AgentCallError extends FerryError {
 
 /** One authenticated RPC session with an agent. Every call has a deadline. */
 export class AgentClient {
-  readonly #ws: WebSocket;
+  readonly #session: RpcSession;
   readonly #url: string;
   readonly #token: string;
-  #next = 1;
-  readonly #listeners = new Set<(e: AgentEvent) => void>();
-  readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
-
   readonly #tls: TlsMaterial | undefined;
+  readonly #listeners = new Set<(e: AgentEvent) => void>();
 
   private constructor(ws: WebSocket, url: string, token: string, tls: TlsMaterial | undefined) {
-    this.#tls = tls;
-    this.#ws = ws;
     this.#url = url;
     this.#token = token;
-    ws.on('message', (data: Buffer) => {
-      const json = safeJson(data.toString('utf8'));
-      const event = eventFrameSchema.safeParse(json);
-      if (event.success) {
-        for (const l of this.#listeners) l(event.data.event);
-        return;
-      }
-      const parsed = responseSchema.safeParse(json);
-      if (!parsed.success || typeof parsed.data.id !== 'number') return;
-      const p = this.#pending.get(parsed.data.id);
-      if (!p) return;
-      this.#pending.delete(parsed.data.id);
-      clearTimeout(p.timer);
-      if (parsed.data.ok) p.resolve(parsed.data.result);
-      else p.reject(new AgentCallError(parsed.data.error.code, parsed.data.error.message, { userError: true }));
-    });
-    ws.on('close', () => {
-      for (const [id, p] of this.#pending) {
-        clearTimeout(p.timer);
-        p.reject(new AgentCallError('AGENT_DISCONNECTED', `agent ${url} closed the session`));
-        this.#pending.delete(id);
-      }
+    this.#tls = tls;
+    this.#session = new RpcSession(ws, {
+      version: PROTOCOL_VERSION,
+      peer: agentPeer(url),
+      onEvent: (raw) => {
+        const event = agentEventSchema.safeParse(raw);
+        if (event.success) for (const l of this.#listeners) l(event.data);
+      },
     });
   }
 
   /** `wss://` needs `tls` (mutual TLS: this side's certificate and the CA of the agent's). */
-  static connect(url: string, token: string, timeoutMs = 10_000, tls?: TlsMaterial): Promise<AgentClient> {
-    return new Promise((resolve, reject) => {
-      if (url.startsWith('wss://') && !tls) {
-        reject(new AgentCallError('AGENT_TLS', `${url} is TLS: give the client certificate, key and CA (--tls-cert, --tls-key, --tls-ca)`, { userError: true }));
-        return;
-      }
-      const ws = new WebSocket(`${url}/v1`, { headers: { authorization: `Bearer ${token}` }, handshakeTimeout: timeoutMs, ...tlsOptions(url, tls) });
-      ws.once('open', () => resolve(new AgentClient(ws, url, token, tls)));
-      ws.once('unexpected-response', (_req, res) => {
-        reject(new AgentCallError('AGENT_REFUSED', `agent ${url} refused the connection: HTTP ${res.statusCode}`, { userError: true }));
-        ws.terminate();
-      });
-      ws.once('error', (err) => reject(new AgentCallError('AGENT_UNREACHABLE', `cannot reach agent ${url}: ${err.message}`, { userError: true })));
-    });
+  static async connect(url: string, token: string, timeoutMs = 10_000, tls?: TlsMaterial): Promise<AgentClient> {
+    if (url.startsWith('wss://') && !tls) {
+      throw new AgentCallError('AGENT_TLS', `${url} is TLS: give the client certificate, key and CA (--tls-cert, --tls-key, --tls-ca)`, { userError: true });
+    }
+    return openSocket(`${url}/v1`, { token, timeoutMs, peer: agentPeer(url), tls: tlsOptions(url, tls) }, (ws) => new AgentClient(ws, url, token, tls));
   }
 
   call(method: Method, params: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<unknown> {
-    const id = this.#next++;
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#pending.delete(id);
-        reject(new AgentCallError('AGENT_TIMEOUT', `agent ${this.#url} did not answer ${method} within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.#pending.set(id, { resolve, reject, timer });
-      this.#ws.send(JSON.stringify({ v: PROTOCOL_VERSION, id, method, params }));
-    });
+    return this.#session.call(method, params, timeoutMs);
   }
 
   /** Subscribes this session to the agent's events; returns the function that unsubscribes. */
@@ -93,19 +58,14 @@ export class AgentClient {
   }
 
   /** A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. */
-  openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
-    const ws = new WebSocket(`${this.#url}/v1/qmp/${vmId}`, { headers: { authorization: `Bearer ${this.#token}` }, handshakeTimeout: timeoutMs, ...tlsOptions(this.#url, this.#tls) });
-    return new Promise((resolve, reject) => {
-      ws.once('open', () => {
-        QmpClient.connect({ stream: createWebSocketStream(ws) }, { timeoutMs, name: `agent:${vmId}` }).then(resolve, reject);
-      });
-      ws.once('unexpected-response', (_req, res) => reject(new AgentCallError('AGENT_REFUSED', `QMP tunnel to ${vmId} refused: HTTP ${res.statusCode}`)));
-      ws.once('error', (err) => reject(new AgentCallError('AGENT_UNREACHABLE', `QMP tunnel to ${vmId}: ${err.message}`)));
-    });
+  async openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
+    const peer = { ...agentPeer(this.#url), who: `the QMP tunnel to ${vmId} on agent ${this.#url}` };
+    const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false }, (ws) => createWebSocketStream(ws));
+    return QmpClient.connect({ stream }, { timeoutMs, name: `agent:${vmId}` });
   }
 
   close(): void {
-    this.#ws.close();
+    this.#session.close();
   }
 }
 
@@ -278,14 +238,10 @@ export class AgentDestination implements DestinationEndpoint {
 }
 
 /** ws options for mutual TLS; the agent's certificate must name the host in the URL. */
-function tlsOptions(url: string, tls: TlsMaterial | undefined): { cert?: Buffer; key?: Buffer; ca?: Buffer; minVersion?: 'TLSv1.3' } {
+function tlsOptions(url: string, tls: TlsMaterial | undefined): Record<string, unknown> {
   return url.startsWith('wss://') && tls ? { cert: tls.cert, key: tls.key, ca: tls.ca, minVersion: 'TLSv1.3' } : {};
 }
 
-function safeJson(s: string): unknown {
-  try {
-    return JSON.parse(s);
-  } catch {
-    return undefined;
-  }
+function agentPeer(url: string): PeerLabel {
+  return { who: `agent ${url}`, code: 'AGENT', error: (code, message, opts) => new AgentCallError(code, message, opts) };
 }

@@ -53,18 +53,6 @@ export type Method = keyof typeof methodParams;
 export const METHODS = Object.keys(methodParams) as Method[];
 
 
-export const responseSchema = z.union([
-  z.object({ v: z.literal(PROTOCOL_VERSION), id: z.union([z.string(), z.number()]), ok: z.literal(true), result: z.unknown() }).strict(),
-  z
-    .object({
-      v: z.literal(PROTOCOL_VERSION),
-      id: z.union([z.string(), z.number(), z.null()]),
-      ok: z.literal(false),
-      error: z.object({ code: z.string(), message: z.string() }).strict(),
-    })
-    .strict(),
-]);
-export type Response = z.infer<typeof responseSchema>;
 
 export const hostInfoSchema = z
   .object({
@@ -118,4 +106,3 @@ export const agentEventSchema = z.discriminatedUnion('type', [
     .strict(),
 ]);
 export type AgentEvent = z.infer<typeof agentEventSchema>;
-export const eventFrameSchema = z.object({ v: z.literal(PROTOCOL_VERSION), event: agentEventSchema }).strict();

@@ -1,0 +1,105 @@
+/**
+ * The caller's side of ws-rpc.ts, shared by the agent's and the scheduler's clients: one
+ * authenticated WebSocket, calls matched to answers by id, each with a deadline; event frames
+ * (`{ v, event }`) handed to a listener; every pending call rejected when the session closes.
+ * Errors carry stable codes `<PEER>_REFUSED | _UNREACHABLE | _TIMEOUT | _DISCONNECTED`, built by
+ * the peer's own error class.
+ */
+import { WebSocket } from 'ws';
+import { z } from 'zod';
+import type { FerryError } from '../errors.js';
+
+export type PeerErrorFactory = (code: string, message: string, opts?: { userError?: boolean }) => FerryError;
+
+export interface PeerLabel {
+  /** How messages name the peer: `agent ws://h17:7420`. */
+  who: string;
+  /** Prefix of the error codes: AGENT, SCHEDULER. */
+  code: string;
+  error: PeerErrorFactory;
+}
+
+const frameSchema = z.union([
+  z.object({ v: z.number(), id: z.union([z.string(), z.number(), z.null()]), ok: z.literal(true), result: z.unknown() }).strict(),
+  z.object({ v: z.number(), id: z.union([z.string(), z.number(), z.null()]), ok: z.literal(false), error: z.object({ code: z.string(), message: z.string() }).strict() }).strict(),
+  z.object({ v: z.number(), event: z.unknown() }).strict(),
+]);
+
+/**
+ * Opens an authenticated WebSocket and hands it to `onOpen` synchronously, in the 'open' event:
+ * the peer may send at once (QEMU greets), and ws can deliver that frame in the same tick as
+ * 'open', before any awaiting code runs. A refusal at the upgrade and an unreachable peer are the
+ * caller's to fix (userError) unless `userError: false` says the caller is the engine mid-flight.
+ */
+export function openSocket<T>(url: string, opts: { token: string; timeoutMs: number; peer: PeerLabel; tls?: Record<string, unknown>; userError?: boolean }, onOpen: (ws: WebSocket) => T): Promise<T> {
+  const { peer } = opts;
+  const userError = opts.userError ?? true;
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, { headers: { authorization: `Bearer ${opts.token}` }, handshakeTimeout: opts.timeoutMs, ...opts.tls });
+    ws.once('open', () => resolve(onOpen(ws)));
+    ws.once('unexpected-response', (_req, res) => {
+      reject(peer.error(`${peer.code}_REFUSED`, `${peer.who} refused the connection: HTTP ${res.statusCode}`, { userError }));
+      ws.terminate();
+    });
+    ws.once('error', (err) => reject(peer.error(`${peer.code}_UNREACHABLE`, `cannot reach ${peer.who}: ${err.message}`, { userError })));
+  });
+}
+
+export class RpcSession {
+  readonly #ws: WebSocket;
+  readonly #version: number;
+  readonly #peer: PeerLabel;
+  #next = 1;
+  readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  /** Resolves when the session has closed, for whatever reason. */
+  readonly closed: Promise<void>;
+
+  constructor(ws: WebSocket, opts: { version: number; peer: PeerLabel; onEvent: (event: unknown) => void }) {
+    this.#ws = ws;
+    this.#version = opts.version;
+    this.#peer = opts.peer;
+    ws.on('message', (data: Buffer) => {
+      let json: unknown;
+      try {
+        json = JSON.parse(data.toString('utf8'));
+      } catch {
+        return;
+      }
+      const f = frameSchema.safeParse(json);
+      if (!f.success || f.data.v !== this.#version) return;
+      if ('event' in f.data) return opts.onEvent(f.data.event);
+      const p = typeof f.data.id === 'number' ? this.#pending.get(f.data.id) : undefined;
+      if (!p) return;
+      this.#pending.delete(f.data.id as number);
+      clearTimeout(p.timer);
+      if (f.data.ok) p.resolve(f.data.result);
+      else p.reject(this.#peer.error(f.data.error.code, f.data.error.message, { userError: true }));
+    });
+    this.closed = new Promise((resolve) =>
+      ws.on('close', () => {
+        for (const p of this.#pending.values()) {
+          clearTimeout(p.timer);
+          p.reject(this.#peer.error(`${this.#peer.code}_DISCONNECTED`, `${this.#peer.who} closed the session`));
+        }
+        this.#pending.clear();
+        resolve();
+      }),
+    );
+  }
+
+  call(method: string, params: Record<string, unknown>, timeoutMs: number): Promise<unknown> {
+    const id = this.#next++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(this.#peer.error(`${this.#peer.code}_TIMEOUT`, `${this.#peer.who} did not answer ${method} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.#pending.set(id, { resolve, reject, timer });
+      this.#ws.send(JSON.stringify({ v: this.#version, id, method, params }));
+    });
+  }
+
+  close(): void {
+    this.#ws.close();
+  }
+}
