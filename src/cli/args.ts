@@ -94,6 +94,12 @@ export function parseIntIn(flag: string, text: string, min: number, max: number)
   return n;
 }
 
+/** One of a fixed set of words; the error lists them. */
+export function parseChoice<T extends string>(flag: string, text: string, choices: readonly T[]): T {
+  if (!(choices as readonly string[]).includes(text)) throw new UsageError(`${flag}: '${text}' is not one of ${choices.join(', ')}`);
+  return text as T;
+}
+
 export function parseCli(argv: string[]): Parsed {
   let values;
   let positionals: string[];
@@ -180,16 +186,8 @@ export function parseCli(argv: string[]): Parsed {
   if (values.bandwidth !== undefined) options.bandwidthBytesPerSec = parseSize('--bandwidth', values.bandwidth);
   if (values['downtime-limit'] !== undefined) options.downtimeLimitMs = parseIntIn('--downtime-limit', values['downtime-limit'], 1, 60_000);
   if (values['max-downtime'] !== undefined) options.maxDowntimeLimitMs = parseIntIn('--max-downtime', values['max-downtime'], 1, 600_000);
-  if (values['copy-mode'] !== undefined) {
-    if (values['copy-mode'] !== 'background' && values['copy-mode'] !== 'write-blocking') {
-      throw new UsageError(`--copy-mode: '${values['copy-mode']}' is not one of background, write-blocking`);
-    }
-    options.copyMode = values['copy-mode'];
-  }
-  if (values.mode !== undefined) {
-    if (values.mode !== 'precopy' && values.mode !== 'lazy') throw new UsageError(`--mode: '${values.mode}' is not one of precopy, lazy`);
-    options.mode = values.mode;
-  }
+  if (values['copy-mode'] !== undefined) options.copyMode = parseChoice('--copy-mode', values['copy-mode'], ['background', 'write-blocking'] as const);
+  if (values.mode !== undefined) options.mode = parseChoice('--mode', values.mode, ['precopy', 'lazy'] as const);
   if (values['hydration-rate'] !== undefined) {
     if (options.mode !== 'lazy') throw new UsageError('--hydration-rate goes with --mode lazy');
     options.hydrationBytesPerSec = parseSize('--hydration-rate', values['hydration-rate']);
@@ -198,12 +196,7 @@ export function parseCli(argv: string[]): Parsed {
     if (options.mode !== 'lazy') throw new UsageError('--nbd-reconnect goes with --mode lazy');
     options.nbdReconnectDelayS = parseIntIn('--nbd-reconnect', values['nbd-reconnect'], 0, 300);
   }
-  if (values['on-deadline'] !== undefined) {
-    if (values['on-deadline'] !== 'abort' && values['on-deadline'] !== 'force') {
-      throw new UsageError(`--on-deadline: '${values['on-deadline']}' is not one of abort, force`);
-    }
-    options.onDeadline = values['on-deadline'];
-  }
+  if (values['on-deadline'] !== undefined) options.onDeadline = parseChoice('--on-deadline', values['on-deadline'], ['abort', 'force'] as const);
   if (values['no-auto-converge']) options.autoConverge = false;
   if (values.timeout !== undefined) options.totalTimeoutMs = parseIntIn('--timeout', values.timeout, 1, 7 * 86_400) * 1000;
   if (values['progress-timeout'] !== undefined) options.progressTimeoutMs = parseIntIn('--progress-timeout', values['progress-timeout'], 1, 86_400) * 1000;
@@ -222,10 +215,7 @@ export function parseCli(argv: string[]): Parsed {
   }
   const host = values['migration-host'] ?? '127.0.0.1';
   if (!/^[0-9a-fA-F:.]+$/.test(host)) throw new UsageError(`--migration-host: '${host}' is not an IP address`);
-  const level = values['log-level'] ?? 'warn';
-  if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(level)) {
-    throw new UsageError(`--log-level: '${level}' is not one of fatal, error, warn, info, debug, trace, silent`);
-  }
+  const level = parseChoice('--log-level', values['log-level'] ?? 'warn', ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const);
   const destination: DestinationArg = values.to !== undefined ? { kind: 'agent', url: url('--to', values.to) } : { kind: 'dir', toDir: values['to-dir']!, migrationHost: host, portRange };
   return {
     kind: 'run',
