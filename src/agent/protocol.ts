@@ -6,7 +6,8 @@
  *   response  { v: 1, id, ok: true, result } | { v: 1, id, ok: false, error: { code, message } }
  *
  * QMP for an incoming VM goes over its own WebSocket, `/v1/qmp/<vmId>`: raw QMP lines, filtered
- * by the agent against an allowlist (see qmp-tunnel.ts), so a QmpClient works over it unchanged.
+ * by the agent against a per-command argument policy (see qmp-policy.ts), so a QmpClient works
+ * over it unchanged.
  */
 import { z } from 'zod';
 
@@ -33,7 +34,8 @@ export const methodParams = {
   'dest.release': vmRef,
   'dest.removeRunDir': vmRef,
   'events.subscribe': z.object({}).strict(),
-  'vm.list': z.object({}).strict(),
+  /** all: every principal's VMs (admin principals only). */
+  'vm.list': z.object({ all: z.boolean().optional() }).strict(),
   'vm.get': vmName,
   'vm.create': z.object({ spec: z.unknown() }).strict(),
   'vm.start': vmName,

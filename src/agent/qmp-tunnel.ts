@@ -2,77 +2,19 @@ import { connect, type Socket } from 'node:net';
 import type { WebSocket } from 'ws';
 import type { Logger } from '../log.js';
 import { LineDecoder } from '../qmp/framing.js';
+import { QmpPolicy, type QmpPolicyContext } from './qmp-policy.js';
+
+export type { QmpPolicyContext } from './qmp-policy.js';
 
 /**
- * What a remote caller may ask of a destination QEMU through the agent: exactly what the
- * migration engine sends to one. Anything else (human-monitor-command, device_add, quit...) is
- * answered by the agent with a QMP error and never reaches QEMU.
+ * Joins a WebSocket to a VM's free QMP monitor. QEMU's lines go out as they are; each of the
+ * caller's lines is judged by the VM's QmpPolicy (qmp-policy.ts): what passes reaches QEMU
+ * re-serialised from the checked value, what does not is answered in QMP's own error format
+ * (desc starts with the stable code, QMP_REFUSED or QMP_BAD_MESSAGE), logged with the principal,
+ * and never reaches QEMU.
  */
-/** Both sides: the session itself, and what the engine reads before it acts. */
-const COMMON = [
-  'qmp_capabilities',
-  'query-qmp-schema',
-  'query-migrate-capabilities',
-  'query-migrate-parameters',
-  'query-migrate',
-  'query-status',
-  'query-named-block-nodes',
-];
-
-export const DESTINATION_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
-  ...COMMON,
-  'query-block-exports',
-  'query-version',
-  'nbd-server-start',
-  'nbd-server-stop',
-  'block-export-add',
-  'block-export-del',
-  'migrate-set-capabilities',
-  'migrate-set-parameters',
-  'migrate-incoming',
-  'cont',
-  // lazy mode: the background hydration of the overlays
-  'block-stream',
-  'block-job-set-speed',
-  'block-job-cancel',
-  'query-block-jobs',
-  'query-jobs',
-  'job-finalize',
-  'job-dismiss',
-]);
-
-/** What a remote caller may ask of a source QEMU: the engine's side of a migration, and quit. */
-export const SOURCE_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
-  ...COMMON,
-  'query-block-jobs',
-  'query-jobs',
-  'query-memory-size-summary',
-  'query-version',
-  'blockdev-add',
-  'blockdev-del',
-  'blockdev-mirror',
-  'block-job-cancel',
-  'job-dismiss',
-  'migrate-set-capabilities',
-  'migrate-set-parameters',
-  'migrate',
-  'migrate_cancel',
-  'migrate-continue',
-  'cont',
-  'quit',
-  // lazy mode: the source serves its disks read-only until the destination has them all
-  'nbd-server-start',
-  'nbd-server-stop',
-  'block-export-add',
-  'block-export-del',
-  'query-block-exports',
-]);
-
-/**
- * Joins a WebSocket to a VM's free QMP monitor: QEMU's lines go out as they are; the caller's
- * lines are parsed, and a command outside the allowlist is refused in QMP's own error format.
- */
-export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, log: Logger, allow: ReadonlySet<string> = DESTINATION_QMP_ALLOWLIST): void {
+export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger): void {
+  const judge = policy instanceof QmpPolicy ? policy : new QmpPolicy(policy);
   const qemu: Socket = connect(qmpSocketPath);
   const decoder = new LineDecoder({ maxLineBytes: 1024 * 1024 });
   const close = (): void => {
@@ -91,28 +33,32 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, log: Logger, all
     const chunk = Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data);
     try {
       decoder.push(chunk, (line) => {
-        let msg: unknown;
-        try {
-          msg = JSON.parse(line);
-        } catch {
-          ws.send(`${JSON.stringify({ error: { class: 'GenericError', desc: 'the agent could not parse this QMP message as JSON' } })}\n`);
+        if (line.trim() === '') return;
+        const verdict = judge.judge(line);
+        if (verdict.ok) {
+          qemu.write(`${verdict.line}\n`);
           return;
         }
-        const m = (typeof msg === 'object' && msg !== null ? msg : {}) as Record<string, unknown>;
-        const command = typeof m.execute === 'string' ? m.execute : typeof m['exec-oob'] === 'string' ? m['exec-oob'] : undefined;
-        if (command === undefined || !allow.has(command)) {
-          log.warn({ command }, 'QMP command refused by the allowlist');
-          const reply: Record<string, unknown> = {
-            error: { class: 'GenericError', desc: `the agent does not allow '${command ?? '(none)'}' on this VM` },
-          };
-          if ('id' in m) reply.id = m.id;
-          ws.send(`${JSON.stringify(reply)}\n`);
-          return;
-        }
-        qemu.write(`${line}\n`);
+        log.warn({ command: verdict.command, code: verdict.code, reason: verdict.reason }, 'QMP message refused by the policy');
+        const reply: Record<string, unknown> = { error: { class: 'GenericError', desc: `${verdict.code}: ${verdict.reason}` } };
+        const id = idOf(line);
+        if (id !== undefined) reply.id = id;
+        ws.send(`${JSON.stringify(reply)}\n`);
       });
     } catch {
       close();
     }
   });
+}
+
+/** The id of a refused message, so the caller's pending call ends; only a string or a number. */
+function idOf(line: string): string | number | undefined {
+  try {
+    const m: unknown = JSON.parse(line);
+    if (typeof m !== 'object' || m === null || !('id' in m)) return undefined;
+    const id: unknown = m.id;
+    return typeof id === 'string' || typeof id === 'number' ? id : undefined;
+  } catch {
+    return undefined;
+  }
 }

@@ -115,3 +115,14 @@ export async function agentGuestSpec(
     serialLog: join(dir, 'run', 'serial.log'),
   };
 }
+
+/** SIGKILLs the QEMUs a test let outlive their starter (an agent's VMs), by PID; empties the list. */
+export function killPids(pids: number[]): void {
+  for (const pid of pids.splice(0)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+}

@@ -23,6 +23,7 @@ describe('agent config: file, then environment, then flags', () => {
     [['--bogus'], {}, /Unknown option '--bogus'/],
     [['--config', '/nonexistent/agent.json'], {}, /cannot read config \/nonexistent\/agent.json: ENOENT/],
     [['--storage-root', '/s'], { FERRY_AGENT_TOKEN: 'short' }, /tokens must be at least 16 characters/],
+    [['--storage-root', '/s', '--migration-host', 'h18.example'], {}, /migrationHost: must be an IP address/],
   ])('refuses %j %j', async (argv, env, message) => {
     const err = await loadAgentConfig(argv, env).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(Error);
@@ -36,6 +37,10 @@ describe('agent config: file, then environment, then flags', () => {
     await expect(loadAgentConfig(['--config', join(dir, 'a.json')], {})).rejects.toThrow(/is not valid: not a JSON object/);
     await writeFile(join(dir, 'b.json'), JSON.stringify({ storageRoot: '/s', tokens: {}, portRange: [30000, 20000] }));
     await expect(loadAgentConfig(['--config', join(dir, 'b.json')], {})).rejects.toThrow(/portRange: the first port must not be above the second/);
+    await writeFile(join(dir, 'c.json'), JSON.stringify({ storageRoot: '/s', tokens: {}, migrationPeers: ['10.0.0.0/33'] }));
+    await expect(loadAgentConfig(['--config', join(dir, 'c.json')], {})).rejects.toThrow(/migrationPeers.0: must be an IP address or a CIDR/);
+    await writeFile(join(dir, 'd.json'), JSON.stringify({ storageRoot: '/s', tokens: {}, bootRoots: ['images'] }));
+    await expect(loadAgentConfig(['--config', join(dir, 'd.json')], {})).rejects.toThrow(/bootRoots.0: must be an absolute path/);
   });
 });
 
