@@ -28,7 +28,17 @@ function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boo
   }
 }
 
-export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?: boolean } = {}): string[] {
+/**
+ * ferry's data-path TLS objects on the command line (a destination opens a lazy overlay's NBD
+ * backing at start-up, before any object-add could run). Ids as in src/host/data-tls.ts.
+ */
+export interface LaunchTlsObjects {
+  serverDir: string;
+  clientDir: string;
+  peerIdentity: string;
+}
+
+export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?: boolean; tls?: LaunchTlsObjects } = {}): string[] {
   const argv = [
     '-nodefaults',
     '-no-user-config',
@@ -91,6 +101,16 @@ export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?
     argv.push('-kernel', spec.boot.kernel);
     if (spec.boot.initrd) argv.push('-initrd', spec.boot.initrd);
     if (spec.boot.append) argv.push('-append', spec.boot.append);
+  }
+  if (opts.tls) {
+    argv.push(
+      '-object',
+      `tls-creds-x509,id=ferry-tls-server,dir=${escapeOpt(opts.tls.serverDir)},endpoint=server,verify-peer=on`,
+      '-object',
+      `tls-creds-x509,id=ferry-tls-client,dir=${escapeOpt(opts.tls.clientDir)},endpoint=client,verify-peer=on`,
+      '-object',
+      `authz-simple,id=ferry-tls-authz,identity=${escapeOpt(opts.tls.peerIdentity)}`,
+    );
   }
   if (opts.incoming) argv.push('-incoming', opts.incoming);
   if (opts.startPaused) argv.push('-S');
