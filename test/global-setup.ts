@@ -17,7 +17,8 @@ export default function setup(): () => void {
   return () => {
     if (previous === undefined) delete process.env.TMPDIR;
     else process.env.TMPDIR = previous;
-    const left = readdirSync(dir);
+    // tsx-<uid> is tsx's compile cache, made by bins run from the sources: no test's leftover.
+    const left = readdirSync(dir).filter((name) => !/^tsx-\d+$/.test(name));
     rmSync(dir, { recursive: true, force: true });
     if (left.length > 0) {
       const message = `the tests left ${left.length} entries in the temp dir (removed now): ${left.sort().join(', ')}`;
