@@ -8,7 +8,8 @@
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { errorText, FerryError } from '../errors.js';
-import { SchedulerClient } from './client.js';
+// Type only: the client (ws, zod) loads when a command needs it, so `ferry --help` starts at once.
+import type { SchedulerClient } from './client.js';
 import type { MigrationJob } from './types.js';
 
 export const FERRY_USAGE = `usage: ferry [--scheduler URL] [--token-file FILE] [--json] COMMAND
@@ -55,7 +56,7 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
   let client: SchedulerClient | undefined;
   try {
     const call = async (method: Parameters<SchedulerClient['call']>[0], params: Record<string, unknown> = {}): Promise<unknown> => {
-      client ??= await SchedulerClient.connect(values.scheduler ?? env.FERRY_SCHEDULER ?? 'ws://127.0.0.1:7430', await token(values['token-file'], env));
+      client ??= await (await import('./client.js')).SchedulerClient.connect(values.scheduler ?? env.FERRY_SCHEDULER ?? 'ws://127.0.0.1:7430', await token(values['token-file'], env));
       return client.call(method, params);
     };
     const print = (obj: unknown, human: () => string): void => void io.stdout.write(values.json ? `${JSON.stringify(obj)}\n` : `${human()}\n`);
