@@ -55,6 +55,21 @@ export const AgentConfigSchema = z
     adminPrincipals: z.array(z.string().min(1)).default([]),
     /** Mutual TLS: the agent's certificate and key, and the CA that signs its callers'. */
     tls: TlsFilesSchema.optional(),
+    /**
+     * TLS on the guest's data path (NBD exports, migration streams), QEMU's own. Files default to
+     * `tls`'s (the same PKI; the certificate then needs extendedKeyUsage serverAuth and
+     * clientAuth); mode defaults to `required` when dataTls names its own files, else `off`.
+     */
+    dataTls: z
+      .object({
+        mode: z.enum(['required', 'preferred', 'off']).optional(),
+        cert: z.string().min(1).optional(),
+        key: z.string().min(1).optional(),
+        ca: z.string().min(1).optional(),
+      })
+      .strict()
+      .refine((d) => [d.cert, d.key, d.ca].every((f) => f === undefined) || [d.cert, d.key, d.ca].every((f) => f !== undefined), 'give cert, key and ca together, or none (then tls\'s are used)')
+      .optional(),
     limits: z
       .object({
         /** Sustained requests per second per session, and the burst above it. */

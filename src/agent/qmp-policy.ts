@@ -20,6 +20,7 @@
 import { isIP } from 'node:net';
 import { z } from 'zod';
 import { EXPORT_PREFIX, MIRROR_JOB_PREFIX, STREAM_JOB_PREFIX, TARGET_NODE_PREFIX } from '../engine/names.js';
+import { DATA_TLS_IDS } from '../host/data-tls.js';
 import { diskNodeName } from '../qemu/spec.js';
 
 export type TunnelRole = 'source' | 'destination';
@@ -33,6 +34,12 @@ export interface QmpPolicyContext {
   portRange: readonly [number, number];
   /** May this VM's QEMU connect out to this IP address (NBD client, migration stream)? */
   peerAllowed: (ip: string) => boolean;
+  /**
+   * Data-path TLS: with `required`, no NBD server, NBD client or migration stream without TLS,
+   * and none before the agent made this QEMU ready for it (`active`: vm.beginDataTls, or
+   * dest.start with dataTls, which also set the stream's TLS parameters themselves).
+   */
+  dataTls?: { required: boolean; active: () => boolean };
 }
 
 export type PolicyVerdict =
@@ -69,9 +76,28 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
     .refine((p) => Number(p) >= 1 && Number(p) <= 65535, 'must be a port number');
   const bytes = z.number().int().min(0).max(2 ** 53);
 
-  const nbdServerStart = z
-    .object({ addr: z.object({ type: z.literal('inet'), data: z.object({ host: z.literal(ctx.migrationHost), port: ownPort }).strict() }).strict() })
-    .strict();
+  const tlsRequired = ctx.dataTls?.required ?? false;
+  const tlsReady = (): boolean => ctx.dataTls?.active() ?? false;
+  const needsTls = <T extends z.ZodType>(schema: T, has: (v: z.infer<T>) => boolean): z.ZodType =>
+    schema.superRefine((v, c) => {
+      if (has(v) && !tlsReady()) c.addIssue({ code: 'custom', message: 'uses ferry\'s TLS objects before the agent made them (vm.beginDataTls / dest.start dataTls)' });
+      if (tlsRequired && !(has(v) && tlsReady())) c.addIssue({ code: 'custom', message: 'this agent requires TLS on the data path (dataTls required)' });
+    });
+  const streamNeedsTls = <T extends z.ZodType>(schema: T): z.ZodType =>
+    schema.superRefine((_v, c) => {
+      if (tlsRequired && !tlsReady()) c.addIssue({ code: 'custom', message: 'this agent requires TLS on the data path: no migration stream before the agent set it up' });
+    });
+  const nbdServerStart = needsTls(
+    z
+      .object({
+        addr: z.object({ type: z.literal('inet'), data: z.object({ host: z.literal(ctx.migrationHost), port: ownPort }).strict() }).strict(),
+        'tls-creds': z.literal(DATA_TLS_IDS.server).optional(),
+        'tls-authz': z.literal(DATA_TLS_IDS.authz).optional(),
+      })
+      .strict()
+      .refine((v) => (v['tls-creds'] === undefined) === (v['tls-authz'] === undefined), 'tls-creds and tls-authz go together (an NBD server over TLS admits one peer)'),
+    (v) => v['tls-creds'] !== undefined,
+  );
   const blockExportAdd = z
     .object({
       type: z.literal('nbd'),
@@ -115,14 +141,19 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
       ['query-memory-size-summary', noArgs],
       [
         'blockdev-add',
-        z
-          .object({
-            driver: z.literal('nbd'),
-            'node-name': targetNode,
-            server: z.object({ type: z.literal('inet'), host: peerHost, port: anyPort }).strict(),
-            export: exportId,
-          })
-          .strict(),
+        needsTls(
+          z
+            .object({
+              driver: z.literal('nbd'),
+              'node-name': targetNode,
+              server: z.object({ type: z.literal('inet'), host: peerHost, port: anyPort }).strict(),
+              export: exportId,
+              'tls-creds': z.literal(DATA_TLS_IDS.client).optional(),
+              'tls-hostname': z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/, 'must be an IP address or a host name').optional(),
+            })
+            .strict(),
+          (v) => v['tls-creds'] !== undefined,
+        ),
       ],
       ['blockdev-del', z.object({ 'node-name': targetNode }).strict()],
       [
@@ -140,7 +171,7 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
           .strict(),
       ],
       ['block-job-change', z.object({ id: mirrorJob, type: z.literal('mirror'), 'copy-mode': z.literal('write-blocking') }).strict()],
-      ['migrate', z.object({ uri: migrationUri(peerHost, anyPort) }).strict()],
+      ['migrate', streamNeedsTls(z.object({ uri: migrationUri(peerHost, anyPort) }).strict())],
       ['migrate_cancel', noArgs],
       ['migrate-continue', z.object({ state: z.literal('pre-switchover') }).strict()],
       ['quit', noArgs],
@@ -148,7 +179,7 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
   }
   return new Map([
     ...common,
-    ['migrate-incoming', z.object({ uri: migrationUri(z.literal(ctx.migrationHost), ownPort) }).strict()],
+    ['migrate-incoming', streamNeedsTls(z.object({ uri: migrationUri(z.literal(ctx.migrationHost), ownPort) }).strict())],
     [
       'block-stream',
       z

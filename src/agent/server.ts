@@ -33,6 +33,8 @@ import { AgentError } from './errors.js';
 import { Placement } from './placement.js';
 import { peerMatcher } from './qmp-policy.js';
 import { tunnelQmp } from './qmp-tunnel.js';
+import { beginDataTls, certIdentity, certNames, endDataTls, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
+import { join } from 'node:path';
 import { probeQemu, type QemuInfo } from './qemu-probe.js';
 import { TokenBucket } from './rate-limit.js';
 import { loadTls } from './tls.js';
@@ -117,6 +119,21 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const authenticate = bearerAuthenticator(config.tokens);
 
+  // Data-path TLS: its own files, or the API's. Required when configured, unless told otherwise.
+  // (An agent with only API TLS stays `off` until the engine drives data TLS end to end.)
+  const ownDataTlsFiles = config.dataTls?.cert && config.dataTls.key && config.dataTls.ca ? { cert: config.dataTls.cert, key: config.dataTls.key, ca: config.dataTls.ca } : undefined;
+  const dataTlsFiles = ownDataTlsFiles ?? config.tls;
+  const dataTlsMode = config.dataTls?.mode ?? (ownDataTlsFiles ? 'required' : 'off');
+  if (dataTlsMode !== 'off' && !dataTlsFiles) throw new AgentError('AGENT_CONFIG', `dataTls.mode is ${dataTlsMode} but there is no certificate: give dataTls.cert/key/ca or tls`, { userError: true });
+  const dataTls: HostTlsMaterial | undefined = dataTlsMode !== 'off' && dataTlsFiles ? await loadTls(dataTlsFiles) : undefined;
+  const dataTlsIdentity = dataTls ? certIdentity(dataTls.cert) : null;
+  /** VMs whose QEMU holds ferry's TLS objects and parameters right now. */
+  const tlsActive = new Set<string>();
+  const tlsDir = (r: VmRecord): string => join(r.spec.runDir, 'tls');
+  const needDataTls = (): HostTlsMaterial => {
+    if (!dataTls) throw new AgentError('DATA_TLS_OFF', 'this agent has no data-path TLS (dataTls mode off)', { userError: true });
+    return dataTls;
+  };
   const claims = new DiskClaims(config.stateDir, log);
   const placement = new Placement({
     storageRoot: config.storageRoot,
@@ -181,6 +198,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         freeMemoryBytes: freemem(),
         vmMemoryMiB: running.reduce((s, r) => s + r.spec.memoryMiB, 0),
         runningVms: running.length,
+        dataTls: { mode: dataTlsMode, identity: dataTlsIdentity, names: dataTls ? certNames(dataTls.cert) : [] },
       };
     },
     'events.subscribe': async (_p, _params, session) => {
@@ -233,6 +251,22 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       registry.remove(r);
       return {};
     },
+    'vm.beginDataTls': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      const sup = supervised.get(r.vmId);
+      if (r.role !== 'vm' || r.state !== 'running' || !sup?.monitor) throw new AgentError('VM_NOT_RUNNING', `VM '${r.name}' is not a running VM of this host`, { userError: true });
+      // Marked first: a lost reply still leaves vm.endDataTls something to undo.
+      tlsActive.add(r.vmId);
+      await beginDataTls(sup.monitor, { dir: tlsDir(r), material: needDataTls(), role: 'source', peerIdentity: params.peerIdentity, peerHostname: params.peerHostname, timeoutMs: 10_000 });
+      log.info({ vmId: r.vmId, vm: r.name, peer: params.peerIdentity }, 'data-path TLS ready');
+      return { identity: dataTlsIdentity };
+    },
+    'vm.endDataTls': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      await endDataTls(supervised.get(r.vmId)?.monitor, { dir: tlsDir(r), timeoutMs: 10_000 });
+      tlsActive.delete(r.vmId);
+      return {};
+    },
     'vm.nbdBytesSent': async (principal, params) => {
       owned(principal, params.vmId);
       const bytes = 'localPort' in params ? await tcpBytesAckedFrom(params.localPort) : await tcpBytesAcked({ host: params.host, port: params.port });
@@ -269,6 +303,9 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       if (params.backingNbd && !peerAllowed(params.backingNbd.host)) {
         throw new AgentError('PATH_REFUSED', `backingNbd.host: ${params.backingNbd.host} is not a migration peer this agent allows`, { userError: true });
       }
+      if (params.backingNbd && dataTlsMode === 'required' && params.backingNbd.tlsHostname === undefined) {
+        throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: a lazy overlay\'s backing needs tlsHostname', { userError: true });
+      }
       // Claimed before the file exists: a lost reply still leaves the caller able to remove it.
       claims.claim(path, principal);
       try {
@@ -287,12 +324,23 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     },
     'dest.start': async (principal, params) => {
       const spec = hereSpec(principal, params.spec, { claimed: true });
-      const vm = await local.startIncoming(spec, { timeoutMs: 30_000 });
+      if (dataTlsMode === 'required' && !params.dataTls) throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: dest.start needs dataTls', { userError: true });
+      let tls: { serverDir: string; clientDir: string; peerIdentity: string } | undefined;
+      if (params.dataTls) {
+        tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), needDataTls())), peerIdentity: params.dataTls.peerIdentity };
+      }
+      const vm = await local.startIncoming(spec, { timeoutMs: 30_000, ...(tls ? { tls } : {}) });
+      if (tls) {
+        // The incoming stream's TLS is set by the agent, not by its caller: in required mode no
+        // caller can make it plain text.
+        await vm.process.qmp.executeRaw('migrate-set-parameters', { 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' }, { timeoutMs: 10_000 });
+      }
       const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'incoming', state: 'running', spec, pid: vm.pid, pidStart: processStartTime(vm.pid) });
       // The incoming QEMU's own reaper registration lasts until release: if this agent exits
       // mid-migration, the half-made destination goes with it.
       watch(r, supervise({ pid: vm.pid, pidStart: r.pidStart, monitor: vm.process.qmp, childExited: vm.exited, onEvent: onQmpEvent(r), log }));
       incomingHandles.set(r.vmId, vm);
+      if (tls) tlsActive.add(r.vmId);
       emitState(r);
       return { vmId: r.vmId, pid: vm.pid };
     },
@@ -398,7 +446,15 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       sessions.add(session);
       ws.once('close', () => sessions.delete(session));
       if (target) {
-        const policy = { role: target.role === 'vm' ? ('source' as const) : ('destination' as const), diskIds: target.spec.disks.map((d) => d.id), migrationHost: config.migrationHost, portRange: config.portRange, peerAllowed };
+        const vmId = target.vmId;
+        const policy = {
+          role: target.role === 'vm' ? ('source' as const) : ('destination' as const),
+          diskIds: target.spec.disks.map((d) => d.id),
+          migrationHost: config.migrationHost,
+          portRange: config.portRange,
+          peerAllowed,
+          dataTls: { required: dataTlsMode === 'required', active: () => tlsActive.has(vmId) },
+        };
         tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }));
       } else onRpc(session);
     });

@@ -7,6 +7,7 @@ import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
+import type { LaunchTlsObjects } from '../qemu/argv.js';
 import { launchVm, type VmProcess } from '../qemu/launcher.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { backingNbdFilename, type BackingNbd, type DestinationEndpoint, type IncomingVm, type SourceEndpoint } from './endpoint.js';
@@ -166,10 +167,11 @@ export class LocalDestination implements DestinationEndpoint {
     if (resolve(parent) !== resolve(this.#dir) && resolve(parent).startsWith(resolve(this.#dir) + '/')) await rmdir(parent).catch(() => undefined);
   }
 
-  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
+  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal; tls?: LaunchTlsObjects }): Promise<LocalIncomingVm> {
     const vm = await launchVm(spec, {
       incoming: true,
       startPaused: true,
+      ...(opts.tls ? { tls: opts.tls } : {}),
       timeoutMs: opts.timeoutMs,
       signal: opts.signal,
       logger: this.#logger,

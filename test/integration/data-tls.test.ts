@@ -6,6 +6,7 @@
  * a valid certificate of a third host) and a plain-text client are refused while the mirror runs.
  */
 import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -16,7 +17,10 @@ import { verifyDisk } from '../../src/guest/verify.js';
 import { addDataTlsObjects, certIdentity, certNames, DATA_TLS_IDS, missingDataTls, removeDataTlsObjects, throwawayPki, writeCredentialDirs } from '../../src/host/data-tls.js';
 import { eventIs } from '../../src/qmp/index.js';
 import { retargetSpec } from '../../src/qemu/spec.js';
-import { bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js';
+import { AgentClient } from '../../src/agent/client.js';
+import { startAgent } from '../../src/agent/server.js';
+import { IMAGE_DIR, loadGuestImage } from '../../src/guest/image.js';
+import { bootWorkloadGuest, cleanupAll, killPids, makeDisk, makeTempDir } from '../helpers/guest.js';
 
 const run = promisify(execFile);
 afterEach(cleanupAll);
@@ -116,4 +120,62 @@ test('mirror and migration over QEMU TLS with a one-peer authz; rogue NBD client
   await destination.incoming!.process.quit({ timeoutMs: 10_000 });
   const report = await verifyDisk(destSpec.disks[0]!.path, { format: 'qcow2', diskId: 'data', ackedSeq: acked });
   expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
+});
+
+test('an agent in dataTls required mode sets TLS up itself and refuses every plain data stream', async () => {
+  const top = await makeTempDir('ferry-agent-dtls-');
+  const root = join(top, 'root');
+  await mkdir(root);
+  const [host] = await throwawayPki(join(top, 'pki'), { address: '127.0.0.1', names: ['hostS'] });
+  const files = { cert: join(top, 'host.pem'), key: join(top, 'host.key'), ca: join(top, 'ca.pem') };
+  await writeFile(files.cert, host!.cert);
+  await writeFile(files.key, host!.key);
+  await writeFile(files.ca, host!.ca);
+  const token = 'token-of-alice-0123456789';
+  const agent = await startAgent({ name: 'hostS', listenPort: 0, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [token]: 'alice' }, dataTls: files, portRange: [33000, 33999] });
+  const pids: number[] = [];
+  const c = await AgentClient.connect(agent.url, token);
+  try {
+    expect(await c.call('host.info')).toMatchObject({ dataTls: { mode: 'required', identity: 'CN=hostS', names: ['127.0.0.1'] } });
+    const image = await loadGuestImage();
+    await mkdir(join(root, 'v'));
+    await makeDisk(join(root, 'v', 'd0.qcow2'), { id: 'd0', format: 'qcow2', size: 16 << 20 });
+    const spec = { name: 'v', memoryMiB: 64, disks: [{ id: 'd0', path: join(root, 'v', 'd0.qcow2'), format: 'qcow2' }], boot: { kernel: image.kernel, initrd: image.initrd }, runDir: join(root, 'v', 'run') };
+    await c.call('vm.create', { spec });
+    const { vmId, pid } = (await c.call('vm.start', { name: 'v' })) as { vmId: string; pid: number };
+    pids.push(pid);
+    const qmp = await c.openQmp(vmId);
+    const nbd = (tls: boolean): Record<string, unknown> => ({ driver: 'nbd', 'node-name': 'ferry-nbd-d0', server: { type: 'inet', host: '127.0.0.1', port: '1' }, export: 'ferry-1-d0', ...(tls ? { 'tls-creds': 'ferry-tls-client', 'tls-hostname': '127.0.0.1' } : {}) });
+    await expect(qmp.executeRaw('migrate', { uri: 'tcp:127.0.0.1:33001' })).rejects.toThrow(/QMP_REFUSED.*requires TLS/);
+    await expect(qmp.executeRaw('blockdev-add', nbd(true))).rejects.toThrow(/QMP_REFUSED/);
+
+    await c.call('vm.beginDataTls', { vmId, peerIdentity: 'CN=hostD', peerHostname: '127.0.0.1' });
+    expect(await qmp.execute('query-migrate-parameters')).toMatchObject({ 'tls-creds': 'ferry-tls-client', 'tls-hostname': '127.0.0.1' });
+    await expect(qmp.executeRaw('blockdev-add', nbd(false))).rejects.toThrow(/QMP_REFUSED.*requires TLS/);
+    // Past the policy, QEMU itself answers (nobody listens on port 1): the TLS object exists.
+    await expect(qmp.executeRaw('blockdev-add', nbd(true))).rejects.toThrow(/[Cc]onnect|refused/);
+    await c.call('vm.endDataTls', { vmId });
+    expect(await qmp.execute('query-migrate-parameters')).toMatchObject({ 'tls-creds': '', 'tls-hostname': '' });
+    expect(existsSync(join(root, 'v', 'run', 'tls'))).toBe(false);
+    await qmp.close();
+
+    const disk = join(root, 'w', 'd0.qcow2');
+    await c.call('dest.createDisk', { path: disk, format: 'qcow2', virtualSize: 16 << 20 });
+    const wspec = { ...spec, name: 'w', disks: [{ id: 'd0', path: disk, format: 'qcow2' }], runDir: join(root, 'w', 'run') };
+    await expect(c.call('dest.start', { spec: wspec })).rejects.toMatchObject({ code: 'DATA_TLS_REQUIRED' });
+    const started = (await c.call('dest.start', { spec: wspec, dataTls: { peerIdentity: 'CN=hostA', peerHostname: '127.0.0.1' } })) as { vmId: string; pid: number };
+    pids.push(started.pid);
+    const dq = await c.openQmp(started.vmId);
+    expect(await dq.execute('query-migrate-parameters')).toMatchObject({ 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' });
+    await expect(dq.executeRaw('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: '33002' } } })).rejects.toThrow(/QMP_REFUSED/);
+    await dq.execute('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: '33002' } }, 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' });
+    await dq.execute('nbd-server-stop');
+    await dq.close();
+    await c.call('dest.abandon', { vmId: started.vmId });
+    expect(existsSync(join(root, 'w', 'run'))).toBe(false);
+  } finally {
+    c.close();
+    await agent.close();
+    killPids(pids);
+  }
 });

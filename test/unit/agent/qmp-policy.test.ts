@@ -258,3 +258,32 @@ describe('fuzz: random argument shapes through the real tunnel', () => {
     expect(received.length).toBeLessThan(N * 0.9);
   });
 });
+
+describe('data-path TLS in the policy', () => {
+  const withTls = (required: boolean, active: boolean, role: TunnelRole = 'source'): QmpPolicy => new QmpPolicy({ ...ctx(role), dataTls: { required, active: () => active } });
+  const add = (tls: boolean): string =>
+    JSON.stringify({ execute: 'blockdev-add', arguments: { driver: 'nbd', 'node-name': 'ferry-nbd-root', server: { type: 'inet', host: PEER, port: '20001' }, export: 'ferry-0a1b2c3d-root', ...(tls ? { 'tls-creds': 'ferry-tls-client', 'tls-hostname': PEER } : {}) } });
+  const serve = (tls: boolean): string => JSON.stringify({ execute: 'nbd-server-start', arguments: { addr: { type: 'inet', data: { host: HOST, port: '20010' } }, ...(tls ? { 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' } : {}) } });
+  const migrate = JSON.stringify({ execute: 'migrate', arguments: { uri: `tcp:${PEER}:20002` } });
+
+  test('required: nothing plain, and nothing before the agent set TLS up', () => {
+    expect(withTls(true, false).judge(add(true))).toMatchObject({ ok: false, reason: expect.stringMatching(/before the agent made them/) });
+    expect(withTls(true, true).judge(add(false))).toMatchObject({ ok: false, reason: expect.stringMatching(/requires TLS/) });
+    expect(withTls(true, true).judge(add(true)).ok).toBe(true);
+    expect(withTls(true, false).judge(migrate).ok).toBe(false);
+    expect(withTls(true, true).judge(migrate).ok).toBe(true);
+    expect(withTls(true, true, 'destination').judge(serve(false)).ok).toBe(false);
+    expect(withTls(true, true, 'destination').judge(serve(true)).ok).toBe(true);
+  });
+
+  test('preferred/off: plain allowed, TLS only once set up; the stream parameters are never the caller\'s', () => {
+    expect(withTls(false, false).judge(add(false)).ok).toBe(true);
+    expect(withTls(false, false).judge(add(true)).ok).toBe(false);
+    expect(withTls(false, true).judge(add(true)).ok).toBe(true);
+    const half = JSON.stringify({ execute: 'nbd-server-start', arguments: { addr: { type: 'inet', data: { host: HOST, port: '20010' } }, 'tls-creds': 'ferry-tls-server' } });
+    expect(withTls(false, true, 'destination').judge(half)).toMatchObject({ ok: false, reason: expect.stringMatching(/go together/) });
+    for (const p of [{ 'tls-creds': '' }, { 'tls-authz': 'other' }, { 'tls-hostname': 'x' }]) {
+      expect(withTls(true, true).judge(JSON.stringify({ execute: 'migrate-set-parameters', arguments: p })).ok).toBe(false);
+    }
+  });
+});
