@@ -10,7 +10,6 @@ import type { WebSocket } from 'ws';
 import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { SpecError } from '../qemu/spec.js';
 
 export class RpcError extends FerryError {
   override name = 'RpcError';
@@ -82,7 +81,8 @@ export function serveRpc<S extends Record<string, z.ZodType>>(
         const result = await opts.handle(method, params.data);
         ws.send(JSON.stringify({ v: opts.version, id, ok: true, result }));
       } catch (err) {
-        const code = err instanceof SpecError ? 'PATH_REFUSED' : err instanceof FerryError ? err.code : 'INTERNAL';
+        // Every error keeps its own code (a spec refusal is SPEC_INVALID, whichever field).
+        const code = err instanceof FerryError ? err.code : 'INTERNAL';
         if (!(err instanceof FerryError && err.userError)) opts.log.error({ err: errorText(err) }, 'request failed');
         ws.send(JSON.stringify({ v: opts.version, id, ok: false, error: { code, message: errorText(err) } }));
       }

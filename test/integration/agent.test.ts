@@ -79,10 +79,21 @@ describe('ferry-agent refuses', () => {
     for (const path of ['/var/tmp/x.raw', join(root, '..', 'x.raw'), join(root, 'vm', 'out', 'x.raw')]) {
       const err = await c.call('dest.createDisk', { path, format: 'raw', virtualSize: 1 << 20 }).catch((e: unknown) => e);
       expect(err, path).toBeInstanceOf(AgentCallError);
-      expect(err).toMatchObject({ code: 'PATH_REFUSED' });
+      expect(err).toMatchObject({ code: 'SPEC_INVALID' });
       expect((err as Error).message).toMatch(/outside the allowed roots/);
     }
     await c.call('dest.createDisk', { path: join(root, 'vm', 'ok.raw'), format: 'raw', virtualSize: 1 << 20 });
+    c.close();
+  });
+
+  test('a spec error keeps its own code across the wire, also when no path is involved', async () => {
+    const c = await AgentClient.connect(agent.url, TOKEN_A);
+    const spec = { name: 'tiny', memoryMiB: 1, disks: [{ id: 'd0', path: join(root, 'tiny', 'd0.raw'), format: 'raw' }], boot: { disk: 'd0' }, runDir: join(root, 'tiny', 'run') };
+    for (const method of ['vm.create', 'dest.check', 'dest.start'] as const) {
+      const err = await c.call(method, { spec }).catch((e: unknown) => e);
+      expect(err, method).toBeInstanceOf(AgentCallError);
+      expect(err, method).toMatchObject({ code: 'SPEC_INVALID', message: expect.stringMatching(/memoryMiB: must be at least 16 MiB/) });
+    }
     c.close();
   });
 
@@ -273,7 +284,7 @@ describe('ferry-agent limits', () => {
   test("a spec that points into the agent's own state is refused", async () => {
     const c = await AgentClient.connect(agent.url, TOKEN_A);
     const err = await c.call('dest.createDisk', { path: join(root, '.ferry-agent', 'vms', 'x.json'), format: 'raw', virtualSize: 1 << 20 }).catch((e: unknown) => e);
-    expect(err).toMatchObject({ code: 'PATH_REFUSED', message: expect.stringMatching(/inside the agent's state directory/) });
+    expect(err).toMatchObject({ code: 'SPEC_INVALID', message: expect.stringMatching(/inside the agent's state directory/) });
     c.close();
   });
 
