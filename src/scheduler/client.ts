@@ -25,12 +25,13 @@ export class SchedulerClient {
     this.closed = this.#session.closed;
   }
 
-  static async connect(url: string, token: string, timeoutMs = 10_000): Promise<SchedulerClient> {
-    return openSocket(`${url}/v1`, { token, timeoutMs, peer: schedulerPeer(url) }, (ws) => new SchedulerClient(ws, url));
+  /** `heartbeatMs`: ping interval (default 10 s); a scheduler that stops answering is dropped within twice this. */
+  static async connect(url: string, token: string, timeoutMs = 10_000, opts: { heartbeatMs?: number } = {}): Promise<SchedulerClient> {
+    return openSocket(`${url}/v1`, { token, timeoutMs, peer: schedulerPeer(url), ...opts }, (ws) => new SchedulerClient(ws, url));
   }
 
-  call(method: SchedulerMethod, params: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<unknown> {
-    return this.#session.call(method, params, timeoutMs);
+  call(method: SchedulerMethod, params: Record<string, unknown> = {}, timeoutMs = 60_000, signal?: AbortSignal): Promise<unknown> {
+    return this.#session.call(method, params, timeoutMs, signal);
   }
 
   async watch(listener: (e: Record<string, unknown>) => void): Promise<void> {

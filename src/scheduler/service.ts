@@ -44,6 +44,8 @@ export const SchedulerConfigSchema = z
     hydrationBytesPerSec: z.number().int().positive().optional(),
     /** The engine's mode when a request names none: precopy (default) or lazy. */
     mode: z.enum(['precopy', 'lazy']).default('precopy'),
+    /** Ping interval of the API's sessions, ms: a client that stops answering is dropped within twice this. */
+    heartbeatMs: z.number().int().min(100).max(600_000).default(10_000),
     retry: z
       .object({ maxAttempts: z.number().int().positive().default(3), baseDelayMs: z.number().int().positive().default(5_000) })
       .strict()
@@ -147,6 +149,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
           return handle(method, params);
         },
         log: log.child({ principal }),
+        heartbeatMs: config.heartbeatMs,
       });
       ws.once('close', () => {
         scheduler.off('job', onJob);
