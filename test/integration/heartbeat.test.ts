@@ -153,25 +153,41 @@ describe('the server pings its callers', () => {
     await client.watch(() => undefined);
     await new Promise((r) => setTimeout(r, 1_000));
     expect(proxy.links[0]!.upstreamClosedAt).toBeUndefined();
+    expect(svc.scheduler.listenerCount('job')).toBe(1);
 
     proxy.blackhole();
     const t0 = performance.now();
     const at = await proxy.closed('upstream', 2 * 300 + SLACK_MS);
     expect(at - t0).toBeLessThan(2 * 300 + SLACK_MS);
+    // The dead caller's watch stream is gone with it.
+    await expect.poll(() => svc.scheduler.listenerCount('job')).toBe(0);
   });
 
   test(`the agent drops a caller behind a silent link within 2 x ${DEFAULT_HEARTBEAT_MS} ms (its default)`, async () => {
-    const { agent: a } = await startPair(600_000);
+    const root = await makeTempDir('ferry-heartbeat-agent-');
+    // One session per principal: the dead caller's session holds the only one until it is dropped.
+    const a = (agent = await startAgent({ name: 'A', listenPort: 0, storageRoot: root, tokens: { [AGENT_TOKEN]: 'scheduler' }, limits: { sessionsPerPrincipal: 1 } }));
     proxy = await startBlackholeProxy({ host: '127.0.0.1', port: a.port });
     // A raw ws client that never pings: only the agent's pings can find the silence.
     const ws = new WebSocket(`ws://127.0.0.1:${proxy.port}/v1`, { headers: { authorization: `Bearer ${AGENT_TOKEN}` } });
     closers.push(() => ws.terminate());
     await new Promise((r, j) => ws.once('open', r).once('error', j));
+    const peer: PeerLabel = { who: 'agent', code: 'AGENT', error: (code, message, opts) => new FerryError(code, message, opts) };
+    const open = (): Promise<RpcSession> => openSocket(`${a.url}/v1`, { token: AGENT_TOKEN, timeoutMs: 5_000, peer }, (w) => new RpcSession(w, { version: 1, peer, onEvent: () => undefined }));
+    await expect(open()).rejects.toThrow(/HTTP 429/);
 
     proxy.blackhole();
     const t0 = performance.now();
     const at = await proxy.closed('upstream', 2 * DEFAULT_HEARTBEAT_MS + SLACK_MS);
     expect(at - t0).toBeLessThan(2 * DEFAULT_HEARTBEAT_MS + SLACK_MS);
     expect(at - t0).toBeGreaterThan(DEFAULT_HEARTBEAT_MS / 2);
+    // The slot is free again: a new session of the same principal is let in.
+    await expect.poll(async () => {
+      const s = await open().catch((e: unknown) => e);
+      if (!(s instanceof RpcSession)) return s;
+      const listed = await s.call('vm.list', {}, 5_000);
+      s.close();
+      return listed;
+    }).toEqual([]);
   }, 2 * DEFAULT_HEARTBEAT_MS + 15_000);
 });
