@@ -57,7 +57,7 @@ export const schedulerReplies = {
   drain: z.array(enqueued),
   queue: z.array(migrationJobSchema),
   get: migrationJobSchema,
-  journal: z.array(z.looseObject({ at: z.number(), state: z.string(), phase: z.string().nullable(), detail: z.string().nullable() })),
+  journal: z.array(z.looseObject({ at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() })),
   cancel: migrationJobSchema,
   watch: z.looseObject({}),
 } as const satisfies Record<SchedulerMethod, z.ZodType>;
