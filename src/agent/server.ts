@@ -33,6 +33,7 @@ import { AgentError } from './errors.js';
 import { Placement } from './placement.js';
 import { peerMatcher } from './qmp-policy.js';
 import { tunnelQmp } from './qmp-tunnel.js';
+import { DEFAULT_HEARTBEAT_MS, keepAlive } from '../rpc/heartbeat.js';
 import { beginDataTls, certIdentity, certNames, endDataTls, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
 import { join } from 'node:path';
 import { probeQemu, type QemuInfo } from './qemu-probe.js';
@@ -455,6 +456,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
           peerAllowed,
           dataTls: { required: dataTlsMode === 'required', active: () => tlsActive.has(vmId) },
         };
+        // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
+        keepAlive(ws, { intervalMs: DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => log.warn({ principal, vmId, silentMs }, 'QMP tunnel caller answered no ping: dropped') });
         tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }));
       } else onRpc(session);
     });

@@ -80,6 +80,17 @@ describe('ferry-agent refuses', () => {
     c.close();
   });
 
+  test('a spec error keeps its own code across the wire, also when no path is involved', async () => {
+    const c = await AgentClient.connect(agent.url, TOKEN_A);
+    const spec = { name: 'tiny', memoryMiB: 1, disks: [{ id: 'd0', path: join(root, 'tiny', 'd0.raw'), format: 'raw' }], boot: { disk: 'd0' }, runDir: join(root, 'tiny', 'run') };
+    for (const method of ['vm.create', 'dest.check', 'dest.start'] as const) {
+      const err = await c.call(method, { spec }).catch((e: unknown) => e);
+      expect(err, method).toBeInstanceOf(AgentCallError);
+      expect(err, method).toMatchObject({ code: 'SPEC_INVALID', message: expect.stringMatching(/memoryMiB: must be at least 16 MiB/) });
+    }
+    c.close();
+  });
+
   test("QMP outside the allowlist, and another principal's VM", async () => {
     const image = await loadGuestImage();
     const alice = await AgentClient.connect(agent.url, TOKEN_A);

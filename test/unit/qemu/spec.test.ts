@@ -96,3 +96,15 @@ test('retargetSpec moves the disks and the run dir, nothing else', () => {
   expect(t.runDir).toBe('/srv/b/run-vm1');
   expect({ ...t, disks: [], runDir: '' }).toEqual({ ...spec, disks: [], runDir: '' });
 });
+
+test('paths are normalised lexically: one file, one spelling (symlinks are left alone)', () => {
+  const spec = parseVmSpec({
+    ...good,
+    disks: [{ ...good.disks[0], path: '/srv/a/../a/./root.qcow2' }, { ...good.disks[1], path: '/srv//a/data.raw' }],
+    boot: { kernel: '/boot/./vmlinuz', initrd: '/boot/x/../initrd' },
+    runDir: '/srv/a/run/',
+  });
+  expect(spec.disks.map((d) => d.path)).toEqual(['/srv/a/root.qcow2', '/srv/a/data.raw']);
+  expect(spec.boot).toMatchObject({ kernel: '/boot/vmlinuz', initrd: '/boot/initrd' });
+  expect(spec.runDir).toBe('/srv/a/run');
+});
