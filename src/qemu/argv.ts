@@ -13,7 +13,7 @@ export const serialLogPath = (spec: VmSpec): string => join(spec.runDir, 'serial
  *   writeback: direct=off no-flush=off   none: direct=on no-flush=off   writethrough: the
  *   device's write cache off   directsync: direct=on + write cache off   unsafe: no-flush=on
  */
-function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boolean; writeCache: boolean } {
+export function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boolean; writeCache: boolean } {
   switch (cache) {
     case 'none':
       return { direct: true, noFlush: false, writeCache: true };
@@ -28,7 +28,47 @@ function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boo
   }
 }
 
-export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?: boolean } = {}): string[] {
+/**
+ * The two -blockdev nodes of a disk, as QMP objects: the command line is made from them, and
+ * `blockdev-reopen` (which resets every option it is not given) takes the same objects.
+ *
+ * `buffered`: open the disk without O_DIRECT whatever its cache mode, for the destination of a
+ * mirror on QEMU 7.2: its NBD server does not set TCP_NODELAY on the socket it accepts, and with
+ * O_DIRECT writes each reply waits out the client's delayed ACK (~40 ms), so the mirror of a
+ * writing guest does not reach READY. src/engine/convergence/reopen.ts puts the spec's mode back
+ * with `blockdev-reopen`. aio stays `threads` then, also after the reopen: file-posix cannot
+ * change `aio` on reopen, and `native` needs O_DIRECT at open.
+ */
+export function diskBlockdevs(d: DiskSpec, opts: { buffered?: boolean } = {}): { file: Record<string, unknown>; format: Record<string, unknown> } {
+  const c = cacheOptions(d.cache);
+  const cache = { direct: c.direct && !opts.buffered, 'no-flush': c.noFlush };
+  return {
+    file: {
+      driver: 'file',
+      'node-name': fileNodeName(d.id),
+      filename: d.path,
+      cache,
+      aio: cache.direct ? 'native' : 'threads',
+      ...(d.discard ? { discard: 'unmap' } : {}),
+    },
+    format: {
+      driver: d.format,
+      'node-name': diskNodeName(d.id),
+      file: fileNodeName(d.id),
+      cache,
+      ...(d.discard ? { discard: 'unmap' } : {}),
+    },
+  };
+}
+
+/** `buffered` disks: every node opened without O_DIRECT and with aio=threads; see diskBlockdevs. */
+export interface BuildArgvOptions {
+  incoming?: 'defer';
+  startPaused?: boolean;
+  bufferedDisks?: boolean;
+}
+
+export function buildArgv(spec: VmSpec, opts: BuildArgvOptions = {}): string[] {
   const argv = [
     '-nodefaults',
     '-no-user-config',
@@ -56,26 +96,12 @@ export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?
   ];
   for (const d of spec.disks) {
     const c = cacheOptions(d.cache);
+    const nodes = diskBlockdevs(d, { buffered: opts.bufferedDisks ?? false });
     argv.push(
       '-blockdev',
-      [
-        'driver=file',
-        `node-name=${fileNodeName(d.id)}`,
-        `filename=${escapeOpt(d.path)}`,
-        `cache.direct=${c.direct ? 'on' : 'off'}`,
-        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
-        `aio=${c.direct ? 'native' : 'threads'}`,
-        ...(d.discard ? ['discard=unmap'] : []),
-      ].join(','),
+      blockdevArg(nodes.file),
       '-blockdev',
-      [
-        `driver=${d.format}`,
-        `node-name=${diskNodeName(d.id)}`,
-        `file=${fileNodeName(d.id)}`,
-        `cache.direct=${c.direct ? 'on' : 'off'}`,
-        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
-        ...(d.discard ? ['discard=unmap'] : []),
-      ].join(','),
+      blockdevArg(nodes.format),
       '-device',
       [
         'virtio-blk-pci',
@@ -96,6 +122,17 @@ export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?
   if (opts.startPaused) argv.push('-S');
   argv.push(...spec.extraArgs);
   return argv;
+}
+
+/** An object of diskBlockdevs as -blockdev's key=value list, nested keys dotted (cache.direct=on). */
+function blockdevArg(o: Record<string, unknown>, prefix = ''): string {
+  return Object.entries(o)
+    .map(([k, v]) => {
+      if (typeof v === 'object' && v !== null) return blockdevArg(v as Record<string, unknown>, `${prefix}${k}.`);
+      const text = typeof v === 'boolean' ? (v ? 'on' : 'off') : String(v);
+      return `${prefix}${k}=${escapeOpt(text)}`;
+    })
+    .join(',');
 }
 
 /** QEMU's option syntax doubles a comma to keep it inside a value. */

@@ -26,6 +26,13 @@ export interface LaunchOptions {
   incoming?: boolean;
   /** Start with `-S`: vCPUs stopped until `cont`. */
   startPaused?: boolean;
+  /** Open every disk without O_DIRECT (aio=threads) whatever its cache mode; see argv.ts diskBlockdevs. */
+  bufferedDisks?: boolean;
+  /**
+   * Descriptors of this process handed to QEMU at spawn: the first is QEMU's fd 3, the next 4,
+   * and so on (for `addr: {type: 'fd', data: {str: '3'}}` in nbd-server-start, say).
+   */
+  inheritFds?: number[];
   qemuBinary?: string;
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -56,7 +63,7 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
   await mkdir(spec.runDir, { recursive: true });
   for (const f of [launcherQmpSocketPath(spec), qmpSocketPath(spec), serialSocketPath(spec)]) await rm(f, { force: true });
 
-  const argv = buildArgv(spec, { ...(opts.incoming ? { incoming: 'defer' as const } : {}), startPaused: opts.startPaused ?? false });
+  const argv = buildArgv(spec, { ...(opts.incoming ? { incoming: 'defer' as const } : {}), startPaused: opts.startPaused ?? false, bufferedDisks: opts.bufferedDisks ?? false });
   const binary = opts.qemuBinary ?? 'qemu-system-x86_64';
   log.debug({ binary, argv }, 'launching QEMU');
   // QEMU writes to its log file, not to a pipe of ours, and has its own process group: a VM must
@@ -65,7 +72,7 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
   const logPath = join(spec.runDir, 'qemu.log');
   const logFd = openSync(logPath, 'a');
   const logStart = fstatSync(logFd).size;
-  const child = spawn(binary, argv, { stdio: ['ignore', logFd, logFd], detached: true });
+  const child = spawn(binary, argv, { stdio: ['ignore', logFd, logFd, ...(opts.inheritFds ?? [])], detached: true });
   closeSync(logFd);
   let alive = true;
   const stderrNow = async (): Promise<string> => {
