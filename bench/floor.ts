@@ -20,14 +20,19 @@
  * (rewriting 64 MiB of RAM as fast as it can).
  *
  *   npx tsx bench/floor.ts [idle write-200 write-max dirty] [--runs 5] [--fill 200]
- *     [--qemu /path/qemu-system-x86_64 --data-dir /path/share/qemu]
+ *     [--qemu /path/qemu-system-x86_64 --data-dir /path/share/qemu] [--stop-nbd-before-cont]
+ *
+ * --stop-nbd-before-cont adds nbd-server-stop on the destination between completed and cont,
+ * timed: without it, `cont` finds the writable NBD export still holding WRITE on the disk node and
+ * QEMU logs "Permission conflict on node 'disk-root'" (reported, then ignored: the device keeps
+ * sharing WRITE). The column permissionConflict counts the runs whose destination log has it.
  *
  * Prints one JSON document on stdout, a table on stderr: QEMU's downtime (query-migrate), the
  * guest's ticker gap seen from the host, the switchover phase (pre-switchover to cont returned)
  * split into its steps, median and [min..max] over the runs.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -62,6 +67,8 @@ const fillMiB = Number(flag('fill', '200'));
 const qemuBinary = flag('qemu', 'qemu-system-x86_64');
 const dataDir = flag('data-dir', '');
 const extraArgs = dataDir ? ['-L', dataDir] : [];
+/** --stop-nbd-before-cont: nbd-server-stop on the destination between completed and cont. */
+const stopNbdBeforeCont = process.argv.includes('--stop-nbd-before-cont');
 const DOWNTIME_LIMIT_MS = 300;
 const WAIT_MS = 120_000;
 
@@ -76,7 +83,9 @@ interface Row {
   tickerGapMs?: number;
   /** pre-switchover event to `cont` returned, and its steps. */
   switchoverMs?: number;
-  steps?: { cancelMs: number; continueToCompletedMs: number; contMs: number };
+  steps?: { cancelMs: number; continueToCompletedMs: number; stopNbdMs?: number; contMs: number };
+  /** The destination's qemu.log has QEMU's "Permission conflict" line (issue 15, defect 17). */
+  permissionConflict?: boolean;
 }
 
 async function freePort(): Promise<number> {
@@ -177,6 +186,8 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
     const ended = await destEnded;
     if (!migrationStatus('completed')(ended)) throw new Error(`the destination's migration ended ${JSON.stringify(ended)}`);
     const tCompleted = performance.now();
+    if (stopNbdBeforeCont) await dq.execute('nbd-server-stop', undefined, call);
+    const tStopped = performance.now();
     await dq.execute('cont', undefined, call);
     const tCont = performance.now();
 
@@ -185,6 +196,7 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
     await dst.serial.waitForLine((l) => l.text.startsWith('tick '), { timeoutMs: 10_000, what: 'a tick on the destination' });
     await new Promise((r) => setTimeout(r, 500));
     const gap = tickerGap([...src.serial.history(), ...dst.serial.history()], { from: tPre - 2_000 });
+    const destLog = await readFile(join(destSpec.runDir, 'qemu.log'), 'utf8').catch(() => '');
     return {
       scenario: name,
       run: i,
@@ -194,7 +206,13 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
       qemuDowntimeMs: mig.downtime,
       tickerGapMs: Math.round(gap.maxGapMs),
       switchoverMs: Math.round(tCont - tPre),
-      steps: { cancelMs: Math.round(tCancelled - tPre), continueToCompletedMs: Math.round(tCompleted - tCancelled), contMs: Math.round(tCont - tCompleted) },
+      steps: {
+        cancelMs: Math.round(tCancelled - tPre),
+        continueToCompletedMs: Math.round(tCompleted - tCancelled),
+        ...(stopNbdBeforeCont ? { stopNbdMs: Math.round(tStopped - tCompleted) } : {}),
+        contMs: Math.round(tCont - tStopped),
+      },
+      permissionConflict: destLog.includes('Permission conflict'),
     };
   } catch (err) {
     return { scenario: name, run: i, ok: false, error: err instanceof Error ? err.message : String(err) };
@@ -236,12 +254,14 @@ async function main(): Promise<void> {
       switchoverMs: stat(rs.map((r) => r.switchoverMs)),
       cancelMs: stat(rs.map((r) => r.steps?.cancelMs)),
       continueToCompletedMs: stat(rs.map((r) => r.steps?.continueToCompletedMs)),
+      stopNbdMs: stat(rs.map((r) => r.steps?.stopNbdMs)),
       contMs: stat(rs.map((r) => r.steps?.contMs)),
+      permissionConflict: `${rs.filter((r) => r.permissionConflict).length}/${rs.length}`,
       mirrorReadyMs: stat(rs.map((r) => r.mirrorReadyMs)),
     };
   });
   process.stdout.write(`${JSON.stringify({ qemu: version.split('\n')[0], fillMiB, runs, rows, summary }, null, 2)}\n`);
-  const cols = ['scenario', 'ok', 'qemuDowntimeMs', 'tickerGapMs', 'switchoverMs', 'cancelMs', 'continueToCompletedMs', 'contMs', 'mirrorReadyMs'] as const;
+  const cols = ['scenario', 'ok', 'qemuDowntimeMs', 'tickerGapMs', 'switchoverMs', 'cancelMs', 'continueToCompletedMs', 'stopNbdMs', 'contMs', 'mirrorReadyMs', 'permissionConflict'] as const;
   const width = (c: (typeof cols)[number]): number => Math.max(c.length, ...summary.map((s) => String(s[c]).length));
   process.stderr.write(`${version.split('\n')[0]}, ${runs} run(s) per scenario, median [min..max], ms\n`);
   process.stderr.write(`${cols.map((c) => c.padEnd(width(c))).join('  ')}\n`);

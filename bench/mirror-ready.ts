@@ -12,13 +12,15 @@
  *                   `getfd` (SCM_RIGHTS) on the VM's free QMP socket: QEMU 7.2 takes no numeric
  *                   fd in a QMP `addr: {type: 'fd'}` ("File descriptor named '3' has not been
  *                   found"), and Node cannot send descriptors over a unix socket
+ *   relay           the destination's NBD server listens on a unix socket; a TCP relay made here
+ *                   (Node, setNoDelay on each accepted socket) carries the NBD connection to it
  *   write-blocking  copy-mode write-blocking from the start
  *   change          QEMU >= 8.2: background, then block-job-change to write-blocking after
  *                   --change-after ms or once READY does not come, then wait for actively-synced
  *
  * One source guest per mechanism, one fresh destination per run. The guest's ferry.probe lines
- * (`lat w`: an acked write + fdatasync; `lat r`: a 4 KiB read) are collected over the mirror's
- * run and over as long a window before it.
+ * (`lat w`: an acked write + fdatasync; `lat r`: a 4 KiB read) are collected over --window ms
+ * (5000) from the mirror's start, the mirror running all along, and over as long just before.
  *
  *   npx tsx bench/mirror-ready.ts --mech baseline,buffered --runs 5 [--rate 100] [--timeout 30000]
  *     [--qemu /path/to/qemu-system-x86_64 --data-dir /path/to/share/qemu]
@@ -27,7 +29,7 @@
  */
 import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -40,7 +42,7 @@ import { diskNodeName, parseVmSpec, retargetSpec, type VmSpec } from '../src/qem
 import { diskBlockdevs } from '../src/qemu/argv.js';
 
 const run = promisify(execFile);
-type Mech = 'baseline' | 'buffered' | 'nodelay' | 'write-blocking' | 'change';
+type Mech = 'baseline' | 'buffered' | 'nodelay' | 'relay' | 'write-blocking' | 'change';
 
 function arg(name: string, dflt: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -52,6 +54,7 @@ const rate = Number(arg('rate', '100'));
 const timeoutMs = Number(arg('timeout', '30000'));
 const changeAfterMs = Number(arg('change-after', '1000'));
 const probeMs = Number(arg('probe', '50'));
+const windowMs = Number(arg('window', '5000'));
 const qemuBinary = arg('qemu', 'qemu-system-x86_64');
 const dataDir = arg('data-dir', '');
 const extraArgs = dataDir ? ['-L', dataDir] : [];
@@ -120,6 +123,24 @@ async function nbdServerStartNoDelay(qmpSocket: string): Promise<number> {
   return r.port;
 }
 
+/** TCP on 127.0.0.1 to a unix socket, TCP_NODELAY on every accepted connection. */
+async function startRelay(unixPath: string): Promise<{ port: number; close(): void }> {
+  const conns = new Set<Socket>();
+  const server = createServer((tcp) => {
+    tcp.setNoDelay(true);
+    const unix = connect(unixPath);
+    conns.add(tcp).add(unix);
+    tcp.pipe(unix).pipe(tcp);
+    const end = (): void => { tcp.destroy(); unix.destroy(); };
+    tcp.on('error', end).on('close', end);
+    unix.on('error', end).on('close', end);
+  });
+  await new Promise<void>((res, rej) => server.once('error', rej).listen({ host: '127.0.0.1', port: 0 }, res));
+  const a = server.address();
+  if (!a || typeof a === 'string') throw new Error('no address');
+  return { port: a.port, close: () => { server.close(); for (const c of conns) c.destroy(); } };
+}
+
 async function freePort(): Promise<number> {
   const s = createServer();
   await new Promise<void>((res) => s.listen({ host: '127.0.0.1', port: 0 }, res));
@@ -141,10 +162,16 @@ async function oneRun(mech: Mech, i: number, source: VmProcess, spec: VmSpec, ro
   const job = 'mirror-root';
   const node = 'nbd-root';
   let row: RunRow;
+  let relay: { port: number; close(): void } | undefined;
   try {
     let port: number;
     if (mech === 'nodelay') {
       port = await nbdServerStartNoDelay(join(destSpec.runDir, 'qmp.sock'));
+    } else if (mech === 'relay') {
+      const path = join(destSpec.runDir, 'nbd.sock');
+      await dq.executeRaw('nbd-server-start', { addr: { type: 'unix', data: { path } } }, call);
+      relay = await startRelay(path);
+      port = relay.port;
     } else {
       port = await freePort();
       await dq.executeRaw('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: String(port) } } }, call);
@@ -188,8 +215,11 @@ async function oneRun(mech: Mech, i: number, source: VmProcess, spec: VmSpec, ro
     } else if (await waitReady(timeoutMs)) {
       readyMs = performance.now() - t0;
     }
-    const t1 = performance.now();
-    row = { mech, run: i, readyMs, ...(syncedMs !== undefined ? { syncedMs } : {}), during: latency(source, t0, t1), before: latency(source, t0 - (t1 - t0) - 2000, t0) };
+    // The guest's latency over a fixed window from the mirror's start (the mirror keeps running
+    // after READY, and write-blocking keeps costing), beside the same length just before it.
+    const t1 = t0 + windowMs;
+    if (performance.now() < t1) await new Promise((r) => setTimeout(r, t1 - performance.now()));
+    row = { mech, run: i, readyMs, ...(syncedMs !== undefined ? { syncedMs } : {}), during: latency(source, t0, t1), before: latency(source, t0 - windowMs, t0) };
     if (mech === 'buffered' && readyMs !== null) {
       // While exported, in -incoming, the mirror READY: QEMU allows the reopen now?
       const d = destSpec.disks[0]!;
@@ -211,6 +241,7 @@ async function oneRun(mech: Mech, i: number, source: VmProcess, spec: VmSpec, ro
   } catch (err) {
     row = { mech, run: i, readyMs: null, during: latency(source, 0, 0), before: latency(source, 0, 0), error: err instanceof Error ? err.message : String(err) };
   } finally {
+    relay?.close();
     await dest.kill();
     await rm(dir, { recursive: true, force: true });
   }
@@ -229,13 +260,13 @@ async function bootSource(root: string, mech: Mech): Promise<{ vm: VmProcess; sp
     memoryMiB: 256,
     accel: 'tcg',
     disks: [{ id: 'root', path: disk, format: 'qcow2' }],
-    boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend({ write: { rate }, tickMs: 20, disks: 1, ...(probeMs > 0 ? { probeMs } : {}) })}` },
+    boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend({ ...(rate >= 0 ? { write: { rate } } : {}), tickMs: 20, disks: 1, ...(probeMs > 0 ? { probeMs } : {}) })}` },
     runDir: join(dir, 'run'),
     extraArgs,
   });
   const vm = await launchVm(spec, { timeoutMs: 30_000, qemuBinary });
   await vm.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready' });
-  await vm.serial.waitForLine((l) => { const p = parseSerialLine(l.text); return p.kind === 'ack' && p.seq >= 50; }, { timeoutMs: 30_000, what: 'acks' });
+  if (rate >= 0) await vm.serial.waitForLine((l) => { const p = parseSerialLine(l.text); return p.kind === 'ack' && p.seq >= 50; }, { timeoutMs: 30_000, what: 'acks' });
   return { vm, spec };
 }
 

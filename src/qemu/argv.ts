@@ -13,7 +13,7 @@ export const serialLogPath = (spec: VmSpec): string => join(spec.runDir, 'serial
  *   writeback: direct=off no-flush=off   none: direct=on no-flush=off   writethrough: the
  *   device's write cache off   directsync: direct=on + write cache off   unsafe: no-flush=on
  */
-export function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boolean; writeCache: boolean } {
+function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boolean; writeCache: boolean } {
   switch (cache) {
     case 'none':
       return { direct: true, noFlush: false, writeCache: true };
@@ -32,12 +32,11 @@ export function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlu
  * The two -blockdev nodes of a disk, as QMP objects: the command line is made from them, and
  * `blockdev-reopen` (which resets every option it is not given) takes the same objects.
  *
- * `buffered`: open the disk without O_DIRECT whatever its cache mode, for the destination of a
- * mirror on QEMU 7.2: its NBD server does not set TCP_NODELAY on the socket it accepts, and with
- * O_DIRECT writes each reply waits out the client's delayed ACK (~40 ms), so the mirror of a
- * writing guest does not reach READY. src/engine/convergence/reopen.ts puts the spec's mode back
- * with `blockdev-reopen`. aio stays `threads` then, also after the reopen: file-posix cannot
- * change `aio` on reopen, and `native` needs O_DIRECT at open.
+ * `buffered`: open the disk without O_DIRECT whatever its cache mode (aio=threads then, as
+ * `native` needs O_DIRECT). For bench/mirror-ready.ts, which measured this as a way to make
+ * QEMU 7.2's mirror converge (issue 11) and found the NBD relay (src/engine/convergence/
+ * nbd-relay.ts) better; `blockdev-reopen` with these same objects (aio kept `threads`: file-posix
+ * cannot change it on reopen) restores O_DIRECT, also while the node is exported in -incoming.
  */
 export function diskBlockdevs(d: DiskSpec, opts: { buffered?: boolean } = {}): { file: Record<string, unknown>; format: Record<string, unknown> } {
   const c = cacheOptions(d.cache);

@@ -28,11 +28,6 @@ export interface LaunchOptions {
   startPaused?: boolean;
   /** Open every disk without O_DIRECT (aio=threads) whatever its cache mode; see argv.ts diskBlockdevs. */
   bufferedDisks?: boolean;
-  /**
-   * Descriptors of this process handed to QEMU at spawn: the first is QEMU's fd 3, the next 4,
-   * and so on (for `addr: {type: 'fd', data: {str: '3'}}` in nbd-server-start, say).
-   */
-  inheritFds?: number[];
   qemuBinary?: string;
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -72,7 +67,7 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
   const logPath = join(spec.runDir, 'qemu.log');
   const logFd = openSync(logPath, 'a');
   const logStart = fstatSync(logFd).size;
-  const child = spawn(binary, argv, { stdio: ['ignore', logFd, logFd, ...(opts.inheritFds ?? [])], detached: true });
+  const child = spawn(binary, argv, { stdio: ['ignore', logFd, logFd], detached: true });
   closeSync(logFd);
   let alive = true;
   const stderrNow = async (): Promise<string> => {
