@@ -20,7 +20,10 @@
  * (rewriting 64 MiB of RAM as fast as it can).
  *
  *   npx tsx bench/floor.ts [idle write-200 write-max dirty] [--runs 5] [--fill 200]
- *     [--qemu /path/qemu-system-x86_64 --data-dir /path/share/qemu] [--stop-nbd-before-cont]
+ *     [--qemu /path/qemu-system-x86_64 --data-dir /path/share/qemu] [--stop-nbd-before-cont] [--relay]
+ *
+ * --relay puts the destination's NBD server behind ferry's NBD relay (TCP_NODELAY; what ferry
+ * does on QEMU 7.2), so the floor measures the same data path as ferry.
  *
  * --stop-nbd-before-cont adds nbd-server-stop on the destination between completed and cont,
  * timed: without it, `cont` finds the writable NBD export still holding WRITE on the disk node and
@@ -37,6 +40,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { startNbdRelay, type NbdRelay } from '../src/engine/convergence/nbd-relay.js';
 import { loadGuestImage } from '../src/guest/image.js';
 import { workloadAppend, type Workload } from '../src/guest/serial.js';
 import { tickerGap } from '../src/measure/ticker.js';
@@ -59,7 +63,8 @@ function flag(name: string, dflt: string): string {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : dflt;
 }
-const positional = process.argv.slice(2).filter((a, i, all) => !a.startsWith('--') && !(i > 0 && all[i - 1]!.startsWith('--')));
+const VALUED = new Set(['--runs', '--fill', '--qemu', '--data-dir']);
+const positional = process.argv.slice(2).filter((a, i, all) => !a.startsWith('--') && !(i > 0 && VALUED.has(all[i - 1]!)));
 const chosen = positional.length > 0 ? positional : Object.keys(SCENARIOS);
 for (const c of chosen) if (!(c in SCENARIOS)) throw new Error(`unknown scenario '${c}'; known: ${Object.keys(SCENARIOS).join(', ')}`);
 const runs = Number(flag('runs', '5'));
@@ -69,6 +74,8 @@ const dataDir = flag('data-dir', '');
 const extraArgs = dataDir ? ['-L', dataDir] : [];
 /** --stop-nbd-before-cont: nbd-server-stop on the destination between completed and cont. */
 const stopNbdBeforeCont = process.argv.includes('--stop-nbd-before-cont');
+/** --relay: the destination's NBD server on a unix socket behind ferry's NBD relay (src/engine/convergence). */
+const withRelay = process.argv.includes('--relay');
 const DOWNTIME_LIMIT_MS = 300;
 const WAIT_MS = 120_000;
 
@@ -119,6 +126,7 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
   const root = await mkdtemp(join(tmpdir(), `ferry-floor-${name}-`));
   let src: VmProcess | undefined;
   let dst: VmProcess | undefined;
+  let relay: NbdRelay | undefined;
   try {
     const hostA = join(root, 'a');
     const hostB = join(root, 'b');
@@ -147,8 +155,16 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
     const dq = dst.qmp;
     const call = { timeoutMs: 30_000 };
 
-    const nbdPort = await freePort();
-    await dq.execute('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: String(nbdPort) } } }, call);
+    let nbdPort: number;
+    if (withRelay) {
+      const unixPath = join(destSpec.runDir, 'nbd.sock');
+      await dq.execute('nbd-server-start', { addr: { type: 'unix', data: { path: unixPath } } }, call);
+      relay = await startNbdRelay({ host: '127.0.0.1', ports: [0], unixPath });
+      nbdPort = relay.port;
+    } else {
+      nbdPort = await freePort();
+      await dq.execute('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: String(nbdPort) } } }, call);
+    }
     await dq.execute('block-export-add', { type: 'nbd', id: 'root', 'node-name': diskNodeName('root'), name: 'root', writable: true }, call);
     await sq.execute('blockdev-add', { driver: 'nbd', 'node-name': 'nbd-root', server: { type: 'inet', host: '127.0.0.1', port: String(nbdPort) }, export: 'root' }, call);
     const sinceMirror = sq.eventCursor();
@@ -217,6 +233,7 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
   } catch (err) {
     return { scenario: name, run: i, ok: false, error: err instanceof Error ? err.message : String(err) };
   } finally {
+    await relay?.close();
     await dst?.kill();
     await src?.kill();
     await rm(root, { recursive: true, force: true });
@@ -260,10 +277,10 @@ async function main(): Promise<void> {
       mirrorReadyMs: stat(rs.map((r) => r.mirrorReadyMs)),
     };
   });
-  process.stdout.write(`${JSON.stringify({ qemu: version.split('\n')[0], fillMiB, runs, rows, summary }, null, 2)}\n`);
+  process.stdout.write(`${JSON.stringify({ qemu: version.split('\n')[0], relay: withRelay, stopNbdBeforeCont, fillMiB, runs, rows, summary }, null, 2)}\n`);
   const cols = ['scenario', 'ok', 'qemuDowntimeMs', 'tickerGapMs', 'switchoverMs', 'cancelMs', 'continueToCompletedMs', 'stopNbdMs', 'contMs', 'mirrorReadyMs', 'permissionConflict'] as const;
   const width = (c: (typeof cols)[number]): number => Math.max(c.length, ...summary.map((s) => String(s[c]).length));
-  process.stderr.write(`${version.split('\n')[0]}, ${runs} run(s) per scenario, median [min..max], ms\n`);
+  process.stderr.write(`${version.split('\n')[0]}${withRelay ? ', NBD relay' : ''}${stopNbdBeforeCont ? ', nbd-server-stop before cont' : ''}, ${runs} run(s) per scenario, median [min..max], ms\n`);
   process.stderr.write(`${cols.map((c) => c.padEnd(width(c))).join('  ')}\n`);
   for (const s of summary) process.stderr.write(`${cols.map((c) => String(s[c]).padEnd(width(c))).join('  ')}\n`);
 }
