@@ -21,9 +21,11 @@
  *
  *   npx tsx bench/floor.ts [idle write-200 write-max dirty] [--runs 5] [--fill 200]
  *     [--qemu /path/qemu-system-x86_64 --data-dir /path/share/qemu] [--stop-nbd-before-cont] [--relay]
+ *     [--active-sync]
  *
  * --relay puts the destination's NBD server behind ferry's NBD relay (TCP_NODELAY; what ferry
- * does on QEMU 7.2), so the floor measures the same data path as ferry.
+ * does on QEMU 7.2), so the floor measures the same data path as ferry. --active-sync (QEMU >= 8.2)
+ * turns the READY mirror to write-blocking and waits for actively-synced, as ferry's `auto` does.
  *
  * --stop-nbd-before-cont adds nbd-server-stop on the destination between completed and cont,
  * timed: without it, `cont` finds the writable NBD export still holding WRITE on the disk node and
@@ -40,6 +42,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { convergeActively } from '../src/engine/convergence/active-sync.js';
 import { startNbdRelay, type NbdRelay } from '../src/engine/convergence/nbd-relay.js';
 import { loadGuestImage } from '../src/guest/image.js';
 import { workloadAppend, type Workload } from '../src/guest/serial.js';
@@ -76,6 +79,8 @@ const extraArgs = dataDir ? ['-L', dataDir] : [];
 const stopNbdBeforeCont = process.argv.includes('--stop-nbd-before-cont');
 /** --relay: the destination's NBD server on a unix socket behind ferry's NBD relay (src/engine/convergence). */
 const withRelay = process.argv.includes('--relay');
+/** --active-sync: after READY, block-job-change to write-blocking and wait for actively-synced (QEMU >= 8.2). */
+const activeSync = process.argv.includes('--active-sync');
 const DOWNTIME_LIMIT_MS = 300;
 const WAIT_MS = 120_000;
 
@@ -170,6 +175,7 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
     const sinceMirror = sq.eventCursor();
     await sq.execute('blockdev-mirror', { 'job-id': 'mirror-root', device: diskNodeName('root'), target: 'nbd-root', sync: 'top', 'copy-mode': 'background', 'auto-dismiss': false }, call);
     await eventAfter(sq, sinceMirror, 'BLOCK_JOB_READY', (e) => e.event === 'BLOCK_JOB_READY');
+    if (activeSync) await convergeActively(sq, ['mirror-root'], { since: sinceMirror, readyBoundMs: 0, timeoutMs: WAIT_MS });
     const mirrorReadyMs = performance.now() - t0;
 
     const caps = [
@@ -277,10 +283,10 @@ async function main(): Promise<void> {
       mirrorReadyMs: stat(rs.map((r) => r.mirrorReadyMs)),
     };
   });
-  process.stdout.write(`${JSON.stringify({ qemu: version.split('\n')[0], relay: withRelay, stopNbdBeforeCont, fillMiB, runs, rows, summary }, null, 2)}\n`);
+  process.stdout.write(`${JSON.stringify({ qemu: version.split('\n')[0], relay: withRelay, activeSync, stopNbdBeforeCont, fillMiB, runs, rows, summary }, null, 2)}\n`);
   const cols = ['scenario', 'ok', 'qemuDowntimeMs', 'tickerGapMs', 'switchoverMs', 'cancelMs', 'continueToCompletedMs', 'stopNbdMs', 'contMs', 'mirrorReadyMs', 'permissionConflict'] as const;
   const width = (c: (typeof cols)[number]): number => Math.max(c.length, ...summary.map((s) => String(s[c]).length));
-  process.stderr.write(`${version.split('\n')[0]}${withRelay ? ', NBD relay' : ''}${stopNbdBeforeCont ? ', nbd-server-stop before cont' : ''}, ${runs} run(s) per scenario, median [min..max], ms\n`);
+  process.stderr.write(`${version.split('\n')[0]}${withRelay ? ', NBD relay' : ''}${activeSync ? ', active-sync' : ''}${stopNbdBeforeCont ? ', nbd-server-stop before cont' : ''}, ${runs} run(s) per scenario, median [min..max], ms\n`);
   process.stderr.write(`${cols.map((c) => c.padEnd(width(c))).join('  ')}\n`);
   for (const s of summary) process.stderr.write(`${cols.map((c) => String(s[c]).padEnd(width(c))).join('  ')}\n`);
 }
