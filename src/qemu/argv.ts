@@ -38,7 +38,47 @@ export interface LaunchTlsObjects {
   peerIdentity: string;
 }
 
-export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?: boolean; tls?: LaunchTlsObjects } = {}): string[] {
+/**
+ * The two -blockdev nodes of a disk, as QMP objects: the command line is made from them, and
+ * `blockdev-reopen` (which resets every option it is not given) takes the same objects.
+ *
+ * `buffered`: open the disk without O_DIRECT whatever its cache mode (aio=threads then, as
+ * `native` needs O_DIRECT). For bench/mirror-ready.ts, which measured this as a way to make
+ * QEMU 7.2's mirror converge (issue 11) and found the NBD relay (src/engine/convergence/
+ * nbd-relay.ts) better; `blockdev-reopen` with these same objects (aio kept `threads`: file-posix
+ * cannot change it on reopen) restores O_DIRECT, also while the node is exported in -incoming.
+ */
+export function diskBlockdevs(d: DiskSpec, opts: { buffered?: boolean } = {}): { file: Record<string, unknown>; format: Record<string, unknown> } {
+  const c = cacheOptions(d.cache);
+  const cache = { direct: c.direct && !opts.buffered, 'no-flush': c.noFlush };
+  return {
+    file: {
+      driver: 'file',
+      'node-name': fileNodeName(d.id),
+      filename: d.path,
+      cache,
+      aio: cache.direct ? 'native' : 'threads',
+      ...(d.discard ? { discard: 'unmap' } : {}),
+    },
+    format: {
+      driver: d.format,
+      'node-name': diskNodeName(d.id),
+      file: fileNodeName(d.id),
+      cache,
+      ...(d.discard ? { discard: 'unmap' } : {}),
+    },
+  };
+}
+
+/** `buffered` disks: every node opened without O_DIRECT and with aio=threads; see diskBlockdevs. */
+export interface BuildArgvOptions {
+  incoming?: 'defer';
+  startPaused?: boolean;
+  bufferedDisks?: boolean;
+  tls?: LaunchTlsObjects;
+}
+
+export function buildArgv(spec: VmSpec, opts: BuildArgvOptions = {}): string[] {
   const argv = [
     '-nodefaults',
     '-no-user-config',
@@ -66,26 +106,12 @@ export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?
   ];
   for (const d of spec.disks) {
     const c = cacheOptions(d.cache);
+    const nodes = diskBlockdevs(d, { buffered: opts.bufferedDisks ?? false });
     argv.push(
       '-blockdev',
-      [
-        'driver=file',
-        `node-name=${fileNodeName(d.id)}`,
-        `filename=${escapeOpt(d.path)}`,
-        `cache.direct=${c.direct ? 'on' : 'off'}`,
-        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
-        `aio=${c.direct ? 'native' : 'threads'}`,
-        ...(d.discard ? ['discard=unmap'] : []),
-      ].join(','),
+      blockdevArg(nodes.file),
       '-blockdev',
-      [
-        `driver=${d.format}`,
-        `node-name=${diskNodeName(d.id)}`,
-        `file=${fileNodeName(d.id)}`,
-        `cache.direct=${c.direct ? 'on' : 'off'}`,
-        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
-        ...(d.discard ? ['discard=unmap'] : []),
-      ].join(','),
+      blockdevArg(nodes.format),
       '-device',
       [
         'virtio-blk-pci',
@@ -116,6 +142,17 @@ export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?
   if (opts.startPaused) argv.push('-S');
   argv.push(...spec.extraArgs);
   return argv;
+}
+
+/** An object of diskBlockdevs as -blockdev's key=value list, nested keys dotted (cache.direct=on). */
+function blockdevArg(o: Record<string, unknown>, prefix = ''): string {
+  return Object.entries(o)
+    .map(([k, v]) => {
+      if (typeof v === 'object' && v !== null) return blockdevArg(v as Record<string, unknown>, `${prefix}${k}.`);
+      const text = typeof v === 'boolean' ? (v ? 'on' : 'off') : String(v);
+      return `${prefix}${k}=${escapeOpt(text)}`;
+    })
+    .join(',');
 }
 
 /** QEMU's option syntax doubles a comma to keep it inside a value. */

@@ -28,6 +28,8 @@ export interface LaunchOptions {
   startPaused?: boolean;
   /** ferry's data-path TLS objects, made at start-up. */
   tls?: LaunchTlsObjects;
+  /** Open every disk without O_DIRECT (aio=threads) whatever its cache mode; see argv.ts diskBlockdevs. */
+  bufferedDisks?: boolean;
   qemuBinary?: string;
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -58,7 +60,7 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
   await mkdir(spec.runDir, { recursive: true });
   for (const f of [launcherQmpSocketPath(spec), qmpSocketPath(spec), serialSocketPath(spec)]) await rm(f, { force: true });
 
-  const argv = buildArgv(spec, { ...(opts.incoming ? { incoming: 'defer' as const } : {}), startPaused: opts.startPaused ?? false, ...(opts.tls ? { tls: opts.tls } : {}) });
+  const argv = buildArgv(spec, { ...(opts.incoming ? { incoming: 'defer' as const } : {}), startPaused: opts.startPaused ?? false, bufferedDisks: opts.bufferedDisks ?? false, ...(opts.tls ? { tls: opts.tls } : {}) });
   const binary = opts.qemuBinary ?? 'qemu-system-x86_64';
   log.debug({ binary, argv }, 'launching QEMU');
   // QEMU writes to its log file, not to a pipe of ours, and has its own process group: a VM must

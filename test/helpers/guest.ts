@@ -65,6 +65,9 @@ export async function bootWorkloadGuest(opts: {
   workload: Workload;
   memoryMiB?: number;
   name?: string;
+  /** Another QEMU than the system's, and what it needs on its command line (`-L <its data dir>`). */
+  qemuBinary?: string;
+  extraArgs?: string[];
 }): Promise<BootedGuest> {
   const root = await makeTempDir();
   const hostA = join(root, 'host-a');
@@ -84,8 +87,9 @@ export async function bootWorkloadGuest(opts: {
       append: `console=ttyS0 quiet ${workloadAppend({ ...opts.workload, disks: opts.disks.length })}`,
     },
     runDir: join(hostA, 'run'),
+    ...(opts.extraArgs ? { extraArgs: opts.extraArgs } : {}),
   });
-  const vm = await launchVm(spec, { timeoutMs: 30_000 });
+  const vm = await launchVm(spec, { timeoutMs: 30_000, ...(opts.qemuBinary ? { qemuBinary: opts.qemuBinary } : {}) });
   await vm.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready' });
   return { vm, spec, hostA, hostB };
 }
