@@ -15,7 +15,7 @@ import { distIsFresh } from '../bin/launch.mjs';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 /** Debian packages ferry and its guest image need. */
-const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils', 'openssl'];
+const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils', 'openssl', 'tcpdump'];
 
 function log(msg) {
   process.stderr.write(`bootstrap: ${msg}\n`);
