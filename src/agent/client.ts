@@ -125,6 +125,12 @@ export class AgentSource implements SourceEndpoint {
     return r.bytes ?? undefined;
   }
 
+  /** The agent's supervisor saw the source QEMU exit: vm.get says died or stopped. */
+  async sourceGone(): Promise<boolean> {
+    const found = vmGetSchema.safeParse(await this.#client.call('vm.get', { name: this.spec.name }).catch(() => undefined));
+    return found.success && found.data.state !== 'running';
+  }
+
   /**
    * The agent quits the source QEMU itself (it refuses unless QEMU says postmigrate), waits for
    * the exit, and forgets the VM; with removeDisks, the source's now stale disk files go too.

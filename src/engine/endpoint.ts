@@ -21,6 +21,11 @@ export interface SourceEndpoint {
   candidateExportPorts(): Iterable<number>;
   /** lazy mode: bytes this host's NBD server on `localPort` has sent (hydration on the wire). */
   nbdBytesServed(localPort: number): Promise<number | undefined>;
+  /**
+   * After a failure, when the source's QMP session no longer answers: true only with proof that
+   * the source QEMU has exited (its socket refuses, its host says it died). False when unsure.
+   */
+  sourceGone(): Promise<boolean>;
   /** After a successful migration: make the source QEMU exit (it is paused in postmigrate). */
   retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
 }

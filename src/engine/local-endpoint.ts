@@ -47,6 +47,18 @@ export class LocalSource implements SourceEndpoint {
     return tcpBytesAcked(peer);
   }
 
+  /** A unix socket nobody listens on (or that is gone) means the QEMU that owned it exited. */
+  async sourceGone(): Promise<boolean> {
+    try {
+      const q = await QmpClient.connect({ path: this.#qmpSocket }, { timeoutMs: 2_000, name: 'source-probe' });
+      await q.close();
+      return false;
+    } catch (err) {
+      const code = errnoOf(err);
+      return code === 'ECONNREFUSED' || code === 'ENOENT';
+    }
+  }
+
   async retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
     // `quit` replies before the process is gone; the session closing is the proof it went.
     await qmp.execute('quit', undefined, { timeoutMs: opts.timeoutMs });
@@ -201,4 +213,12 @@ async function exists(path: string): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/** The errno code of an error or of one of its causes. */
+function errnoOf(err: unknown): string | undefined {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+    if ('code' in e && typeof e.code === 'string' && /^E[A-Z]+$/.test(e.code)) return e.code;
+  }
+  return undefined;
 }

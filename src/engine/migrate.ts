@@ -45,6 +45,7 @@ import {
   type Phase,
 } from './types.js';
 import { UndoStack } from './undo.js';
+import { classifyFailure, outcomeOfError, type MigrationOutcome } from './outcome.js';
 
 export interface MigrateRequest {
   spec: VmSpec;
@@ -72,7 +73,23 @@ export async function planMigration(req: MigrateRequest): Promise<MigrationPlan>
   return result.plan;
 }
 
+/** Runs a migration; resolves with its result, rejects with a MigrationError whose `outcome` says where the guest is. */
 export async function migrate(req: MigrateRequest): Promise<MigrationResult> {
+  const outcome = await migrateOutcome(req);
+  if (outcome.kind === 'migrated') return outcome.result;
+  throw outcome.error;
+}
+
+/** Runs a migration and says how it ended; never rejects. */
+export async function migrateOutcome(req: MigrateRequest): Promise<MigrationOutcome> {
+  try {
+    return { kind: 'migrated', result: await runMigration(req) };
+  } catch (err) {
+    return outcomeOfError(err, req.signal?.aborted ?? false);
+  }
+}
+
+async function runMigration(req: MigrateRequest): Promise<MigrationResult> {
   const parsed = MigrationOptionsSchema.safeParse(req.options ?? {});
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
@@ -519,7 +536,7 @@ class Migration {
         } else if (performance.now() - lastMoved > this.#opts.progressTimeoutMs + this.#opts.nbdReconnectDelayS * 1000) {
           throw new MigrationError('HYDRATION_STALLED', `hydration made no progress for ${this.#opts.progressTimeoutMs} ms; the guest runs on ${this.#req.destination.name} and still reads unhydrated blocks from ${this.#req.source.name}, which must stay up`, {
             phase: this.#phase,
-            guestOn: 'destination',
+            outcome: 'onDestinationNeedsSource',
           });
         }
         // Past the point of no return: neither a cancel nor the total timeout may stop this
@@ -533,7 +550,7 @@ class Migration {
         throw new MigrationError(
           'HYDRATION_FAILED',
           `hydration failed after ${attempt} attempts (${why}). The guest runs on ${this.#req.destination.name}; reads of blocks not yet hydrated fail with I/O errors until the source (${this.#req.source.name}) serves its export again. Do not stop the source QEMU; see docs/migration.md, lazy mode.`,
-          { phase: this.#phase, guestOn: 'destination' },
+          { phase: this.#phase, outcome: 'onDestinationNeedsSource' },
         );
       }
       this.#emit({ event: 'warning', migrationId: this.id, message: `hydration attempt ${attempt} failed (${why}); resuming` });
@@ -866,7 +883,7 @@ class Migration {
       throw new MigrationError(
         'SWITCHOVER_UNCERTAIN',
         `the destination's 'cont' got no answer (${errorText(err)}); the destination may have run, so the source stays paused. Check the destination QEMU (pid ${dest.vm.pid}) before resuming anything.`,
-        { phase: this.#phase, cause: err, guestOn: 'unknown' },
+        { phase: this.#phase, cause: err, outcome: 'uncertain' },
       );
     }
     this.#markPastNoReturn();
@@ -903,13 +920,20 @@ class Migration {
   async #fail(err: unknown, source: SourceState | undefined): Promise<MigrationError> {
     const failedPhase = this.#phase;
     const first = this.#asMigrationError(err, failedPhase);
+    const verdict = (where: Parameters<typeof classifyFailure>[1]['source'], cleanupErrors: unknown[]): MigrationError =>
+      new MigrationError(first.code, first.message, {
+        phase: failedPhase,
+        cause: first.cause ?? err,
+        userError: first.userError,
+        context: { ...first.context },
+        outcome: classifyFailure(first, { pastNoReturn: this.#pastNoReturn, mode: this.#opts.mode, source: where }),
+        cleanupErrors: [...first.cleanupErrors, ...cleanupErrors],
+      });
     if (this.#pastNoReturn) {
-      // Nothing to roll back: the undo stack was emptied at the point of no return. The guest
-      // runs on the destination unless the error itself says nobody can know.
+      // Nothing to roll back: the undo stack was emptied at the point of no return.
       this.#enter('failed');
       await source?.qmp.close().catch(() => undefined);
-      if (first.guestOn !== 'source') return first;
-      return new MigrationError(first.code, first.message, { phase: failedPhase, cause: first.cause ?? err, userError: first.userError, context: first.context as Record<string, unknown>, guestOn: 'destination', cleanupErrors: first.cleanupErrors });
+      return verdict('other', []);
     }
     this.#log.warn({ err: errorText(first), phase: failedPhase }, 'migration failed, rolling back');
     if (this.#undo.size > 0) this.#enter('rollback');
@@ -924,26 +948,19 @@ class Migration {
     // waits with it. A dead peer makes them fail at once.
     const cleanupErrors = await this.#undo.runNow(STOP_DESTINATION, report);
     cleanupErrors.push(...(await this.#undo.runAll(report)));
-    let guestOn: 'source' | 'unknown' | 'destination' = first.guestOn;
+    let where: Parameters<typeof classifyFailure>[1]['source'] = 'not-connected';
     if (source) {
       // Proof, not hope: the guest is where we say it is.
       const status = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
       const expected = source.wasRunning ? 'running' : 'paused';
-      if (status?.status !== expected && guestOn === 'source') {
-        cleanupErrors.push(new Error(`after rollback the source is '${status?.status ?? 'unreachable'}', expected ${expected}`));
-        if (!status) guestOn = 'unknown';
-      }
+      if (status?.status === expected) where = 'as-before';
+      else if (status) where = 'other';
+      else where = (await this.#req.source.sourceGone().catch(() => false)) ? 'gone' : 'unreachable';
+      if (where !== 'as-before') cleanupErrors.push(new Error(`after rollback the source is '${status?.status ?? (where === 'gone' ? 'gone (its QEMU exited)' : 'unreachable')}', expected ${expected}`));
       await source.qmp.close().catch(() => undefined);
     }
     this.#enter('failed');
-    return new MigrationError(first.code, first.message, {
-      phase: failedPhase,
-      cause: first.cause ?? err,
-      userError: first.userError,
-      context: first.context as Record<string, unknown>,
-      guestOn,
-      cleanupErrors: [...first.cleanupErrors, ...cleanupErrors],
-    });
+    return verdict(where, cleanupErrors);
   }
 
   #asMigrationError(err: unknown, phase: Phase): MigrationError {

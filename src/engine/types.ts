@@ -158,15 +158,25 @@ export interface MigrationResult {
 }
 
 /**
- * A migration that did not complete. `guestOn` says where the guest is after rollback: `source`
- * (the normal outcome: untouched and running as before), or `unknown` when the destination may
- * have started and ferry refused to resume the source (never run twice): an operator must look.
+ * How a failed migration left the guest, decided by the engine (never guessed from a message):
+ *   rolledBack                the source runs the guest as before; the destination got nothing
+ *   onDestinationNeedsSource  past the point of no return (lazy): the destination runs the guest
+ *                             and still reads unhydrated blocks from the source, which must stay up
+ *   sourceDied                the source QEMU died before the point of no return; the destination
+ *                             was removed: no QEMU runs the guest, its disks on the source are whole
+ *   uncertain                 the destination may have run: nothing was resumed, an operator looks
  */
+export type FailureKind = 'rolledBack' | 'onDestinationNeedsSource' | 'sourceDied' | 'uncertain';
+export type GuestOn = 'source' | 'destination' | 'nowhere' | 'unknown';
+const GUEST_ON: Record<FailureKind, GuestOn> = { rolledBack: 'source', onDestinationNeedsSource: 'destination', sourceDied: 'nowhere', uncertain: 'unknown' };
+
+/** A migration that did not complete; `outcome` says where that left the guest. */
 export class MigrationError extends FerryError {
   override name = 'MigrationError';
   readonly phase: Phase;
-  /** destination: past the point of no return (lazy mode's hydration failed): the guest runs there. */
-  readonly guestOn: 'source' | 'unknown' | 'destination';
+  readonly outcome: FailureKind;
+  /** Where the guest is, for logs and JSON summaries: derived from `outcome`. */
+  readonly guestOn: GuestOn;
   readonly cleanupErrors: unknown[];
 
   constructor(
@@ -177,13 +187,14 @@ export class MigrationError extends FerryError {
       cause?: unknown;
       userError?: boolean;
       context?: Record<string, unknown>;
-      guestOn?: 'source' | 'unknown' | 'destination';
+      outcome?: FailureKind;
       cleanupErrors?: unknown[];
     },
   ) {
     super(code, message, { cause: opts.cause, userError: opts.userError, context: { ...opts.context, phase: opts.phase } });
     this.phase = opts.phase;
-    this.guestOn = opts.guestOn ?? 'source';
+    this.outcome = opts.outcome ?? 'rolledBack';
+    this.guestOn = GUEST_ON[this.outcome];
     this.cleanupErrors = opts.cleanupErrors ?? [];
   }
 }

@@ -7,7 +7,8 @@ import { z } from 'zod';
 import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
 import type { TlsMaterial } from '../agent/tls.js';
 import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
-import { migrate } from '../engine/migrate.js';
+import { migrateOutcome } from '../engine/migrate.js';
+import type { MigrationOutcome } from '../engine/outcome.js';
 import { finishHydration, rollBackSource, unexportSource } from '../engine/recover.js';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -97,12 +98,12 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     return (await this.vms()).find((v) => v.name === name);
   }
 
-  async run(job: MigrationJob, ctx: RunContext): Promise<void> {
+  async run(job: MigrationJob, ctx: RunContext): Promise<MigrationOutcome> {
     const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
     try {
       const destination = await AgentDestination.connect(this.#host(job.to).url, this.#token, this.#tls ? { tls: this.#tls } : {});
       try {
-        await migrate({
+        return await migrateOutcome({
           spec: source.spec,
           source,
           destination,

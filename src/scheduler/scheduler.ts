@@ -15,6 +15,7 @@ import { EventEmitter } from 'node:events';
 import PQueue from 'p-queue';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
+import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outcome.js';
 import type { SchedulerStore } from './store.js';
 import { PRIORITY, retryable, SchedulerError, TERMINAL, type Inventory, type MigrationJob, type MigrationMode, type MigrationProgress, type MigrationRunner, type Reason, type Reconciler, type VmInfo } from './types.js';
 
@@ -434,24 +435,28 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#log.info({ id, vm: job.vm, from: job.from, to: job.to, attempt: job.attempts }, 'migration starts');
     let lastProgress = 0;
     try {
-      await this.#runner.run(job, {
-        signal,
-        bandwidthBytesPerSec: job.bandwidthBytesPerSec ?? 0,
-        onProgress: (p) => {
-          const now = performance.now();
-          if (now - lastProgress < 1_000) return;
-          lastProgress = now;
-          this.emit('progress', { id, vm: job.vm, ...p });
-        },
-        onPhase: (phase) => {
-          this.#store.phase(id, phase);
-          this.emit('phase', { id, vm: job.vm, phase });
-        },
-      });
-      this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}` }));
-      this.#log.info({ id, vm: job.vm, to: job.to }, 'migration succeeded');
-    } catch (err) {
-      this.#failed(job, err);
+      const outcome = await this.#runner
+        .run(job, {
+          signal,
+          bandwidthBytesPerSec: job.bandwidthBytesPerSec ?? 0,
+          onProgress: (p) => {
+            const now = performance.now();
+            if (now - lastProgress < 1_000) return;
+            lastProgress = now;
+            this.emit('progress', { id, vm: job.vm, ...p });
+          },
+          onPhase: (phase) => {
+            this.#store.phase(id, phase);
+            this.emit('phase', { id, vm: job.vm, phase });
+          },
+        })
+        .catch((err: unknown) => outcomeOfError(err, signal.aborted));
+      if (outcome.kind === 'migrated') {
+        this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}` }));
+        this.#log.info({ id, vm: job.vm, to: job.to }, 'migration succeeded');
+      } else {
+        this.#failed(job, outcome);
+      }
     } finally {
       // A retry may already have put a new controller in place: leave that one.
       if (this.#controllers.get(id)?.signal === signal) this.#controllers.delete(id);
@@ -460,24 +465,45 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     }
   }
 
-  #failed(job: MigrationJob, err: unknown): void {
-    const text = errorText(err);
-    const uncertain = !retryable(err) && (err as { guestOn?: string }).guestOn === 'unknown';
-    if (uncertain) {
-      this.#changed(this.#store.transition(job.id, 'failed', { error: `needs operator: ${text}`, detail: 'outcome uncertain' }));
-    } else if (this.#cancelRequested.has(job.id)) {
-      this.#changed(this.#store.transition(job.id, 'cancelled', { error: text, detail: 'cancelled while running; rolled back' }));
-    } else if (this.#stopping) {
-      this.#changed(this.#store.transition(job.id, 'queued', { error: text, detail: 'the scheduler stopped; rolled back, runs again at the next start' }));
-    } else if (retryable(err) && job.attempts < this.#maxAttempts) {
-      const delay = this.#baseDelayMs * 2 ** (job.attempts - 1);
-      const again = this.#store.transition(job.id, 'queued', { error: text, notBefore: Date.now() + delay, detail: `attempt ${job.attempts} failed; retry in ${delay} ms` });
-      this.#changed(again);
-      this.#schedule(again);
-    } else {
-      this.#changed(this.#store.transition(job.id, 'failed', { error: text, detail: retryable(err) ? `gave up after ${job.attempts} attempts` : 'not retryable' }));
+  /**
+   * What a failed migration becomes, by where the engine left the guest. Only a rollback may run
+   * again; past the point of no return, or with the guest's whereabouts in doubt, nothing is retried.
+   */
+  #failed(job: MigrationJob, outcome: FailedOutcome): void {
+    const text = errorText(outcome.error);
+    switch (outcome.kind) {
+      case 'onDestinationNeedsSource':
+        this.#changed(
+          this.#store.transition(job.id, 'needs-source', {
+            error: `${job.vm} runs on ${job.to} and still needs the source ${job.from} (keep its QEMU up): ${text}`,
+            detail: 'past the point of no return; not retried',
+          }),
+        );
+        break;
+      case 'uncertain':
+        this.#changed(this.#store.transition(job.id, 'failed', { error: `needs operator: ${text}`, detail: 'outcome uncertain' }));
+        break;
+      case 'sourceDied':
+        this.#changed(this.#store.transition(job.id, 'failed', { error: `needs operator: the source QEMU of ${job.vm} died on ${job.from}; no QEMU runs the guest: ${text}`, detail: 'source died; not retried' }));
+        break;
+      case 'rolledBack':
+        if (this.#cancelRequested.has(job.id)) {
+          this.#changed(this.#store.transition(job.id, 'cancelled', { error: text, detail: 'cancelled while running; rolled back' }));
+        } else if (this.#stopping) {
+          this.#changed(this.#store.transition(job.id, 'queued', { error: text, detail: 'the scheduler stopped; rolled back, runs again at the next start' }));
+        } else if (retryable(outcome) && job.attempts < this.#maxAttempts) {
+          const delay = this.#baseDelayMs * 2 ** (job.attempts - 1);
+          const again = this.#store.transition(job.id, 'queued', { error: text, notBefore: Date.now() + delay, detail: `attempt ${job.attempts} failed; retry in ${delay} ms` });
+          this.#changed(again);
+          this.#schedule(again);
+        } else {
+          this.#changed(this.#store.transition(job.id, 'failed', { error: text, detail: retryable(outcome) ? `gave up after ${job.attempts} attempts` : 'not retryable' }));
+        }
+        break;
+      default:
+        assertNever(outcome);
     }
-    this.#log.warn({ id: job.id, vm: job.vm, err: text }, 'migration failed');
+    this.#log.warn({ id: job.id, vm: job.vm, outcome: outcome.kind, err: text }, 'migration failed');
   }
 
   #bandwidthFor(job: MigrationJob): number | undefined {

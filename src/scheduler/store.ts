@@ -3,7 +3,7 @@
  * change is a transaction that updates the row and appends to the journal, and it is committed
  * before the scheduler acts on it, so a crash leaves a state a restart can reconcile.
  *
- *   queued ──start──► running ──► succeeded | failed | cancelled
+ *   queued ──start──► running ──► succeeded | failed | cancelled | needs-source
  *     │                  └──retry / recovery──► queued
  *     └──cancel──► cancelled
  *
@@ -20,10 +20,11 @@ import { MIGRATION_STATES, SchedulerError, type MigrationJob, type MigrationMode
 
 const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   queued: ['running', 'cancelled', 'failed'],
-  running: ['succeeded', 'failed', 'cancelled', 'queued'],
+  running: ['succeeded', 'failed', 'cancelled', 'queued', 'needs-source'],
   succeeded: [],
   failed: [],
   cancelled: [],
+  'needs-source': [],
 };
 
 const rowSchema = z.object({

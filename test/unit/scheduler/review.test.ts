@@ -3,7 +3,7 @@ import { describe, expect, test } from 'vitest';
 import { Scheduler } from '../../../src/scheduler/scheduler.js';
 import { SchedulerStore } from '../../../src/scheduler/store.js';
 import type { MigrationJob } from '../../../src/scheduler/types.js';
-import { FakeInventory, FakeReconciler, FakeRunner, tick } from './fakes.js';
+import { FakeInventory, FakeReconciler, FakeRunner, migrated, tick } from './fakes.js';
 
 const within = <T>(p: Promise<T>, ms: number): Promise<T | 'TIMEOUT'> => Promise.race([p, new Promise<'TIMEOUT'>((r) => setTimeout(r, ms, 'TIMEOUT'))]);
 
@@ -68,7 +68,7 @@ describe('scheduler review', () => {
   test('E: a phase reported after the migration ended does not journal "running" after a terminal state', async () => {
     const store = new SchedulerStore(':memory:');
     let ctxOf: ((p: string) => void) | undefined;
-    const s = new Scheduler({ store, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), reconciler: new FakeReconciler(), runner: { run: async (_j: MigrationJob, ctx) => { ctxOf = ctx.onPhase; } } });
+    const s = new Scheduler({ store, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), reconciler: new FakeReconciler(), runner: { run: async (j: MigrationJob, ctx) => { ctxOf = ctx.onPhase; return migrated(j); } } });
     await s.start();
     const j = (await s.migrate('v1', { to: 'b' })).job;
     await tick(20);
