@@ -32,7 +32,7 @@ import {
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
 import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
 import { exportName, mirrorJobId, newMigrationId, streamJobId, targetNodeName } from './names.js';
-import { cancelJob, cancelMigration } from './recover.js';
+import { cancelAndResumeSource, cancelJob, deleteNode, stopNbdServer, unexport } from './primitives.js';
 import { ProgressTracker } from './progress.js';
 import {
   MigrationError,
@@ -45,6 +45,8 @@ import {
   type Phase,
 } from './types.js';
 import { UndoStack } from './undo.js';
+import { hydrate, HydrationError } from './hydrate.js';
+import { WireCounter } from './wire-counter.js';
 import { classifyFailure, outcomeOfError, type MigrationOutcome } from './outcome.js';
 
 export interface MigrateRequest {
@@ -211,7 +213,7 @@ class Migration {
       }
       const bitmapsMigrated = await this.#bitmapsOn(dest.vm.qmp, plan);
       await this.#retireSource(source);
-      await dest.vm.release();
+      await this.#tidy('release the destination QEMU to its host', () => dest.vm.release());
       this.#enter('done');
       const result = this.#result(plan, downtimeMs, qemuDowntimeMs, diskBytes, this.#progress.ramTransferred, bitmapsMigrated);
       if (hydration) result.lazy = { destinationRunningMs: Math.round(destinationRunningMs), ...hydration };
@@ -306,6 +308,11 @@ class Migration {
         sync: node.backing_file ? 'full' : 'top',
       });
     }
+    if (bitmaps.length > 0 && !source.caps.migrationCapabilities.has('dirty-bitmaps')) {
+      // Without the capability the destination would come up without them, and the next
+      // incremental backup there would silently miss every block written before the move.
+      problems.push(`the source disks carry dirty bitmaps (${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}) but the source QEMU lacks the dirty-bitmaps migration capability`);
+    }
     if (this.#opts.mode === 'lazy' && bitmaps.length > 0) {
       // Not verified yet: the bitmap would land on the overlay while the data is still behind it.
       problems.push(`lazy mode does not move dirty bitmaps yet (found ${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}); use precopy`);
@@ -369,8 +376,13 @@ class Migration {
       const backingNbd = sourceExport
         ? { host: this.#req.source.exportHost, port: sourceExport.port, export: exportName(this.id, disk.id), reconnectDelayS: this.#opts.nbdReconnectDelayS }
         : undefined;
-      await d.createDisk({ path: disk.destinationPath, format: disk.format, virtualSize: disk.virtualSize, ...(backingNbd ? { backingNbd } : {}) });
-      this.#undo.push(`remove destination disk ${spec.disks[i]!.id}`, 'destination', () => d.removeDisk(disk.destinationPath));
+      const undo = `remove destination disk ${spec.disks[i]!.id}`;
+      this.#undo.push(undo, 'destination', () => d.removeDisk(disk.destinationPath));
+      await d.createDisk({ path: disk.destinationPath, format: disk.format, virtualSize: disk.virtualSize, ...(backingNbd ? { backingNbd } : {}) }).catch((err: unknown) => {
+        // A clear refusal (the file exists, a bad path) made nothing: the file is not ours to remove.
+        if (err instanceof FerryError && err.userError) this.#undo.drop(undo);
+        throw err;
+      });
     }
     this.#undo.push('remove destination run dir', 'destination', () => d.removeRunDir(spec));
     const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: this.#signal });
@@ -382,6 +394,13 @@ class Migration {
     plan.capabilities.destination = [...caps.migrationCapabilities].sort();
     for (const cmd of sourceExport ? ['migrate-incoming'] : ['nbd-server-start', 'block-export-add', 'migrate-incoming']) {
       if (!caps.hasCommand(cmd)) throw new MigrationError('DESTINATION_UNSUPPORTED', `destination QEMU lacks ${cmd}`, { phase: this.#phase });
+    }
+    if (plan.bitmaps.length > 0 && !caps.migrationCapabilities.has('dirty-bitmaps')) {
+      // Found before any byte is copied; the rollback removes the QEMU and files just made.
+      throw new MigrationError('BITMAPS_UNSUPPORTED', 'the source disks carry dirty bitmaps but the destination QEMU lacks the dirty-bitmaps migration capability', {
+        phase: this.#phase,
+        userError: true,
+      });
     }
 
     if (sourceExport) {
@@ -437,19 +456,15 @@ class Migration {
   async #exportSourceDisks(source: SourceState, plan: MigrationPlan): Promise<SourceExport> {
     const q = source.qmp;
     const src = this.#req.source;
+    this.#undo.push("stop the source's NBD server", 'source', () => stopNbdServer(q, QMP_TIMEOUT_MS));
     const port = await this.#onFreePort(
       (p) => q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: src.exportHost, port: String(p) } } }, this.#call()),
       { host: src.exportHost, ports: src.candidateExportPorts() },
     );
-    this.#undo.push("stop the source's NBD server", 'source', async () => {
-      await q.execute('nbd-server-stop', undefined, { timeoutMs: QMP_TIMEOUT_MS });
-    });
     for (const disk of plan.disks) {
       const name = exportName(this.id, disk.id);
+      this.#undo.push(`remove source export ${name}`, 'source', () => unexport(q, name, QMP_TIMEOUT_MS));
       await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: false }, this.#call());
-      this.#undo.push(`remove source export ${name}`, 'source', async () => {
-        await q.execute('block-export-del', { id: name, mode: 'hard' }, { timeoutMs: QMP_TIMEOUT_MS });
-      });
     }
     return { port };
   }
@@ -462,102 +477,45 @@ class Migration {
   }
 
   /**
-   * block-stream per disk pulls what the overlay lacks from the source, at the caller's rate.
-   * Zero ranges cross the wire as NBD holes, so only allocated data moves. A stream that fails
-   * (source unreachable past the reconnect delay) is started again: it skips what already
-   * arrived. Past the point of no return, a failure is reported loudly and never rolled back.
+   * The overlays pull what they lack from the source's export (hydrate.ts), while the wire bytes the
+   * source's NBD server sends are counted. Past the point of no return, a failure is reported
+   * loudly and never rolled back: the guest runs here and still needs the source.
    */
   async #hydrate(dest: DestinationState, plan: MigrationPlan, sourceExport: SourceExport): Promise<{ hydrationMs: number; hydratedWireBytes: number | undefined }> {
-    const q = dest.vm.qmp;
     const started = performance.now();
-    const timeoutMs = this.#opts.commandTimeoutMs;
-    const wireAtStart = (await this.#req.source.nbdBytesServed(sourceExport.port)) ?? 0;
-    let wireSeen: number | undefined;
-    // A reconnect (network blip) starts a new socket whose counter starts at zero: what the old
-    // one carried is kept in wireBase.
-    let wireBase = 0;
-    let wireLast = 0;
-    const countWire = (sample: number | undefined): void => {
-      if (sample === undefined) return;
-      if (sample < wireLast) {
-        wireBase += wireLast;
-        this.#log.warn({ before: wireLast, now: sample }, 'the NBD connection to the source was re-established');
-      }
-      wireLast = sample;
-      wireSeen = Math.max(wireSeen ?? 0, wireBase + sample);
-    };
-    let pending = plan.disks.map((d) => d.id);
-    for (let attempt = 1; pending.length > 0; attempt++) {
-      const since = q.eventCursor();
-      for (const id of pending) {
-        await q.execute(
-          'block-stream',
-          { 'job-id': streamJobId(id), device: diskNodeName(id), 'auto-finalize': false, 'auto-dismiss': false, ...(this.#opts.hydrationBytesPerSec ? { speed: this.#opts.hydrationBytesPerSec } : {}) },
-          { timeoutMs },
-        );
-      }
-      const failed: { id: string; error: string }[] = [];
-      let lastMoved = performance.now();
-      let lastDone = -1;
-      for (;;) {
-        const jobs = await q.execute('query-block-jobs', undefined, { timeoutMs });
-        countWire(await this.#req.source.nbdBytesServed(sourceExport.port));
-        const disks = plan.disks.map((d) => {
-          const job = jobs.find((j) => j.device === streamJobId(d.id));
-          const finished = !pending.includes(d.id) || job?.status === 'pending' || job?.status === 'concluded';
-          return { id: d.id, doneBytes: finished && !job?.len ? d.virtualSize : (job?.offset ?? 0), totalBytes: job?.len || d.virtualSize };
-        });
-        this.#emit({ event: 'hydration', migrationId: this.id, disks, wireBytes: wireSeen === undefined ? undefined : wireSeen - wireAtStart, elapsedMs: Math.round(performance.now() - started) });
-        const states = await q.execute('query-jobs', undefined, { timeoutMs });
-        const ours = pending.map((id) => ({ id, job: states.find((j) => j.id === streamJobId(id)) }));
-        // auto-finalize is off: a finished stream waits in 'pending' with its backing (and the
-        // NBD connection whose byte counter we read) still attached. Count, then let go.
-        if (ours.every((o) => !o.job || o.job.status === 'pending' || o.job.status === 'concluded')) {
-          countWire(await this.#req.source.nbdBytesServed(sourceExport.port));
-          const since2 = q.eventCursor();
-          for (const o of ours) if (o.job?.status === 'pending') await q.executeRaw('job-finalize', { id: streamJobId(o.id) }, { timeoutMs });
-          for (const o of ours) {
-            if (o.job?.status !== 'pending') continue;
-            const id = streamJobId(o.id);
-            await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', { since: since2, timeoutMs, what: `stream ${id} to conclude` });
-          }
-          const final = await q.execute('query-jobs', undefined, { timeoutMs });
-          for (const o of ours) {
-            const job = final.find((j) => j.id === streamJobId(o.id));
-            if (job?.error) failed.push({ id: o.id, error: job.error });
-            if (job) await q.execute('job-dismiss', { id: streamJobId(o.id) }, { timeoutMs });
-          }
-          break;
-        }
-        const done = disks.reduce((sum, d) => sum + d.doneBytes, 0);
-        if (done !== lastDone) {
-          lastDone = done;
-          lastMoved = performance.now();
-        } else if (performance.now() - lastMoved > this.#opts.progressTimeoutMs + this.#opts.nbdReconnectDelayS * 1000) {
-          throw new MigrationError('HYDRATION_STALLED', `hydration made no progress for ${this.#opts.progressTimeoutMs} ms; the guest runs on ${this.#req.destination.name} and still reads unhydrated blocks from ${this.#req.source.name}, which must stay up`, {
-            phase: this.#phase,
-            outcome: 'onDestinationNeedsSource',
-          });
-        }
-        // Past the point of no return: neither a cancel nor the total timeout may stop this
-        // (the guest needs every block); only the stall check above bounds it.
-        await this.#nap(q, (e) => e.event === 'JOB_STATUS_CHANGE' || e.event === 'BLOCK_JOB_ERROR', since, null);
-      }
-      pending = failed.map((f) => f.id);
-      if (pending.length === 0) break;
-      const why = failed.map((f) => `${f.id}: ${f.error}`).join('; ');
-      if (attempt >= this.#opts.hydrationAttempts) {
-        throw new MigrationError(
-          'HYDRATION_FAILED',
-          `hydration failed after ${attempt} attempts (${why}). The guest runs on ${this.#req.destination.name}; reads of blocks not yet hydrated fail with I/O errors until the source (${this.#req.source.name}) serves its export again. Do not stop the source QEMU; see docs/migration.md, lazy mode.`,
-          { phase: this.#phase, outcome: 'onDestinationNeedsSource' },
-        );
-      }
-      this.#emit({ event: 'warning', migrationId: this.id, message: `hydration attempt ${attempt} failed (${why}); resuming` });
-      await new Promise((r) => setTimeout(r, 1_000));
+    const wire = new WireCounter(() => this.#req.source.nbdBytesServed(sourceExport.port), (before, now) =>
+      this.#log.warn({ before, now }, 'the NBD connection to the source was re-established'),
+    );
+    await wire.start();
+    try {
+      await hydrate(dest.vm.qmp, plan.disks, {
+        bytesPerSec: this.#opts.hydrationBytesPerSec,
+        stallMs: this.#opts.progressTimeoutMs + this.#opts.nbdReconnectDelayS * 1000,
+        attempts: this.#opts.hydrationAttempts,
+        timeoutMs: this.#opts.commandTimeoutMs,
+        pollMs: this.#opts.progressIntervalMs,
+        onPoll: async (disks) => {
+          await wire.sample();
+          this.#emit({ event: 'hydration', migrationId: this.id, disks, wireBytes: wire.bytes(), elapsedMs: Math.round(performance.now() - started) });
+        },
+        // auto-finalize is off: a finished stream waits in 'pending' with its backing (and the NBD
+        // connection whose byte counter we read) still attached. Count, then let go.
+        beforeRelease: () => wire.sample(),
+        onRetry: (attempt, why) => this.#emit({ event: 'warning', migrationId: this.id, message: `hydration attempt ${attempt} failed (${why}); resuming` }),
+      });
+    } catch (err) {
+      if (!(err instanceof HydrationError)) throw err;
+      const where = `The guest runs on ${this.#req.destination.name}`;
+      throw new MigrationError(
+        err.code,
+        err.code === 'HYDRATION_STALLED'
+          ? `${err.message}; the guest runs on ${this.#req.destination.name} and still reads unhydrated blocks from ${this.#req.source.name}, which must stay up`
+          : `${err.message}. ${where}; reads of blocks not yet hydrated fail with I/O errors until the source (${this.#req.source.name}) serves its export again. Do not stop the source QEMU; see docs/migration.md, lazy mode.`,
+        { phase: this.#phase, cause: err, outcome: 'onDestinationNeedsSource' },
+      );
     }
     const hydrationMs = Math.round(performance.now() - started);
-    const hydratedWireBytes = wireSeen === undefined ? undefined : wireSeen - wireAtStart;
+    const hydratedWireBytes = wire.bytes();
     // The last sample may predate the streams' end: progress consumers get a final 100%.
     this.#emit({ event: 'hydration', migrationId: this.id, disks: plan.disks.map((d) => ({ id: d.id, doneBytes: d.virtualSize, totalBytes: d.virtualSize })), wireBytes: hydratedWireBytes, elapsedMs: hydrationMs });
     return { hydrationMs, hydratedWireBytes };
@@ -569,6 +527,7 @@ class Migration {
     const q = source.qmp;
     for (const disk of plan.disks) {
       const node = targetNodeName(disk.id);
+      this.#undo.push(`delete source NBD node ${node}`, 'source', () => deleteNode(q, node, QMP_TIMEOUT_MS));
       await q.execute(
         'blockdev-add',
         {
@@ -579,10 +538,8 @@ class Migration {
         },
         this.#call(),
       );
-      this.#undo.push(`delete source NBD node ${node}`, 'source', async () => {
-        await q.execute('blockdev-del', { 'node-name': node }, { timeoutMs: QMP_TIMEOUT_MS });
-      });
       const job = mirrorJobId(disk.id);
+      this.#undo.push(`cancel mirror ${job}`, 'source', () => cancelJob(q, job));
       await q.execute(
         'blockdev-mirror',
         {
@@ -597,7 +554,6 @@ class Migration {
         },
         this.#call(),
       );
-      this.#undo.push(`cancel mirror ${job}`, 'source', () => cancelJob(q, job));
     }
   }
 
@@ -643,27 +599,18 @@ class Migration {
     const savedParams = await sq.execute('query-migrate-parameters', undefined, this.#call());
     const want: Record<string, boolean> = { events: true, 'pause-before-switchover': true };
     const moveBitmaps = this.#plan!.bitmaps.length > 0;
-    if (moveBitmaps) {
-      // Without the capability the destination would come up without them, and the next
-      // incremental backup there would silently miss every block written before the move.
-      if (!source.caps.migrationCapabilities.has('dirty-bitmaps') || !dest.caps.migrationCapabilities.has('dirty-bitmaps')) {
-        throw new MigrationError('BITMAPS_UNSUPPORTED', 'the source disks carry dirty bitmaps but a side lacks the dirty-bitmaps migration capability', {
-          phase: this.#phase,
-          userError: true,
-        });
-      }
-      want['dirty-bitmaps'] = true;
-    }
+    // Both sides' dirty-bitmaps capability was checked before anything was copied (preflight, prepare).
+    if (moveBitmaps) want['dirty-bitmaps'] = true;
     if (source.caps.migrationCapabilities.has('auto-converge')) want['auto-converge'] = this.#opts.autoConverge;
+    this.#undo.push('restore source migration capabilities', 'source', async () => {
+      const back = savedCaps.filter((c) => c.capability in want).map((c) => ({ capability: c.capability, state: c.state }));
+      await sq.execute('migrate-set-capabilities', { capabilities: back }, { timeoutMs: QMP_TIMEOUT_MS });
+    });
     await sq.execute(
       'migrate-set-capabilities',
       { capabilities: Object.entries(want).map(([capability, state]) => ({ capability, state })) },
       this.#call(),
     );
-    this.#undo.push('restore source migration capabilities', 'source', async () => {
-      const back = savedCaps.filter((c) => c.capability in want).map((c) => ({ capability: c.capability, state: c.state }));
-      await sq.execute('migrate-set-capabilities', { capabilities: back }, { timeoutMs: QMP_TIMEOUT_MS });
-    });
     await sq.execute(
       'migrate-set-parameters',
       {
@@ -693,8 +640,8 @@ class Migration {
     const since = sq.eventCursor();
     // From here until the destination runs, cancelling means: cancel the migration, resume the
     // source if it is paused. The undo below does exactly that, in every later state.
-    await sq.execute('migrate', { uri: `tcp:${this.#req.destination.migrationHost}:${dest.migrationPort}` }, this.#call());
     this.#undo.push('cancel migration and resume source', 'source', () => this.#cancelAndResumeSource(source));
+    await sq.execute('migrate', { uri: `tcp:${this.#req.destination.migrationHost}:${dest.migrationPort}` }, this.#call());
     return since;
   }
 
@@ -978,28 +925,10 @@ class Migration {
     return new MigrationError('INTERNAL', `${phase}: ${errorText(err)}`, { phase, cause: err });
   }
 
-  /**
-   * Undo of `migrate`, valid in every state before the destination runs: cancel what is still in
-   * flight, then make sure the guest runs on the source as it did before. After a completed
-   * migration the source sits in postmigrate with its disks inactive; `cont` reactivates them.
-   */
   async #cancelAndResumeSource(source: SourceState): Promise<void> {
-    const q = source.qmp;
-    const opts = { timeoutMs: QMP_TIMEOUT_MS };
-    const { status: migStatus } = await cancelMigration(q, QMP_TIMEOUT_MS);
-    if (migStatus === 'completed') {
-      // The migration completed and inactivated every node, the NBD client nodes too. `cont`
-      // would reactivate them, reconnecting to a destination that may be dead or frozen, and the
-      // source would hang instead of resuming. They have no use any more: delete them first.
-      for (const disk of this.#plan?.disks ?? []) {
-        const node = targetNodeName(disk.id);
-        await q.execute('blockdev-del', { 'node-name': node }, opts).catch(() => undefined);
-        this.#undo.drop(`delete source NBD node ${node}`);
-      }
-    }
-    if (!source.wasRunning) return;
-    const status = await q.execute('query-status', undefined, opts);
-    if (status.status !== 'running') await q.execute('cont', undefined, opts);
+    const targetNodes = (this.#plan?.disks ?? []).map((d) => targetNodeName(d.id));
+    // Deleting the target nodes is idempotent: their own undo steps, which run later, find them gone.
+    await cancelAndResumeSource(source.qmp, { wasRunning: source.wasRunning, targetNodes, timeoutMs: QMP_TIMEOUT_MS });
   }
 
   // ---------------------------------------------------------------- helpers
@@ -1035,8 +964,9 @@ class Migration {
     this.#emit({ event: 'warning', migrationId: this.id, message });
   }
 
-  #call(): { timeoutMs: number; signal: AbortSignal } {
-    return { timeoutMs: this.#opts.commandTimeoutMs, signal: this.#signal };
+  /** Past the point of no return a call has its deadline but no signal: nothing cancels the cleanup. */
+  #call(): { timeoutMs: number; signal?: AbortSignal } {
+    return this.#pastNoReturn ? { timeoutMs: this.#opts.commandTimeoutMs } : { timeoutMs: this.#opts.commandTimeoutMs, signal: this.#signal };
   }
 
   #throwIfAborted(): void {

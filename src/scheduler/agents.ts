@@ -172,7 +172,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
       const hydrated = await this.#withClient(to, async (c) => {
         const q = await c.openQmp(incoming!.vmId, 10_000);
         try {
-          return await finishHydration(q, this.#log);
+          return await finishHydration(q, this.#log, { bytesPerSec: this.#hydrationBytesPerSec });
         } finally {
           await q.close();
         }
