@@ -106,11 +106,31 @@ export type MigrationEvent =
   | { event: 'progress'; migrationId: string; progress: ProgressSnapshot }
   | { event: 'convergence'; migrationId: string; action: 'downtime-step' | 'deadline-abort' | 'deadline-force'; downtimeLimitMs: number; detail: string }
   | { event: 'warning'; migrationId: string; message: string }
+  /**
+   * Before the source's migration capabilities and parameters change: what they were, and whether
+   * the guest ran. Whoever may have to recover this migration after a crash persists it.
+   */
+  | { event: 'source-saved'; migrationId: string; saved: SavedSourceSettings }
   /** Sent just before the destination's `cont`: from here on the source is never resumed. */
   | { event: 'point-of-no-return'; migrationId: string; destinationPid: number }
   | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string }
   /** lazy: background hydration after the destination runs. */
   | { event: 'hydration'; migrationId: string; disks: { id: string; doneBytes: number; totalBytes: number }[]; wireBytes: number | undefined; elapsedMs: number };
+
+/** The source's state before ferry changed it, so a rollback or a recovery can put it back. */
+export interface SavedSourceSettings {
+  wasRunning: boolean;
+  capabilities: { capability: string; state: boolean }[];
+  parameters: { 'max-bandwidth'?: number | undefined; 'downtime-limit'?: number | undefined };
+}
+
+export const SavedSourceSettingsSchema = z
+  .object({
+    wasRunning: z.boolean(),
+    capabilities: z.array(z.object({ capability: z.string(), state: z.boolean() }).strict()),
+    parameters: z.object({ 'max-bandwidth': z.number().optional(), 'downtime-limit': z.number().optional() }).strict(),
+  })
+  .strict();
 
 export interface MigrationPlan {
   migrationId: string;
