@@ -1,38 +1,84 @@
 /**
- * Rolling back a migration whose engine is gone (the scheduler died mid-flight). The engine's own
- * rollback works from its undo stack; this one works from what QEMU reports, so it can run in a
- * new process that knows only the VM. It is only ever called once the destination is known not
- * to run the guest (see scheduler/agents.ts): resuming the source is then safe.
+ * Settling a migration whose engine is gone (the scheduler died mid-flight). The engine's own
+ * rollback works from its undo stack; this one works from what QEMU reports and what the
+ * scheduler persisted (the last phase, the source's saved settings), so it can run in a new
+ * process that knows only the VM. Which action applies is a table keyed by phase (`recoveryFor`);
+ * the QEMU operations are the engine's own (primitives.ts, hydrate.ts).
  */
 import { errorText } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { QmpClient } from '../qmp/index.js';
 import { DISK_NODE_PREFIX } from '../qemu/spec.js';
-import { cancelJob, cancelMigration, unexportAll } from './primitives.js';
+import { cancelJob, cancelMigration, deleteNode, unexportAll } from './primitives.js';
+import { restoreSourceSettings } from './source-perform.js';
+import type { SavedSourceSettings } from './types.js';
 import { hydrate } from './hydrate.js';
 import { EXPORT_PREFIX, MIRROR_JOB_PREFIX, TARGET_NODE_PREFIX } from './names.js';
 
-/** Cancels the migration and mirrors, drops the NBD targets, resumes the guest. Returns what it did. */
-export async function rollBackSource(q: QmpClient, log: Logger, timeoutMs = 30_000): Promise<string[]> {
+/**
+ * What to do with a migration the engine left in flight, by the last phase the scheduler
+ * persisted (libvirt's qemuProcessRecoverMigrationOut). The phase is persisted before the step
+ * it names, so `confirm` is the only phase in which `cont` may or may not have reached the
+ * destination: there the destination's own word decides.
+ *   roll-back        the destination cannot have run: remove it, roll the source back
+ *   ask-destination  it may have run: running → hand over; not running → roll back; no answer → operator
+ *   hand-over        it ran: finish the hydration, retire the source; never resume the source
+ */
+export type RecoveryAction = 'roll-back' | 'ask-destination' | 'hand-over';
+
+const RECOVERY: Readonly<Record<string, RecoveryAction>> = {
+  preflight: 'roll-back',
+  'prepare-destination': 'roll-back',
+  mirror: 'roll-back',
+  ram: 'roll-back',
+  switchover: 'roll-back',
+  rollback: 'roll-back',
+  confirm: 'ask-destination',
+  failed: 'ask-destination',
+  hydrate: 'hand-over',
+  cleanup: 'hand-over',
+  done: 'hand-over',
+};
+
+/** The recovery for a persisted phase; one it does not know (or none) is asked about. */
+export function recoveryFor(phase: string | null): RecoveryAction {
+  if (phase === null) return 'roll-back';
+  return RECOVERY[phase] ?? 'ask-destination';
+}
+
+/**
+ * Cancels the migration and mirrors, drops the NBD targets and exports, puts back the migration
+ * capabilities and parameters the engine saved, and resumes the guest only if it ran before
+ * (`saved` absent: the engine never got to change the source's state, so it is not resumed
+ * either). Returns what it did.
+ */
+export async function rollBackSource(q: QmpClient, log: Logger, opts: { saved?: SavedSourceSettings | undefined; timeoutMs?: number } = {}): Promise<string[]> {
+  const timeoutMs = opts.timeoutMs ?? 30_000;
   const did: string[] = [];
-  const opts = { timeoutMs };
+  const call = { timeoutMs };
   if ((await cancelMigration(q, timeoutMs)).cancelled) did.push('cancelled the migration');
-  for (const job of await q.execute('query-jobs', undefined, opts)) {
+  for (const job of await q.execute('query-jobs', undefined, call)) {
     if (!job.id.startsWith(MIRROR_JOB_PREFIX)) continue;
     await cancelJob(q, job.id, timeoutMs);
     did.push(`cancelled ${job.id}`);
   }
-  for (const node of await q.execute('query-named-block-nodes', undefined, opts)) {
+  for (const node of await q.execute('query-named-block-nodes', undefined, call)) {
     const name = node['node-name'];
     if (!name?.startsWith(TARGET_NODE_PREFIX)) continue;
-    await q.execute('blockdev-del', { 'node-name': name }, opts).catch((err: unknown) => log.warn({ node: name, err: errorText(err) }, 'could not delete an NBD target node'));
+    await deleteNode(q, name, timeoutMs).catch((err: unknown) => log.warn({ node: name, err: errorText(err) }, 'could not delete an NBD target node'));
     did.push(`deleted ${name}`);
   }
   did.push(...(await unexportSource(q, timeoutMs)));
-  const status = await q.execute('query-status', undefined, opts);
-  if (status.status !== 'running') {
-    await q.execute('cont', undefined, opts);
+  if (opts.saved) {
+    await restoreSourceSettings(q, opts.saved, timeoutMs);
+    did.push('restored the migration capabilities and parameters');
+  }
+  const status = await q.execute('query-status', undefined, call);
+  if (opts.saved?.wasRunning && status.status !== 'running') {
+    await q.execute('cont', undefined, call);
     did.push(`resumed the guest (was ${status.status})`);
+  } else if (status.status !== 'running') {
+    did.push(`left the guest ${status.status}, as it was before the migration`);
   }
   return did;
 }

@@ -228,7 +228,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       let timer: NodeJS.Timeout | undefined;
       try {
         settled = await Promise.race([
-          this.#reconciler.settle(job),
+          this.#reconciler.settle(job, this.#store.savedSource(job.id)),
           new Promise<never>((_, reject) => {
             timer = setTimeout(() => reject(new SchedulerError('SETTLE_TIMEOUT', `settling ${job.id} took more than ${this.#settleTimeoutMs} ms`)), this.#settleTimeoutMs);
           }),
@@ -449,6 +449,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
             this.#store.phase(id, phase);
             this.emit('phase', { id, vm: job.vm, phase });
           },
+          onSourceSaved: (saved) => this.#store.saveSource(id, saved),
         })
         .catch((err: unknown) => outcomeOfError(err, signal.aborted));
       if (outcome.kind === 'migrated') {

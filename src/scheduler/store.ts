@@ -16,6 +16,7 @@
 import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
+import { SavedSourceSettingsSchema, type SavedSourceSettings } from '../engine/types.js';
 import { MIGRATION_STATES, SchedulerError, type MigrationJob, type MigrationMode, type MigrationState, type Reason } from './types.js';
 
 const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
@@ -51,7 +52,7 @@ const rowSchema = z.object({
 const journalSchema = z.object({ migration_id: z.string(), at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
 export type JournalEntry = z.infer<typeof journalSchema>;
 
-const SCHEMA_VERSION = 2;
+const SCHEMA_VERSION = 3;
 
 function toJob(raw: unknown): MigrationJob {
   const r = rowSchema.parse(raw);
@@ -103,6 +104,8 @@ export class SchedulerStore {
       setPhase: this.#db.prepare("UPDATE migrations SET phase = ?, updated_at = ? WHERE id = ? AND state = 'running'"),
       journal: this.#db.prepare('INSERT INTO journal (migration_id, at, state, phase, detail) VALUES (?, ?, ?, ?, ?)'),
       journalOf: this.#db.prepare('SELECT * FROM journal WHERE migration_id = ? ORDER BY rowid'),
+      setSourceSaved: this.#db.prepare("UPDATE migrations SET source_saved = ?, updated_at = ? WHERE id = ? AND state = 'running'"),
+      sourceSaved: this.#db.prepare('SELECT source_saved FROM migrations WHERE id = ?'),
     };
   }
 
@@ -128,6 +131,11 @@ export class SchedulerStore {
       // The next seq and the recent list read MAX(seq) / ORDER BY seq: without an index both walk
       // every migration ever stored, and enqueue slowed as history grew.
       this.#db.exec(`CREATE INDEX migrations_by_seq ON migrations (seq); PRAGMA user_version = 2;`);
+    }
+    if (version < 3) {
+      // What the engine changed on the source and how to put it back: a recovery after a crash
+      // restores the capabilities and parameters, and resumes the guest only if it ran.
+      this.#db.exec(`ALTER TABLE migrations ADD COLUMN source_saved TEXT; PRAGMA user_version = 3;`);
     }
   }
 
@@ -202,6 +210,26 @@ export class SchedulerStore {
     this.#db.transaction(() => {
       if (this.#stmts.setPhase.run(phase, now, id).changes === 1) this.#stmts.journal.run(id, now, 'running', phase, null);
     })();
+  }
+
+  /**
+   * The source's settings before the engine changed them (its `source-saved` event), journalled
+   * and committed before the engine goes on: a recovery after a crash reads them back.
+   */
+  saveSource(id: string, saved: SavedSourceSettings): void {
+    const now = Date.now();
+    this.#db.transaction(() => {
+      if (this.#stmts.setSourceSaved.run(JSON.stringify(saved), now, id).changes === 1) {
+        this.#stmts.journal.run(id, now, 'running', this.get(id)?.phase ?? null, `source saved: ${saved.wasRunning ? 'running' : 'paused'}, ${saved.capabilities.length} capabilities`);
+      }
+    })();
+  }
+
+  /** What saveSource stored, parsed; undefined if the engine never got that far. */
+  savedSource(id: string): SavedSourceSettings | undefined {
+    const row = z.object({ source_saved: z.string().nullable() }).optional().parse(this.#stmts.sourceSaved.get(id));
+    if (!row?.source_saved) return undefined;
+    return SavedSourceSettingsSchema.parse(JSON.parse(row.source_saved));
   }
 
   close(): void {

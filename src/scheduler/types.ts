@@ -4,6 +4,7 @@
  * Reconciler settles a migration that was in flight when the scheduler died.
  */
 import type { FailedOutcome, MigrationOutcome } from '../engine/outcome.js';
+import type { SavedSourceSettings } from '../engine/types.js';
 import { FerryError } from '../errors.js';
 
 export interface HostInfo {
@@ -79,6 +80,8 @@ export interface RunContext {
   signal: AbortSignal;
   bandwidthBytesPerSec: number;
   onPhase(phase: string): void;
+  /** The source's settings before the engine changed them: persisted before the engine goes on. */
+  onSourceSaved?(saved: SavedSourceSettings): void;
   /** Bytes moved so far of those to move (disk copy or hydration, and RAM), for `ferry watch`. */
   onProgress?(p: MigrationProgress): void;
 }
@@ -94,7 +97,7 @@ export interface Reconciler {
    * For a migration that was running when the scheduler died: finish it or roll it back, and say
    * which host runs the guest now. 'unknown' leaves everything as found, for an operator.
    */
-  settle(job: MigrationJob): Promise<{ runsOn: WhereRuns; detail: string }>;
+  settle(job: MigrationJob, saved: SavedSourceSettings | undefined): Promise<{ runsOn: WhereRuns; detail: string }>;
 }
 
 export class SchedulerError extends FerryError {

@@ -4,7 +4,7 @@
  */
 import { afterEach, describe, expect, test } from 'vitest';
 import { HydrationError } from '../../../src/engine/hydrate.js';
-import { finishHydration } from '../../../src/engine/recover.js';
+import { finishHydration, recoveryFor } from '../../../src/engine/recover.js';
 import { silentLogger } from '../../../src/log.js';
 import { QmpClient } from '../../../src/qmp/index.js';
 import { FakeQmp } from '../qmp/fake-qmp.js';
@@ -88,5 +88,25 @@ describe('finishHydration (crash recovery)', () => {
     const err = await finishHydration(client, silentLogger, { timeoutMs: 2_000, attempts: 1 }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(HydrationError);
     expect(err).toMatchObject({ code: 'HYDRATION_FAILED', message: expect.stringMatching(/Input\/output error/) });
+  });
+});
+
+describe('recovery table (defect 5)', () => {
+  test.each([
+    [null, 'roll-back'],
+    ['preflight', 'roll-back'],
+    ['prepare-destination', 'roll-back'],
+    ['mirror', 'roll-back'],
+    ['ram', 'roll-back'],
+    ['switchover', 'roll-back'],
+    ['rollback', 'roll-back'],
+    ['confirm', 'ask-destination'],
+    ['failed', 'ask-destination'],
+    ['hydrate', 'hand-over'],
+    ['cleanup', 'hand-over'],
+    ['done', 'hand-over'],
+    ['some-future-phase', 'ask-destination'],
+  ] as const)('a migration left in phase %s: %s', (phase, action) => {
+    expect(recoveryFor(phase)).toBe(action);
   });
 });
