@@ -11,6 +11,8 @@ import { openSocket, RpcSession, type PeerLabel } from '../rpc/ws-client.js';
 import { agentEventSchema, hostInfoSchema, PROTOCOL_VERSION, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
 
 const vmGetSchema = vmSummarySchema.extend({ spec: z.unknown() });
+const bytesSentSchema = z.object({ bytes: z.number().nonnegative().nullable() });
+const checkResultSchema = z.object({ problems: z.array(z.string()) });
 
 export class AgentCallError extends FerryError {
   override name = 'AgentCallError';
@@ -115,14 +117,18 @@ export class AgentSource implements SourceEndpoint {
     return randomOrder(this.#portRange);
   }
 
-  async nbdBytesServed(localPort: number): Promise<number | undefined> {
-    const r = (await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, localPort }).catch(() => ({ bytes: null }))) as { bytes: number | null };
-    return r.bytes ?? undefined;
+  nbdBytesServed(localPort: number): Promise<number | undefined> {
+    return this.#bytesSent({ localPort });
   }
 
-  async nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
-    const r = (await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, ...peer }).catch(() => ({ bytes: null }))) as { bytes: number | null };
-    return r.bytes ?? undefined;
+  nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
+    return this.#bytesSent(peer);
+  }
+
+  /** A counter the agent cannot read, or a reply that is not one, is "cannot tell". */
+  async #bytesSent(which: Record<string, unknown>): Promise<number | undefined> {
+    const r = bytesSentSchema.safeParse(await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, ...which }).catch(() => undefined));
+    return r.success ? (r.data.bytes ?? undefined) : undefined;
   }
 
   /** The agent's supervisor saw the source QEMU exit: vm.get says died or stopped. */
@@ -186,8 +192,7 @@ export class AgentDestination implements DestinationEndpoint {
 
   async checkTarget(spec: VmSpec): Promise<string[]> {
     try {
-      const r = (await this.#client.call('dest.check', { spec })) as { problems: string[] };
-      return r.problems;
+      return checkResultSchema.parse(await this.#client.call('dest.check', { spec })).problems;
     } catch (err) {
       return [`destination agent refused the spec: ${errorText(err)}`];
     }

@@ -6,6 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pino } from 'pino';
+import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
 import { migrate } from '../engine/migrate.js';
@@ -39,7 +40,7 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
     return EXIT.ok;
   }
   if (parsed.kind === 'version') {
-    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    const pkg = z.object({ version: z.string() }).parse(JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')));
     io.stdout.write(`ferry ${pkg.version}\n`);
     return EXIT.ok;
   }

@@ -26,16 +26,4 @@ describe('scheduler and the engine outcome', () => {
     expect(store.get(j.id)).toMatchObject({ state: 'needs-source', error: expect.stringMatching(/runs on b .*needs the source a/) });
     await scheduler.stop(10);
   });
-
-  test('an uncertain outcome is never retried: it needs an operator', async () => {
-    const { store, runner, scheduler } = setup();
-    await scheduler.start();
-    const j = (await scheduler.migrate('v1', { to: 'b' })).job;
-    await runner.until(1);
-    runner.running.get(j.id)!.fail(new MigrationError('SWITCHOVER_UNCERTAIN', 'cont got no answer', { phase: 'confirm', outcome: 'uncertain' }));
-    await tick(50);
-    expect(runner.started).toHaveLength(1);
-    expect(store.get(j.id)).toMatchObject({ state: 'failed', error: 'needs operator: cont got no answer' });
-    await scheduler.stop(10);
-  });
 });
