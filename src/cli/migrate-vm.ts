@@ -14,7 +14,7 @@ import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outco
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
 import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
 import { AgentDestination, AgentSource } from '../agent/client.js';
-import { loadTls } from '../agent/tls.js';
+import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';

@@ -7,6 +7,7 @@
 import { FerryError } from '../errors.js';
 import { diskNodeName } from '../qemu/spec.js';
 import { onFreePort, STOP_DESTINATION, type DestinationState, type MigrationContext, type SourceExport } from './context.js';
+import { nbdServerArguments } from './data-path.js';
 import { exportName } from './names.js';
 import { stopNbdServer } from './primitives.js';
 import { targetSpec } from './source-preflight.js';
@@ -22,7 +23,7 @@ export async function destinationPrepare(ctx: MigrationContext, input: { plan: M
       : undefined;
     const undo = `remove destination disk ${spec.disks[i]!.id}`;
     ctx.undo.push(undo, 'destination', () => d.removeDisk(disk.destinationPath));
-    await d.createDisk({ path: disk.destinationPath, format: disk.format, virtualSize: disk.virtualSize, ...(backingNbd ? { backingNbd } : {}) }).catch((err: unknown) => {
+    await d.createDisk({ path: disk.destinationPath, format: disk.format, virtualSize: disk.virtualSize, ...(backingNbd ? { backingNbd } : {}) }, { signal: ctx.signal }).catch((err: unknown) => {
       // A clear refusal (the file exists, a bad path) made nothing: the file is not ours to remove.
       if (err instanceof FerryError && err.userError) ctx.undo.drop(undo);
       throw err;
@@ -59,7 +60,7 @@ async function destinationExportDisks(ctx: MigrationContext, dest: Omit<Destinat
   const q = dest.vm.qmp;
   const host = ctx.req.destination.migrationHost;
   // No undo of their own: the rollback kills this QEMU first, and its server and exports with it.
-  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', { addr: { type: 'inet', data: { host, port: String(p) } } }, ctx.call()), {
+  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(host, p), ctx.call()), {
     host,
     ports: ctx.req.destination.candidatePorts(),
   });

@@ -7,6 +7,7 @@
 import { diskNodeName } from '../qemu/spec.js';
 import { onFreePort, QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceExport, type SourceState } from './context.js';
 import { hydrate, HydrationError } from './hydrate.js';
+import { nbdServerArguments } from './data-path.js';
 import { exportName } from './names.js';
 import { stopNbdServer, unexport } from './primitives.js';
 import { MigrationError, type MigrationPlan } from './types.js';
@@ -21,7 +22,7 @@ export async function sourceExportDisks(ctx: MigrationContext, input: { source: 
   const q = input.source.qmp;
   const src = ctx.req.source;
   ctx.undo.push("stop the source's NBD server", 'source', () => stopNbdServer(q, QMP_TIMEOUT_MS));
-  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: src.exportHost, port: String(p) } } }, ctx.call()), {
+  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(src.exportHost, p), ctx.call()), {
     host: src.exportHost,
     ports: src.candidateExportPorts(),
   });
@@ -47,10 +48,12 @@ export async function sourceUnexportDisks(ctx: MigrationContext, input: { source
 export async function destinationHydrate(ctx: MigrationContext, input: { dest: DestinationState; plan: MigrationPlan; sourceExport: SourceExport }): Promise<Hydrated> {
   const { dest, plan, sourceExport } = input;
   const started = performance.now();
-  const wire = new WireCounter(
-    () => ctx.req.source.nbdBytesServed(sourceExport.port),
-    (before, now) => ctx.log.warn({ before, now }, 'the NBD connection to the source was re-established'),
-  );
+  // The destination's own count, where its host can tell, sees only its QEMU's connections; the
+  // source's sees every reader of the export. One counter for the whole hydration, never mixed.
+  const peer = { host: ctx.req.source.exportHost, port: sourceExport.port };
+  const byDestination = (await ctx.req.destination.nbdBytesReceived(peer, dest.vm.pid).catch(() => undefined)) !== undefined;
+  const read = byDestination ? () => ctx.req.destination.nbdBytesReceived(peer, dest.vm.pid) : () => ctx.req.source.nbdBytesServed(sourceExport.port);
+  const wire = new WireCounter(read, (before, now) => ctx.log.warn({ before, now }, 'the NBD connection to the source was re-established'));
   await wire.start();
   try {
     await hydrate(dest.vm.qmp, plan.disks, {

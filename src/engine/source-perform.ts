@@ -8,6 +8,7 @@
 import { eventIs, isEvent, type QmpClient } from '../qmp/index.js';
 import { decideConvergence, startConvergence, type ConvergenceState } from './convergence.js';
 import { onFreePort, QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
+import { migrationUri } from './data-path.js';
 import { cancelAndResumeSource } from './primitives.js';
 import type { ProgressTracker } from './progress.js';
 import { targetNodeName } from './names.js';
@@ -64,7 +65,7 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
   await dq.execute('migrate-set-capabilities', { capabilities: destCaps }, ctx.call());
   const destinationSince = dq.eventCursor();
   const host = ctx.req.destination.migrationHost;
-  const port = await onFreePort(ctx, (p) => dq.execute('migrate-incoming', { uri: `tcp:${host}:${p}` }, ctx.call()), { host, ports: ctx.req.destination.candidatePorts() });
+  const port = await onFreePort(ctx, (p) => dq.execute('migrate-incoming', { uri: migrationUri(host, p) }, ctx.call()), { host, ports: ctx.req.destination.candidatePorts() });
 
   const sourceSince = sq.eventCursor();
   // From here until the destination runs, cancelling means: cancel the migration, resume the
@@ -74,7 +75,7 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
   ctx.undo.push('cancel migration and resume source', 'source', async () => {
     await cancelAndResumeSource(sq, { wasRunning: source.wasRunning, targetNodes, timeoutMs: QMP_TIMEOUT_MS });
   });
-  await sq.execute('migrate', { uri: `tcp:${host}:${port}` }, ctx.call());
+  await sq.execute('migrate', { uri: migrationUri(host, port) }, ctx.call());
   return { sourceSince, destinationSince };
 }
 

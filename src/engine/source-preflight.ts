@@ -58,9 +58,9 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     problems.push(`spec does not match the running source: it has ${ramBytes / 1048576} MiB of RAM, the spec says ${spec.memoryMiB}`);
   }
 
-  problems.push(...(await ctx.req.destination.checkTarget(destSpec)));
+  problems.push(...(await ctx.req.destination.checkTarget(destSpec, { signal: ctx.signal })));
   const needed = disks.reduce((s, d) => s + d.allocatedBytes, 0) + SPACE_MARGIN_BYTES;
-  const free = await ctx.req.destination.freeBytes(destSpec).catch(() => undefined);
+  const free = await ctx.req.destination.freeBytes(destSpec, { signal: ctx.signal }).catch(() => undefined);
   if (free !== undefined && free < needed) {
     problems.push(`not enough space on ${ctx.req.destination.name}: the disks hold ${mib(needed - SPACE_MARGIN_BYTES)} MiB, ${mib(free)} MiB free`);
   }
@@ -142,11 +142,17 @@ async function readDisks(
     for (const b of node['dirty-bitmaps'] ?? []) {
       if (b.name) bitmaps.push({ disk: disk.id, name: b.name, persistent: b.persistent, count: b.count });
     }
+    // What the copy writes, not what the file takes: a compressed image, or one with a backing
+    // chain that 'full' flattens, holds more data than its actual-size (ENOSPC mid-mirror).
+    const data = await ctx.req.source.dataBytes({ path: disk.path, format: disk.format }, { signal: ctx.signal }).catch((err: unknown) => {
+      ctx.log.warn({ disk: disk.id, err: errorText(err) }, "cannot read the disk's data bytes; using QEMU's actual-size");
+      return undefined;
+    });
     disks.push({
       id: disk.id,
       format: destSpec.disks[i]!.format,
       virtualSize,
-      allocatedBytes: node.image['actual-size'] ?? virtualSize,
+      allocatedBytes: data ?? node.image['actual-size'] ?? virtualSize,
       sourcePath: disk.path,
       destinationPath: destSpec.disks[i]!.path,
       // The target is a fresh image that reads as zeros, so copying what the source allocates

@@ -5,7 +5,7 @@
  */
 import { z } from 'zod';
 import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
-import type { TlsMaterial } from '../agent/tls.js';
+import type { TlsMaterial } from '../host/tls.js';
 import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
 import { migrateOutcome } from '../engine/migrate.js';
 import type { MigrationOutcome } from '../engine/outcome.js';

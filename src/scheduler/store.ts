@@ -110,7 +110,7 @@ export class SchedulerStore {
   }
 
   #migrate(): void {
-    const version = this.#db.pragma('user_version', { simple: true }) as number;
+    const version = z.number().int().parse(this.#db.pragma('user_version', { simple: true }));
     if (version > SCHEMA_VERSION) throw new SchedulerError('DB_TOO_NEW', `the database has schema ${version}; this scheduler knows ${SCHEMA_VERSION}`, { userError: true });
     if (version < 1) {
       this.#db.exec(`

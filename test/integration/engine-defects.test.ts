@@ -3,7 +3,9 @@
  * QMP client the engine is handed (a reply lost after QEMU acted, a capability hidden): the QEMUs,
  * sockets and files are real.
  */
+import { execFile } from 'node:child_process';
 import { readdir } from 'node:fs/promises';
+import { promisify } from 'node:util';
 import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
 import { LocalDestination, LocalSource, type LocalIncomingVm } from '../../src/engine/local-endpoint.js';
@@ -13,6 +15,7 @@ import { QmpTimeoutError, type QmpClient } from '../../src/qmp/index.js';
 import type { VmSpec } from '../../src/qemu/spec.js';
 import { bootWorkloadGuest, cleanupAll } from '../helpers/guest.js';
 
+const run = promisify(execFile);
 afterEach(cleanupAll);
 
 /** Every `command` reaches QEMU, which acts on it, but its reply is lost: the caller sees a timeout. */
@@ -171,6 +174,49 @@ describe('engine defects, lazy mode', () => {
     expect(result.ok).toBe(true);
     const nodes = await dest.incoming!.qmp.execute('query-named-block-nodes', { flat: true });
     expect(nodes.find((n) => n['node-name'] === 'disk-data')?.backing_file).toBeUndefined();
+    await vm.exited;
+  }, 120_000);
+});
+
+describe('engine defects 17', () => {
+  test('17a: a compressed image is measured by the data it holds: a destination with room for its actual-size only is refused in preflight', async () => {
+    const { vm, spec, hostB } = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 24, compress: true }], workload: { tickMs: 100 } });
+    const nodes = await vm.qmp.execute('query-named-block-nodes', { flat: true });
+    const actual = nodes.find((n) => n['node-name'] === 'disk-data')!.image['actual-size']!;
+    expect(actual).toBeLessThan(4 << 20); // 24 MiB of one pattern compresses to almost nothing
+    class Small extends LocalDestination {
+      // Room for what actual-size says plus the engine's margin, far less than the 24 MiB it holds.
+      override async freeBytes(): Promise<number> {
+        return actual + (64 << 20) + (2 << 20);
+      }
+    }
+    const err = await migrate({ spec, source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }), destination: new Small({ dir: hostB }) }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'PREFLIGHT_REFUSED', userError: true, message: expect.stringMatching(/not enough space .*the disks hold 2[45] MiB/) });
+    await expectSourceWhole(vm.qmp, hostB);
+  }, 60_000);
+
+  test("17b: lazy mode's hydrated bytes count the destination's reads only, not another reader of the source's export", async () => {
+    const { vm, spec, hostB } = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 8 }], workload: { tickMs: 100 } });
+    const port = 38000 + Math.floor(Math.random() * 900);
+    const dest = new LocalDestination({ dir: hostB });
+    let reader: Promise<unknown> | undefined;
+    const result = await migrate({
+      spec,
+      migrationId: 'feedf00d',
+      source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), exportPortRange: [port, port] }),
+      destination: dest,
+      options: { mode: 'lazy', hydrationBytesPerSec: 8 << 20 },
+      onEvent: (e) => {
+        if (e.event !== 'hydration' || reader) return;
+        // A backup tool reads the filled 8 MiB straight from the source's export, four times,
+        // over one connection that stays open for a few seconds (so the counters see it).
+        const url = `nbd://127.0.0.1:${port}/ferry-feedf00d-data`;
+        reader = run('qemu-io', ['-r', '-f', 'raw', url, ...Array.from({ length: 4 }, () => ['-c', `read ${32 << 20} 8M`, '-c', 'sleep 800']).flat()]);
+      },
+    });
+    await reader;
+    expect(result.lazy!.hydratedWireBytes).toBeGreaterThan(6 << 20);
+    expect(result.lazy!.hydratedWireBytes).toBeLessThan(16 << 20); // the reader's 32 MiB are not in it
     await vm.exited;
   }, 120_000);
 });

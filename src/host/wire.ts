@@ -33,3 +33,34 @@ async function sumBytesAcked(filter: string[]): Promise<number | undefined> {
   }
   return seen ? total : undefined;
 }
+
+/**
+ * Bytes received by the process `pid` on its established TCP sockets to host:port, from `ss -tinp`:
+ * one QEMU's own NBD client connections (also across reconnects), never another reader's.
+ * Undefined when ss is missing, cannot show the owning process, or prints nothing we can read.
+ */
+export async function tcpBytesReceivedBy(pid: number, peer: { host: string; port: number }): Promise<number | undefined> {
+  let stdout: string;
+  try {
+    ({ stdout } = await run('ss', ['-tinpH', 'state', 'established', 'dst', `${peer.host}:${peer.port}`], { timeout: 5_000 }));
+  } catch {
+    return undefined;
+  }
+  let total = 0;
+  let seen = false;
+  let ours = false;
+  for (const line of stdout.split('\n')) {
+    if (line.trim() === '') continue;
+    if (!/^\s/.test(line)) {
+      // A socket's first line names its process; the indented line after it holds the counters.
+      ours = new RegExp(`\\bpid=${pid},`).test(line);
+      continue;
+    }
+    const m = /\bbytes_received:(\d+)/.exec(line);
+    if (ours && m) {
+      total += Number(m[1]);
+      seen = true;
+    }
+  }
+  return seen ? total : undefined;
+}
