@@ -111,11 +111,15 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
    *   guest on the destination -> succeeded (the reconciler finished the hand-over)
    *   guest on the source      -> queued again (the reconciler rolled the half-migration back)
    *   cannot tell              -> failed, "needs operator"; nothing touched
+   * A needs-source migration (the guest runs on the destination, hydration unfinished) is
+   * settled too: finished -> succeeded; otherwise it stays needs-source.
    */
   async start(): Promise<void> {
     if (this.#started) return;
     this.#started = true;
-    await Promise.all(this.#store.inState('running').map((job) => this.#settle(job)));
+    // needs-source: the guest runs on the destination and still reads from the source; a start
+    // tries again to finish its hydration, and leaves it as it is if it cannot.
+    await Promise.all([...this.#store.inState('running'), ...this.#store.inState('needs-source')].map((job) => this.#settle(job)));
     for (const job of this.#store.inState('queued')) this.#schedule(job);
   }
 
@@ -142,6 +146,10 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       }
     }
     const detail = `recovered after a scheduler restart: ${settled?.detail ?? lastError}`;
+    if (job.state === 'needs-source' && settled?.runsOn !== 'to') {
+      this.#log.warn({ id: job.id, vm: job.vm, detail }, 'a migration still needs its source');
+      return;
+    }
     if (settled?.runsOn === 'to') this.#changed(this.#store.transition(job.id, 'succeeded', { detail }));
     else if (settled?.runsOn === 'from' && job.attempts < this.#maxAttempts) this.#changed(this.#store.transition(job.id, 'queued', { detail }));
     else if (settled?.runsOn === 'from') this.#changed(this.#store.transition(job.id, 'failed', { detail, error: `rolled back at restart after ${job.attempts} of ${this.#maxAttempts} attempts; not run again` }));

@@ -25,7 +25,8 @@ const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   succeeded: [],
   failed: [],
   cancelled: [],
-  'needs-source': [],
+  // A restart that finishes the hydration hands the migration over.
+  'needs-source': ['succeeded'],
 };
 
 const rowSchema = z.object({
