@@ -244,6 +244,12 @@ export class AgentDestination implements DestinationEndpoint {
     return randomOrder(this.#info.portRange);
   }
 
+  /** The incoming VM of this name that the agent started for this principal, abandoned (the agent refuses if the guest runs there). */
+  async abandonIncoming(spec: VmSpec): Promise<void> {
+    const vms = z.array(vmSummarySchema).parse(await this.#client.call('vm.list', {}, 10_000));
+    for (const v of vms.filter((x) => x.name === spec.name && x.role === 'incoming')) await this.#client.call('dest.abandon', { vmId: v.vmId }, 40_000);
+  }
+
   /** The agent has no call for it yet: the engine counts on the source's side. */
   async nbdBytesReceived(): Promise<number | undefined> {
     return undefined;

@@ -6,6 +6,7 @@
  */
 import { FerryError } from '../errors.js';
 import { diskNodeName } from '../qemu/spec.js';
+import type { IncomingVm } from './endpoint.js';
 import { onFreePort, STOP_DESTINATION, type DestinationState, type MigrationContext, type SourceExport } from './context.js';
 import { nbdServerArguments } from './data-path.js';
 import { exportName } from './names.js';
@@ -30,11 +31,15 @@ export async function destinationPrepare(ctx: MigrationContext, input: { plan: M
     });
   }
   ctx.undo.push('remove destination run dir', 'destination', () => d.removeRunDir(spec));
-  const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: ctx.signal });
+  // Registered before the start: a start whose reply is lost may still have left a QEMU running.
+  let started: IncomingVm | undefined;
   ctx.undo.push(STOP_DESTINATION, 'destination', async () => {
-    await vm.qmp.close().catch(() => undefined);
-    if (vm.running()) await vm.kill();
+    if (!started) return d.abandonIncoming(spec);
+    await started.qmp.close().catch(() => undefined);
+    if (started.running()) await started.kill();
   });
+  const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: ctx.signal });
+  started = vm;
   const caps = await vm.qmp.probeCapabilities(ctx.call());
   const needs = sourceExport ? ['migrate-incoming', 'block-stream'] : ['nbd-server-start', 'block-export-add', 'migrate-incoming'];
   for (const cmd of needs) {

@@ -71,6 +71,11 @@ export interface DestinationEndpoint {
   /** An undo step: idempotent (a disk already gone is removed), and never cancelled. */
   removeDisk(path: string): Promise<void>;
   startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<IncomingVm>;
+  /**
+   * Undo of startIncoming when its reply never came: stops the destination QEMU it may have
+   * started for `spec` (found by the VM's name), if there is one. Idempotent.
+   */
+  abandonIncoming(spec: VmSpec): Promise<void>;
   /** Candidate TCP ports on migrationHost, in the order to try them. */
   candidatePorts(): Iterable<number>;
   /**

@@ -104,6 +104,8 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #qemuBinary: string | undefined;
   readonly #logger: Logger;
   readonly #outlive: boolean;
+  /** Every QEMU startIncoming launched, by run dir: what abandonIncoming finds when a reply was lost. */
+  readonly #started = new Map<string, VmProcess>();
   /** The destination QEMU of the latest migration, for whoever watches the guest (demo, tests). */
   incoming: LocalIncomingVm | undefined;
 
@@ -155,6 +157,7 @@ export class LocalDestination implements DestinationEndpoint {
       logger: this.#logger,
       ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
     });
+    this.#started.set(spec.runDir, vm);
     this.incoming = {
       process: vm,
       pid: vm.pid,
@@ -167,6 +170,11 @@ export class LocalDestination implements DestinationEndpoint {
       },
     };
     return this.incoming;
+  }
+
+  async abandonIncoming(spec: VmSpec): Promise<void> {
+    const vm = this.#started.get(spec.runDir);
+    if (vm?.running()) await vm.kill();
   }
 
   candidatePorts(): Iterable<number> {

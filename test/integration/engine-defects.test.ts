@@ -120,6 +120,21 @@ describe('engine defects', () => {
     await expectSourceWhole(vm.qmp, hostB);
   }, 90_000);
 
+  test("defect 3: the reply to the destination's start is lost: the QEMU it started is still found and stopped", async () => {
+    const { vm, spec, hostB } = await bootWorkloadGuest({ disks: [{ id: 'root', format: 'qcow2', size: 32 << 20, fillMiB: 4 }], workload: { tickMs: 50 } });
+    class LostStart extends LocalDestination {
+      override async startIncoming(s: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
+        await super.startIncoming(s, opts);
+        throw new QmpTimeoutError('no reply to dest.start (injected)');
+      }
+    }
+    const dest = new LostStart({ dir: hostB });
+    const err = await migrate({ spec, source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }), destination: dest }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ outcome: 'rolledBack', cleanupErrors: [] });
+    expect(dest.incoming!.process.running()).toBe(false);
+    await expectSourceWhole(vm.qmp, hostB);
+  }, 60_000);
+
   test('defect 9: disks with dirty bitmaps and a source without the dirty-bitmaps capability: refused in preflight, nothing changed', async () => {
     const { vm, spec, hostB } = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 32 << 20, fillMiB: 4 }], workload: { tickMs: 100 } });
     await vm.qmp.execute('block-dirty-bitmap-add', { node: 'disk-data', name: 'backup0', persistent: true });
