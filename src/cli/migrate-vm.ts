@@ -165,6 +165,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       totalMs: Math.round(performance.now() - started),
       code: err instanceof FerryError ? err.code : 'INTERNAL',
       message: errorText(err),
+      outcome: outcome.kind,
       ...(err instanceof MigrationError ? { phase: err.phase, guestOn: err.guestOn, cleanupErrors: err.cleanupErrors.map(errorText) } : {}),
     });
     if (!args.json || code !== EXIT.ok) {
