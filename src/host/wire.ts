@@ -46,6 +46,11 @@ export async function tcpBytesReceivedBy(pid: number, peer: { host: string; port
   } catch {
     return undefined;
   }
+  return bytesReceivedByPid(stdout, pid);
+}
+
+/** The sum of bytes_received over the sockets of `pid` in `ss -tinp` output; undefined if none. */
+export function bytesReceivedByPid(stdout: string, pid: number): number | undefined {
   let total = 0;
   let seen = false;
   let ours = false;

@@ -2,12 +2,12 @@
  * Crash recovery's hydration against a scripted QMP peer: the same rate cap as the live engine,
  * typed errors, and done only when the overlay has lost its backing.
  */
-import { afterEach, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { HydrationError } from '../../../src/engine/hydrate.js';
 import { finishHydration, recoveryFor } from '../../../src/engine/recover.js';
 import { silentLogger } from '../../../src/log.js';
-import { QmpClient } from '../../../src/qmp/index.js';
 import { FakeQmp } from '../qmp/fake-qmp.js';
+import { fakeClients } from './fake-client.js';
 
 const node = (backed: boolean): Record<string, unknown> => ({
   file: backed ? 'json:{"driver":"nbd"}' : '/b/data.qcow2',
@@ -67,16 +67,12 @@ function scriptedDestination(outcome: 'ok' | 'error'): { fake: FakeQmp; streams:
   return { fake, streams };
 }
 
-let client: QmpClient | undefined;
-afterEach(async () => {
-  await client?.close();
-  client = undefined;
-});
+const connect = fakeClients();
 
 describe('finishHydration (crash recovery)', () => {
   test('defect 6: the stream runs at the configured rate cap, and the overlay ends standing alone', async () => {
     const { fake, streams } = scriptedDestination('ok');
-    client = await QmpClient.connect({ stream: fake.clientEnd }, { timeoutMs: 2_000 });
+    const client = await connect(fake);
     const did = await finishHydration(client, silentLogger, { bytesPerSec: 1 << 20, timeoutMs: 2_000 });
     expect(streams).toEqual([expect.objectContaining({ 'job-id': 'ferry-stream-data', device: 'disk-data', speed: 1 << 20 })]);
     expect(did).toEqual(['hydrated disk-data']);
@@ -84,7 +80,7 @@ describe('finishHydration (crash recovery)', () => {
 
   test('defect 6: a stream that keeps failing ends in a typed error with a stable code, not a plain Error', async () => {
     const { fake } = scriptedDestination('error');
-    client = await QmpClient.connect({ stream: fake.clientEnd }, { timeoutMs: 2_000 });
+    const client = await connect(fake);
     const err = await finishHydration(client, silentLogger, { timeoutMs: 2_000, attempts: 1 }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(HydrationError);
     expect(err).toMatchObject({ code: 'HYDRATION_FAILED', message: expect.stringMatching(/Input\/output error/) });
