@@ -12,6 +12,8 @@ import { join } from 'node:path';
 import { Scheduler } from '../src/scheduler/scheduler.js';
 import { SchedulerStore } from '../src/scheduler/store.js';
 import type { HostInfo, Inventory, MigrationJob, MigrationRunner, Reconciler, RunContext, VmInfo } from '../src/scheduler/types.js';
+import type { MigrationOutcome } from '../src/engine/outcome.js';
+import type { MigrationResult } from '../src/engine/types.js';
 
 const HOSTS = 100;
 
@@ -35,11 +37,12 @@ class FakeFleet implements Inventory, MigrationRunner, Reconciler {
   async vm(name: string) {
     return this.#vms.get(name);
   }
-  run(_job: MigrationJob, _ctx: RunContext): Promise<void> {
+  run(job: MigrationJob, _ctx: RunContext): Promise<MigrationOutcome> {
     return new Promise((resolve) => {
       const finish = (): void => {
         this.done++;
-        resolve();
+        // The scheduler reads only the kind.
+        resolve({ kind: 'migrated', result: { ok: true, migrationId: job.id } as MigrationResult });
       };
       if (this.hold) this.#held.push(finish);
       else queueMicrotask(finish);

@@ -2,15 +2,17 @@ import { join } from 'node:path';
 import { createWebSocketStream, type WebSocket } from 'ws';
 import { errorText, FerryError } from '../errors.js';
 import type { BackingNbd, DestinationEndpoint, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
-import { randomOrder } from '../engine/local-endpoint.js';
+import { randomOrder } from '../host/ports.js';
 import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { z } from 'zod';
-import type { TlsMaterial } from './tls.js';
+import type { TlsMaterial } from '../host/tls.js';
 import { openSocket, RpcSession, type PeerLabel } from '../rpc/ws-client.js';
 import { agentEventSchema, hostInfoSchema, PROTOCOL_VERSION, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
 
 const vmGetSchema = vmSummarySchema.extend({ spec: z.unknown() });
+const bytesSentSchema = z.object({ bytes: z.number().nonnegative().nullable() });
+const checkResultSchema = z.object({ problems: z.array(z.string()) });
 
 export class AgentCallError extends FerryError {
   override name = 'AgentCallError';
@@ -115,14 +117,29 @@ export class AgentSource implements SourceEndpoint {
     return randomOrder(this.#portRange);
   }
 
-  async nbdBytesServed(localPort: number): Promise<number | undefined> {
-    const r = (await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, localPort }).catch(() => ({ bytes: null }))) as { bytes: number | null };
-    return r.bytes ?? undefined;
+  nbdBytesServed(localPort: number): Promise<number | undefined> {
+    return this.#bytesSent({ localPort });
   }
 
-  async nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
-    const r = (await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, ...peer }).catch(() => ({ bytes: null }))) as { bytes: number | null };
-    return r.bytes ?? undefined;
+  nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
+    return this.#bytesSent(peer);
+  }
+
+  /** A counter the agent cannot read, or a reply that is not one, is "cannot tell". */
+  async #bytesSent(which: Record<string, unknown>): Promise<number | undefined> {
+    const r = bytesSentSchema.safeParse(await this.#client.call('vm.nbdBytesSent', { vmId: this.#vmId, ...which }).catch(() => undefined));
+    return r.success ? (r.data.bytes ?? undefined) : undefined;
+  }
+
+  /** The agent has no call for it yet: the engine falls back on QEMU's actual-size. */
+  async dataBytes(): Promise<number | undefined> {
+    return undefined;
+  }
+
+  /** The agent's supervisor saw the source QEMU exit: vm.get says died or stopped. */
+  async sourceGone(): Promise<boolean> {
+    const found = vmGetSchema.safeParse(await this.#client.call('vm.get', { name: this.spec.name }).catch(() => undefined));
+    return found.success && found.data.state !== 'running';
   }
 
   /**
@@ -174,21 +191,20 @@ export class AgentDestination implements DestinationEndpoint {
     return retargetSpec(spec, { dir, runDir: join(dir, `run-${migrationId}`) });
   }
 
-  async freeBytes(): Promise<number> {
-    return hostInfoSchema.parse(await this.#client.call('host.info')).freeBytes;
+  async freeBytes(_spec?: VmSpec, opts: { signal?: AbortSignal } = {}): Promise<number> {
+    return hostInfoSchema.parse(await untilAborted(this.#client.call('host.info'), opts.signal)).freeBytes;
   }
 
-  async checkTarget(spec: VmSpec): Promise<string[]> {
+  async checkTarget(spec: VmSpec, opts: { signal?: AbortSignal } = {}): Promise<string[]> {
     try {
-      const r = (await this.#client.call('dest.check', { spec })) as { problems: string[] };
-      return r.problems;
+      return checkResultSchema.parse(await untilAborted(this.#client.call('dest.check', { spec }), opts.signal)).problems;
     } catch (err) {
       return [`destination agent refused the spec: ${errorText(err)}`];
     }
   }
 
-  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }): Promise<void> {
-    await this.#client.call('dest.createDisk', disk);
+  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    await untilAborted(this.#client.call('dest.createDisk', disk), opts.signal);
   }
 
   async removeDisk(path: string): Promise<void> {
@@ -228,6 +244,17 @@ export class AgentDestination implements DestinationEndpoint {
     return randomOrder(this.#info.portRange);
   }
 
+  /** The incoming VM of this name that the agent started for this principal, abandoned (the agent refuses if the guest runs there). */
+  async abandonIncoming(spec: VmSpec): Promise<void> {
+    const vms = z.array(vmSummarySchema).parse(await this.#client.call('vm.list', {}, 10_000));
+    for (const v of vms.filter((x) => x.name === spec.name && x.role === 'incoming')) await this.#client.call('dest.abandon', { vmId: v.vmId }, 40_000);
+  }
+
+  /** The agent has no call for it yet: the engine counts on the source's side. */
+  async nbdBytesReceived(): Promise<number | undefined> {
+    return undefined;
+  }
+
   async removeRunDir(): Promise<void> {
     if (this.#vmId) await this.#client.call('dest.removeRunDir', { vmId: this.#vmId }).catch(() => undefined);
   }
@@ -235,6 +262,21 @@ export class AgentDestination implements DestinationEndpoint {
   close(): void {
     this.#client.close();
   }
+}
+
+/**
+ * A call's answer, or the signal's reason once it aborts. The agent may still finish the call:
+ * the engine registered its undo before, and undo steps are idempotent.
+ */
+function untilAborted<T>(call: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return call;
+  if (signal.aborted) return Promise.reject(signal.reason);
+  let onAbort: (() => void) | undefined;
+  const aborted = new Promise<never>((_, reject) => {
+    onAbort = () => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+  return Promise.race([call, aborted]).finally(() => signal.removeEventListener('abort', onAbort!));
 }
 
 /** ws options for mutual TLS; the agent's certificate must name the host in the URL. */

@@ -19,7 +19,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import type { z } from 'zod';
 import { FerryError } from '../errors.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
-import { tcpBytesAcked, tcpBytesAckedFrom } from '../engine/wire.js';
+import { tcpBytesAcked, tcpBytesAckedFrom } from '../host/wire.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
 import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';

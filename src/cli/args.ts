@@ -56,6 +56,8 @@ Exit codes:
        before resuming anything (the message says which QEMU to check)
   4    (lazy) the guest runs on the destination but hydration failed: keep the source QEMU
        up, it still serves the blocks the destination lacks (docs/migration.md)
+  5    the source QEMU died before the switchover; the destination was removed: no QEMU runs
+       the guest, start it again from its disks on the source
   130  cancelled by SIGINT/SIGTERM and rolled back: the guest runs on the source
 `;
 

@@ -10,16 +10,17 @@ import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
 import { migrate } from '../engine/migrate.js';
+import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outcome.js';
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
 import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
 import { AgentDestination, AgentSource } from '../agent/client.js';
-import { loadTls } from '../agent/tls.js';
+import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
 import { renderHydration, renderPlan, renderProgress, renderSummary } from './progress.js';
 
-export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, hydrationFailed: 4, cancelled: 130 } as const;
+export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, hydrationFailed: 4, sourceDied: 5, cancelled: 130 } as const;
 
 interface Io {
   stdout: NodeJS.WritableStream;
@@ -39,7 +40,7 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
     return EXIT.ok;
   }
   if (parsed.kind === 'version') {
-    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    const pkg = z.object({ version: z.string() }).parse(JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')));
     io.stdout.write(`ferry ${pkg.version}\n`);
     return EXIT.ok;
   }
@@ -171,13 +172,15 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     return EXIT.ok;
   } catch (err) {
     endStatus();
-    const code = exitCodeOf(err, ac.signal.aborted);
+    const outcome = outcomeOfError(err, ac.signal.aborted);
+    const code = exitCodeOf(outcome);
     emit({
       event: 'summary',
       ok: false,
       totalMs: Math.round(performance.now() - started),
       code: err instanceof FerryError ? err.code : 'INTERNAL',
       message: errorText(err),
+      outcome: outcome.kind,
       ...(err instanceof MigrationError ? { phase: err.phase, guestOn: err.guestOn, cleanupErrors: err.cleanupErrors.map(errorText) } : {}),
     });
     // A refusal (bad input, nothing created, nothing rolled back): one line, exit 2.
@@ -191,13 +194,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
       if (err instanceof MigrationError) {
         for (const c of err.cleanupErrors) io.stderr.write(`  cleanup problem: ${errorText(c)}\n`);
-        io.stderr.write(
-          err.guestOn === 'source'
-            ? '  the guest runs on the source, as before\n'
-            : err.guestOn === 'destination'
-              ? '  the guest runs on the DESTINATION and still needs the source for blocks not yet hydrated: keep the source QEMU up\n'
-              : '  OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything\n',
-        );
+        io.stderr.write(`  ${whereIsTheGuest(outcome)}\n`);
       }
     }
     return code;
@@ -251,12 +248,36 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
   return { spec, source, destination };
 }
 
-function exitCodeOf(err: unknown, cancelled: boolean): number {
-  if (err instanceof MigrationError && err.guestOn === 'unknown') return EXIT.uncertain;
-  if (err instanceof MigrationError && err.guestOn === 'destination') return EXIT.hydrationFailed;
-  if (cancelled) return EXIT.cancelled;
-  if (err instanceof FerryError && err.userError) return EXIT.badInput;
-  return EXIT.rolledBack;
+export function exitCodeOf(outcome: FailedOutcome): number {
+  switch (outcome.kind) {
+    case 'rolledBack':
+      if (outcome.cancelled) return EXIT.cancelled;
+      return outcome.userError ? EXIT.badInput : EXIT.rolledBack;
+    case 'onDestinationNeedsSource':
+      return EXIT.hydrationFailed;
+    case 'sourceDied':
+      return EXIT.sourceDied;
+    case 'uncertain':
+      return EXIT.uncertain;
+    default:
+      return assertNever(outcome);
+  }
+}
+
+/** The last line of a failure: where the guest is and what the operator must (not) do. */
+export function whereIsTheGuest(outcome: FailedOutcome): string {
+  switch (outcome.kind) {
+    case 'rolledBack':
+      return 'the guest runs on the source, as before';
+    case 'onDestinationNeedsSource':
+      return 'the guest runs on the DESTINATION and still needs the source for blocks not yet hydrated: keep the source QEMU up';
+    case 'sourceDied':
+      return 'the source QEMU died before the switchover and the destination was removed: no QEMU runs the guest; its disks on the source are whole, start it there';
+    case 'uncertain':
+      return 'OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything';
+    default:
+      return assertNever(outcome);
+  }
 }
 
 function summaryOf(r: MigrationResult): Record<string, unknown> {

@@ -2,6 +2,9 @@ import type { QmpClient } from '../qmp/index.js';
 import type { VmSpec } from '../qemu/spec.js';
 
 /**
+ * Every method that waits on the outside world has a deadline and takes the migration's
+ * AbortSignal, except the undo and cleanup steps, which must run to the end once started.
+ *
  * What the engine needs of the host the guest leaves. Everything else goes over the VM's QMP.
  * `LocalSource` does it on this machine; an agent-backed endpoint does it through a host agent.
  */
@@ -15,12 +18,23 @@ export interface SourceEndpoint {
    * counters; undefined where this host cannot tell (the engine then reports the jobs' counters).
    */
   nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined>;
+  /**
+   * Bytes of guest data a disk image holds through its whole chain (what a copy writes: a
+   * compressed image counts decompressed); undefined where this host cannot tell, and the engine
+   * falls back on QEMU's actual-size.
+   */
+  dataBytes(disk: { path: string; format: string }, opts: { signal?: AbortSignal }): Promise<number | undefined>;
   /** lazy mode: the address the destination reaches this host's NBD server at. */
   readonly exportHost: string;
   /** lazy mode: candidate TCP ports on exportHost for the source's NBD server. */
   candidateExportPorts(): Iterable<number>;
   /** lazy mode: bytes this host's NBD server on `localPort` has sent (hydration on the wire). */
   nbdBytesServed(localPort: number): Promise<number | undefined>;
+  /**
+   * After a failure, when the source's QMP session no longer answers: true only with proof that
+   * the source QEMU has exited (its socket refuses, its host says it died). False when unsure.
+   */
+  sourceGone(): Promise<boolean>;
   /** After a successful migration: make the source QEMU exit (it is paused in postmigrate). */
   retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
 }
@@ -46,18 +60,30 @@ export interface DestinationEndpoint {
   /** The same VM, its disks placed where this host keeps them. */
   targetSpec(spec: VmSpec, migrationId: string): VmSpec;
   /** Bytes free where `targetSpec` puts the disks. */
-  freeBytes(spec: VmSpec): Promise<number>;
+  freeBytes(spec: VmSpec, opts?: { signal?: AbortSignal }): Promise<number>;
   /** Problems that make this host unable to take the VM (folder not writable, file exists...). */
-  checkTarget(spec: VmSpec): Promise<string[]>;
+  checkTarget(spec: VmSpec, opts?: { signal?: AbortSignal }): Promise<string[]>;
   /**
    * Creates an empty sparse image; refuses to overwrite. With `backingNbd` (lazy mode): a qcow2
    * overlay whose backing is the source's read-only NBD export of the same disk.
    */
-  createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }): Promise<void>;
+  createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }, opts?: { signal?: AbortSignal }): Promise<void>;
+  /** An undo step: idempotent (a disk already gone is removed), and never cancelled. */
   removeDisk(path: string): Promise<void>;
   startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<IncomingVm>;
+  /**
+   * Undo of startIncoming when its reply never came: stops the destination QEMU it may have
+   * started for `spec` (found by the VM's name), if there is one. Idempotent.
+   */
+  abandonIncoming(spec: VmSpec): Promise<void>;
   /** Candidate TCP ports on migrationHost, in the order to try them. */
   candidatePorts(): Iterable<number>;
+  /**
+   * lazy mode: bytes the destination QEMU (by pid) has received from the source's NBD server at
+   * `peer`: hydration and the guest's own reads, and nobody else's. Undefined where this host
+   * cannot tell (the engine then counts on the source's side, every reader of its export).
+   */
+  nbdBytesReceived(peer: { host: string; port: number }, pid: number): Promise<number | undefined>;
   /** Removes what startIncoming left behind besides disks (run dir, sockets). */
   removeRunDir(spec: VmSpec): Promise<void>;
 }

@@ -1,8 +1,5 @@
-import { execFile } from 'node:child_process';
-import { constants } from 'node:fs';
-import { access, mkdir, open, rm, rmdir, stat, statfs, unlink } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
-import { promisify } from 'node:util';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
@@ -11,9 +8,10 @@ import type { LaunchTlsObjects } from '../qemu/argv.js';
 import { launchVm, type VmProcess } from '../qemu/launcher.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { backingNbdFilename, type BackingNbd, type DestinationEndpoint, type IncomingVm, type SourceEndpoint } from './endpoint.js';
-import { tcpBytesAcked, tcpBytesAckedFrom } from './wire.js';
+import { createImage, dataBytes, freeBytesAt, pathExists, removeEmptyParent, removeImage, unusableDir } from '../host/disk-files.js';
+import { randomOrder } from '../host/ports.js';
+import { tcpBytesAcked, tcpBytesAckedFrom, tcpBytesReceivedBy } from '../host/wire.js';
 
-const run = promisify(execFile);
 
 /** The source VM runs on this machine and its QMP socket is reachable at a path. */
 export class LocalSource implements SourceEndpoint {
@@ -46,6 +44,22 @@ export class LocalSource implements SourceEndpoint {
 
   nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {
     return tcpBytesAcked(peer);
+  }
+
+  dataBytes(disk: { path: string; format: string }, opts: { signal?: AbortSignal } = {}): Promise<number | undefined> {
+    return dataBytes(disk.path, disk.format, opts.signal);
+  }
+
+  /** A unix socket nobody listens on (or that is gone) means the QEMU that owned it exited. */
+  async sourceGone(): Promise<boolean> {
+    try {
+      const q = await QmpClient.connect({ path: this.#qmpSocket }, { timeoutMs: 2_000, name: 'source-probe' });
+      await q.close();
+      return false;
+    } catch (err) {
+      const code = errnoOf(err);
+      return code === 'ECONNREFUSED' || code === 'ENOENT';
+    }
   }
 
   async retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
@@ -91,6 +105,8 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #qemuBinary: string | undefined;
   readonly #logger: Logger;
   readonly #outlive: boolean;
+  /** Every QEMU startIncoming launched, by run dir: what abandonIncoming finds when a reply was lost. */
+  readonly #started = new Map<string, VmProcess>();
   /** The destination QEMU of the latest migration, for whoever watches the guest (demo, tests). */
   incoming: LocalIncomingVm | undefined;
 
@@ -108,63 +124,29 @@ export class LocalDestination implements DestinationEndpoint {
     return retargetSpec(spec, { dir: this.#dir, runDir: join(this.#dir, `run-${spec.name}-${migrationId}`) });
   }
 
-  async freeBytes(): Promise<number> {
-    const s = await statfs(this.#dir);
-    return s.bavail * s.bsize;
+  /** One statfs: it does not wait on anything that a signal could stop. */
+  freeBytes(): Promise<number> {
+    return freeBytesAt(this.#dir);
   }
 
   async checkTarget(spec: VmSpec): Promise<string[]> {
+    const unusable = await unusableDir(this.#dir);
+    if (unusable) return [unusable];
     const problems: string[] = [];
-    try {
-      const st = await stat(this.#dir);
-      if (!st.isDirectory()) return [`destination ${this.#dir} is not a directory`];
-      await access(this.#dir, constants.W_OK);
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      return [`destination folder ${this.#dir} is not usable (${code === 'ENOENT' ? 'does not exist' : code === 'EACCES' ? 'not writable' : String(code)})`];
-    }
     for (const disk of spec.disks) {
-      if (await exists(disk.path)) problems.push(`destination disk ${disk.path} already exists (ferry never overwrites a disk)`);
+      if (await pathExists(disk.path)) problems.push(`destination disk ${disk.path} already exists (ferry never overwrites a disk)`);
     }
     return problems;
   }
 
-  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }): Promise<void> {
+  async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }, opts: { signal?: AbortSignal } = {}): Promise<void> {
     if (disk.backingNbd && disk.format !== 'qcow2') throw new FerryError('OVERLAY_FORMAT', 'a lazy overlay must be qcow2', { userError: true });
-    await mkdir(dirname(disk.path), { recursive: true });
-    // The file is made here, exclusively and without following a link (a dangling one included),
-    // before qemu-img writes into it: ferry never overwrites a disk, nor creates one elsewhere.
-    try {
-      await (await open(disk.path, constants.O_CREAT | constants.O_EXCL | constants.O_WRONLY | constants.O_NOFOLLOW, 0o600)).close();
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'EEXIST' || code === 'ELOOP') throw new FerryError('DISK_EXISTS', `refusing to overwrite ${disk.path}${code === 'ELOOP' ? ' (a symbolic link)' : ''}`, { userError: true });
-      throw err;
-    }
-    try {
-      // Sparse: raw is a hole-only file, qcow2 has no preallocation. Only what the mirror writes
-      // lands. A lazy overlay: -u, the export need not be reachable from qemu-img.
-      const args = disk.backingNbd
-        ? ['create', '-q', '-f', 'qcow2', '-u', '-b', backingNbdFilename(disk.backingNbd), '-F', 'nbd', disk.path, String(disk.virtualSize)]
-        : ['create', '-q', '-f', disk.format, disk.path, String(disk.virtualSize)];
-      await run('qemu-img', args, { timeout: 30_000 });
-    } catch (err) {
-      await unlink(disk.path).catch(() => undefined);
-      throw err;
-    }
+    const backing = disk.backingNbd ? { backingFilename: backingNbdFilename(disk.backingNbd), backingFormat: 'nbd' } : {};
+    await createImage({ path: disk.path, format: disk.format, virtualSize: disk.virtualSize, ...backing }, opts.signal);
   }
 
-  async removeDisk(path: string): Promise<void> {
-    await unlink(path).catch((err: NodeJS.ErrnoException) => {
-      if (err.code !== 'ENOENT') throw err;
-    });
-    await this.#removeEmptyParent(path);
-  }
-
-  /** createDisk may have made the VM's folder: it goes too once empty, never the host's own folder. */
-  async #removeEmptyParent(path: string): Promise<void> {
-    const parent = dirname(path);
-    if (resolve(parent) !== resolve(this.#dir) && resolve(parent).startsWith(resolve(this.#dir) + '/')) await rmdir(parent).catch(() => undefined);
+  removeDisk(path: string): Promise<void> {
+    return removeImage(path, this.#dir);
   }
 
   async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal; tls?: LaunchTlsObjects }): Promise<LocalIncomingVm> {
@@ -177,6 +159,7 @@ export class LocalDestination implements DestinationEndpoint {
       logger: this.#logger,
       ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
     });
+    this.#started.set(spec.runDir, vm);
     this.incoming = {
       process: vm,
       pid: vm.pid,
@@ -191,28 +174,29 @@ export class LocalDestination implements DestinationEndpoint {
     return this.incoming;
   }
 
+  async abandonIncoming(spec: VmSpec): Promise<void> {
+    const vm = this.#started.get(spec.runDir);
+    if (vm?.running()) await vm.kill();
+  }
+
   candidatePorts(): Iterable<number> {
     return randomOrder(this.#ports);
   }
 
+  nbdBytesReceived(peer: { host: string; port: number }, pid: number): Promise<number | undefined> {
+    return tcpBytesReceivedBy(pid, peer);
+  }
+
   async removeRunDir(spec: VmSpec): Promise<void> {
     await rm(spec.runDir, { recursive: true, force: true });
-    await this.#removeEmptyParent(spec.runDir);
+    await removeEmptyParent(spec.runDir, this.#dir);
   }
 }
 
-/** Every port of the range once, from a random start, so concurrent migrations rarely collide. */
-export function* randomOrder([lo, hi]: [number, number]): Iterable<number> {
-  const span = hi - lo + 1;
-  const start = Math.floor(Math.random() * span);
-  for (let i = 0; i < span; i++) yield lo + ((start + i) % span);
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await access(path);
-    return true;
-  } catch {
-    return false;
+/** The errno code of an error or of one of its causes. */
+function errnoOf(err: unknown): string | undefined {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+    if ('code' in e && typeof e.code === 'string' && /^E[A-Z]+$/.test(e.code)) return e.code;
   }
+  return undefined;
 }

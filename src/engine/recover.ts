@@ -1,138 +1,120 @@
 /**
- * Rolling back a migration whose engine is gone (the scheduler died mid-flight). The engine's own
- * rollback works from its undo stack; this one works from what QEMU reports, so it can run in a
- * new process that knows only the VM. It is only ever called once the destination is known not
- * to run the guest (see scheduler/agents.ts): resuming the source is then safe.
+ * Settling a migration whose engine is gone (the scheduler died mid-flight). The engine's own
+ * rollback works from its undo stack; this one works from what QEMU reports and what the
+ * scheduler persisted (the last phase, the source's saved settings), so it can run in a new
+ * process that knows only the VM. Which action applies is a table keyed by phase (`recoveryFor`);
+ * the QEMU operations are the engine's own (primitives.ts, hydrate.ts).
  */
-import { errorText, FerryError } from '../errors.js';
+import { errorText } from '../errors.js';
 import type { Logger } from '../log.js';
-import { eventIs, type QmpClient } from '../qmp/index.js';
+import type { QmpClient } from '../qmp/index.js';
 import { DISK_NODE_PREFIX } from '../qemu/spec.js';
-import { EXPORT_PREFIX, MIRROR_JOB_PREFIX, streamJobId, TARGET_NODE_PREFIX } from './names.js';
-
-const SETTLED = new Set(['completed', 'failed', 'cancelled', 'none']);
+import { cancelJob, cancelMigration, deleteNode, unexportAll } from './primitives.js';
+import { restoreSourceSettings } from './source-perform.js';
+import type { SavedSourceSettings } from './types.js';
+import { hydrate } from './hydrate.js';
+import { EXPORT_PREFIX, MIRROR_JOB_PREFIX, TARGET_NODE_PREFIX } from './names.js';
 
 /**
- * migrate_cancel, if a migration is under way, and the wait until QEMU says it has ended.
- * Returns the status it ended in ('completed' if it finished before the cancel took).
+ * What to do with a migration the engine left in flight, by the last phase the scheduler
+ * persisted (libvirt's qemuProcessRecoverMigrationOut). The phase is persisted before the step
+ * it names, so `confirm` is the only phase in which `cont` may or may not have reached the
+ * destination: there the destination's own word decides.
+ *   roll-back        the destination cannot have run: remove it, roll the source back
+ *   ask-destination  it may have run: running → hand over; not running → roll back; no answer → operator
+ *   hand-over        it ran: finish the hydration, retire the source; never resume the source
  */
-export async function cancelMigration(q: QmpClient, timeoutMs = 30_000): Promise<{ status: string | undefined; cancelled: boolean }> {
-  const opts = { timeoutMs };
-  let mig = await q.execute('query-migrate', undefined, opts);
-  if (!mig.status || SETTLED.has(mig.status)) return { status: mig.status, cancelled: false };
-  await q.execute('migrate_cancel', undefined, opts);
-  const deadline = performance.now() + timeoutMs;
-  while (mig.status && !SETTLED.has(mig.status)) {
-    if (performance.now() > deadline) throw new FerryError('CANCEL_TIMEOUT', `migration still '${mig.status}' after migrate_cancel`);
-    await new Promise((r) => setTimeout(r, 20));
-    mig = await q.execute('query-migrate', undefined, opts);
-  }
-  return { status: mig.status, cancelled: true };
+export type RecoveryAction = 'roll-back' | 'ask-destination' | 'hand-over';
+
+const RECOVERY: Readonly<Record<string, RecoveryAction>> = {
+  preflight: 'roll-back',
+  'prepare-destination': 'roll-back',
+  mirror: 'roll-back',
+  ram: 'roll-back',
+  switchover: 'roll-back',
+  rollback: 'roll-back',
+  confirm: 'ask-destination',
+  failed: 'ask-destination',
+  hydrate: 'hand-over',
+  cleanup: 'hand-over',
+  done: 'hand-over',
+};
+
+/** The recovery for a persisted phase; one it does not know (or none) is asked about. */
+export function recoveryFor(phase: string | null): RecoveryAction {
+  if (phase === null) return 'roll-back';
+  return RECOVERY[phase] ?? 'ask-destination';
 }
 
-/** Cancels a block job (force: a READY mirror does not complete) and dismisses it. */
-export async function cancelJob(q: QmpClient, id: string, timeoutMs = 30_000): Promise<void> {
-  const opts = { timeoutMs };
-  const jobs = await q.execute('query-jobs', undefined, opts);
-  const job = jobs.find((j) => j.id === id);
-  if (!job) return;
-  if (job.status !== 'concluded' && job.status !== 'null') {
-    const since = q.eventCursor();
-    await q.execute('block-job-cancel', { device: id, force: true }, opts);
-    await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
-      since,
-      timeoutMs,
-      what: `mirror ${id} to end after cancel`,
-    });
-  }
-  await q.execute('job-dismiss', { id }, opts);
-}
-
-/** Cancels the migration and mirrors, drops the NBD targets, resumes the guest. Returns what it did. */
-export async function rollBackSource(q: QmpClient, log: Logger, timeoutMs = 30_000): Promise<string[]> {
+/**
+ * Cancels the migration and mirrors, drops the NBD targets and exports, puts back the migration
+ * capabilities and parameters the engine saved, and resumes the guest only if it ran before
+ * (`saved` absent: the engine never got to change the source's state, so it is not resumed
+ * either). Returns what it did.
+ */
+export async function rollBackSource(q: QmpClient, log: Logger, opts: { saved?: SavedSourceSettings | undefined; timeoutMs?: number } = {}): Promise<string[]> {
+  const timeoutMs = opts.timeoutMs ?? 30_000;
   const did: string[] = [];
-  const opts = { timeoutMs };
+  const call = { timeoutMs };
   if ((await cancelMigration(q, timeoutMs)).cancelled) did.push('cancelled the migration');
-  for (const job of await q.execute('query-jobs', undefined, opts)) {
+  for (const job of await q.execute('query-jobs', undefined, call)) {
     if (!job.id.startsWith(MIRROR_JOB_PREFIX)) continue;
     await cancelJob(q, job.id, timeoutMs);
     did.push(`cancelled ${job.id}`);
   }
-  for (const node of await q.execute('query-named-block-nodes', undefined, opts)) {
+  for (const node of await q.execute('query-named-block-nodes', undefined, call)) {
     const name = node['node-name'];
     if (!name?.startsWith(TARGET_NODE_PREFIX)) continue;
-    await q.execute('blockdev-del', { 'node-name': name }, opts).catch((err: unknown) => log.warn({ node: name, err: errorText(err) }, 'could not delete an NBD target node'));
+    await deleteNode(q, name, timeoutMs).catch((err: unknown) => log.warn({ node: name, err: errorText(err) }, 'could not delete an NBD target node'));
     did.push(`deleted ${name}`);
   }
   did.push(...(await unexportSource(q, timeoutMs)));
-  const status = await q.execute('query-status', undefined, opts);
-  if (status.status !== 'running') {
-    await q.execute('cont', undefined, opts);
+  if (opts.saved) {
+    await restoreSourceSettings(q, opts.saved, timeoutMs);
+    did.push('restored the migration capabilities and parameters');
+  }
+  const status = await q.execute('query-status', undefined, call);
+  if (opts.saved?.wasRunning && status.status !== 'running') {
+    await q.execute('cont', undefined, call);
     did.push(`resumed the guest (was ${status.status})`);
+  } else if (status.status !== 'running') {
+    did.push(`left the guest ${status.status}, as it was before the migration`);
   }
   return did;
 }
 
 /** Lazy mode's read-only exports on the source, and its NBD server: gone. */
-export async function unexportSource(q: QmpClient, timeoutMs = 30_000): Promise<string[]> {
-  const did: string[] = [];
-  const exports = (await q.executeRaw('query-block-exports', undefined, { timeoutMs })) as { id?: unknown }[];
-  const ours = exports.map((e) => e.id).filter((id): id is string => typeof id === 'string' && id.startsWith(EXPORT_PREFIX));
-  for (const id of ours) {
-    await q.execute('block-export-del', { id, mode: 'hard' }, { timeoutMs });
-    did.push(`removed export ${id}`);
-  }
-  if (ours.length > 0) {
-    await q.execute('nbd-server-stop', undefined, { timeoutMs }).catch(() => undefined);
-    did.push("stopped the source's NBD server");
-  }
-  return did;
+export function unexportSource(q: QmpClient, timeoutMs = 30_000): Promise<string[]> {
+  return unexportAll(q, EXPORT_PREFIX, timeoutMs);
 }
 
 /**
  * A lazy destination whose engine died during hydration: every disk node that still has a
- * backing (the source's export) is streamed again until it stands alone. Only then may the
- * source go. Waits as long as the copy takes, bounded by `stallMs` without progress.
+ * backing (the source's export) is streamed again, at the same rate cap, until it stands alone
+ * (hydrate.ts, the loop the live engine uses). Only then may the source go. Waits as long as the
+ * copy takes, bounded by `stallMs` without progress. Throws HydrationError.
  */
-export async function finishHydration(q: QmpClient, log: Logger, opts: { stallMs?: number; timeoutMs?: number } = {}): Promise<string[]> {
+export async function finishHydration(
+  q: QmpClient,
+  log: Logger,
+  opts: { stallMs?: number; timeoutMs?: number; bytesPerSec?: number | undefined; attempts?: number } = {},
+): Promise<string[]> {
   const timeoutMs = opts.timeoutMs ?? 30_000;
-  const stallMs = opts.stallMs ?? 120_000;
-  const did: string[] = [];
-  const nodes = (await q.executeRaw('query-named-block-nodes', { flat: true }, { timeoutMs })) as { 'node-name'?: string; backing_file?: string }[];
-  const jobs = await q.execute('query-jobs', undefined, { timeoutMs });
-  for (const node of nodes) {
-    const name = node['node-name'];
-    // ferry's disks on a destination have a backing only in lazy mode (pre-copy flattens chains).
-    if (!name?.startsWith(DISK_NODE_PREFIX) || !node.backing_file) continue;
-    const id = streamJobId(name.slice(DISK_NODE_PREFIX.length));
-    const old = jobs.find((j) => j.id === id);
-    if (old && old.status !== 'concluded') {
-      // The dead engine's stream may still run (or wait in 'pending'): let it finish.
-      if (old.status === 'pending') await q.executeRaw('job-finalize', { id }, { timeoutMs });
-    } else {
-      if (old) await q.execute('job-dismiss', { id }, { timeoutMs });
-      await q.execute('block-stream', { 'job-id': id, device: name, 'auto-dismiss': false }, { timeoutMs });
-    }
-    let last = -1;
-    let lastMoved = performance.now();
-    for (;;) {
-      const job = (await q.execute('query-jobs', undefined, { timeoutMs })).find((j) => j.id === id);
-      if (!job || job.status === 'concluded') {
-        if (job?.error) throw new Error(`hydration of ${name} failed again: ${job.error}`);
-        if (job) await q.execute('job-dismiss', { id }, { timeoutMs });
-        break;
-      }
-      if (job.status === 'pending') await q.executeRaw('job-finalize', { id }, { timeoutMs });
-      if (job['current-progress'] !== last) {
-        last = job['current-progress'];
-        lastMoved = performance.now();
-      } else if (performance.now() - lastMoved > stallMs) {
-        throw new Error(`hydration of ${name} made no progress for ${stallMs} ms`);
-      }
-      await new Promise((r) => setTimeout(r, 200));
-    }
-    log.info({ node: name }, 'finished the hydration a dead engine left');
-    did.push(`hydrated ${name}`);
-  }
-  return did;
+  const nodes = await q.execute('query-named-block-nodes', { flat: true }, { timeoutMs });
+  // ferry's disks on a destination have a backing only in lazy mode (pre-copy flattens chains).
+  const disks = nodes.flatMap((n) => {
+    const name = n['node-name'];
+    return name?.startsWith(DISK_NODE_PREFIX) && n.backing_file ? [{ id: name.slice(DISK_NODE_PREFIX.length), virtualSize: n.image['virtual-size'] }] : [];
+  });
+  if (disks.length === 0) return [];
+  await hydrate(q, disks, {
+    bytesPerSec: opts.bytesPerSec,
+    stallMs: opts.stallMs ?? 120_000,
+    attempts: opts.attempts ?? 3,
+    timeoutMs,
+    pollMs: 200,
+    onRetry: (attempt, why) => log.warn({ attempt, why }, 'hydration attempt failed; resuming'),
+  });
+  for (const d of disks) log.info({ node: `${DISK_NODE_PREFIX}${d.id}` }, 'finished the hydration a dead engine left');
+  return disks.map((d) => `hydrated ${DISK_NODE_PREFIX}${d.id}`);
 }

@@ -106,11 +106,31 @@ export type MigrationEvent =
   | { event: 'progress'; migrationId: string; progress: ProgressSnapshot }
   | { event: 'convergence'; migrationId: string; action: 'downtime-step' | 'deadline-abort' | 'deadline-force'; downtimeLimitMs: number; detail: string }
   | { event: 'warning'; migrationId: string; message: string }
+  /**
+   * Before the source's migration capabilities and parameters change: what they were, and whether
+   * the guest ran. Whoever may have to recover this migration after a crash persists it.
+   */
+  | { event: 'source-saved'; migrationId: string; saved: SavedSourceSettings }
   /** Sent just before the destination's `cont`: from here on the source is never resumed. */
   | { event: 'point-of-no-return'; migrationId: string; destinationPid: number }
   | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string }
   /** lazy: background hydration after the destination runs. */
   | { event: 'hydration'; migrationId: string; disks: { id: string; doneBytes: number; totalBytes: number }[]; wireBytes: number | undefined; elapsedMs: number };
+
+/** The source's state before ferry changed it, so a rollback or a recovery can put it back. */
+export interface SavedSourceSettings {
+  wasRunning: boolean;
+  capabilities: { capability: string; state: boolean }[];
+  parameters: { 'max-bandwidth'?: number | undefined; 'downtime-limit'?: number | undefined };
+}
+
+export const SavedSourceSettingsSchema = z
+  .object({
+    wasRunning: z.boolean(),
+    capabilities: z.array(z.object({ capability: z.string(), state: z.boolean() }).strict()),
+    parameters: z.object({ 'max-bandwidth': z.number().optional(), 'downtime-limit': z.number().optional() }).strict(),
+  })
+  .strict();
 
 export interface MigrationPlan {
   migrationId: string;
@@ -158,15 +178,25 @@ export interface MigrationResult {
 }
 
 /**
- * A migration that did not complete. `guestOn` says where the guest is after rollback: `source`
- * (the normal outcome: untouched and running as before), or `unknown` when the destination may
- * have started and ferry refused to resume the source (never run twice): an operator must look.
+ * How a failed migration left the guest, decided by the engine (never guessed from a message):
+ *   rolledBack                the source runs the guest as before; the destination got nothing
+ *   onDestinationNeedsSource  past the point of no return (lazy): the destination runs the guest
+ *                             and still reads unhydrated blocks from the source, which must stay up
+ *   sourceDied                the source QEMU died before the point of no return; the destination
+ *                             was removed: no QEMU runs the guest, its disks on the source are whole
+ *   uncertain                 the destination may have run: nothing was resumed, an operator looks
  */
+export type FailureKind = 'rolledBack' | 'onDestinationNeedsSource' | 'sourceDied' | 'uncertain';
+export type GuestOn = 'source' | 'destination' | 'nowhere' | 'unknown';
+const GUEST_ON: Record<FailureKind, GuestOn> = { rolledBack: 'source', onDestinationNeedsSource: 'destination', sourceDied: 'nowhere', uncertain: 'unknown' };
+
+/** A migration that did not complete; `outcome` says where that left the guest. */
 export class MigrationError extends FerryError {
   override name = 'MigrationError';
   readonly phase: Phase;
-  /** destination: past the point of no return (lazy mode's hydration failed): the guest runs there. */
-  readonly guestOn: 'source' | 'unknown' | 'destination';
+  readonly outcome: FailureKind;
+  /** Where the guest is, for logs and JSON summaries: derived from `outcome`. */
+  readonly guestOn: GuestOn;
   readonly cleanupErrors: unknown[];
 
   constructor(
@@ -177,13 +207,14 @@ export class MigrationError extends FerryError {
       cause?: unknown;
       userError?: boolean;
       context?: Record<string, unknown>;
-      guestOn?: 'source' | 'unknown' | 'destination';
+      outcome?: FailureKind;
       cleanupErrors?: unknown[];
     },
   ) {
     super(code, message, { cause: opts.cause, userError: opts.userError, context: { ...opts.context, phase: opts.phase } });
     this.phase = opts.phase;
-    this.guestOn = opts.guestOn ?? 'source';
+    this.outcome = opts.outcome ?? 'rolledBack';
+    this.guestOn = GUEST_ON[this.outcome];
     this.cleanupErrors = opts.cleanupErrors ?? [];
   }
 }

@@ -15,7 +15,6 @@ import { silentLogger, type Logger } from '../log.js';
 import { buildCapabilities, type QmpCapabilities } from './capabilities.js';
 import {
   replySchemas,
-  versionInfoSchema,
   type ArgsOf,
   type CallOptions,
   type QmpCommandName,
@@ -34,25 +33,12 @@ import {
 import { EventLog } from './event-log.js';
 import { parseEvent, type QmpEvent } from './events.js';
 import { LineDecoder } from './framing.js';
+import { greetingSchema, type ConnectOptions, type QmpGreeting } from './session-options.js';
 import { describeTarget, openStream, type QmpTarget } from './transport.js';
 
 export const DEFAULT_CALL_TIMEOUT_MS = 30_000;
 
-const greetingSchema = z.object({
-  QMP: z.object({ version: versionInfoSchema, capabilities: z.array(z.string()) }),
-});
-export type QmpGreeting = z.infer<typeof greetingSchema>['QMP'];
-
-export interface ConnectOptions {
-  /** Deadline for the whole handshake: connect, greeting, negotiation. Default 30 s. */
-  timeoutMs?: number;
-  signal?: AbortSignal;
-  /** Ask for out-of-band execution (granted only if QEMU offers it). */
-  oob?: boolean;
-  logger?: Logger;
-  /** Names the session in logs; defaults to the target. */
-  name?: string;
-}
+export type { ConnectOptions, QmpGreeting } from './session-options.js';
 
 type State = 'greeting' | 'negotiating' | 'ready' | 'closed';
 

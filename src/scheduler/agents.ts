@@ -5,10 +5,12 @@
  */
 import { z } from 'zod';
 import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
-import type { TlsMaterial } from '../agent/tls.js';
+import type { TlsMaterial } from '../host/tls.js';
 import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
-import { migrate } from '../engine/migrate.js';
-import { finishHydration, rollBackSource, unexportSource } from '../engine/recover.js';
+import { migrateOutcome } from '../engine/migrate.js';
+import type { MigrationOutcome } from '../engine/outcome.js';
+import { finishHydration, recoveryFor, rollBackSource, unexportSource } from '../engine/recover.js';
+import type { SavedSourceSettings } from '../engine/types.js';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { SchedulerError, type HostInfo, type Inventory, type MigrationJob, type MigrationRunner, type Reconciler, type RunContext, type VmInfo, type WhereRuns } from './types.js';
@@ -97,12 +99,12 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     return (await this.vms()).find((v) => v.name === name);
   }
 
-  async run(job: MigrationJob, ctx: RunContext): Promise<void> {
+  async run(job: MigrationJob, ctx: RunContext): Promise<MigrationOutcome> {
     const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
     try {
       const destination = await AgentDestination.connect(this.#host(job.to).url, this.#token, this.#tls ? { tls: this.#tls } : {});
       try {
-        await migrate({
+        return await migrateOutcome({
           spec: source.spec,
           source,
           destination,
@@ -116,6 +118,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
           logger: this.#log,
           onEvent: (e) => {
             if (e.event === 'phase') ctx.onPhase(e.phase);
+            else if (e.event === 'source-saved') ctx.onSourceSaved?.(e.saved);
             else if (e.event === 'progress') {
               const p = e.progress;
               const ram = p.ram ? { done: p.ram.transferredBytes, total: p.ram.transferredBytes + p.ram.remainingBytes } : { done: 0, total: 0 };
@@ -135,13 +138,15 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
   }
 
   /**
-   * Which QEMU runs the guest decides, and only the destination's own word counts:
-   *   destination QEMU says running     -> retire the source, release the destination: 'to'
-   *   destination absent or not running -> abandon it, roll the source back, resume it: 'from'
-   *   the destination cannot be asked   -> touch nothing: 'unknown'
+   * The recovery table (engine/recover.ts `recoveryFor`) on the last persisted phase, checked
+   * against the destination's own word:
+   *   roll-back:        destination not running -> abandon it, roll the source back: 'from'
+   *   ask-destination:  running -> hand over: 'to'; not running -> roll back: 'from'
+   *   hand-over:        running -> finish the hydration, retire the source: 'to'
+   *   anything else (no answer, or a destination whose state contradicts the phase) -> touch
+   *   nothing: 'unknown'. The source is resumed only if it ran before (its saved settings).
    */
-  async settle(job: MigrationJob): Promise<{ runsOn: WhereRuns; detail: string }> {
-    const from = this.#host(job.from);
+  async settle(job: MigrationJob, saved: SavedSourceSettings | undefined): Promise<{ runsOn: WhereRuns; detail: string }> {
     const to = this.#host(job.to);
     let destList: VmSummary[];
     try {
@@ -149,8 +154,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     } catch (err) {
       return { runsOn: 'unknown', detail: `destination ${to.name} unreachable: ${errorText(err)}` };
     }
-    const arrived = destList.find((v) => v.name === job.vm && v.role === 'vm' && v.running);
-    if (arrived) return { runsOn: 'to', detail: `${job.vm} already runs on ${to.name}` };
+    if (destList.some((v) => v.name === job.vm && v.role === 'vm' && v.running)) return { runsOn: 'to', detail: `${job.vm} already runs on ${to.name}` };
     const incoming = destList.find((v) => v.name === job.vm && v.role === 'incoming');
     let destStatus: string | undefined = 'absent';
     if (incoming?.running) {
@@ -164,35 +168,52 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
       }).catch(() => undefined);
     }
     if (destStatus === undefined) return { runsOn: 'unknown', detail: `cannot ask the destination QEMU of ${job.vm} on ${to.name} whether it runs` };
-    if (destStatus === 'running') {
-      // The guest moved. Lazy mode: the destination may still read from the source, so first
-      // every overlay is hydrated to the end; then the source must be in postmigrate
-      // (vm.retire checks) and goes.
-      const hydrated = await this.#withClient(to, async (c) => {
-        const q = await c.openQmp(incoming!.vmId, 10_000);
-        try {
-          return await finishHydration(q, this.#log);
-        } finally {
-          await q.close();
-        }
-      });
-      // A source already gone (retired before the crash) has nothing left to do.
-      if ((await this.#list(from)).some((v) => v.name === job.vm && v.role === 'vm' && v.running)) {
-        const source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
-        try {
-          const q = await source.connect({ timeoutMs: 10_000 });
-          await unexportSource(q);
-          // Closes q; the agent quits the source (refused unless postmigrate) and removes its disks.
-          await source.retireSource(q, { timeoutMs: 30_000 });
-        } finally {
-          source.close();
-        }
+    const action = recoveryFor(job.phase);
+    const runs = destStatus === 'running';
+    if (runs && incoming && action !== 'roll-back') return this.#handOver(job, incoming.vmId);
+    if (!runs && action !== 'hand-over') return this.#rollBack(job, saved, incoming?.vmId, destStatus);
+    return {
+      runsOn: 'unknown',
+      detail: `the phase (${job.phase ?? 'none'}) and the destination (${destStatus}) disagree: ${runs ? 'it runs though cont was never sent' : 'the guest ran there but its QEMU is not running'}; nothing touched`,
+    };
+  }
+
+  /**
+   * The guest moved. Lazy mode: the destination may still read from the source, so first every
+   * overlay is hydrated to the end; then the source must be in postmigrate (vm.retire checks) and goes.
+   */
+  async #handOver(job: MigrationJob, vmId: string): Promise<{ runsOn: WhereRuns; detail: string }> {
+    const from = this.#host(job.from);
+    const to = this.#host(job.to);
+    const hydrated = await this.#withClient(to, async (c) => {
+      const q = await c.openQmp(vmId, 10_000);
+      try {
+        return await finishHydration(q, this.#log, { bytesPerSec: this.#hydrationBytesPerSec });
+      } finally {
+        await q.close();
       }
-      await this.#withClient(to, (c) => c.call('dest.release', { vmId: incoming!.vmId }));
-      return { runsOn: 'to', detail: `the destination ran ${job.vm}: hand-over finished${hydrated.length ? ` (${hydrated.join(', ')})` : ''}` };
+    });
+    // A source already gone (retired before the crash) has nothing left to do.
+    if ((await this.#list(from)).some((v) => v.name === job.vm && v.role === 'vm' && v.running)) {
+      const source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
+      try {
+        const q = await source.connect({ timeoutMs: 10_000 });
+        await unexportSource(q);
+        // Closes q; the agent quits the source (refused unless postmigrate) and removes its disks.
+        await source.retireSource(q, { timeoutMs: 30_000 });
+      } finally {
+        source.close();
+      }
     }
-    // The destination never ran the guest: it goes, and the source is made whole again.
-    if (incoming) await this.#withClient(to, (c) => c.call('dest.abandon', { vmId: incoming.vmId }, 40_000));
+    await this.#withClient(to, (c) => c.call('dest.release', { vmId }));
+    return { runsOn: 'to', detail: `the destination ran ${job.vm}: hand-over finished${hydrated.length ? ` (${hydrated.join(', ')})` : ''}` };
+  }
+
+  /** The destination never ran the guest: it goes, and the source is made whole again. */
+  async #rollBack(job: MigrationJob, saved: SavedSourceSettings | undefined, vmId: string | undefined, destStatus: string): Promise<{ runsOn: WhereRuns; detail: string }> {
+    const from = this.#host(job.from);
+    const to = this.#host(job.to);
+    if (vmId) await this.#withClient(to, (c) => c.call('dest.abandon', { vmId }, 40_000));
     let source: AgentSource;
     try {
       source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
@@ -202,8 +223,8 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     try {
       const q = await source.connect({ timeoutMs: 10_000 });
       try {
-        const did = await rollBackSource(q, this.#log);
-        return { runsOn: 'from', detail: `rolled back on ${from.name}${did.length ? `: ${did.join(', ')}` : ''}${incoming ? `; abandoned the destination QEMU (${destStatus})` : ''}` };
+        const did = await rollBackSource(q, this.#log, { saved });
+        return { runsOn: 'from', detail: `rolled back on ${from.name}${did.length ? `: ${did.join(', ')}` : ''}${vmId ? `; abandoned the destination QEMU (${destStatus})` : ''}` };
       } finally {
         await q.close();
       }

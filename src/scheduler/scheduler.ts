@@ -15,6 +15,8 @@ import { EventEmitter } from 'node:events';
 import PQueue from 'p-queue';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
+import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outcome.js';
+import { Gate } from './gate.js';
 import type { SchedulerStore } from './store.js';
 import { PRIORITY, retryable, SchedulerError, TERMINAL, type Inventory, type MigrationJob, type MigrationMode, type MigrationProgress, type MigrationRunner, type Reason, type Reconciler, type VmInfo } from './types.js';
 
@@ -50,109 +52,6 @@ export interface SchedulerEvents {
   phase: [{ id: string; vm: string; phase: string }];
   /** At most one per second per migration. */
   progress: [{ id: string; vm: string } & MigrationProgress];
-}
-
-interface Waiter {
-  job: MigrationJob;
-  grant: (release: () => void) => void;
-}
-
-/** Outgoing-per-host, incoming-per-host and cluster-wide slots, granted together by priority then arrival. */
-class Gate {
-  readonly #outgoing = new Map<string, number>();
-  readonly #incoming = new Map<string, number>();
-  #cluster = 0;
-  /** Waiters per priority, each bucket in arrival (seq) order. */
-  readonly #buckets = new Map<number, Waiter[]>();
-  readonly #limits: SchedulerLimits;
-
-  constructor(limits: SchedulerLimits) {
-    this.#limits = limits;
-  }
-
-  acquire(job: MigrationJob, signal: AbortSignal): Promise<() => void> {
-    return new Promise((resolve, reject) => {
-      if (signal.aborted) return reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
-      const w: Waiter = { job, grant: resolve };
-      let bucket = this.#buckets.get(job.priority);
-      if (!bucket) {
-        bucket = [];
-        this.#buckets.set(job.priority, bucket);
-      }
-      // New work arrives with the highest seq: the end; a retry goes back to its place.
-      const last = bucket.at(-1);
-      if (!last || last.job.seq < job.seq) bucket.push(w);
-      else bucket.splice(lowerBound(bucket, job.seq), 0, w);
-      const onAbort = (): void => {
-        const b = this.#buckets.get(job.priority);
-        const i = b ? b.indexOf(w) : -1;
-        if (i >= 0) b!.splice(i, 1);
-        reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
-      };
-      signal.addEventListener('abort', onAbort, { once: true });
-      w.grant = (release) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(release);
-      };
-      this.#pump();
-    });
-  }
-
-  outgoingOf(host: string): number {
-    return this.#outgoing.get(host) ?? 0;
-  }
-
-  incomingOf(host: string): number {
-    return this.#incoming.get(host) ?? 0;
-  }
-
-  #pump(): void {
-    const fullOut = new Set<string>();
-    const fullIn = new Set<string>();
-    const priorities = [...this.#buckets.keys()].sort((x, y) => y - x);
-    for (const p of priorities) {
-      const bucket = this.#buckets.get(p)!;
-      for (let i = 0; i < bucket.length && this.#cluster < this.#limits.cluster; ) {
-        const { job } = bucket[i]!;
-        if (fullOut.has(job.from) || fullIn.has(job.to)) {
-          i++;
-          continue;
-        }
-        if (this.outgoingOf(job.from) >= this.#limits.outgoingPerHost) fullOut.add(job.from);
-        if (this.incomingOf(job.to) >= this.#limits.incomingPerHost) fullIn.add(job.to);
-        if (fullOut.has(job.from) || fullIn.has(job.to)) {
-          i++;
-          continue;
-        }
-        const w = bucket.splice(i, 1)[0]!;
-        this.#cluster++;
-        this.#outgoing.set(job.from, this.outgoingOf(job.from) + 1);
-        this.#incoming.set(job.to, this.incomingOf(job.to) + 1);
-        let released = false;
-        w.grant(() => {
-          if (released) return;
-          released = true;
-          this.#cluster--;
-          this.#outgoing.set(job.from, this.outgoingOf(job.from) - 1);
-          this.#incoming.set(job.to, this.incomingOf(job.to) - 1);
-          this.#pump();
-        });
-      }
-      if (bucket.length === 0) this.#buckets.delete(p);
-      if (this.#cluster >= this.#limits.cluster) return;
-    }
-  }
-}
-
-function lowerBound(bucket: Waiter[], seq: number): number {
-  let lo = 0;
-  let hi = bucket.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (bucket[mid]!.job.seq < seq) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
 }
 
 export class Scheduler extends EventEmitter<SchedulerEvents> {
@@ -212,11 +111,15 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
    *   guest on the destination -> succeeded (the reconciler finished the hand-over)
    *   guest on the source      -> queued again (the reconciler rolled the half-migration back)
    *   cannot tell              -> failed, "needs operator"; nothing touched
+   * A needs-source migration (the guest runs on the destination, hydration unfinished) is
+   * settled too: finished -> succeeded; otherwise it stays needs-source.
    */
   async start(): Promise<void> {
     if (this.#started) return;
     this.#started = true;
-    await Promise.all(this.#store.inState('running').map((job) => this.#settle(job)));
+    // needs-source: the guest runs on the destination and still reads from the source; a start
+    // tries again to finish its hydration, and leaves it as it is if it cannot.
+    await Promise.all([...this.#store.inState('running'), ...this.#store.inState('needs-source')].map((job) => this.#settle(job)));
     for (const job of this.#store.inState('queued')) this.#schedule(job);
   }
 
@@ -227,7 +130,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       let timer: NodeJS.Timeout | undefined;
       try {
         settled = await Promise.race([
-          this.#reconciler.settle(job),
+          this.#reconciler.settle(job, this.#store.savedSource(job.id)),
           new Promise<never>((_, reject) => {
             timer = setTimeout(() => reject(new SchedulerError('SETTLE_TIMEOUT', `settling ${job.id} took more than ${this.#settleTimeoutMs} ms`)), this.#settleTimeoutMs);
           }),
@@ -243,6 +146,10 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       }
     }
     const detail = `recovered after a scheduler restart: ${settled?.detail ?? lastError}`;
+    if (job.state === 'needs-source' && settled?.runsOn !== 'to') {
+      this.#log.warn({ id: job.id, vm: job.vm, detail }, 'a migration still needs its source');
+      return;
+    }
     if (settled?.runsOn === 'to') this.#changed(this.#store.transition(job.id, 'succeeded', { detail }));
     else if (settled?.runsOn === 'from' && job.attempts < this.#maxAttempts) this.#changed(this.#store.transition(job.id, 'queued', { detail }));
     else if (settled?.runsOn === 'from') this.#changed(this.#store.transition(job.id, 'failed', { detail, error: `rolled back at restart after ${job.attempts} of ${this.#maxAttempts} attempts; not run again` }));
@@ -434,24 +341,29 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#log.info({ id, vm: job.vm, from: job.from, to: job.to, attempt: job.attempts }, 'migration starts');
     let lastProgress = 0;
     try {
-      await this.#runner.run(job, {
-        signal,
-        bandwidthBytesPerSec: job.bandwidthBytesPerSec ?? 0,
-        onProgress: (p) => {
-          const now = performance.now();
-          if (now - lastProgress < 1_000) return;
-          lastProgress = now;
-          this.emit('progress', { id, vm: job.vm, ...p });
-        },
-        onPhase: (phase) => {
-          this.#store.phase(id, phase);
-          this.emit('phase', { id, vm: job.vm, phase });
-        },
-      });
-      this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}` }));
-      this.#log.info({ id, vm: job.vm, to: job.to }, 'migration succeeded');
-    } catch (err) {
-      this.#failed(job, err);
+      const outcome = await this.#runner
+        .run(job, {
+          signal,
+          bandwidthBytesPerSec: job.bandwidthBytesPerSec ?? 0,
+          onProgress: (p) => {
+            const now = performance.now();
+            if (now - lastProgress < 1_000) return;
+            lastProgress = now;
+            this.emit('progress', { id, vm: job.vm, ...p });
+          },
+          onPhase: (phase) => {
+            this.#store.phase(id, phase);
+            this.emit('phase', { id, vm: job.vm, phase });
+          },
+          onSourceSaved: (saved) => this.#store.saveSource(id, saved),
+        })
+        .catch((err: unknown) => outcomeOfError(err, signal.aborted));
+      if (outcome.kind === 'migrated') {
+        this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}` }));
+        this.#log.info({ id, vm: job.vm, to: job.to }, 'migration succeeded');
+      } else {
+        this.#failed(job, outcome);
+      }
     } finally {
       // A retry may already have put a new controller in place: leave that one.
       if (this.#controllers.get(id)?.signal === signal) this.#controllers.delete(id);
@@ -460,24 +372,45 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     }
   }
 
-  #failed(job: MigrationJob, err: unknown): void {
-    const text = errorText(err);
-    const uncertain = !retryable(err) && (err as { guestOn?: string }).guestOn === 'unknown';
-    if (uncertain) {
-      this.#changed(this.#store.transition(job.id, 'failed', { error: `needs operator: ${text}`, detail: 'outcome uncertain' }));
-    } else if (this.#cancelRequested.has(job.id)) {
-      this.#changed(this.#store.transition(job.id, 'cancelled', { error: text, detail: 'cancelled while running; rolled back' }));
-    } else if (this.#stopping) {
-      this.#changed(this.#store.transition(job.id, 'queued', { error: text, detail: 'the scheduler stopped; rolled back, runs again at the next start' }));
-    } else if (retryable(err) && job.attempts < this.#maxAttempts) {
-      const delay = this.#baseDelayMs * 2 ** (job.attempts - 1);
-      const again = this.#store.transition(job.id, 'queued', { error: text, notBefore: Date.now() + delay, detail: `attempt ${job.attempts} failed; retry in ${delay} ms` });
-      this.#changed(again);
-      this.#schedule(again);
-    } else {
-      this.#changed(this.#store.transition(job.id, 'failed', { error: text, detail: retryable(err) ? `gave up after ${job.attempts} attempts` : 'not retryable' }));
+  /**
+   * What a failed migration becomes, by where the engine left the guest. Only a rollback may run
+   * again; past the point of no return, or with the guest's whereabouts in doubt, nothing is retried.
+   */
+  #failed(job: MigrationJob, outcome: FailedOutcome): void {
+    const text = errorText(outcome.error);
+    switch (outcome.kind) {
+      case 'onDestinationNeedsSource':
+        this.#changed(
+          this.#store.transition(job.id, 'needs-source', {
+            error: `${job.vm} runs on ${job.to} and still needs the source ${job.from} (keep its QEMU up): ${text}`,
+            detail: 'past the point of no return; not retried',
+          }),
+        );
+        break;
+      case 'uncertain':
+        this.#changed(this.#store.transition(job.id, 'failed', { error: `needs operator: ${text}`, detail: 'outcome uncertain' }));
+        break;
+      case 'sourceDied':
+        this.#changed(this.#store.transition(job.id, 'failed', { error: `needs operator: the source QEMU of ${job.vm} died on ${job.from}; no QEMU runs the guest: ${text}`, detail: 'source died; not retried' }));
+        break;
+      case 'rolledBack':
+        if (this.#cancelRequested.has(job.id)) {
+          this.#changed(this.#store.transition(job.id, 'cancelled', { error: text, detail: 'cancelled while running; rolled back' }));
+        } else if (this.#stopping) {
+          this.#changed(this.#store.transition(job.id, 'queued', { error: text, detail: 'the scheduler stopped; rolled back, runs again at the next start' }));
+        } else if (retryable(outcome) && job.attempts < this.#maxAttempts) {
+          const delay = this.#baseDelayMs * 2 ** (job.attempts - 1);
+          const again = this.#store.transition(job.id, 'queued', { error: text, notBefore: Date.now() + delay, detail: `attempt ${job.attempts} failed; retry in ${delay} ms` });
+          this.#changed(again);
+          this.#schedule(again);
+        } else {
+          this.#changed(this.#store.transition(job.id, 'failed', { error: text, detail: retryable(outcome) ? `gave up after ${job.attempts} attempts` : 'not retryable' }));
+        }
+        break;
+      default:
+        assertNever(outcome);
     }
-    this.#log.warn({ id: job.id, vm: job.vm, err: text }, 'migration failed');
+    this.#log.warn({ id: job.id, vm: job.vm, outcome: outcome.kind, err: text }, 'migration failed');
   }
 
   #bandwidthFor(job: MigrationJob): number | undefined {

@@ -3,7 +3,7 @@
  * change is a transaction that updates the row and appends to the journal, and it is committed
  * before the scheduler acts on it, so a crash leaves a state a restart can reconcile.
  *
- *   queued ──start──► running ──► succeeded | failed | cancelled
+ *   queued ──start──► running ──► succeeded | failed | cancelled | needs-source
  *     │                  └──retry / recovery──► queued
  *     └──cancel──► cancelled
  *
@@ -16,14 +16,17 @@
 import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
+import { SavedSourceSettingsSchema, type SavedSourceSettings } from '../engine/types.js';
 import { MIGRATION_STATES, SchedulerError, type MigrationJob, type MigrationMode, type MigrationState, type Reason } from './types.js';
 
 const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   queued: ['running', 'cancelled', 'failed'],
-  running: ['succeeded', 'failed', 'cancelled', 'queued'],
+  running: ['succeeded', 'failed', 'cancelled', 'queued', 'needs-source'],
   succeeded: [],
   failed: [],
   cancelled: [],
+  // A restart that finishes the hydration hands the migration over.
+  'needs-source': ['succeeded'],
 };
 
 const rowSchema = z.object({
@@ -50,7 +53,7 @@ const rowSchema = z.object({
 const journalSchema = z.object({ migration_id: z.string(), at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
 export type JournalEntry = z.infer<typeof journalSchema>;
 
-const SCHEMA_VERSION = 2;
+const SCHEMA_VERSION = 3;
 
 function toJob(raw: unknown): MigrationJob {
   const r = rowSchema.parse(raw);
@@ -102,11 +105,13 @@ export class SchedulerStore {
       setPhase: this.#db.prepare("UPDATE migrations SET phase = ?, updated_at = ? WHERE id = ? AND state = 'running'"),
       journal: this.#db.prepare('INSERT INTO journal (migration_id, at, state, phase, detail) VALUES (?, ?, ?, ?, ?)'),
       journalOf: this.#db.prepare('SELECT * FROM journal WHERE migration_id = ? ORDER BY rowid'),
+      setSourceSaved: this.#db.prepare("UPDATE migrations SET source_saved = ?, updated_at = ? WHERE id = ? AND state = 'running'"),
+      sourceSaved: this.#db.prepare('SELECT source_saved FROM migrations WHERE id = ?'),
     };
   }
 
   #migrate(): void {
-    const version = this.#db.pragma('user_version', { simple: true }) as number;
+    const version = z.number().int().parse(this.#db.pragma('user_version', { simple: true }));
     if (version > SCHEMA_VERSION) throw new SchedulerError('DB_TOO_NEW', `the database has schema ${version}; this scheduler knows ${SCHEMA_VERSION}`, { userError: true });
     if (version < 1) {
       this.#db.exec(`
@@ -127,6 +132,11 @@ export class SchedulerStore {
       // The next seq and the recent list read MAX(seq) / ORDER BY seq: without an index both walk
       // every migration ever stored, and enqueue slowed as history grew.
       this.#db.exec(`CREATE INDEX migrations_by_seq ON migrations (seq); PRAGMA user_version = 2;`);
+    }
+    if (version < 3) {
+      // What the engine changed on the source and how to put it back: a recovery after a crash
+      // restores the capabilities and parameters, and resumes the guest only if it ran.
+      this.#db.exec(`ALTER TABLE migrations ADD COLUMN source_saved TEXT; PRAGMA user_version = 3;`);
     }
   }
 
@@ -201,6 +211,26 @@ export class SchedulerStore {
     this.#db.transaction(() => {
       if (this.#stmts.setPhase.run(phase, now, id).changes === 1) this.#stmts.journal.run(id, now, 'running', phase, null);
     })();
+  }
+
+  /**
+   * The source's settings before the engine changed them (its `source-saved` event), journalled
+   * and committed before the engine goes on: a recovery after a crash reads them back.
+   */
+  saveSource(id: string, saved: SavedSourceSettings): void {
+    const now = Date.now();
+    this.#db.transaction(() => {
+      if (this.#stmts.setSourceSaved.run(JSON.stringify(saved), now, id).changes === 1) {
+        this.#stmts.journal.run(id, now, 'running', this.get(id)?.phase ?? null, `source saved: ${saved.wasRunning ? 'running' : 'paused'}, ${saved.capabilities.length} capabilities`);
+      }
+    })();
+  }
+
+  /** What saveSource stored, parsed; undefined if the engine never got that far. */
+  savedSource(id: string): SavedSourceSettings | undefined {
+    const row = z.object({ source_saved: z.string().nullable() }).optional().parse(this.#stmts.sourceSaved.get(id));
+    if (!row?.source_saved) return undefined;
+    return SavedSourceSettingsSchema.parse(JSON.parse(row.source_saved));
   }
 
   close(): void {

@@ -3,6 +3,8 @@
  * the hosts have, a MigrationRunner moves one VM (the engine through two agents), and a
  * Reconciler settles a migration that was in flight when the scheduler died.
  */
+import type { FailedOutcome, MigrationOutcome } from '../engine/outcome.js';
+import type { SavedSourceSettings } from '../engine/types.js';
 import { FerryError } from '../errors.js';
 
 export interface HostInfo {
@@ -27,9 +29,14 @@ export interface Inventory {
   vm(name: string): Promise<VmInfo | undefined>;
 }
 
-export const MIGRATION_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
+/**
+ * needs-source: past the point of no return the guest runs on the destination but still reads from
+ * the source (lazy mode's hydration failed): never retried, the source must stay up; an operator
+ * (or the next scheduler start) finishes it.
+ */
+export const MIGRATION_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled', 'needs-source'] as const;
 export type MigrationState = (typeof MIGRATION_STATES)[number];
-export const TERMINAL: ReadonlySet<MigrationState> = new Set(['succeeded', 'failed', 'cancelled']);
+export const TERMINAL: ReadonlySet<MigrationState> = new Set(['succeeded', 'failed', 'cancelled', 'needs-source']);
 
 export type Reason = 'drain' | 'manual' | 'rebalance';
 export type MigrationMode = 'precopy' | 'lazy';
@@ -73,13 +80,15 @@ export interface RunContext {
   signal: AbortSignal;
   bandwidthBytesPerSec: number;
   onPhase(phase: string): void;
+  /** The source's settings before the engine changed them: persisted before the engine goes on. */
+  onSourceSaved?(saved: SavedSourceSettings): void;
   /** Bytes moved so far of those to move (disk copy or hydration, and RAM), for `ferry watch`. */
   onProgress?(p: MigrationProgress): void;
 }
 
 export interface MigrationRunner {
-  /** Moves the VM; throws on failure (see `retryable`). */
-  run(job: MigrationJob, ctx: RunContext): Promise<void>;
+  /** Moves the VM and says how that ended; a rejection means nothing was changed (see `retryable`). */
+  run(job: MigrationJob, ctx: RunContext): Promise<MigrationOutcome>;
 }
 
 export type WhereRuns = 'from' | 'to' | 'unknown';
@@ -88,19 +97,14 @@ export interface Reconciler {
    * For a migration that was running when the scheduler died: finish it or roll it back, and say
    * which host runs the guest now. 'unknown' leaves everything as found, for an operator.
    */
-  settle(job: MigrationJob): Promise<{ runsOn: WhereRuns; detail: string }>;
+  settle(job: MigrationJob, saved: SavedSourceSettings | undefined): Promise<{ runsOn: WhereRuns; detail: string }>;
 }
 
 export class SchedulerError extends FerryError {
   override name = 'SchedulerError';
 }
 
-/**
- * A failure worth another attempt: not a mistake in the request, and not one whose outcome is
- * uncertain (guestOn 'unknown'), which only an operator may settle.
- */
-export function retryable(err: unknown): boolean {
-  if (!(err instanceof FerryError)) return true;
-  if (err.userError) return false;
-  return (err as FerryError & { guestOn?: string }).guestOn !== 'unknown';
+/** A failure worth another attempt: rolled back, and not a mistake in the request. */
+export function retryable(outcome: FailedOutcome): boolean {
+  return outcome.kind === 'rolledBack' && !outcome.userError;
 }

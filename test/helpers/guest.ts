@@ -36,6 +36,8 @@ export interface DiskPlan {
   fillMiB?: number;
   /** Make the disk a qcow2 overlay on a backing file holding this many MiB (pattern 0x6b). */
   backingFillMiB?: number;
+  /** qcow2: rewrite the filled image with compressed clusters (its actual-size then is tiny). */
+  compress?: boolean;
 }
 
 export async function makeDisk(path: string, d: DiskPlan): Promise<void> {
@@ -50,6 +52,10 @@ export async function makeDisk(path: string, d: DiskPlan): Promise<void> {
   if (d.fillMiB) {
     // Fill the upper half so the guest's records (scattered over all of it) mostly land elsewhere.
     await run('qemu-io', ['-f', d.format, '-c', `write -P 0x5a ${Math.floor(d.size / 2)} ${d.fillMiB}M`, path]);
+  }
+  if (d.compress) {
+    await run('qemu-img', ['convert', '-c', '-f', 'qcow2', '-O', 'qcow2', path, `${path}.c`]);
+    await run('mv', [`${path}.c`, path]);
   }
 }
 

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, expect, test } from 'vitest';
 import { WebSocket } from 'ws';
 import { AgentClient, AgentDestination } from '../../src/agent/client.js';
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
-import { loadTls, type TlsMaterial } from '../../src/agent/tls.js';
+import { loadTls, type TlsMaterial } from '../../src/host/tls.js';
 import { LocalSource } from '../../src/engine/local-endpoint.js';
 import { migrate } from '../../src/engine/migrate.js';
 import { bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js';

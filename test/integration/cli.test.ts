@@ -147,7 +147,7 @@ describe('migrate-vm', () => {
     expect(code, stderr).toBe(130);
     expect(stderr).toMatch(/SIGINT: cancelling, rolling back/);
     const summary = JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<string, unknown>;
-    expect(summary).toMatchObject({ event: 'summary', ok: false, code: 'CANCELLED', guestOn: 'source' });
+    expect(summary).toMatchObject({ event: 'summary', ok: false, code: 'CANCELLED', outcome: 'rolledBack', guestOn: 'source' });
     expect((await vm.qmp.execute('query-status')).status).toBe('running');
     expect(await readdir(hostB)).toEqual([]);
     const before = highestAcks(vm.serial.history()).get('root')!;

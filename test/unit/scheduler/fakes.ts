@@ -1,5 +1,12 @@
 /** Fakes for the scheduler's unit tests: an inventory in memory and a runner the test drives. */
+import type { MigrationOutcome } from '../../../src/engine/outcome.js';
+import type { MigrationResult } from '../../../src/engine/types.js';
 import type { Inventory, MigrationJob, MigrationRunner, Reconciler, RunContext, WhereRuns } from '../../../src/scheduler/types.js';
+
+/** A successful outcome for a fake run: the scheduler reads only the kind. */
+export function migrated(job: MigrationJob): MigrationOutcome {
+  return { kind: 'migrated', result: { ok: true, migrationId: job.id } as MigrationResult };
+}
 
 export class FakeInventory implements Inventory {
   hostList: { name: string; freeMemoryMiB: number; freeDiskBytes: number }[];
@@ -36,15 +43,16 @@ export class FakeRunner implements MigrationRunner {
   auto: 'finish' | undefined;
   #waiters: (() => void)[] = [];
 
-  async run(job: MigrationJob, ctx: RunContext): Promise<void> {
+  async run(job: MigrationJob, ctx: RunContext): Promise<MigrationOutcome> {
     this.started.push(job);
-    return new Promise<void>((resolve, reject) => {
+    return new Promise<MigrationOutcome>((resolve, reject) => {
       const r: Running = {
         job,
         ctx,
         finish: () => {
           this.running.delete(job.id);
-          resolve();
+          // The scheduler reads only the kind; a fake result stands in for the engine's.
+          resolve(migrated(job));
         },
         fail: (err) => {
           this.running.delete(job.id);

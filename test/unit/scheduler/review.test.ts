@@ -5,7 +5,7 @@ import { Scheduler } from '../../../src/scheduler/scheduler.js';
 import { SchedulerStore } from '../../../src/scheduler/store.js';
 import type { MigrationJob } from '../../../src/scheduler/types.js';
 import { tempDir } from '../../helpers/tmp.js';
-import { FakeInventory, FakeReconciler, FakeRunner, tick } from './fakes.js';
+import { FakeInventory, FakeReconciler, FakeRunner, migrated, tick } from './fakes.js';
 
 const within = <T>(p: Promise<T>, ms: number): Promise<T | 'TIMEOUT'> => Promise.race([p, new Promise<'TIMEOUT'>((r) => setTimeout(r, ms, 'TIMEOUT'))]);
 
@@ -70,7 +70,7 @@ describe('scheduler review', () => {
   test('E: a phase reported after the migration ended does not journal "running" after a terminal state', async () => {
     const store = new SchedulerStore(':memory:');
     let ctxOf: ((p: string) => void) | undefined;
-    const s = new Scheduler({ store, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), reconciler: new FakeReconciler(), runner: { run: async (_j: MigrationJob, ctx) => { ctxOf = ctx.onPhase; } } });
+    const s = new Scheduler({ store, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), reconciler: new FakeReconciler(), runner: { run: async (j: MigrationJob, ctx) => { ctxOf = ctx.onPhase; return migrated(j); } } });
     await s.start();
     const j = (await s.migrate('v1', { to: 'b' })).job;
     await tick(20);
@@ -85,7 +85,7 @@ test('F: the next seq and the recent list use an index, not a walk over all hist
   new SchedulerStore(path).close();
   const db = new Database(path, { readonly: true });
   const plan = (sql: string): string => (db.prepare(`EXPLAIN QUERY PLAN ${sql}`).all() as { detail: string }[]).map((r) => r.detail).join('; ');
-  expect(db.pragma('user_version', { simple: true })).toBe(2);
+  expect(db.pragma('user_version', { simple: true })).toBeGreaterThanOrEqual(2);
   expect(plan('SELECT COALESCE(MAX(seq), 0) + 1 FROM migrations')).toMatch(/migrations_by_seq/);
   expect(plan('SELECT * FROM migrations ORDER BY seq DESC LIMIT 100')).toMatch(/migrations_by_seq/);
   db.close();

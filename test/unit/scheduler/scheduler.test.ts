@@ -1,5 +1,6 @@
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
+import { MigrationError } from '../../../src/engine/types.js';
 import { FerryError } from '../../../src/errors.js';
 import { Scheduler, type SchedulerLimits } from '../../../src/scheduler/scheduler.js';
 import { SchedulerStore } from '../../../src/scheduler/store.js';
@@ -160,7 +161,7 @@ describe('scheduler requests', () => {
     await scheduler.start();
     const j = (await scheduler.migrate('v1', { to: 'b' })).job;
     await runner.until(1);
-    runner.running.get(j.id)!.fail(Object.assign(new FerryError('SWITCHOVER_UNCERTAIN', 'cont got no answer'), { guestOn: 'unknown' }));
+    runner.running.get(j.id)!.fail(new MigrationError('SWITCHOVER_UNCERTAIN', 'cont got no answer', { phase: 'confirm', outcome: 'uncertain' }));
     await tick(5);
     expect(store.get(j.id)).toMatchObject({ state: 'failed', error: 'needs operator: cont got no answer' });
   });

@@ -1,0 +1,184 @@
+/**
+ * What every phase of one migration shares: who it is (id, request, options, logger), where it is
+ * (the phase clock, the point of no return), how it undoes (the undo stack), and the services all
+ * phases use (one call deadline, events, warnings, naps, stall and abort checks). Phase results do
+ * not live here: each phase function takes its inputs and returns its outputs (the "cookie").
+ */
+import { FerryError, errorText } from '../errors.js';
+import type { Logger } from '../log.js';
+import { silentLogger } from '../log.js';
+import { QmpCommandError, QmpTimeoutError, type QmpCapabilities, type QmpClient, type QmpEvent } from '../qmp/index.js';
+import type { VmSpec } from '../qemu/spec.js';
+import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
+import { newMigrationId } from './names.js';
+import { PhaseClock } from './phase.js';
+import type { ProgressTracker } from './progress.js';
+import { MigrationError, type MigrationEvent, type MigrationOptions, type MigrationOptionsInput, type Phase } from './types.js';
+import { UndoStack } from './undo.js';
+
+export interface MigrateRequest {
+  spec: VmSpec;
+  source: SourceEndpoint;
+  destination: DestinationEndpoint;
+  options?: MigrationOptionsInput;
+  /** Cancels the migration (rolls back) until the point of no return. */
+  signal?: AbortSignal;
+  logger?: Logger;
+  onEvent?: (e: MigrationEvent) => void;
+  /** Preflight only: return the plan, change nothing. */
+  dryRun?: boolean;
+  migrationId?: string;
+}
+
+/** Deadline of the QMP commands the undo steps and tidy steps send, ms. */
+export const QMP_TIMEOUT_MS = 30_000;
+/** The undo step that stops the destination QEMU: run first on rollback. */
+export const STOP_DESTINATION = 'stop destination QEMU';
+
+/** The source after begin: its QMP session, what its QEMU can do, and whether the guest ran. */
+export interface SourceState {
+  qmp: QmpClient;
+  caps: QmpCapabilities;
+  wasRunning: boolean;
+}
+
+/** lazy mode: the source's read-only NBD server, on its exportHost. */
+export interface SourceExport {
+  port: number;
+}
+
+/** The destination after prepare: an incoming QEMU, paused, with its NBD exports (pre-copy). */
+export interface DestinationState {
+  spec: VmSpec;
+  vm: IncomingVm;
+  caps: QmpCapabilities;
+  /** pre-copy: the port of the destination's NBD server the mirrors write to. */
+  nbdPort: number | undefined;
+}
+
+export class MigrationContext {
+  readonly id: string;
+  readonly req: MigrateRequest;
+  readonly opts: MigrationOptions;
+  readonly log: Logger;
+  readonly undo = new UndoStack();
+  /** The caller's cancel and the total timeout: they stop the migration until the point of no return. */
+  readonly signal: AbortSignal;
+  readonly started = performance.now();
+  readonly phases: PhaseClock;
+  #pastNoReturn = false;
+  readonly #napCursor = new WeakMap<QmpClient, number>();
+
+  constructor(req: MigrateRequest, opts: MigrationOptions) {
+    this.req = req;
+    this.opts = opts;
+    this.id = req.migrationId ?? newMigrationId();
+    this.log = (req.logger ?? silentLogger).child({ migration: this.id, vm: req.spec.name });
+    const total = AbortSignal.timeout(opts.totalTimeoutMs);
+    this.signal = req.signal ? AbortSignal.any([req.signal, total]) : total;
+    this.phases = new PhaseClock((phase) => {
+      this.log.info({ phase }, 'phase');
+      this.emit({ event: 'phase', migrationId: this.id, phase, at: performance.now() - this.started });
+    });
+  }
+
+  get phase(): Phase {
+    return this.phases.phase;
+  }
+
+  enter(phase: Phase): void {
+    this.phases.enter(phase);
+  }
+
+  get pastNoReturn(): boolean {
+    return this.#pastNoReturn;
+  }
+
+  /**
+   * The destination has run (or may have): nothing may resume the source, or remove what runs.
+   * The undo stack is emptied; from now on a call carries no signal and nothing cancels.
+   */
+  passNoReturn(): void {
+    this.#pastNoReturn = true;
+    this.undo.dropSide('source');
+    this.undo.dropSide('destination');
+  }
+
+  emit(e: MigrationEvent): void {
+    try {
+      this.req.onEvent?.(e);
+    } catch (err) {
+      this.log.error({ err: errorText(err) }, 'event listener threw');
+    }
+  }
+
+  warn(message: string): void {
+    this.log.warn(message);
+    this.emit({ event: 'warning', migrationId: this.id, message });
+  }
+
+  /** One QMP command's deadline, and the signal until the point of no return. */
+  call(): { timeoutMs: number; signal?: AbortSignal } {
+    return this.#pastNoReturn ? { timeoutMs: this.opts.commandTimeoutMs } : { timeoutMs: this.opts.commandTimeoutMs, signal: this.signal };
+  }
+
+  /** Runs a step past the point of no return: a failure is reported, never thrown. */
+  async tidy(what: string, step: () => Promise<unknown>): Promise<void> {
+    try {
+      await step();
+    } catch (err) {
+      this.warn(`could not ${what}: ${errorText(err)}`);
+    }
+  }
+
+  throwIfAborted(): void {
+    if (this.signal.aborted) throw new FerryError('MIGRATION_CANCELLED', 'cancelled', { cause: this.signal.reason });
+  }
+
+  throwIfDestinationDied(dest: DestinationState): void {
+    if (!dest.vm.running()) {
+      throw new MigrationError('DESTINATION_DIED', `the destination QEMU (pid ${dest.vm.pid}) exited during ${this.phase}`, { phase: this.phase });
+    }
+  }
+
+  checkStalled(progress: ProgressTracker): void {
+    const idle = progress.idleMs();
+    if (idle > this.opts.progressTimeoutMs) {
+      throw new MigrationError('STALLED', `no progress for ${Math.round(idle)} ms during ${this.phase} (progress timeout ${this.opts.progressTimeoutMs} ms)`, {
+        phase: this.phase,
+      });
+    }
+  }
+
+  /** Sleeps one progress interval, waking early on a matching event newer than the last nap's. */
+  async nap(q: QmpClient, pred: (e: QmpEvent) => boolean, since?: number): Promise<void> {
+    const { signal } = this.call();
+    try {
+      await q.waitForEvent(pred, {
+        timeoutMs: this.opts.progressIntervalMs,
+        ...(signal ? { signal } : {}),
+        ...(since === undefined ? {} : { since: Math.max(since, this.#napCursor.get(q) ?? since) }),
+      });
+    } catch (err) {
+      if (!(err instanceof QmpTimeoutError)) throw err;
+    }
+    this.#napCursor.set(q, q.eventCursor());
+  }
+}
+
+/** Tries candidate ports until QEMU binds one; another process may hold any of them. */
+export async function onFreePort(ctx: MigrationContext, bind: (port: number) => Promise<unknown>, where: { host: string; ports: Iterable<number> }): Promise<number> {
+  let tried = 0;
+  let last: unknown;
+  for (const port of where.ports) {
+    if (tried++ >= 50) break;
+    try {
+      await bind(port);
+      return port;
+    } catch (err) {
+      if (!(err instanceof QmpCommandError) || !/in use|bind/i.test(err.desc)) throw err;
+      last = err;
+    }
+  }
+  throw new MigrationError('NO_FREE_PORT', `no free port on ${where.host} after ${tried} tries: ${errorText(last)}`, { phase: ctx.phase, cause: last });
+}

@@ -1,0 +1,91 @@
+/**
+ * Lazy mode's own phases: the source serves each disk read-only over NBD (prepare), and after
+ * `cont` the destination hydrates its overlays from there (hydrate.ts) while the guest runs.
+ * Read-only matters: a writable export could not be inactivated when the migration completes, and
+ * the source must stop writing then.
+ */
+import { diskNodeName } from '../qemu/spec.js';
+import { onFreePort, QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceExport, type SourceState } from './context.js';
+import { hydrate, HydrationError } from './hydrate.js';
+import { nbdServerArguments } from './data-path.js';
+import { exportName } from './names.js';
+import { stopNbdServer, unexport } from './primitives.js';
+import { MigrationError, type MigrationPlan } from './types.js';
+import { WireCounter } from './wire-counter.js';
+
+export interface Hydrated {
+  hydrationMs: number;
+  hydratedWireBytes: number | undefined;
+}
+
+export async function sourceExportDisks(ctx: MigrationContext, input: { source: SourceState; plan: MigrationPlan }): Promise<SourceExport> {
+  const q = input.source.qmp;
+  const src = ctx.req.source;
+  ctx.undo.push("stop the source's NBD server", 'source', () => stopNbdServer(q, QMP_TIMEOUT_MS));
+  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(src.exportHost, p), ctx.call()), {
+    host: src.exportHost,
+    ports: src.candidateExportPorts(),
+  });
+  for (const disk of input.plan.disks) {
+    const name = exportName(ctx.id, disk.id);
+    ctx.undo.push(`remove source export ${name}`, 'source', () => unexport(q, name, QMP_TIMEOUT_MS));
+    await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: false }, ctx.call());
+  }
+  return { port };
+}
+
+/** After hydration: the exports and the server go (the overlays no longer read from them). */
+export async function sourceUnexportDisks(ctx: MigrationContext, input: { source: SourceState; plan: MigrationPlan }): Promise<void> {
+  for (const disk of input.plan.disks) await unexport(input.source.qmp, exportName(ctx.id, disk.id), ctx.opts.commandTimeoutMs);
+  await stopNbdServer(input.source.qmp, ctx.opts.commandTimeoutMs);
+}
+
+/**
+ * The overlays pull what they lack from the source's export, while the wire bytes the source's NBD
+ * server sends are counted. Past the point of no return, a failure is reported loudly and never
+ * rolled back: the guest runs here and still needs the source.
+ */
+export async function destinationHydrate(ctx: MigrationContext, input: { dest: DestinationState; plan: MigrationPlan; sourceExport: SourceExport }): Promise<Hydrated> {
+  const { dest, plan, sourceExport } = input;
+  const started = performance.now();
+  // The destination's own count, where its host can tell, sees only its QEMU's connections; the
+  // source's sees every reader of the export. One counter for the whole hydration, never mixed.
+  const peer = { host: ctx.req.source.exportHost, port: sourceExport.port };
+  const byDestination = (await ctx.req.destination.nbdBytesReceived(peer, dest.vm.pid).catch(() => undefined)) !== undefined;
+  const read = byDestination ? () => ctx.req.destination.nbdBytesReceived(peer, dest.vm.pid) : () => ctx.req.source.nbdBytesServed(sourceExport.port);
+  const wire = new WireCounter(read, (before, now) => ctx.log.warn({ before, now }, 'the NBD connection to the source was re-established'));
+  await wire.start();
+  try {
+    await hydrate(dest.vm.qmp, plan.disks, {
+      bytesPerSec: ctx.opts.hydrationBytesPerSec,
+      stallMs: ctx.opts.progressTimeoutMs + ctx.opts.nbdReconnectDelayS * 1000,
+      attempts: ctx.opts.hydrationAttempts,
+      timeoutMs: ctx.opts.commandTimeoutMs,
+      pollMs: ctx.opts.progressIntervalMs,
+      onPoll: async (disks) => {
+        await wire.sample();
+        ctx.emit({ event: 'hydration', migrationId: ctx.id, disks, wireBytes: wire.bytes(), elapsedMs: Math.round(performance.now() - started) });
+      },
+      // auto-finalize is off: a finished stream waits in 'pending' with its backing (and the NBD
+      // connection whose byte counter we read) still attached. Count, then let go.
+      beforeRelease: () => wire.sample(),
+      onRetry: (attempt, why) => ctx.emit({ event: 'warning', migrationId: ctx.id, message: `hydration attempt ${attempt} failed (${why}); resuming` }),
+    });
+  } catch (err) {
+    if (!(err instanceof HydrationError)) throw err;
+    const d = ctx.req.destination.name;
+    const s = ctx.req.source.name;
+    throw new MigrationError(
+      err.code,
+      err.code === 'HYDRATION_STALLED'
+        ? `${err.message}; the guest runs on ${d} and still reads unhydrated blocks from ${s}, which must stay up`
+        : `${err.message}. The guest runs on ${d}; reads of blocks not yet hydrated fail with I/O errors until the source (${s}) serves its export again. Do not stop the source QEMU; see docs/migration.md, lazy mode.`,
+      { phase: ctx.phase, cause: err, outcome: 'onDestinationNeedsSource' },
+    );
+  }
+  const hydrationMs = Math.round(performance.now() - started);
+  const hydratedWireBytes = wire.bytes();
+  // The last sample may predate the streams' end: progress consumers get a final 100%.
+  ctx.emit({ event: 'hydration', migrationId: ctx.id, disks: plan.disks.map((x) => ({ id: x.id, doneBytes: x.virtualSize, totalBytes: x.virtualSize })), wireBytes: hydratedWireBytes, elapsedMs: hydrationMs });
+  return { hydrationMs, hydratedWireBytes };
+}

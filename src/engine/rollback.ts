@@ -1,0 +1,70 @@
+/**
+ * What a failure becomes. Before the point of no return the undo stack unwinds (the destination
+ * QEMU first), and the source is asked where the guest is: proof, not hope. After it, nothing is
+ * undone. The first error survives its cleanup; the outcome is decided here (outcome.ts).
+ */
+import { FerryError, errorText } from '../errors.js';
+import { STOP_DESTINATION, type MigrationContext, type SourceState } from './context.js';
+import { classifyFailure } from './outcome.js';
+import { MigrationError, type Phase } from './types.js';
+
+type SourceAfter = Parameters<typeof classifyFailure>[1]['source'];
+
+export async function fail(ctx: MigrationContext, err: unknown, source: SourceState | undefined): Promise<MigrationError> {
+  const failedPhase = ctx.phase;
+  const first = asMigrationError(ctx, err, failedPhase);
+  const verdict = (where: SourceAfter, cleanupErrors: unknown[]): MigrationError =>
+    new MigrationError(first.code, first.message, {
+      phase: failedPhase,
+      cause: first.cause ?? err,
+      userError: first.userError,
+      context: { ...first.context },
+      outcome: classifyFailure(first, { pastNoReturn: ctx.pastNoReturn, mode: ctx.opts.mode, source: where }),
+      cleanupErrors: [...first.cleanupErrors, ...cleanupErrors],
+    });
+  if (ctx.pastNoReturn) {
+    // Nothing to roll back: the undo stack was emptied at the point of no return.
+    ctx.enter('failed');
+    await source?.qmp.close().catch(() => undefined);
+    return verdict('other', []);
+  }
+  ctx.log.warn({ err: errorText(first), phase: failedPhase }, 'migration failed, rolling back');
+  if (ctx.undo.size > 0) ctx.enter('rollback');
+  const report = (step: string, stepErr: unknown): void => {
+    ctx.emit({ event: 'rollback', migrationId: ctx.id, step, ok: !stepErr, ...(stepErr ? { error: errorText(stepErr) } : {}) });
+    if (stepErr) ctx.log.error({ step, err: errorText(stepErr) }, 'rollback step failed');
+  };
+  // The destination QEMU goes first. It never ran the guest, so killing it is always safe
+  // here, and a destination that is alive but silent (frozen, partitioned) would otherwise
+  // block the source's QEMU: its NBD client waits forever for replies on an open connection,
+  // and every block operation on the source (blockdev-del, the reactivation inside `cont`)
+  // waits with it. A dead peer makes them fail at once.
+  const cleanupErrors = await ctx.undo.runNow(STOP_DESTINATION, report);
+  cleanupErrors.push(...(await ctx.undo.runAll(report)));
+  let where: SourceAfter = 'not-connected';
+  if (source) {
+    const status = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
+    const expected = source.wasRunning ? 'running' : 'paused';
+    if (status?.status === expected) where = 'as-before';
+    else if (status) where = 'other';
+    else where = (await ctx.req.source.sourceGone().catch(() => false)) ? 'gone' : 'unreachable';
+    if (where !== 'as-before') {
+      const seen = status?.status ?? (where === 'gone' ? 'gone (its QEMU exited)' : 'unreachable');
+      cleanupErrors.push(new MigrationError('SOURCE_STATE', `after rollback the source is '${seen}', expected ${expected}`, { phase: failedPhase }));
+    }
+    await source.qmp.close().catch(() => undefined);
+  }
+  ctx.enter('failed');
+  return verdict(where, cleanupErrors);
+}
+
+function asMigrationError(ctx: MigrationContext, err: unknown, phase: Phase): MigrationError {
+  if (err instanceof MigrationError) return err;
+  if (ctx.signal.aborted && (!(err instanceof FerryError) || err.code === 'QMP_ABORTED' || err.code === 'MIGRATION_CANCELLED')) {
+    const cancelled = ctx.req.signal?.aborted ?? false;
+    const reason = cancelled ? 'cancelled' : `total timeout of ${ctx.opts.totalTimeoutMs} ms reached`;
+    return new MigrationError(cancelled ? 'CANCELLED' : 'TOTAL_TIMEOUT', `migration ${reason} during ${phase}`, { phase, cause: err });
+  }
+  if (err instanceof FerryError) return new MigrationError(err.code, `${phase}: ${err.message}`, { phase, cause: err, userError: err.userError, context: { ...err.context } });
+  return new MigrationError('INTERNAL', `${phase}: ${errorText(err)}`, { phase, cause: err });
+}

@@ -1,0 +1,175 @@
+/**
+ * Source begin and preflight (libvirt's qemuMigrationSrcBegin): reach the source QEMU, read what
+ * it runs, and refuse what cannot work before anything changes anywhere. The plan it returns is
+ * the input of every later phase.
+ */
+import { errorText } from '../errors.js';
+import type { QmpClient } from '../qmp/index.js';
+import { diskNodeName, type VmSpec } from '../qemu/spec.js';
+import { QMP_TIMEOUT_MS, type MigrationContext, type SourceState } from './context.js';
+import { MigrationError, type MigrationPlan } from './types.js';
+
+/** Free space kept beyond what the copy needs, for qcow2 metadata and the filesystem's own. */
+const SPACE_MARGIN_BYTES = 64 * 1024 * 1024;
+
+export async function sourceBegin(ctx: MigrationContext): Promise<SourceState> {
+  let qmp: QmpClient;
+  try {
+    qmp = await ctx.req.source.connect({ timeoutMs: 10_000, signal: ctx.signal });
+  } catch (err) {
+    throw new MigrationError('SOURCE_UNREACHABLE', `cannot reach the source VM's QMP (${ctx.req.source.name}): ${errorText(err)}`, {
+      phase: 'preflight',
+      cause: err,
+      userError: true,
+    });
+  }
+  const caps = await qmp.probeCapabilities({ timeoutMs: QMP_TIMEOUT_MS, signal: ctx.signal });
+  const status = await qmp.execute('query-status', undefined, ctx.call());
+  return { qmp, caps, wasRunning: status.status === 'running' };
+}
+
+/**
+ * The destination's spec. In lazy mode every disk is a qcow2 overlay (named .qcow2) whose
+ * backing is the source's export until hydration ends; after that it stands alone.
+ */
+export function targetSpec(ctx: MigrationContext): VmSpec {
+  const spec = ctx.req.destination.targetSpec(ctx.req.spec, ctx.id);
+  if (ctx.opts.mode !== 'lazy') return spec;
+  return { ...spec, disks: spec.disks.map((d) => ({ ...d, format: 'qcow2' as const, path: d.path.replace(/(\.(raw|img|qcow2))?$/, '.qcow2') })) };
+}
+
+export async function sourcePreflight(ctx: MigrationContext, source: SourceState): Promise<MigrationPlan> {
+  const { spec } = ctx.req;
+  const problems = [...(await sourceStateProblems(ctx, source))];
+  const destSpec = targetSpec(ctx);
+  const { disks, bitmaps, problems: diskProblems } = await readDisks(ctx, source, destSpec);
+  problems.push(...diskProblems);
+  if (bitmaps.length > 0 && !source.caps.migrationCapabilities.has('dirty-bitmaps')) {
+    // Without the capability the destination would come up without them, and the next
+    // incremental backup there would silently miss every block written before the move.
+    problems.push(`the source disks carry dirty bitmaps (${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}) but the source QEMU lacks the dirty-bitmaps migration capability`);
+  }
+  if (ctx.opts.mode === 'lazy' && bitmaps.length > 0) {
+    // Not verified yet: the bitmap would land on the overlay while the data is still behind it.
+    problems.push(`lazy mode does not move dirty bitmaps yet (found ${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}); use precopy`);
+  }
+  const ramBytes = readBaseMemory(await source.qmp.executeRaw('query-memory-size-summary', undefined, ctx.call())) ?? spec.memoryMiB * 1024 * 1024;
+  if (ramBytes !== spec.memoryMiB * 1024 * 1024) {
+    problems.push(`spec does not match the running source: it has ${ramBytes / 1048576} MiB of RAM, the spec says ${spec.memoryMiB}`);
+  }
+
+  problems.push(...(await ctx.req.destination.checkTarget(destSpec, { signal: ctx.signal })));
+  const needed = disks.reduce((s, d) => s + d.allocatedBytes, 0) + SPACE_MARGIN_BYTES;
+  const free = await ctx.req.destination.freeBytes(destSpec, { signal: ctx.signal }).catch(() => undefined);
+  if (free !== undefined && free < needed) {
+    problems.push(`not enough space on ${ctx.req.destination.name}: the disks hold ${mib(needed - SPACE_MARGIN_BYTES)} MiB, ${mib(free)} MiB free`);
+  }
+
+  if (problems.length > 0) {
+    throw new MigrationError('PREFLIGHT_REFUSED', `cannot migrate ${spec.name}:\n  - ${problems.join('\n  - ')}`, {
+      phase: 'preflight',
+      userError: true,
+      context: { problems },
+    });
+  }
+  const gib = (needed + ramBytes) / 2 ** 30;
+  return {
+    migrationId: ctx.id,
+    vm: spec.name,
+    source: ctx.req.source.name,
+    destination: ctx.req.destination.name,
+    destinationHost: ctx.req.destination.migrationHost,
+    disks,
+    ramBytes,
+    mode: ctx.opts.mode,
+    copyMode: ctx.opts.copyMode,
+    bitmaps,
+    capabilities: { source: [...source.caps.migrationCapabilities].sort(), destination: [] },
+    deadlineMs: Math.round(ctx.opts.deadlineBaseMs + ctx.opts.deadlinePerGiBMs * gib),
+  };
+}
+
+/** Commands and capabilities the source needs, and a state it can migrate from. */
+async function sourceStateProblems(ctx: MigrationContext, source: SourceState): Promise<string[]> {
+  const problems: string[] = [];
+  for (const cmd of ['blockdev-add', 'blockdev-mirror', 'block-job-cancel', 'migrate', 'migrate-continue']) {
+    if (!source.caps.hasCommand(cmd)) problems.push(`source QEMU lacks the command ${cmd}`);
+  }
+  for (const cap of ['events', 'pause-before-switchover']) {
+    if (!source.caps.migrationCapabilities.has(cap)) problems.push(`source QEMU lacks the migration capability ${cap}`);
+  }
+  if (ctx.opts.mode === 'lazy') {
+    for (const cmd of ['nbd-server-start', 'block-export-add', 'block-export-del']) {
+      if (!source.caps.hasCommand(cmd)) problems.push(`lazy mode: source QEMU lacks the command ${cmd}`);
+    }
+  }
+  const status = await source.qmp.execute('query-status', undefined, ctx.call());
+  if (!['running', 'paused'].includes(status.status)) problems.push(`source VM is in state '${status.status}', not running or paused`);
+  const mig = await source.qmp.execute('query-migrate', undefined, ctx.call());
+  if (mig.status && !['none', 'completed', 'failed', 'cancelled'].includes(mig.status)) {
+    problems.push(`a migration is already in progress on the source (status ${mig.status})`);
+  }
+  const blockJobs = await source.qmp.execute('query-block-jobs', undefined, ctx.call());
+  if (blockJobs.length > 0) problems.push(`the source has block jobs running: ${blockJobs.map((j) => j.device).join(', ')}`);
+  return problems;
+}
+
+/** The spec must describe the running VM, disk for disk: the destination is started from it. */
+async function readDisks(
+  ctx: MigrationContext,
+  source: SourceState,
+  destSpec: VmSpec,
+): Promise<{ disks: MigrationPlan['disks']; bitmaps: MigrationPlan['bitmaps']; problems: string[] }> {
+  const problems: string[] = [];
+  const nodes = await source.qmp.execute('query-named-block-nodes', { flat: true }, ctx.call());
+  const byName = new Map(nodes.map((n) => [n['node-name'], n]));
+  const disks: MigrationPlan['disks'] = [];
+  const bitmaps: MigrationPlan['bitmaps'] = [];
+  const mismatch = (what: string): void => {
+    problems.push(`spec does not match the running source: ${what}`);
+  };
+  for (const [i, disk] of ctx.req.spec.disks.entries()) {
+    const node = byName.get(diskNodeName(disk.id));
+    if (!node) {
+      const named = [...byName.keys()].filter((n): n is string => n !== undefined && !n.startsWith('#'));
+      mismatch(`disk '${disk.id}' (node ${diskNodeName(disk.id)}) is not there; the source has ${named.join(', ') || 'no named nodes'}`);
+      continue;
+    }
+    if (node.drv !== disk.format) mismatch(`disk '${disk.id}' is ${node.drv}, the spec says ${disk.format}`);
+    if (node.file !== disk.path) mismatch(`disk '${disk.id}' is ${node.file}, the spec says ${disk.path}`);
+    const virtualSize = node.image['virtual-size'];
+    if (disk.virtualSize !== undefined && disk.virtualSize !== virtualSize) mismatch(`disk '${disk.id}' has ${virtualSize} bytes, the spec says ${disk.virtualSize}`);
+    for (const b of node['dirty-bitmaps'] ?? []) {
+      if (b.name) bitmaps.push({ disk: disk.id, name: b.name, persistent: b.persistent, count: b.count });
+    }
+    // What the copy writes, not what the file takes: a compressed image, or one with a backing
+    // chain that 'full' flattens, holds more data than its actual-size (ENOSPC mid-mirror).
+    const data = await ctx.req.source.dataBytes({ path: disk.path, format: disk.format }, { signal: ctx.signal }).catch((err: unknown) => {
+      ctx.log.warn({ disk: disk.id, err: errorText(err) }, "cannot read the disk's data bytes; using QEMU's actual-size");
+      return undefined;
+    });
+    disks.push({
+      id: disk.id,
+      format: destSpec.disks[i]!.format,
+      virtualSize,
+      allocatedBytes: data ?? node.image['actual-size'] ?? virtualSize,
+      sourcePath: disk.path,
+      destinationPath: destSpec.disks[i]!.path,
+      // The target is a fresh image that reads as zeros, so copying what the source allocates
+      // is the whole disk. 'full' would mark every range dirty (QEMU cannot tell that an NBD
+      // target unmaps on write-zeroes) and the empty ranges would count against the speed cap.
+      // With a backing file, 'top' would leave the chain behind: flatten instead.
+      sync: node.backing_file ? 'full' : 'top',
+    });
+  }
+  return { disks, bitmaps, problems };
+}
+
+function readBaseMemory(raw: unknown): number | undefined {
+  if (typeof raw === 'object' && raw !== null && 'base-memory' in raw && typeof raw['base-memory'] === 'number') return raw['base-memory'];
+  return undefined;
+}
+
+function mib(bytes: number): number {
+  return Math.round(bytes / 1048576);
+}
