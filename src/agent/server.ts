@@ -24,7 +24,7 @@ import { tcpBytesAcked, tcpBytesAckedFrom } from '../engine/wire.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
 import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
-import { launchVm } from '../qemu/launcher.js';
+import { defaultQemuBinary, launchVm } from '../qemu/launcher.js';
 import { canonicalPath, parseVmSpec, SpecError, type VmSpec } from '../qemu/spec.js';
 import { parseAgentConfig, type AgentConfig } from './config.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
@@ -58,7 +58,7 @@ interface Session {
 export async function startAgent(input: unknown, logger: Logger = silentLogger): Promise<RunningAgent> {
   const config: AgentConfig = parseAgentConfig(input);
   const log = logger.child({ agent: config.name });
-  const qemuBinary = config.qemuBinary ?? 'qemu-system-x86_64';
+  const qemuBinary = config.qemuBinary ?? defaultQemuBinary();
   const local = new LocalDestination({ dir: config.storageRoot, migrationHost: config.migrationHost, portRange: config.portRange, logger: log, outliveProcess: true, qemuBinary });
   const registry = new VmRegistry(config.stateDir, log);
   const supervised = new Map<string, Supervised>();

@@ -65,6 +65,8 @@ export async function bootWorkloadGuest(opts: {
   workload: Workload;
   memoryMiB?: number;
   name?: string;
+  /** Default: the launcher's, i.e. $FERRY_QEMU (the 10.0 test leg sets it) or the system's. */
+  qemuBinary?: string;
 }): Promise<BootedGuest> {
   const root = await makeTempDir();
   const hostA = join(root, 'host-a');
@@ -85,7 +87,7 @@ export async function bootWorkloadGuest(opts: {
     },
     runDir: join(hostA, 'run'),
   });
-  const vm = await launchVm(spec, { timeoutMs: 30_000 });
+  const vm = await launchVm(spec, { timeoutMs: 30_000, ...(opts.qemuBinary ? { qemuBinary: opts.qemuBinary } : {}) });
   await vm.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready' });
   return { vm, spec, hostA, hostB };
 }
