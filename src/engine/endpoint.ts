@@ -1,5 +1,6 @@
 import type { QmpClient } from '../qmp/index.js';
 import type { VmSpec } from '../qemu/spec.js';
+import type { QemuBuild } from '../qemu/versions.js';
 
 /**
  * What the engine needs of the host the guest leaves. Everything else goes over the VM's QMP.
@@ -60,6 +61,12 @@ export interface DestinationEndpoint {
   candidatePorts(): Iterable<number>;
   /** Removes what startIncoming left behind besides disks (run dir, sockets). */
   removeRunDir(spec: VmSpec): Promise<void>;
+  /**
+   * The QEMU startIncoming would start: version and machine types, for preflight to check the
+   * pair (src/qemu/versions.ts). Optional: without it the destination still gets the source's
+   * exact machine type, and a QEMU lacking it fails to start (rolled back).
+   */
+  probeQemu?(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild>;
 }
 
 /** The source's NBD export a lazy destination reads unhydrated blocks from. */

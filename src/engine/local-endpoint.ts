@@ -7,7 +7,8 @@ import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
-import { launchVm, type VmProcess } from '../qemu/launcher.js';
+import { defaultQemuBinary, launchVm, type VmProcess } from '../qemu/launcher.js';
+import { probeQemuBinary, type QemuBuild } from '../qemu/versions.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { backingNbdFilename, type BackingNbd, type DestinationEndpoint, type IncomingVm, type SourceEndpoint } from './endpoint.js';
 import { tcpBytesAcked, tcpBytesAckedFrom } from './wire.js';
@@ -179,6 +180,11 @@ export class LocalDestination implements DestinationEndpoint {
 
   candidatePorts(): Iterable<number> {
     return randomOrder(this.#ports);
+  }
+
+  /** The QEMU startIncoming would start, asked what it is (asked each time: binaries get upgraded). */
+  probeQemu(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild> {
+    return probeQemuBinary(this.#qemuBinary ?? defaultQemuBinary(), opts);
   }
 
   async removeRunDir(spec: VmSpec): Promise<void> {

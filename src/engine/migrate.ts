@@ -30,6 +30,7 @@ import {
   type QmpEvent,
 } from '../qmp/index.js';
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
+import { checkQemuPair } from '../qemu/versions.js';
 import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
 import { exportName, mirrorJobId, newMigrationId, streamJobId, targetNodeName } from './names.js';
 import { cancelJob, cancelMigration } from './recover.js';
@@ -123,6 +124,8 @@ class Migration {
   #forced = false;
   #pastNoReturn = false;
   #plan: MigrationPlan | undefined;
+  /** The source's exact machine type (never an alias such as q35), found in preflight. */
+  #destinationMachine: string | undefined;
 
   constructor(req: MigrateRequest, opts: MigrationOptions) {
     this.#req = req;
@@ -306,6 +309,11 @@ class Migration {
       problems.push(`not enough space on ${this.#req.destination.name}: the disks hold ${mib(needed - SPACE_MARGIN_BYTES)} MiB, ${mib(free)} MiB free`);
     }
 
+    // QEMU versions and machine type: forward only, the destination pinned to the source's type.
+    const pair = await checkQemuPair(source.qmp, this.#req.destination, this.#call());
+    problems.push(...pair.problems);
+    this.#destinationMachine = pair.machine;
+
     if (problems.length > 0) {
       throw new MigrationError('PREFLIGHT_REFUSED', `cannot migrate ${spec.name}:\n  - ${problems.join('\n  - ')}`, {
         phase: 'preflight',
@@ -340,7 +348,7 @@ class Migration {
    * backing is the source's export until hydration ends; after that it stands alone.
    */
   #targetSpec(): VmSpec {
-    const spec = this.#req.destination.targetSpec(this.#req.spec, this.id);
+    const spec = { ...this.#req.destination.targetSpec(this.#req.spec, this.id), ...(this.#destinationMachine ? { machine: this.#destinationMachine } : {}) };
     if (this.#opts.mode !== 'lazy') return spec;
     return { ...spec, disks: spec.disks.map((d) => ({ ...d, format: 'qcow2' as const, path: d.path.replace(/(\.(raw|img|qcow2))?$/, '.qcow2') })) };
   }
