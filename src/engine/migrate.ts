@@ -182,6 +182,7 @@ class Migration {
         // The guest runs on the destination and reads what it lacks from the source, which must
         // therefore stay up (paused, serving its export) until every overlay holds everything.
         this.#enter('hydrate');
+        await this.#tidy('activate the source disks again for its export', () => this.#reactivateSourceDisks(source!, plan));
         hydration = await this.#hydrate(dest, plan, sourceExport);
       }
 
@@ -437,12 +438,28 @@ class Migration {
     });
     for (const disk of plan.disks) {
       const name = exportName(this.id, disk.id);
-      await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: false }, this.#call());
+      // QEMU >= 10.0 refuses I/O (EPERM) on an export whose node is inactive, as the source's are
+      // once the migration completes, unless allowed; 7.2 has no such check and no such option.
+      const inactive = source.caps.hasArgument('block-export-add', 'allow-inactive') ? { 'allow-inactive': true } : {};
+      await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: false, ...inactive }, this.#call());
       this.#undo.push(`remove source export ${name}`, 'source', async () => {
         await q.execute('block-export-del', { id: name, mode: 'hard' }, { timeoutMs: QMP_TIMEOUT_MS });
       });
     }
     return { port };
+  }
+
+  /**
+   * QEMU >= 10.0 answers only reads on an export whose node is inactive, as the source's are once
+   * the migration completed, and block-stream also asks for block status (EPERM). Past the point
+   * of no return the source's guest is stopped for good: its nodes are activated again only to
+   * serve the read-only export. QEMU 7.2 serves inactive nodes fully and has no blockdev-set-active.
+   */
+  async #reactivateSourceDisks(source: SourceState, plan: MigrationPlan): Promise<void> {
+    if (!source.caps.hasCommand('blockdev-set-active')) return;
+    for (const disk of plan.disks) {
+      await source.qmp.executeRaw('blockdev-set-active', { 'node-name': diskNodeName(disk.id), active: true }, this.#call());
+    }
   }
 
   async #unexportSourceDisks(source: SourceState, plan: MigrationPlan): Promise<void> {
