@@ -17,7 +17,7 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync
 import { join } from 'node:path';
 
 /** The unpacked tree's layout version: a change here re-fetches. */
-const LAYOUT = 'ferry-qemu10-v1';
+const LAYOUT = 'ferry-qemu10-v2';
 const SUITE = 'bookworm-backports';
 /**
  * What the binary needs at run time besides Debian 12's own libraries (ldd finds every one):
@@ -91,7 +91,7 @@ export function ensureQemu10(root, log) {
       sh('dpkg-deb', ['-x', join(debs, f), rootfs]);
       sizes.push(`${f.split('_')[0]} ${(statSync(join(debs, f)).size / 1048576).toFixed(1)} MiB`);
     }
-    writeWrapper(join(work, 'bin', 'qemu-system-x86_64'), join(paths.dir, 'root'));
+    writeWrapper(join(work, 'bin', 'qemu-system-x86_64'));
     checkLibraries(join(rootfs, 'usr', 'bin', 'qemu-system-x86_64'));
     rmSync(apt, { recursive: true, force: true });
     writeFileSync(join(work, '.complete'), `${LAYOUT}\n${versions.join('\n')}\n`);
@@ -102,7 +102,6 @@ export function ensureQemu10(root, log) {
       // Another bootstrap finished first: its tree is as good as ours.
       if (!existsSync(paths.stamp)) throw err;
     }
-    // The wrapper names the final paths, so it is tried only now.
     const v = sh(paths.wrapper, ['--version']).split('\n')[0];
     log(`QEMU 10.0: ${v} at ${paths.wrapper} (${sizes.join(', ')}; ${((performance.now() - started) / 1000).toFixed(1)} s)`);
     return paths.wrapper;
@@ -111,18 +110,20 @@ export function ensureQemu10(root, log) {
   }
 }
 
-function writeWrapper(path, root) {
+/** The wrapper finds the tree beside itself, so a moved checkout keeps a working cache. */
+function writeWrapper(path) {
   mkdirSync(join(path, '..'), { recursive: true });
-  const q = (s) => `'${s.replaceAll("'", `'\\''`)}'`;
   writeFileSync(
     path,
     [
       '#!/bin/sh',
       '# Written by scripts/qemu10.mjs: Debian bookworm-backports QEMU 10.0, unpacked, not installed.',
-      '# exec keeps the PID; -L puts its own ROMs and SeaBIOS before the system 7.2 ones.',
-      `QEMU_MODULE_DIR=${q(join(root, 'usr', 'lib', 'x86_64-linux-gnu', 'qemu'))}`,
+      '# exec keeps the PID; -L puts its own ROMs and SeaBIOS before the system 7.2 ones, and',
+      '# QEMU_MODULE_DIR its own modules.',
+      'root=$(dirname "$(readlink -f "$0")")/../root',
+      'QEMU_MODULE_DIR="$root/usr/lib/x86_64-linux-gnu/qemu"',
       'export QEMU_MODULE_DIR',
-      `exec ${q(join(root, 'usr', 'bin', 'qemu-system-x86_64'))} -L ${q(join(root, 'usr', 'share', 'qemu'))} -L ${q(join(root, 'usr', 'share', 'seabios'))} "$@"`,
+      'exec "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" -L "$root/usr/share/seabios" "$@"',
       '',
     ].join('\n'),
   );
