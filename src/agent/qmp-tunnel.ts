@@ -1,5 +1,6 @@
 import { connect, type Socket } from 'node:net';
 import type { WebSocket } from 'ws';
+import { z } from 'zod';
 import type { Logger } from '../log.js';
 import { LineDecoder } from '../qmp/framing.js';
 
@@ -48,6 +49,9 @@ export const SOURCE_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
   'query-jobs',
   'query-memory-size-summary',
   'query-version',
+  // preflight: the machine type the source runs, to start the destination with exactly it
+  'query-machines',
+  'qom-get',
   'blockdev-add',
   'blockdev-del',
   'blockdev-mirror',
@@ -66,7 +70,30 @@ export const SOURCE_QMP_ALLOWLIST: ReadonlySet<string> = new Set([
   'block-export-add',
   'block-export-del',
   'query-block-exports',
+  // lazy mode on QEMU >= 10.0: the source's nodes active again after the switchover, for the export
+  'blockdev-set-active',
 ]);
+
+/**
+ * Commands allowed only with exactly these arguments: qom-get reads any QOM property (a secret
+ * object's data among them), and ferry needs only the machine's type.
+ */
+const EXACT_ARGUMENTS: Readonly<Record<string, Readonly<Record<string, string>>>> = {
+  'qom-get': { path: '/machine', property: 'type' },
+};
+
+/** Why the tunnel refuses a parsed QMP message, or undefined when it may pass to QEMU. */
+export function tunnelRefusal(allow: ReadonlySet<string>, m: Record<string, unknown>): string | undefined {
+  const command = typeof m.execute === 'string' ? m.execute : typeof m['exec-oob'] === 'string' ? m['exec-oob'] : undefined;
+  if (command === undefined || !allow.has(command)) return `the agent does not allow '${command ?? '(none)'}' on this VM`;
+  const exact = EXACT_ARGUMENTS[command];
+  if (exact) {
+    const args = z.record(z.string(), z.unknown()).safeParse(m.arguments ?? {});
+    const same = args.success && Object.keys(args.data).length === Object.keys(exact).length && Object.entries(exact).every(([k, v]) => args.data[k] === v);
+    if (!same) return `the agent allows '${command}' on this VM only with the arguments ${JSON.stringify(exact)}`;
+  }
+  return undefined;
+}
 
 /**
  * Joins a WebSocket to a VM's free QMP monitor: QEMU's lines go out as they are; the caller's
@@ -99,12 +126,10 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, log: Logger, all
           return;
         }
         const m = (typeof msg === 'object' && msg !== null ? msg : {}) as Record<string, unknown>;
-        const command = typeof m.execute === 'string' ? m.execute : typeof m['exec-oob'] === 'string' ? m['exec-oob'] : undefined;
-        if (command === undefined || !allow.has(command)) {
-          log.warn({ command }, 'QMP command refused by the allowlist');
-          const reply: Record<string, unknown> = {
-            error: { class: 'GenericError', desc: `the agent does not allow '${command ?? '(none)'}' on this VM` },
-          };
+        const refused = tunnelRefusal(allow, m);
+        if (refused !== undefined) {
+          log.warn({ command: m.execute ?? m['exec-oob'] }, 'QMP command refused by the allowlist');
+          const reply: Record<string, unknown> = { error: { class: 'GenericError', desc: refused } };
           if ('id' in m) reply.id = m.id;
           ws.send(`${JSON.stringify(reply)}\n`);
           return;
