@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// The QEMU 10.0 test leg: the migration, lazy and bitmap integration tests (and the cheap launch
+// The QEMU 10.0 test leg: the migration, lazy, bitmap and agent integration tests (and the launch
 // tests) again, with FERRY_QEMU at the QEMU 10.0 the bootstrap unpacked (scripts/qemu10.mjs).
 // Arguments go to vitest (.ci/run adds its reporters). Fails, saying why, when 10.0 is missing.
 import { spawnSync } from 'node:child_process';
@@ -13,6 +13,7 @@ export const QEMU10_LEG = [
   'test/integration/lazy.test.ts',
   'test/integration/bitmaps.test.ts',
   'test/integration/launcher.test.ts',
+  'test/integration/agent.test.ts',
   'test/integration/qemu-leg.test.ts',
 ];
 
