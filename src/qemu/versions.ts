@@ -155,14 +155,19 @@ export async function checkQemuPair(
   destination: Partial<QemuProber>,
   opts: { timeoutMs: number; signal?: AbortSignal },
 ): Promise<QemuPair> {
-  const source = await probeRunningQemu(sourceQmp, opts);
-  if (!destination.probeQemu) return { source, destination: undefined, machine: source.machine, problems: [] };
-  let build: QemuBuild;
-  try {
-    build = await destination.probeQemu(opts);
-  } catch (err) {
-    return { source, destination: undefined, machine: undefined, problems: [`cannot tell which QEMU the destination runs: ${errorText(err)}`] };
+  // Both at once: the destination's probe starts a QEMU (tens of ms), the source's is three queries.
+  const [source, probed] = await Promise.all([
+    probeRunningQemu(sourceQmp, opts),
+    destination.probeQemu?.(opts).then(
+      (build) => ({ build }),
+      (err: unknown) => ({ err }),
+    ),
+  ]);
+  if (!probed) return { source, destination: undefined, machine: source.machine, problems: [] };
+  if ('err' in probed) {
+    return { source, destination: undefined, machine: undefined, problems: [`cannot tell which QEMU the destination runs: ${errorText(probed.err)}`] };
   }
+  const build = probed.build;
   const decision = destinationMachine(source, build);
   return 'problem' in decision
     ? { source, destination: build, machine: undefined, problems: [decision.problem] }
