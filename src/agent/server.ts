@@ -26,6 +26,7 @@ import type { QmpEvent } from '../qmp/index.js';
 import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
 import { defaultQemuBinary, launchVm } from '../qemu/launcher.js';
 import { canonicalPath, parseVmSpec, SpecError, type VmSpec } from '../qemu/spec.js';
+import type { QemuBuild } from '../qemu/versions.js';
 import { parseAgentConfig, type AgentConfig } from './config.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
 import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
@@ -66,6 +67,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   const expectingExit = new Set<string>();
   const sessions = new Set<Session>();
   let qemuInfo: Promise<QemuInfo> | undefined;
+  /** Version and machine types, for a migration engine's preflight; a failed probe is asked again. */
+  let qemuBuild: Promise<QemuBuild | undefined> | undefined;
 
   const summary = (r: VmRecord): VmSummary => ({
     vmId: r.vmId,
@@ -157,6 +160,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     'host.info': async (): Promise<HostInfo> => {
       qemuInfo ??= probeQemu(qemuBinary);
       const q = await qemuInfo;
+      qemuBuild ??= local.probeQemu({ timeoutMs: 10_000 }).catch(() => (qemuBuild = undefined));
+      const b = await qemuBuild;
       const running = registry.all().filter((r) => r.state === 'running');
       return {
         name: config.name,
@@ -165,6 +170,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         migrationHost: config.migrationHost,
         portRange: config.portRange,
         qemuVersion: q.version,
+        ...(b ? { qemu: { version: b.version, package: b.package, machines: b.machines.map((m) => m.name) } } : {}),
         migrationCapabilities: q.migrationCapabilities,
         cpus: availableParallelism(),
         memoryBytes: totalmem(),

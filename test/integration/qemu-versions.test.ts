@@ -3,9 +3,11 @@
  * when 10.0 is not unpacked). Forward (7.2 -> 10.0) migrates with the destination pinned to the
  * source's pc-q35-7.2; backward (10.0 -> 7.2) is refused in preflight with nothing changed.
  */
-import { readdir } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
+import { AgentClient, AgentDestination } from '../../src/agent/client.js';
+import { startAgent } from '../../src/agent/server.js';
 import { LocalDestination, LocalSource } from '../../src/engine/local-endpoint.js';
 import { migrate } from '../../src/engine/migrate.js';
 import { MigrationError } from '../../src/engine/types.js';
@@ -101,5 +103,51 @@ describe.skipIf(!qemu10Binary)(`mixed QEMU pairs, 7.2 and 10.0 (${qemu10Binary ?
     expect((await vm.qmp.execute('query-status')).status).toBe('running');
     const before = highestAcks(vm.serial.history()).get('data')!;
     await ackBeyond(vm, before + 5);
+  });
+
+  test('through agents too: 10.0 -> a 7.2 agent refused before the agent makes anything; 7.2 -> a 10.0 agent pinned', async () => {
+    const token = 'token-of-alice-0123456789';
+    const old = await makeTempDir('ferry-agent-72-');
+    const agent72 = await startAgent({ name: 'old', listenPort: 0, storageRoot: old, tokens: { [token]: 'alice' }, qemuBinary: systemQemuBinary });
+    const newer = await makeTempDir('ferry-agent-100-');
+    const agent100 = await startAgent({ name: 'new', listenPort: 0, storageRoot: newer, tokens: { [token]: 'alice' }, qemuBinary: qemu10Binary! });
+    const pids: number[] = [];
+    try {
+      const g10 = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20 }], workload: { tickMs: 50 }, qemuBinary: qemu10Binary!, name: 'g10' });
+      const to72 = await AgentDestination.connect(agent72.url, token);
+      const err = await migrate({ spec: g10.spec, source: sourceOf(g10.spec), destination: to72 }).catch((e: unknown) => e);
+      to72.close();
+      expect(err).toMatchObject({ code: 'PREFLIGHT_REFUSED', phase: 'preflight' });
+      expect((err as Error).message).toMatch(/QEMU 10\.0\.\d+ with machine type pc-q35-10\.0; the destination's QEMU 7\.2\.\d+ is older/);
+      expect((await readdir(old)).filter((f) => !f.startsWith('.'))).toEqual([]);
+      expect((await g10.vm.qmp.execute('query-status')).status).toBe('running');
+
+      const g72 = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20 }], workload: { write: { rate: 50 }, tickMs: 50 }, qemuBinary: systemQemuBinary, name: 'g72' });
+      await ackBeyond(g72.vm, 5);
+      const to100 = await AgentDestination.connect(agent100.url, token);
+      await migrate({ spec: g72.spec, source: sourceOf(g72.spec), destination: to100 });
+      await g72.vm.exited;
+      const client = await AgentClient.connect(agent100.url, token);
+      const [listed] = (await client.call('vm.list')) as { vmId: string; pid: number }[];
+      pids.push(listed!.pid);
+      expect((await readFile(`/proc/${listed!.pid}/cmdline`, 'utf8')).split('\0')).toContain('pc-q35-7.2');
+      const qmp = await client.openQmp(to100.vmId!);
+      expect((await qmp.execute('query-version')).qemu.major).toBe(10);
+      expect((await qmp.execute('query-status')).status).toBe('running');
+      await qmp.close();
+      await client.call('dest.kill', { vmId: to100.vmId! });
+      client.close();
+      to100.close();
+    } finally {
+      await agent72.close();
+      await agent100.close();
+      for (const pid of pids) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+    }
   });
 });
