@@ -1,7 +1,5 @@
 #!/usr/bin/env node
-// Runs ferry's TypeScript sources directly through tsx, so a git checkout works without a build.
-import { register } from 'tsx/esm/api';
+// ferry-scheduler: see src/scheduler/main.ts. Runs dist/ when built from the current sources, else the sources (bin/launch.mjs).
+import { launch } from './launch.mjs';
 
-register();
-const { main } = await import('../src/scheduler/main.ts');
-process.exit(await main(process.argv.slice(2)));
+await launch('scheduler/main');

@@ -4,10 +4,12 @@
  * is named wherever it came from.
  */
 import { readFile } from 'node:fs/promises';
+import { isIP } from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
+import { parseCidr } from './qmp-policy.js';
 import { TlsFilesSchema } from './tls.js';
 
 export const AgentConfigSchema = z
@@ -22,14 +24,52 @@ export const AgentConfigSchema = z
     tokens: z
       .record(z.string(), z.string().min(1))
       .refine((t) => Object.keys(t).every((k) => k.length >= 16), 'tokens must be at least 16 characters'),
-    migrationHost: z.string().default('127.0.0.1'),
+    /** The address this host's QEMUs listen on for NBD and migration streams: an IP address. */
+    migrationHost: z.string().refine((h) => isIP(h) !== 0, 'must be an IP address').default('127.0.0.1'),
     portRange: z
       .tuple([z.number().int().min(1024).max(65535), z.number().int().min(1024).max(65535)])
       .refine(([lo, hi]) => lo <= hi, 'the first port must not be above the second')
       .default([20000, 29999]),
     qemuBinary: z.string().optional(),
+    /**
+     * Read-only folders a VM's kernel and initrd may come from (besides the storage root). A
+     * caller's spec can name no other file on this host.
+     */
+    bootRoots: z.array(z.string().refine((p) => p.startsWith('/'), 'must be an absolute path')).default([]),
+    /**
+     * IP addresses or CIDRs this host's QEMUs may connect out to (NBD, migration stream): the
+     * fleet's migration network. Unset: any address but loopback (loopback too when
+     * migrationHost is loopback, as on one machine).
+     */
+    migrationPeers: z
+      .array(z.string().refine((p) => {
+        try {
+          parseCidr(p);
+          return true;
+        } catch {
+          return false;
+        }
+      }, 'must be an IP address or a CIDR such as 10.0.0.0/24'))
+      .optional(),
+    /** Principals that may see and settle every principal's VMs (vm.list {all: true}, by vmId). */
+    adminPrincipals: z.array(z.string().min(1)).default([]),
     /** Mutual TLS: the agent's certificate and key, and the CA that signs its callers'. */
     tls: TlsFilesSchema.optional(),
+    /**
+     * TLS on the guest's data path (NBD exports, migration streams), QEMU's own. Files default to
+     * `tls`'s (the same PKI; the certificate then needs extendedKeyUsage serverAuth and
+     * clientAuth); mode defaults to `required` when dataTls names its own files, else `off`.
+     */
+    dataTls: z
+      .object({
+        mode: z.enum(['required', 'preferred', 'off']).optional(),
+        cert: z.string().min(1).optional(),
+        key: z.string().min(1).optional(),
+        ca: z.string().min(1).optional(),
+      })
+      .strict()
+      .refine((d) => [d.cert, d.key, d.ca].every((f) => f === undefined) || [d.cert, d.key, d.ca].every((f) => f !== undefined), 'give cert, key and ca together, or none (then tls\'s are used)')
+      .optional(),
     limits: z
       .object({
         /** Sustained requests per second per session, and the burst above it. */

@@ -6,10 +6,15 @@
 import { errorText } from '../errors.js';
 import { serveUntilSignal } from '../serve.js';
 import { createLogger } from '../log.js';
-import { loadAgentConfig, type AgentConfig } from './config.js';
+import { AGENT_USAGE, loadAgentConfig, type AgentConfig } from './config.js';
 import { startAgent } from './server.js';
 
 export async function main(argv: string[]): Promise<number> {
+  // Before the flags are parsed: the usage is what someone asks for who does not know them yet.
+  if (argv.includes('--help') || argv.includes('-h')) {
+    process.stdout.write(`${AGENT_USAGE}\n`);
+    return 0;
+  }
   let config: AgentConfig;
   try {
     config = await loadAgentConfig(argv, process.env);

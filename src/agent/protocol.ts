@@ -6,8 +6,10 @@
  *   response  { v: 1, id, ok: true, result } | { v: 1, id, ok: false, error: { code, message } }
  *
  * QMP for an incoming VM goes over its own WebSocket, `/v1/qmp/<vmId>`: raw QMP lines, filtered
- * by the agent against an allowlist (see qmp-tunnel.ts), so a QmpClient works over it unchanged.
+ * by the agent against a per-command argument policy (see qmp-policy.ts), so a QmpClient works
+ * over it unchanged.
  */
+import { isIP } from 'node:net';
 import { z } from 'zod';
 
 export const PROTOCOL_VERSION = 1;
@@ -15,25 +17,42 @@ export const MAX_MESSAGE_BYTES = 1024 * 1024;
 
 /** A lazy overlay's backing: structured, so the agent builds the backing string itself. */
 const backingNbd = z
-  .object({ host: z.string().regex(/^[0-9a-fA-F:.]+$/, 'must be an IP address'), port: z.number().int().min(1).max(65535), export: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/), reconnectDelayS: z.number().int().min(0).max(300) })
+  .object({
+    host: z.string().refine((h) => isIP(h) !== 0, 'must be an IP address'),
+    port: z.number().int().min(1).max(65535),
+    export: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/),
+    reconnectDelayS: z.number().int().min(0).max(300),
+    /** The source's export is TLS: the overlay's backing uses ferry's client object and checks this name. */
+    tlsHostname: z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/).optional(),
+  })
   .strict();
 const diskParams = z.object({ path: z.string().min(1), format: z.enum(['qcow2', 'raw']), virtualSize: z.number().int().positive(), backingNbd: backingNbd.optional() }).strict();
 const vmName = z.object({ name: z.string().min(1) }).strict();
 const vmRef = z.object({ vmId: z.string().regex(/^[a-z0-9-]{1,64}$/) }).strict();
+/** A peer host's data-TLS identity (its certificate's subject, as QEMU's authz compares it). */
+const peerTls = z
+  .object({
+    peerIdentity: z.string().regex(/^[A-Za-z][A-Za-z0-9.]*=[A-Za-z0-9 ._@:-]+(,[A-Za-z][A-Za-z0-9.]*=[A-Za-z0-9 ._@:-]+)*$/, 'must be a certificate subject such as CN=h18'),
+    /** The name this side checks the peer's certificate for (its migration address). */
+    peerHostname: z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/, 'must be an IP address or a host name'),
+  })
+  .strict();
 
 export const methodParams = {
   'host.info': z.object({}).strict(),
   'dest.check': z.object({ spec: z.unknown() }).strict(),
   'dest.createDisk': diskParams,
   'dest.removeDisk': z.object({ path: z.string().min(1) }).strict(),
-  'dest.start': z.object({ spec: z.unknown() }).strict(),
+  /** dataTls: launch with ferry's TLS objects and the incoming stream's TLS parameters set. */
+  'dest.start': z.object({ spec: z.unknown(), dataTls: peerTls.optional() }).strict(),
   'dest.kill': vmRef,
   /** Rolls back a destination whose engine is gone: refused if the guest runs there. */
   'dest.abandon': vmRef,
   'dest.release': vmRef,
   'dest.removeRunDir': vmRef,
   'events.subscribe': z.object({}).strict(),
-  'vm.list': z.object({}).strict(),
+  /** all: every principal's VMs (admin principals only). */
+  'vm.list': z.object({ all: z.boolean().optional() }).strict(),
   'vm.get': vmName,
   'vm.create': z.object({ spec: z.unknown() }).strict(),
   'vm.start': vmName,
@@ -41,6 +60,10 @@ export const methodParams = {
   'vm.stop': z.object({ name: z.string().min(1), timeoutMs: z.number().int().positive().max(600_000).default(30_000) }).strict(),
   'vm.delete': z.object({ name: z.string().min(1), removeDisks: z.boolean() }).strict(),
   /** Bytes the VM's QEMU sent to host:port (precopy's mirror), or from its own localPort (lazy's export). */
+  /** A source VM gets ready for TLS on both data streams with one peer (object-add, parameters). */
+  'vm.beginDataTls': vmRef.extend(peerTls.shape).strict(),
+  /** Undoes vm.beginDataTls (also for an incoming VM): parameters cleared, objects and files gone. */
+  'vm.endDataTls': vmRef,
   'vm.nbdBytesSent': z.union([
     z.object({ vmId: z.string(), host: z.string(), port: z.number().int() }).strict(),
     z.object({ vmId: z.string(), localPort: z.number().int().min(1).max(65535) }).strict(),
@@ -78,6 +101,8 @@ export const hostInfoSchema = z
     /** Memory of the VMs this agent runs, summed from their specs. */
     vmMemoryMiB: z.number(),
     runningVms: z.number().int(),
+    /** mode, and (when not off) this host's certificate identity and the names it is valid for. */
+    dataTls: z.object({ mode: z.enum(['required', 'preferred', 'off']), identity: z.string().nullable(), names: z.array(z.string()) }).strict(),
   })
   .strict();
 export type HostInfo = z.infer<typeof hostInfoSchema>;

@@ -15,7 +15,6 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { freemem, totalmem, availableParallelism } from 'node:os';
-import { sep } from 'node:path';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { z } from 'zod';
 import { FerryError } from '../errors.js';
@@ -25,12 +24,19 @@ import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
 import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
 import { defaultQemuBinary, launchVm } from '../qemu/launcher.js';
-import { canonicalPath, parseVmSpec, SpecError, type VmSpec } from '../qemu/spec.js';
+import type { VmSpec } from '../qemu/spec.js';
 import type { QemuBuild } from '../qemu/versions.js';
 import { parseAgentConfig, type AgentConfig } from './config.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
 import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
-import { DESTINATION_QMP_ALLOWLIST, SOURCE_QMP_ALLOWLIST, tunnelQmp } from './qmp-tunnel.js';
+import { DiskClaims } from './claims.js';
+import { AgentError } from './errors.js';
+import { Placement } from './placement.js';
+import { peerMatcher } from './qmp-policy.js';
+import { tunnelQmp } from './qmp-tunnel.js';
+import { DEFAULT_HEARTBEAT_MS, keepAlive } from '../rpc/heartbeat.js';
+import { beginDataTls, certIdentity, certNames, endDataTls, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
+import { join } from 'node:path';
 import { probeQemu, type QemuInfo } from './qemu-probe.js';
 import { TokenBucket } from './rate-limit.js';
 import { loadTls } from './tls.js';
@@ -39,9 +45,7 @@ import { attachMonitor, supervise, type Supervised } from './supervisor.js';
 
 export { AgentConfigSchema, type AgentConfig } from './config.js';
 
-export class AgentError extends FerryError {
-  override name = 'AgentError';
-}
+export { AgentError } from './errors.js';
 
 export interface RunningAgent {
   port: number;
@@ -119,23 +123,40 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const authenticate = bearerAuthenticator(config.tokens);
 
-  const stateDir = canonicalPath(config.stateDir);
-  /** A spec from a caller: every path inside the storage root, none inside the agent's own state. */
-  const hereSpec = (input: unknown): VmSpec => {
-    const spec = parseVmSpec(input, { allowedRoots: [config.storageRoot] });
-    const paths: [string, string][] = [...spec.disks.map((d, i): [string, string] => [`disks.${i}.path`, d.path]), ['runDir', spec.runDir]];
-    for (const [field, p] of paths) {
-      const c = canonicalPath(p);
-      if (c === stateDir || c.startsWith(stateDir + sep)) throw new SpecError(field, `${p} is inside the agent's state directory`);
-    }
-    return spec;
+  // Data-path TLS: its own files, or the API's. Required when configured, unless told otherwise.
+  // (An agent with only API TLS stays `off` until the engine drives data TLS end to end.)
+  const ownDataTlsFiles = config.dataTls?.cert && config.dataTls.key && config.dataTls.ca ? { cert: config.dataTls.cert, key: config.dataTls.key, ca: config.dataTls.ca } : undefined;
+  const dataTlsFiles = ownDataTlsFiles ?? config.tls;
+  const dataTlsMode = config.dataTls?.mode ?? (ownDataTlsFiles ? 'required' : 'off');
+  if (dataTlsMode !== 'off' && !dataTlsFiles) throw new AgentError('AGENT_CONFIG', `dataTls.mode is ${dataTlsMode} but there is no certificate: give dataTls.cert/key/ca or tls`, { userError: true });
+  const dataTls: HostTlsMaterial | undefined = dataTlsMode !== 'off' && dataTlsFiles ? await loadTls(dataTlsFiles) : undefined;
+  const dataTlsIdentity = dataTls ? certIdentity(dataTls.cert) : null;
+  /** VMs whose QEMU holds ferry's TLS objects and parameters right now. */
+  const tlsActive = new Set<string>();
+  const tlsDir = (r: VmRecord): string => join(r.spec.runDir, 'tls');
+  const needDataTls = (): HostTlsMaterial => {
+    if (!dataTls) throw new AgentError('DATA_TLS_OFF', 'this agent has no data-path TLS (dataTls mode off)', { userError: true });
+    return dataTls;
   };
-  const confined = (path: string): void => {
-    hereSpec({ name: 'path-check', memoryMiB: 16, disks: [{ id: 'd', path, format: 'raw' }], boot: { disk: 'd' }, runDir: config.storageRoot });
+  const claims = new DiskClaims(config.stateDir, log);
+  const placement = new Placement({
+    storageRoot: config.storageRoot,
+    bootRoots: config.bootRoots,
+    stateDir: config.stateDir,
+    admins: new Set(config.adminPrincipals),
+    claims,
+    records: () => registry.all(),
+  });
+  const peerAllowed = peerMatcher({ peers: config.migrationPeers, migrationHost: config.migrationHost });
+  /** A spec from a caller: confined, no raw QEMU options, placed only where this principal may. */
+  const hereSpec = (principal: string, input: unknown, opts: { claimed?: boolean } = {}): VmSpec => {
+    const spec = placement.confineSpec(input);
+    placement.checkPlacement(principal, spec, opts);
+    return spec;
   };
   const owned = (principal: string, vmId: string): VmRecord => {
     const r = registry.get(vmId);
-    if (!r || r.principal !== principal) throw new AgentError('VM_NOT_FOUND', `no VM '${vmId}' of yours on this host`, { userError: true });
+    if (!r || (r.principal !== principal && !placement.isAdmin(principal))) throw new AgentError('VM_NOT_FOUND', `no VM '${vmId}' of yours on this host`, { userError: true });
     return r;
   };
   const named = (principal: string, name: string): VmRecord => {
@@ -150,9 +171,16 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     clearTimeout(timer);
     return exited;
   };
+  /** Checked again at use: a run dir removed whole holds only this VM's files, no link. */
   const removeFiles = async (r: VmRecord, disks: boolean): Promise<void> => {
+    placement.checkRemovable(r);
     await rm(r.spec.runDir, { recursive: true, force: true });
-    if (disks) for (const d of r.spec.disks) await rm(d.path, { force: true });
+    if (!disks) return;
+    for (const [i, d] of r.spec.disks.entries()) {
+      placement.diskPath(d.path, `disks.${i}.path`);
+      await rm(d.path, { force: true });
+      claims.release(d.path);
+    }
   };
 
   type Handlers = { [M in Method]: (principal: string, params: z.infer<(typeof methodParams)[M]>, session: Session) => Promise<unknown> };
@@ -177,6 +205,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         freeMemoryBytes: freemem(),
         vmMemoryMiB: running.reduce((s, r) => s + r.spec.memoryMiB, 0),
         runningVms: running.length,
+        dataTls: { mode: dataTlsMode, identity: dataTlsIdentity, names: dataTls ? certNames(dataTls.cert) : [] },
       };
     },
     'events.subscribe': async (_p, _params, session) => {
@@ -184,14 +213,18 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       return {};
     },
 
-    'vm.list': async (principal) => registry.all().filter((r) => r.principal === principal).map(summary),
+    'vm.list': async (principal, params) => {
+      if (params.all && !placement.isAdmin(principal)) throw new AgentError('NOT_ADMIN', 'vm.list {all: true} is for admin principals only', { userError: true });
+      return registry.all().filter((r) => params.all || r.principal === principal).map(summary);
+    },
     'vm.get': async (principal, params) => {
       const r = named(principal, params.name);
       return { ...summary(r), spec: r.spec };
     },
     'vm.create': async (principal, params) => {
-      const spec = hereSpec(params.spec);
+      const spec = hereSpec(principal, params.spec);
       if (registry.byName(principal, spec.name)) throw new AgentError('VM_EXISTS', `a VM named '${spec.name}' already exists here`, { userError: true });
+      for (const d of spec.disks) claims.claim(d.path, principal);
       const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'vm', state: 'stopped', spec });
       emitState(r);
       return { vmId: r.vmId };
@@ -199,6 +232,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     'vm.start': async (principal, params) => {
       const r = named(principal, params.name);
       if (r.state === 'running') throw new AgentError('VM_RUNNING', `VM '${r.name}' already runs (pid ${r.pid})`, { userError: true });
+      // Checked again at use: a link swapped in since vm.create, another VM on the same disk.
+      placement.checkPlacement(principal, placement.confineSpec(r.spec), { self: r });
       const p = await launchVm(r.spec, { timeoutMs: 30_000, logger: log, qemuBinary });
       // The agent's VMs outlive the agent (restarts, upgrades): not reaped with this process.
       p.release();
@@ -221,6 +256,22 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       if (r.state === 'running') throw new AgentError('VM_RUNNING', `VM '${r.name}' runs: stop it first`, { userError: true });
       await removeFiles(r, params.removeDisks);
       registry.remove(r);
+      return {};
+    },
+    'vm.beginDataTls': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      const sup = supervised.get(r.vmId);
+      if (r.role !== 'vm' || r.state !== 'running' || !sup?.monitor) throw new AgentError('VM_NOT_RUNNING', `VM '${r.name}' is not a running VM of this host`, { userError: true });
+      // Marked first: a lost reply still leaves vm.endDataTls something to undo.
+      tlsActive.add(r.vmId);
+      await beginDataTls(sup.monitor, { dir: tlsDir(r), material: needDataTls(), role: 'source', peerIdentity: params.peerIdentity, peerHostname: params.peerHostname, timeoutMs: 10_000 });
+      log.info({ vmId: r.vmId, vm: r.name, peer: params.peerIdentity }, 'data-path TLS ready');
+      return { identity: dataTlsIdentity };
+    },
+    'vm.endDataTls': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      await endDataTls(supervised.get(r.vmId)?.monitor, { dir: tlsDir(r), timeoutMs: 10_000 });
+      tlsActive.delete(r.vmId);
       return {};
     },
     'vm.nbdBytesSent': async (principal, params) => {
@@ -248,30 +299,55 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     },
 
     'dest.check': async (principal, params) => {
-      const spec = hereSpec(params.spec);
+      const spec = hereSpec(principal, params.spec);
       const problems = await local.checkTarget(spec);
       const same = registry.byName(principal, spec.name);
       if (same?.state === 'running') problems.push(`a VM named '${spec.name}' already runs on this host`);
       return { problems };
     },
-    'dest.createDisk': async (_p, params) => {
-      confined(params.path);
-      await local.createDisk(params);
+    'dest.createDisk': async (principal, params) => {
+      const path = placement.diskOp(principal, params.path, 'create');
+      if (params.backingNbd && !peerAllowed(params.backingNbd.host)) {
+        throw new AgentError('PATH_REFUSED', `backingNbd.host: ${params.backingNbd.host} is not a migration peer this agent allows`, { userError: true });
+      }
+      if (params.backingNbd && dataTlsMode === 'required' && params.backingNbd.tlsHostname === undefined) {
+        throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: a lazy overlay\'s backing needs tlsHostname', { userError: true });
+      }
+      // Claimed before the file exists: a lost reply still leaves the caller able to remove it.
+      claims.claim(path, principal);
+      try {
+        await local.createDisk({ ...params, path });
+      } catch (err) {
+        claims.release(path);
+        throw err;
+      }
       return {};
     },
-    'dest.removeDisk': async (_p, params) => {
-      confined(params.path);
-      await local.removeDisk(params.path);
+    'dest.removeDisk': async (principal, params) => {
+      const path = placement.diskOp(principal, params.path, 'remove');
+      await local.removeDisk(path);
+      claims.release(path);
       return {};
     },
     'dest.start': async (principal, params) => {
-      const spec = hereSpec(params.spec);
-      const vm = await local.startIncoming(spec, { timeoutMs: 30_000 });
+      const spec = hereSpec(principal, params.spec, { claimed: true });
+      if (dataTlsMode === 'required' && !params.dataTls) throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: dest.start needs dataTls', { userError: true });
+      let tls: { serverDir: string; clientDir: string; peerIdentity: string } | undefined;
+      if (params.dataTls) {
+        tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), needDataTls())), peerIdentity: params.dataTls.peerIdentity };
+      }
+      const vm = await local.startIncoming(spec, { timeoutMs: 30_000, ...(tls ? { tls } : {}) });
+      if (tls) {
+        // The incoming stream's TLS is set by the agent, not by its caller: in required mode no
+        // caller can make it plain text.
+        await vm.process.qmp.executeRaw('migrate-set-parameters', { 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' }, { timeoutMs: 10_000 });
+      }
       const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'incoming', state: 'running', spec, pid: vm.pid, pidStart: processStartTime(vm.pid) });
       // The incoming QEMU's own reaper registration lasts until release: if this agent exits
       // mid-migration, the half-made destination goes with it.
       watch(r, supervise({ pid: vm.pid, pidStart: r.pidStart, monitor: vm.process.qmp, childExited: vm.exited, onEvent: onQmpEvent(r), log }));
       incomingHandles.set(r.vmId, vm);
+      if (tls) tlsActive.add(r.vmId);
       emitState(r);
       return { vmId: r.vmId, pid: vm.pid };
     },
@@ -323,6 +399,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     'dest.removeRunDir': async (principal, params) => {
       const r = owned(principal, params.vmId);
       if (r.state === 'running') throw new AgentError('VM_RUNNING', `VM '${params.vmId}' still runs: stop it first`, { userError: true });
+      placement.checkRemovable(r);
       await local.removeRunDir(r.spec);
       registry.remove(r);
       return {};
@@ -335,7 +412,15 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     serveRpc(session.ws, {
       version: PROTOCOL_VERSION,
       methods: methodParams,
-      handle: (method, params) => (handlers[method] as (p: string, params: unknown, s: Session) => Promise<unknown>)(session.principal, params, session),
+      handle: async (method, params) => {
+        try {
+          return await (handlers[method] as (p: string, params: unknown, s: Session) => Promise<unknown>)(session.principal, params, session);
+        } catch (err) {
+          // Every refusal is logged with who asked: a probing token shows up in the agent's log.
+          if (err instanceof FerryError && err.userError) log.warn({ principal: session.principal, method, code: err.code, err: err.message }, 'request refused');
+          throw err;
+        }
+      },
       admit: () => bucket.take(),
       limitText: `more than ${config.limits.requestsPerSecond} requests per second (burst ${config.limits.burst}): slow down`,
       log: log.child({ principal: session.principal }),
@@ -367,8 +452,20 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       const session: Session = { ws, principal, subscribed: false };
       sessions.add(session);
       ws.once('close', () => sessions.delete(session));
-      if (target) tunnelQmp(ws, qmpSocketPath(target.spec), log, target.role === 'vm' ? SOURCE_QMP_ALLOWLIST : DESTINATION_QMP_ALLOWLIST);
-      else onRpc(session);
+      if (target) {
+        const vmId = target.vmId;
+        const policy = {
+          role: target.role === 'vm' ? ('source' as const) : ('destination' as const),
+          diskIds: target.spec.disks.map((d) => d.id),
+          migrationHost: config.migrationHost,
+          portRange: config.portRange,
+          peerAllowed,
+          dataTls: { required: dataTlsMode === 'required', active: () => tlsActive.has(vmId) },
+        };
+        // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
+        keepAlive(ws, { intervalMs: DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => log.warn({ principal, vmId, silentMs }, 'QMP tunnel caller answered no ping: dropped') });
+        tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }));
+      } else onRpc(session);
     });
   });
 

@@ -40,6 +40,8 @@ export interface Supervised {
   status(): Promise<string | undefined>;
   /** Stop watching without touching the VM (the agent shuts down; the VM lives on). */
   detach(): Promise<void>;
+  /** The agent's own monitor of this QEMU (never a caller's): for what the agent sets itself. */
+  readonly monitor: QmpClient | undefined;
 }
 
 export function supervise(opts: {
@@ -85,6 +87,7 @@ export function supervise(opts: {
   return {
     pid,
     pidStart,
+    monitor,
     exited,
     running: () => alive,
     kill,

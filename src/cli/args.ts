@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { parseArgs } from 'node:util';
 import { FerryError } from '../errors.js';
 import type { MigrationOptionsInput } from '../engine/types.js';
@@ -78,12 +79,16 @@ export type Parsed = { kind: 'help' } | { kind: 'version' } | { kind: 'run'; arg
 
 const SIZE_UNITS: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
 
-/** "500M" -> 524288000; binary units; refuses anything that is not a positive size. */
+/** The largest size a flag takes: a safe integer (QEMU's own limits are higher), 8191T. */
+const MAX_SIZE_T = Math.floor(Number.MAX_SAFE_INTEGER / 1024 ** 4);
+
+/** "500M" -> 524288000; binary units; refuses anything that is not a positive size, or too large. */
 export function parseSize(flag: string, text: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$/i.exec(text.trim());
   if (!m) throw new UsageError(`${flag}: '${text}' is not a size (examples: 500M, 1G, 10485760)`);
   const n = Math.round(Number(m[1]) * SIZE_UNITS[m[2]!.toLowerCase()]!);
   if (!(n > 0)) throw new UsageError(`${flag}: must be more than 0, got '${text}'`);
+  if (n > MAX_SIZE_T * 1024 ** 4) throw new UsageError(`${flag}: '${text}' is too large (at most ${MAX_SIZE_T}T)`);
   return n;
 }
 
@@ -214,7 +219,7 @@ export function parseCli(argv: string[]): Parsed {
     portRange = [lo, hi];
   }
   const host = values['migration-host'] ?? '127.0.0.1';
-  if (!/^[0-9a-fA-F:.]+$/.test(host)) throw new UsageError(`--migration-host: '${host}' is not an IP address`);
+  if (isIP(host) === 0) throw new UsageError(`--migration-host: '${host}' is not an IP address`);
   const level = parseChoice('--log-level', values['log-level'] ?? 'warn', ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const);
   const destination: DestinationArg = values.to !== undefined ? { kind: 'agent', url: url('--to', values.to) } : { kind: 'dir', toDir: values['to-dir']!, migrationHost: host, portRange };
   return {

@@ -6,6 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pino } from 'pino';
+import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
 import { migrate } from '../engine/migrate.js';
@@ -60,7 +61,18 @@ async function loadSpec(path: string): Promise<unknown> {
 }
 
 async function run(args: CliArgs, io: Io): Promise<number> {
-  const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, pino.destination(2));
+  // At the default levels the log of the preflight is held back: a refusal is one line of ours,
+  // not the engine's "rolling back" (nothing was). Released as soon as anything happens.
+  const held: string[] | undefined = ['fatal', 'error', 'warn', 'silent'].includes(args.logLevel) ? [] : undefined;
+  let holding = held !== undefined;
+  const stderrFd = pino.destination(2);
+  const releaseLog = (keep: boolean): void => {
+    if (!holding) return;
+    holding = false;
+    if (keep) for (const line of held!) stderrFd.write(line);
+    held!.length = 0;
+  };
+  const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, { write: (line: string) => void (holding ? held!.push(line) : stderrFd.write(line)) });
   const emit = (obj: Record<string, unknown>): void => {
     if (args.json) io.stdout.write(`${JSON.stringify(obj)}\n`);
   };
@@ -84,6 +96,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
   const ac = new AbortController();
   let signals = 0;
   let pastNoReturn = false;
+  let rolledBack = false;
   const onSignal = (sig: NodeJS.Signals): void => {
     signals++;
     if (pastNoReturn) {
@@ -110,6 +123,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     const onEvent = (e: MigrationEvent): void => {
       emit(e as unknown as Record<string, unknown>);
       if (e.event === 'point-of-no-return') pastNoReturn = true;
+      if (e.event === 'rollback') rolledBack = true;
+      if ((e.event === 'phase' && e.phase !== 'preflight' && e.phase !== 'failed') || e.event === 'rollback') releaseLog(true);
       if (e.event === 'progress') {
         // A plain log (not a TTY) gets a line every 2 s, not every sample.
         const now = performance.now();
@@ -123,7 +138,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
           lastPrint = now;
           status(renderHydration(e));
         }
-      } else if (e.event === 'phase' && !tty) {
+      } else if (e.event === 'phase' && !tty && e.phase !== 'preflight' && e.phase !== 'failed') {
         status(`phase ${e.phase}`);
       } else if (e.event === 'warning' || e.event === 'convergence') {
         endStatus();
@@ -144,6 +159,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       dryRun: args.dryRun,
     });
     endStatus();
+    releaseLog(true);
     if (args.dryRun) {
       emit({ event: 'plan', plan: result.plan });
       emit({ event: 'summary', ok: true, dryRun: true, totalMs: result.totalMs });
@@ -164,7 +180,13 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       message: errorText(err),
       ...(err instanceof MigrationError ? { phase: err.phase, guestOn: err.guestOn, cleanupErrors: err.cleanupErrors.map(errorText) } : {}),
     });
-    if (!args.json || code !== EXIT.ok) {
+    // A refusal (bad input, nothing created, nothing rolled back): one line, exit 2.
+    const refused = err instanceof FerryError && err.userError && !rolledBack && !pastNoReturn && !(err instanceof MigrationError && err.cleanupErrors.length > 0);
+    releaseLog(!refused);
+    if (refused) {
+      const problems = z.array(z.string()).min(1).safeParse(err.context.problems);
+      io.stderr.write(`migrate-vm: ${problems.success ? `refused, nothing was changed: ${problems.data.join('; ')}` : errorText(err)}\n`);
+    } else if (!args.json || code !== EXIT.ok) {
       const userFacing = err instanceof FerryError && (err.userError || err instanceof MigrationError);
       io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
       if (err instanceof MigrationError) {

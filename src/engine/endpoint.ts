@@ -75,9 +75,12 @@ export interface BackingNbd {
   port: number;
   export: string;
   reconnectDelayS: number;
+  /** The export is TLS: the backing uses ferry's client TLS object and checks this name. */
+  tlsHostname?: string | undefined;
 }
 
 /** The qcow2 backing-file string for a BackingNbd; built here only, never taken from a caller. */
 export function backingNbdFilename(b: BackingNbd): string {
-  return `json:${JSON.stringify({ driver: 'nbd', server: { type: 'inet', host: b.host, port: String(b.port) }, export: b.export, 'reconnect-delay': b.reconnectDelayS })}`;
+  const tls = b.tlsHostname === undefined ? {} : { 'tls-creds': 'ferry-tls-client', 'tls-hostname': b.tlsHostname };
+  return `json:${JSON.stringify({ driver: 'nbd', server: { type: 'inet', host: b.host, port: String(b.port) }, export: b.export, 'reconnect-delay': b.reconnectDelayS, ...tls })}`;
 }

@@ -1,12 +1,13 @@
 import { execFile } from 'node:child_process';
 import { constants } from 'node:fs';
-import { access, mkdir, rm, rmdir, stat, statfs, unlink } from 'node:fs/promises';
+import { access, mkdir, open, rm, rmdir, stat, statfs, unlink } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
+import type { LaunchTlsObjects } from '../qemu/argv.js';
 import { defaultQemuBinary, launchVm, type VmProcess } from '../qemu/launcher.js';
 import { probeQemuBinary, type QemuBuild } from '../qemu/versions.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
@@ -130,16 +131,28 @@ export class LocalDestination implements DestinationEndpoint {
   }
 
   async createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }): Promise<void> {
-    if (await exists(disk.path)) throw new FerryError('DISK_EXISTS', `refusing to overwrite ${disk.path}`, { userError: true });
+    if (disk.backingNbd && disk.format !== 'qcow2') throw new FerryError('OVERLAY_FORMAT', 'a lazy overlay must be qcow2', { userError: true });
     await mkdir(dirname(disk.path), { recursive: true });
-    if (disk.backingNbd) {
-      if (disk.format !== 'qcow2') throw new FerryError('OVERLAY_FORMAT', 'a lazy overlay must be qcow2', { userError: true });
-      // -u: the export need not be reachable from qemu-img; QEMU opens it when it starts.
-      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', backingNbdFilename(disk.backingNbd), '-F', 'nbd', disk.path, String(disk.virtualSize)], { timeout: 30_000 });
-      return;
+    // The file is made here, exclusively and without following a link (a dangling one included),
+    // before qemu-img writes into it: ferry never overwrites a disk, nor creates one elsewhere.
+    try {
+      await (await open(disk.path, constants.O_CREAT | constants.O_EXCL | constants.O_WRONLY | constants.O_NOFOLLOW, 0o600)).close();
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST' || code === 'ELOOP') throw new FerryError('DISK_EXISTS', `refusing to overwrite ${disk.path}${code === 'ELOOP' ? ' (a symbolic link)' : ''}`, { userError: true });
+      throw err;
     }
-    // Sparse: raw is a hole-only file, qcow2 has no preallocation. Only what the mirror writes lands.
-    await run('qemu-img', ['create', '-q', '-f', disk.format, disk.path, String(disk.virtualSize)], { timeout: 30_000 });
+    try {
+      // Sparse: raw is a hole-only file, qcow2 has no preallocation. Only what the mirror writes
+      // lands. A lazy overlay: -u, the export need not be reachable from qemu-img.
+      const args = disk.backingNbd
+        ? ['create', '-q', '-f', 'qcow2', '-u', '-b', backingNbdFilename(disk.backingNbd), '-F', 'nbd', disk.path, String(disk.virtualSize)]
+        : ['create', '-q', '-f', disk.format, disk.path, String(disk.virtualSize)];
+      await run('qemu-img', args, { timeout: 30_000 });
+    } catch (err) {
+      await unlink(disk.path).catch(() => undefined);
+      throw err;
+    }
   }
 
   async removeDisk(path: string): Promise<void> {
@@ -155,10 +168,11 @@ export class LocalDestination implements DestinationEndpoint {
     if (resolve(parent) !== resolve(this.#dir) && resolve(parent).startsWith(resolve(this.#dir) + '/')) await rmdir(parent).catch(() => undefined);
   }
 
-  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<LocalIncomingVm> {
+  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal; tls?: LaunchTlsObjects }): Promise<LocalIncomingVm> {
     const vm = await launchVm(spec, {
       incoming: true,
       startPaused: true,
+      ...(opts.tls ? { tls: opts.tls } : {}),
       timeoutMs: opts.timeoutMs,
       signal: opts.signal,
       logger: this.#logger,

@@ -15,6 +15,7 @@ export function exportName(migrationId: string, diskId: string): string {
 export const EXPORT_PREFIX = 'ferry-';
 export const TARGET_NODE_PREFIX = 'ferry-nbd-';
 export const MIRROR_JOB_PREFIX = 'ferry-mirror-';
+export const STREAM_JOB_PREFIX = 'ferry-stream-';
 
 /** The source's NBD client node that the mirror writes into. */
 export function targetNodeName(diskId: string): string {
@@ -27,5 +28,5 @@ export function mirrorJobId(diskId: string): string {
 
 /** lazy mode: the destination's background copy of one disk from the source's export. */
 export function streamJobId(diskId: string): string {
-  return `ferry-stream-${diskId}`;
+  return `${STREAM_JOB_PREFIX}${diskId}`;
 }

@@ -3,7 +3,9 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FerryError } from '../errors.js';
 
-const manifestPath = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'images', 'out', 'manifest.json');
+/** Where the guest's kernel and initrd live: an agent serving test guests lists it in bootRoots. */
+export const IMAGE_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'images', 'out');
+const manifestPath = join(IMAGE_DIR, 'manifest.json');
 
 export interface GuestImage {
   kernel: string;

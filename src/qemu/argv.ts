@@ -28,7 +28,57 @@ function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boo
   }
 }
 
-export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?: boolean } = {}): string[] {
+/**
+ * ferry's data-path TLS objects on the command line (a destination opens a lazy overlay's NBD
+ * backing at start-up, before any object-add could run). Ids as in src/host/data-tls.ts.
+ */
+export interface LaunchTlsObjects {
+  serverDir: string;
+  clientDir: string;
+  peerIdentity: string;
+}
+
+/**
+ * The two -blockdev nodes of a disk, as QMP objects: the command line is made from them, and
+ * `blockdev-reopen` (which resets every option it is not given) takes the same objects.
+ *
+ * `buffered`: open the disk without O_DIRECT whatever its cache mode (aio=threads then, as
+ * `native` needs O_DIRECT). For bench/mirror-ready.ts, which measured this as a way to make
+ * QEMU 7.2's mirror converge (issue 11) and found the NBD relay (src/engine/convergence/
+ * nbd-relay.ts) better; `blockdev-reopen` with these same objects (aio kept `threads`: file-posix
+ * cannot change it on reopen) restores O_DIRECT, also while the node is exported in -incoming.
+ */
+export function diskBlockdevs(d: DiskSpec, opts: { buffered?: boolean } = {}): { file: Record<string, unknown>; format: Record<string, unknown> } {
+  const c = cacheOptions(d.cache);
+  const cache = { direct: c.direct && !opts.buffered, 'no-flush': c.noFlush };
+  return {
+    file: {
+      driver: 'file',
+      'node-name': fileNodeName(d.id),
+      filename: d.path,
+      cache,
+      aio: cache.direct ? 'native' : 'threads',
+      ...(d.discard ? { discard: 'unmap' } : {}),
+    },
+    format: {
+      driver: d.format,
+      'node-name': diskNodeName(d.id),
+      file: fileNodeName(d.id),
+      cache,
+      ...(d.discard ? { discard: 'unmap' } : {}),
+    },
+  };
+}
+
+/** `buffered` disks: every node opened without O_DIRECT and with aio=threads; see diskBlockdevs. */
+export interface BuildArgvOptions {
+  incoming?: 'defer';
+  startPaused?: boolean;
+  bufferedDisks?: boolean;
+  tls?: LaunchTlsObjects;
+}
+
+export function buildArgv(spec: VmSpec, opts: BuildArgvOptions = {}): string[] {
   const argv = [
     '-nodefaults',
     '-no-user-config',
@@ -56,26 +106,12 @@ export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?
   ];
   for (const d of spec.disks) {
     const c = cacheOptions(d.cache);
+    const nodes = diskBlockdevs(d, { buffered: opts.bufferedDisks ?? false });
     argv.push(
       '-blockdev',
-      [
-        'driver=file',
-        `node-name=${fileNodeName(d.id)}`,
-        `filename=${escapeOpt(d.path)}`,
-        `cache.direct=${c.direct ? 'on' : 'off'}`,
-        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
-        `aio=${c.direct ? 'native' : 'threads'}`,
-        ...(d.discard ? ['discard=unmap'] : []),
-      ].join(','),
+      blockdevArg(nodes.file),
       '-blockdev',
-      [
-        `driver=${d.format}`,
-        `node-name=${diskNodeName(d.id)}`,
-        `file=${fileNodeName(d.id)}`,
-        `cache.direct=${c.direct ? 'on' : 'off'}`,
-        `cache.no-flush=${c.noFlush ? 'on' : 'off'}`,
-        ...(d.discard ? ['discard=unmap'] : []),
-      ].join(','),
+      blockdevArg(nodes.format),
       '-device',
       [
         'virtio-blk-pci',
@@ -92,10 +128,31 @@ export function buildArgv(spec: VmSpec, opts: { incoming?: 'defer'; startPaused?
     if (spec.boot.initrd) argv.push('-initrd', spec.boot.initrd);
     if (spec.boot.append) argv.push('-append', spec.boot.append);
   }
+  if (opts.tls) {
+    argv.push(
+      '-object',
+      `tls-creds-x509,id=ferry-tls-server,dir=${escapeOpt(opts.tls.serverDir)},endpoint=server,verify-peer=on`,
+      '-object',
+      `tls-creds-x509,id=ferry-tls-client,dir=${escapeOpt(opts.tls.clientDir)},endpoint=client,verify-peer=on`,
+      '-object',
+      `authz-simple,id=ferry-tls-authz,identity=${escapeOpt(opts.tls.peerIdentity)}`,
+    );
+  }
   if (opts.incoming) argv.push('-incoming', opts.incoming);
   if (opts.startPaused) argv.push('-S');
   argv.push(...spec.extraArgs);
   return argv;
+}
+
+/** An object of diskBlockdevs as -blockdev's key=value list, nested keys dotted (cache.direct=on). */
+function blockdevArg(o: Record<string, unknown>, prefix = ''): string {
+  return Object.entries(o)
+    .map(([k, v]) => {
+      if (typeof v === 'object' && v !== null) return blockdevArg(v as Record<string, unknown>, `${prefix}${k}.`);
+      const text = typeof v === 'boolean' ? (v ? 'on' : 'off') : String(v);
+      return `${prefix}${k}=${escapeOpt(text)}`;
+    })
+    .join(',');
 }
 
 /** QEMU's option syntax doubles a comma to keep it inside a value. */

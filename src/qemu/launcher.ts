@@ -6,7 +6,7 @@ import { FerryError, errorText } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
-import { buildArgv, launcherQmpSocketPath, qmpSocketPath, serialSocketPath } from './argv.js';
+import { buildArgv, launcherQmpSocketPath, qmpSocketPath, serialSocketPath, type LaunchTlsObjects } from './argv.js';
 import { register, unregister } from './reaper.js';
 import { SerialConsole } from './serial.js';
 import { checkSpecFiles, type VmSpec } from './spec.js';
@@ -26,6 +26,10 @@ export interface LaunchOptions {
   incoming?: boolean;
   /** Start with `-S`: vCPUs stopped until `cont`. */
   startPaused?: boolean;
+  /** ferry's data-path TLS objects, made at start-up. */
+  tls?: LaunchTlsObjects;
+  /** Open every disk without O_DIRECT (aio=threads) whatever its cache mode; see argv.ts diskBlockdevs. */
+  bufferedDisks?: boolean;
   /** Default: defaultQemuBinary(), i.e. $FERRY_QEMU or qemu-system-x86_64 on PATH. */
   qemuBinary?: string;
   timeoutMs?: number;
@@ -72,7 +76,7 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
   await mkdir(spec.runDir, { recursive: true });
   for (const f of [launcherQmpSocketPath(spec), qmpSocketPath(spec), serialSocketPath(spec)]) await rm(f, { force: true });
 
-  const argv = buildArgv(spec, { ...(opts.incoming ? { incoming: 'defer' as const } : {}), startPaused: opts.startPaused ?? false });
+  const argv = buildArgv(spec, { ...(opts.incoming ? { incoming: 'defer' as const } : {}), startPaused: opts.startPaused ?? false, bufferedDisks: opts.bufferedDisks ?? false, ...(opts.tls ? { tls: opts.tls } : {}) });
   const binary = opts.qemuBinary ?? defaultQemuBinary();
   log.debug({ binary, argv }, 'launching QEMU');
   // QEMU writes to its log file, not to a pipe of ours, and has its own process group: a VM must

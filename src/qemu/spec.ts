@@ -14,7 +14,12 @@ export class SpecError extends FerryError {
   }
 }
 
-const absolutePath = z.string().min(1).refine(isAbsolute, 'must be an absolute path');
+/** Normalised lexically (`..`, `.`, `//` and a trailing `/` go), so one file has one spelling. */
+const absolutePath = z
+  .string()
+  .min(1)
+  .refine(isAbsolute, 'must be an absolute path')
+  .transform((p) => resolve(p));
 
 const diskSchema = z
   .object({

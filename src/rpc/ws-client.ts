@@ -1,15 +1,17 @@
 /**
  * The caller's side of ws-rpc.ts, shared by the agent's and the scheduler's clients: one
- * authenticated WebSocket, calls matched to answers by id, each with a deadline; event frames
- * (`{ v, event }`) handed to a listener; every pending call rejected when the session closes.
- * Errors carry stable codes `<PEER>_REFUSED | _UNREACHABLE | _TIMEOUT | _DISCONNECTED`, built by
- * the peer's own error class.
+ * authenticated WebSocket, calls matched to answers by id, each with a deadline and an optional
+ * AbortSignal; event frames (`{ v, event }`) handed to a listener; every pending call rejected
+ * when the session closes, also when the peer stops answering pings (heartbeat.ts).
+ * Errors carry stable codes `<PEER>_REFUSED | _UNREACHABLE | _TIMEOUT | _CANCELLED | _DISCONNECTED`,
+ * built by the peer's own error class.
  */
 import { WebSocket } from 'ws';
 import { z } from 'zod';
-import type { FerryError } from '../errors.js';
+import { errorText, type FerryError } from '../errors.js';
+import { DEFAULT_HEARTBEAT_MS, keepAlive, silenceBeforeDrop } from './heartbeat.js';
 
-export type PeerErrorFactory = (code: string, message: string, opts?: { userError?: boolean }) => FerryError;
+export type PeerErrorFactory = (code: string, message: string, opts?: { userError?: boolean; cause?: unknown }) => FerryError;
 
 export interface PeerLabel {
   /** How messages name the peer: `agent ws://h17:7420`. */
@@ -30,13 +32,22 @@ const frameSchema = z.union([
  * the peer may send at once (QEMU greets), and ws can deliver that frame in the same tick as
  * 'open', before any awaiting code runs. A refusal at the upgrade and an unreachable peer are the
  * caller's to fix (userError) unless `userError: false` says the caller is the engine mid-flight.
+ * From then on the peer is pinged every `heartbeatMs` (default 10 s) and a peer that stops
+ * answering is dropped within twice that (heartbeat.ts).
  */
-export function openSocket<T>(url: string, opts: { token: string; timeoutMs: number; peer: PeerLabel; tls?: Record<string, unknown>; userError?: boolean }, onOpen: (ws: WebSocket) => T): Promise<T> {
+export function openSocket<T>(
+  url: string,
+  opts: { token: string; timeoutMs: number; peer: PeerLabel; tls?: Record<string, unknown>; userError?: boolean; heartbeatMs?: number },
+  onOpen: (ws: WebSocket) => T,
+): Promise<T> {
   const { peer } = opts;
   const userError = opts.userError ?? true;
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(url, { headers: { authorization: `Bearer ${opts.token}` }, handshakeTimeout: opts.timeoutMs, ...opts.tls });
-    ws.once('open', () => resolve(onOpen(ws)));
+    ws.once('open', () => {
+      keepAlive(ws, { intervalMs: opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS });
+      resolve(onOpen(ws));
+    });
     ws.once('unexpected-response', (_req, res) => {
       reject(peer.error(`${peer.code}_REFUSED`, `${peer.who} refused the connection: HTTP ${res.statusCode}`, { userError }));
       ws.terminate();
@@ -50,7 +61,8 @@ export class RpcSession {
   readonly #version: number;
   readonly #peer: PeerLabel;
   #next = 1;
-  readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; done: () => void }>();
+  #closed = false;
   /** Resolves when the session has closed, for whatever reason. */
   readonly closed: Promise<void>;
 
@@ -70,33 +82,60 @@ export class RpcSession {
       if ('event' in f.data) return opts.onEvent(f.data.event);
       const p = typeof f.data.id === 'number' ? this.#pending.get(f.data.id) : undefined;
       if (!p) return;
-      this.#pending.delete(f.data.id as number);
-      clearTimeout(p.timer);
+      p.done();
       if (f.data.ok) p.resolve(f.data.result);
       else p.reject(this.#peer.error(f.data.error.code, f.data.error.message, { userError: true }));
     });
     this.closed = new Promise((resolve) =>
-      ws.on('close', () => {
-        for (const p of this.#pending.values()) {
-          clearTimeout(p.timer);
-          p.reject(this.#peer.error(`${this.#peer.code}_DISCONNECTED`, `${this.#peer.who} closed the session`));
+      ws.once('close', () => {
+        this.#closed = true;
+        const err = this.#disconnected();
+        for (const p of [...this.#pending.values()]) {
+          p.done();
+          p.reject(err);
         }
-        this.#pending.clear();
         resolve();
       }),
     );
   }
 
-  call(method: string, params: Record<string, unknown>, timeoutMs: number): Promise<unknown> {
+  /**
+   * Sends one request and waits for its answer, at most `timeoutMs`, or until `signal` aborts.
+   * A timeout or an abort stops the wait, not the peer: the request may still be carried out.
+   */
+  call(method: string, params: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal): Promise<unknown> {
+    if (this.#closed) return Promise.reject(this.#disconnected());
+    if (signal?.aborted) return Promise.reject(this.#cancelled(method, signal));
     const id = this.#next++;
     return new Promise((resolve, reject) => {
+      const onAbort = (): void => {
+        done();
+        reject(this.#cancelled(method, signal!));
+      };
       const timer = setTimeout(() => {
-        this.#pending.delete(id);
+        done();
         reject(this.#peer.error(`${this.#peer.code}_TIMEOUT`, `${this.#peer.who} did not answer ${method} within ${timeoutMs} ms`));
       }, timeoutMs);
-      this.#pending.set(id, { resolve, reject, timer });
+      const done = (): void => {
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', onAbort);
+        this.#pending.delete(id);
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.#pending.set(id, { resolve, reject, done });
       this.#ws.send(JSON.stringify({ v: this.#version, id, method, params }));
     });
+  }
+
+  #cancelled(method: string, signal: AbortSignal): FerryError {
+    return this.#peer.error(`${this.#peer.code}_CANCELLED`, `${method} to ${this.#peer.who} was cancelled: ${errorText(signal.reason)}`, { cause: signal.reason });
+  }
+
+  #disconnected(): FerryError {
+    const silentMs = silenceBeforeDrop(this.#ws);
+    return silentMs === undefined
+      ? this.#peer.error(`${this.#peer.code}_DISCONNECTED`, `${this.#peer.who} closed the session`)
+      : this.#peer.error(`${this.#peer.code}_DISCONNECTED`, `${this.#peer.who} answered no ping for ${silentMs} ms: the connection was dropped`);
   }
 
   close(): void {

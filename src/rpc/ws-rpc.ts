@@ -2,7 +2,8 @@
  * The request/response framing the agent and the scheduler share: JSON text frames
  * `{ v, id, method, params }`, each parsed and checked against the method's own schema, answered
  * `{ v, id, ok: true, result }` or `{ v, id, ok: false, error: { code, message } }`. Anything
- * unknown is refused by name; a user's mistake is answered, never logged as our failure.
+ * unknown is refused by name; a user's mistake is answered, never logged as our failure. The
+ * caller is pinged (heartbeat.ts): a caller that stops answering is dropped within 2 x heartbeatMs.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
@@ -10,7 +11,7 @@ import type { WebSocket } from 'ws';
 import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { SpecError } from '../qemu/spec.js';
+import { DEFAULT_HEARTBEAT_MS, keepAlive } from './heartbeat.js';
 
 export class RpcError extends FerryError {
   override name = 'RpcError';
@@ -50,10 +51,13 @@ export function serveRpc<S extends Record<string, z.ZodType>>(
     admit?: () => boolean;
     limitText?: string;
     log: Logger;
+    /** Ping interval, ms (default 10 s). */
+    heartbeatMs?: number;
   },
 ): void {
   const requestSchema = rpcRequestSchema(opts.version);
   ws.on('error', (err) => opts.log.warn({ err: err.message }, 'WebSocket session ended on an error'));
+  keepAlive(ws, { intervalMs: opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => opts.log.warn({ silentMs }, 'the caller answered no ping: dropped the session') });
   ws.on('message', (data: Buffer, isBinary: boolean) => {
     void (async () => {
       let id: string | number | null = null;
@@ -82,7 +86,8 @@ export function serveRpc<S extends Record<string, z.ZodType>>(
         const result = await opts.handle(method, params.data);
         ws.send(JSON.stringify({ v: opts.version, id, ok: true, result }));
       } catch (err) {
-        const code = err instanceof SpecError ? 'PATH_REFUSED' : err instanceof FerryError ? err.code : 'INTERNAL';
+        // Every error keeps its own code (a spec refusal is SPEC_INVALID, whichever field).
+        const code = err instanceof FerryError ? err.code : 'INTERNAL';
         if (!(err instanceof FerryError && err.userError)) opts.log.error({ err: errorText(err) }, 'request failed');
         ws.send(JSON.stringify({ v: opts.version, id, ok: false, error: { code, message: errorText(err) } }));
       }

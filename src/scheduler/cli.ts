@@ -8,7 +8,9 @@
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { errorText, FerryError } from '../errors.js';
-import { SchedulerClient } from './client.js';
+// Type only: the client (ws, zod) loads when a command needs it, so `ferry --help` starts at once.
+import type { SchedulerClient, SchedulerReply } from './client.js';
+import type { SchedulerMethod } from './protocol.js';
 import type { MigrationJob } from './types.js';
 
 export const FERRY_USAGE = `usage: ferry [--scheduler URL] [--token-file FILE] [--json] COMMAND
@@ -54,52 +56,52 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
   };
   let client: SchedulerClient | undefined;
   try {
-    const call = async (method: Parameters<SchedulerClient['call']>[0], params: Record<string, unknown> = {}): Promise<unknown> => {
-      client ??= await SchedulerClient.connect(values.scheduler ?? env.FERRY_SCHEDULER ?? 'ws://127.0.0.1:7430', await token(values['token-file'], env));
+    const call = async <M extends SchedulerMethod>(method: M, params: Record<string, unknown> = {}): Promise<SchedulerReply<M>> => {
+      client ??= await (await import('./client.js')).SchedulerClient.connect(values.scheduler ?? env.FERRY_SCHEDULER ?? 'ws://127.0.0.1:7430', await token(values['token-file'], env));
       return client.call(method, params);
     };
     const print = (obj: unknown, human: () => string): void => void io.stdout.write(values.json ? `${JSON.stringify(obj)}\n` : `${human()}\n`);
     switch (command) {
       case 'hosts': {
         need(0, 'no arguments');
-        const hosts = (await call('hosts')) as { name: string; reachable: boolean; freeMemoryMiB: number | null; freeDiskBytes: number | null; vms: number; outgoing: number; incoming: number }[];
+        const hosts = await call('hosts');
         print(hosts, () => table(['HOST', 'UP', 'FREE MEM', 'FREE DISK', 'VMS', 'OUT', 'IN'], hosts.map((h) => [h.name, h.reachable ? 'yes' : 'NO', h.freeMemoryMiB === null ? '-' : `${h.freeMemoryMiB} MiB`, h.freeDiskBytes === null ? '-' : gib(h.freeDiskBytes), String(h.vms), String(h.outgoing), String(h.incoming)])));
         break;
       }
       case 'vms': {
         need(0, 'no arguments');
-        const vms = (await call('vms')) as { name: string; host: string; memoryMiB: number; diskBytes: number }[];
+        const vms = await call('vms');
         print(vms, () => table(['VM', 'HOST', 'MEMORY', 'DISK'], vms.map((v) => [v.name, v.host, `${v.memoryMiB} MiB`, gib(v.diskBytes)])));
         break;
       }
       case 'queue': {
         need(0, 'no arguments');
-        const jobs = (await call('queue', { all: values.all ?? false })) as MigrationJob[];
+        const jobs = await call('queue', { all: values.all ?? false });
         print(jobs, () => jobTable(jobs));
         break;
       }
       case 'migrate': {
         const [vm] = need(1, 'one VM name');
-        const r = (await call('migrate', { vm, ...(values.to ? { to: values.to } : {}), ...(values.mode ? { mode: values.mode } : {}) })) as { job: MigrationJob; existing: boolean };
+        const r = await call('migrate', { vm, ...(values.to ? { to: values.to } : {}), ...(values.mode ? { mode: values.mode } : {}) });
         print(r, () => `${r.existing ? 'already moving' : 'queued'}: ${r.job.id} ${r.job.vm} ${r.job.from} -> ${r.job.to} (${r.job.state})`);
         break;
       }
       case 'drain': {
         const [host] = need(1, 'one host name');
-        const r = (await call('drain', { host, ...(values.mode ? { mode: values.mode } : {}) })) as { job: MigrationJob; existing: boolean }[];
+        const r = await call('drain', { host, ...(values.mode ? { mode: values.mode } : {}) });
         print(r, () => (r.length === 0 ? `${host} has no running VMs` : jobTable(r.map((x) => x.job))));
         break;
       }
       case 'cancel': {
         const [id] = need(1, 'one migration id');
-        const job = (await call('cancel', { id })) as MigrationJob;
+        const job = await call('cancel', { id });
         print(job, () => `${job.id}: ${job.state === 'cancelled' ? 'cancelled' : 'cancelling (the engine rolls back; the guest stays on the source)'}`);
         break;
       }
       case 'show': {
         const [id] = need(1, 'one migration id');
-        const job = (await call('get', { id })) as MigrationJob;
-        const journal = (await call('journal', { id })) as { at: number; state: string; phase: string | null; detail: string | null }[];
+        const job = await call('get', { id });
+        const journal = await call('journal', { id });
         print({ job, journal }, () => `${jobTable([job])}\n${journal.map((e) => `  ${new Date(e.at).toISOString()}  ${e.state}${e.phase ? ` [${e.phase}]` : ''}${e.detail ? `  ${e.detail}` : ''}`).join('\n')}`);
         break;
       }
@@ -109,21 +111,21 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
         await client!.watch((e) => {
           if (values.json) return void io.stdout.write(`${JSON.stringify(e)}\n`);
           if (e.type === 'job') {
-            const j = e.job as MigrationJob;
+            const j = e.job;
             io.stdout.write(`${new Date().toISOString()}  ${j.id} ${j.vm} ${j.from} -> ${j.to}: ${j.state}${j.error ? ` (${j.error})` : ''}\n`);
-          } else if (e.type === 'phase') io.stdout.write(`${new Date().toISOString()}  ${String(e.id)} ${String(e.vm)}: ${String(e.phase)}\n`);
-          else if (e.type === 'progress') {
-            const done = Number(e.doneBytes);
-            const total = Number(e.totalBytes);
-            const pct = total > 0 ? Math.floor((100 * done) / total) : 0;
-            const eta = typeof e.etaMs === 'number' ? `, ETA ${Math.ceil(e.etaMs / 1000)} s` : '';
-            io.stdout.write(`${new Date().toISOString()}  ${String(e.id)} ${String(e.vm)}: ${String(e.phase)} ${pct}% of ${mib(total)}, ${mib(Number(e.bytesPerSec))}/s${eta}\n`);
+          } else if (e.type === 'phase') io.stdout.write(`${new Date().toISOString()}  ${e.id} ${e.vm}: ${e.phase}\n`);
+          else {
+            const pct = e.totalBytes > 0 ? Math.floor((100 * e.doneBytes) / e.totalBytes) : 0;
+            const eta = e.etaMs !== null ? `, ETA ${Math.ceil(e.etaMs / 1000)} s` : '';
+            io.stdout.write(`${new Date().toISOString()}  ${e.id} ${e.vm}: ${e.phase} ${pct}% of ${mib(e.totalBytes)}, ${mib(e.bytesPerSec)}/s${eta}\n`);
           }
         });
+        const stop = new AbortController();
         await new Promise<void>((resolve) => {
           process.once('SIGINT', resolve);
+          stop.signal.addEventListener('abort', () => process.off('SIGINT', resolve), { once: true });
           void client!.closed.then(resolve);
-        });
+        }).finally(() => stop.abort());
         break;
       }
       default:

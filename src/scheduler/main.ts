@@ -12,10 +12,19 @@ import { serveUntilSignal } from '../serve.js';
 import { createLogger } from '../log.js';
 import { startSchedulerService } from './service.js';
 
+export const SCHEDULER_USAGE = `usage: ferry-scheduler --config FILE [--listen HOST:PORT] [--database PATH]
+environment: FERRY_TOKEN (what the scheduler presents to the agents), FERRY_SCHEDULER_TOKEN
+             (adds an API token for principal 'operator')
+`;
+
 export async function main(argv: string[]): Promise<number> {
   let config: Record<string, unknown>;
   try {
-    const { values } = parseArgs({ args: argv, options: { config: { type: 'string' }, listen: { type: 'string' }, database: { type: 'string' } }, strict: true });
+    const { values } = parseArgs({ args: argv, options: { config: { type: 'string' }, listen: { type: 'string' }, database: { type: 'string' }, help: { type: 'boolean', short: 'h' } }, strict: true });
+    if (values.help) {
+      process.stdout.write(SCHEDULER_USAGE);
+      return 0;
+    }
     if (!values.config) throw new Error('--config FILE is required');
     const raw: unknown = JSON.parse(await readFile(values.config, 'utf8'));
     if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new Error(`${values.config} is not a JSON object`);

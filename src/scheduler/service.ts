@@ -3,7 +3,6 @@
  * (protocol.ts). One process; its state is the database, so it may be killed at any moment.
  */
 import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { WebSocketServer } from 'ws';
 import { z } from 'zod';
 import { errorText } from '../errors.js';
@@ -12,7 +11,7 @@ import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
 import { loadTls, TlsFilesSchema } from '../agent/tls.js';
 import { AgentFleet, HostConfigSchema } from './agents.js';
 import { SCHEDULER_PROTOCOL_VERSION, schedulerMethods, type SchedulerMethod } from './protocol.js';
-import { Scheduler } from './scheduler.js';
+import { Scheduler, type SchedulerEvents } from './scheduler.js';
 import { SchedulerStore } from './store.js';
 import { SchedulerError } from './types.js';
 
@@ -44,6 +43,8 @@ export const SchedulerConfigSchema = z
     hydrationBytesPerSec: z.number().int().positive().optional(),
     /** The engine's mode when a request names none: precopy (default) or lazy. */
     mode: z.enum(['precopy', 'lazy']).default('precopy'),
+    /** Ping interval of the API's sessions, ms: a client that stops answering is dropped within twice this. */
+    heartbeatMs: z.number().int().min(100).max(600_000).default(10_000),
     retry: z
       .object({ maxAttempts: z.number().int().positive().default(3), baseDelayMs: z.number().int().positive().default(5_000) })
       .strict()
@@ -130,9 +131,10 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     if (!principal) return reject('401 Unauthorized');
     if (req.url !== '/v1') return reject('404 Not Found');
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const onJob = (job: unknown): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event: { type: 'job', job } })));
-      const onPhase = (p: unknown): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event: { type: 'phase', ...(p as object) } })));
-      const onProgress = (p: unknown): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event: { type: 'progress', ...(p as object) } })));
+      const send = (event: Record<string, unknown>): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event })));
+      const onJob = (...[job]: SchedulerEvents['job']): void => send({ type: 'job', job });
+      const onPhase = (...[p]: SchedulerEvents['phase']): void => send({ type: 'phase', ...p });
+      const onProgress = (...[p]: SchedulerEvents['progress']): void => send({ type: 'progress', ...p });
       let watching = false;
       serveRpc(ws, {
         version: SCHEDULER_PROTOCOL_VERSION,
@@ -147,6 +149,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
           return handle(method, params);
         },
         log: log.child({ principal }),
+        heartbeatMs: config.heartbeatMs,
       });
       ws.once('close', () => {
         scheduler.off('job', onJob);
@@ -159,7 +162,9 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     http.once('error', reject);
     http.listen(config.listenPort, config.listenHost, () => resolve());
   });
-  const port = (http.address() as AddressInfo).port;
+  const address = http.address();
+  if (address === null || typeof address === 'string') throw new SchedulerError('SCHEDULER_LISTEN', `the API has no TCP address (${String(address)})`);
+  const port = address.port;
   log.info({ port, hosts: config.hosts.length, database: config.database }, 'scheduler listening');
   return {
     url: `ws://${config.listenHost}:${port}`,

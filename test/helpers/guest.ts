@@ -65,8 +65,13 @@ export async function bootWorkloadGuest(opts: {
   workload: Workload;
   memoryMiB?: number;
   name?: string;
-  /** Default: the launcher's, i.e. $FERRY_QEMU (the 10.0 test leg sets it) or the system's. */
+  /**
+   * Default: the launcher's, i.e. $FERRY_QEMU (the 10.0 test leg sets it) or the system's. The
+   * bootstrap's 10.0 (test/helpers/qemu.ts) is a wrapper that adds its own -L.
+   */
   qemuBinary?: string;
+  /** What another QEMU needs on its command line (e.g. `-L <its data dir>`). */
+  extraArgs?: string[];
 }): Promise<BootedGuest> {
   const root = await makeTempDir();
   const hostA = join(root, 'host-a');
@@ -86,6 +91,7 @@ export async function bootWorkloadGuest(opts: {
       append: `console=ttyS0 quiet ${workloadAppend({ ...opts.workload, disks: opts.disks.length })}`,
     },
     runDir: join(hostA, 'run'),
+    ...(opts.extraArgs ? { extraArgs: opts.extraArgs } : {}),
   });
   const vm = await launchVm(spec, { timeoutMs: 30_000, ...(opts.qemuBinary ? { qemuBinary: opts.qemuBinary } : {}) });
   await vm.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready' });
@@ -116,4 +122,15 @@ export async function agentGuestSpec(
     },
     serialLog: join(dir, 'run', 'serial.log'),
   };
+}
+
+/** SIGKILLs the QEMUs a test let outlive their starter (an agent's VMs), by PID; empties the list. */
+export function killPids(pids: number[]): void {
+  for (const pid of pids.splice(0)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
 }

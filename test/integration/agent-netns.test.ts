@@ -5,6 +5,7 @@
  * acknowledged write is lost. Namespaces and every process in them are removed afterwards, also
  * when the test fails.
  */
+import { IMAGE_DIR } from '../../src/guest/image.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
@@ -93,7 +94,7 @@ test.skipIf(!canRun)(
       const root = await makeTempDir(`ferry-netns-${i}-`);
       roots.push(root);
       const config = join(configDir, `agent-${i}.json`);
-      await writeFile(config, JSON.stringify({ name: `host${'AB'[i]}`, listenHost: ip, listenPort: PORT, storageRoot: root, tokens: { [TOKEN]: 'ops' }, migrationHost: ip, portRange: [21000, 21100] }));
+      await writeFile(config, JSON.stringify({ name: `host${'AB'[i]}`, listenHost: ip, listenPort: PORT, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [TOKEN]: 'ops' }, migrationHost: ip, portRange: [21000, 21100] }));
       configs.push(config);
     }
     let agentA = await startAgentIn(nsA, configs[0]!);

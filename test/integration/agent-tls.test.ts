@@ -1,4 +1,5 @@
 /** ferry-agent with mutual TLS: only callers with a certificate from the agent's CA get in, and the engine migrates through it. */
+import { IMAGE_DIR } from '../../src/guest/image.js';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { WebSocket } from 'ws';
@@ -20,7 +21,7 @@ const pids: number[] = [];
 beforeAll(async () => {
   pki = await makePki(await makeTempDir('ferry-pki-'));
   root = await makeTempDir('ferry-agent-tls-');
-  agent = await startAgent({ name: 'secure', listenPort: 0, storageRoot: root, tokens: { [TOKEN]: 'ops' }, tls: { cert: pki.agent.cert, key: pki.agent.key, ca: pki.ca } });
+  agent = await startAgent({ name: 'secure', listenPort: 0, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [TOKEN]: 'ops' }, tls: { cert: pki.agent.cert, key: pki.agent.key, ca: pki.ca } });
   clientTls = await loadTls({ cert: pki.client.cert, key: pki.client.key, ca: pki.ca });
 }, 30_000);
 

@@ -7,11 +7,11 @@ import { AgentCallError, AgentClient, AgentDestination, AgentSource } from '../.
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
 import { LocalSource } from '../../src/engine/local-endpoint.js';
 import { migrate } from '../../src/engine/migrate.js';
-import { loadGuestImage } from '../../src/guest/image.js';
+import { IMAGE_DIR, loadGuestImage } from '../../src/guest/image.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { QmpCommandError } from '../../src/qmp/index.js';
-import { agentGuestSpec, bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js';
+import { agentGuestSpec, bootWorkloadGuest, cleanupAll, killPids, makeTempDir } from '../helpers/guest.js';
 
 const TOKEN_A = 'token-of-alice-0123456789';
 const TOKEN_B = 'token-of-bob-0123456789ab';
@@ -21,19 +21,13 @@ const started: number[] = [];
 
 beforeEach(async () => {
   root = await makeTempDir('ferry-agent-root-');
-  agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, tokens: { [TOKEN_A]: 'alice', [TOKEN_B]: 'bob' } });
+  agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [TOKEN_A]: 'alice', [TOKEN_B]: 'bob' } });
 });
 
 afterEach(async () => {
   await agent.close();
   // VMs the agent released outlive it by design; in a test, nothing may.
-  for (const pid of started.splice(0)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
+  killPids(started);
   await cleanupAll();
 });
 
@@ -68,7 +62,7 @@ describe('ferry-agent refuses', () => {
     });
     expect((await raw(JSON.stringify({ v: 1, id: 2, method: 'vm.list', params: {}, sneaky: true }))).reply).toMatchObject({ ok: false, error: { code: 'BAD_MESSAGE' } });
     expect((await raw(JSON.stringify({ v: 2, id: 3, method: 'vm.list' }))).reply).toMatchObject({ ok: false, error: { code: 'BAD_MESSAGE' } });
-    expect((await raw(JSON.stringify({ v: 1, id: 4, method: 'vm.list', params: { all: true } }))).reply).toMatchObject({ ok: false, error: { code: 'BAD_PARAMS' } });
+    expect((await raw(JSON.stringify({ v: 1, id: 4, method: 'vm.list', params: { bogus: true } }))).reply).toMatchObject({ ok: false, error: { code: 'BAD_PARAMS' } });
     expect((await raw(Buffer.alloc(2 * 1024 * 1024, 0x20).toString())).closeCode).toBe(1009);
   });
 
@@ -80,9 +74,20 @@ describe('ferry-agent refuses', () => {
       const err = await c.call('dest.createDisk', { path, format: 'raw', virtualSize: 1 << 20 }).catch((e: unknown) => e);
       expect(err, path).toBeInstanceOf(AgentCallError);
       expect(err).toMatchObject({ code: 'PATH_REFUSED' });
-      expect((err as Error).message).toMatch(/outside the allowed roots/);
+      expect((err as Error).message).toMatch(/outside the allowed roots|goes through a symbolic link/);
     }
     await c.call('dest.createDisk', { path: join(root, 'vm', 'ok.raw'), format: 'raw', virtualSize: 1 << 20 });
+    c.close();
+  });
+
+  test('a spec error keeps its own code across the wire, also when no path is involved', async () => {
+    const c = await AgentClient.connect(agent.url, TOKEN_A);
+    const spec = { name: 'tiny', memoryMiB: 1, disks: [{ id: 'd0', path: join(root, 'tiny', 'd0.raw'), format: 'raw' }], boot: { disk: 'd0' }, runDir: join(root, 'tiny', 'run') };
+    for (const method of ['vm.create', 'dest.check', 'dest.start'] as const) {
+      const err = await c.call(method, { spec }).catch((e: unknown) => e);
+      expect(err, method).toBeInstanceOf(AgentCallError);
+      expect(err, method).toMatchObject({ code: 'SPEC_INVALID', message: expect.stringMatching(/memoryMiB: must be at least 16 MiB/) });
+    }
     c.close();
   });
 
@@ -142,7 +147,7 @@ test('a writing guest migrates from a local source into an agent: no acknowledge
 
 test('two agents: a writing guest that agent A runs moves to agent B, no acknowledged write lost', async () => {
   const rootA = await makeTempDir('ferry-agent-a-');
-  const agentA = await startAgent({ name: 'hostA', listenPort: 0, storageRoot: rootA, tokens: { [TOKEN_A]: 'alice' } });
+  const agentA = await startAgent({ name: 'hostA', listenPort: 0, storageRoot: rootA, bootRoots: [IMAGE_DIR], tokens: { [TOKEN_A]: 'alice' } });
   try {
     const dir = join(rootA, 'web1');
     const { spec } = await agentGuestSpec(rootA, 'web1');
@@ -217,7 +222,7 @@ describe('an agent restart', () => {
     const { vmId, pid } = await startedVm(c, 'keeper');
     c.close();
     await agent.close();
-    agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, tokens: { [TOKEN_A]: 'alice' } });
+    agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [TOKEN_A]: 'alice' } });
     c = await AgentClient.connect(agent.url, TOKEN_A);
     expect(await c.call('vm.list')).toEqual([{ vmId, name: 'keeper', role: 'vm', state: 'running', pid, running: true, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
     const events: string[] = [];
@@ -248,7 +253,7 @@ describe('an agent restart', () => {
         break;
       }
     }
-    agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, tokens: { [TOKEN_A]: 'alice' } });
+    agent = await startAgent({ name: 'hostB', listenPort: 0, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [TOKEN_A]: 'alice' } });
     c = await AgentClient.connect(agent.url, TOKEN_A);
     expect(await c.call('vm.list')).toEqual([{ vmId, name: 'goner', role: 'vm', state: 'died', pid: null, running: false, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
     c.close();
@@ -281,7 +286,7 @@ describe('ferry-agent limits', () => {
     const limited = await startAgent({
       name: 'slow',
       listenPort: 0,
-      storageRoot: await makeTempDir('ferry-agent-limits-'),
+      storageRoot: await makeTempDir('ferry-agent-limits-'), bootRoots: [IMAGE_DIR],
       tokens: { [TOKEN_A]: 'alice' },
       limits: { requestsPerSecond: 1, burst: 3, sessionsPerPrincipal: 2 },
     });
@@ -304,7 +309,7 @@ describe('ferry-agent limits', () => {
 
 test('two agents, lazy mode: the destination agent runs the guest at once and hydrates it from the source agent', async () => {
   const rootA = await makeTempDir('ferry-agent-lazy-a-');
-  const agentA = await startAgent({ name: 'hostA', listenPort: 0, storageRoot: rootA, tokens: { [TOKEN_A]: 'alice' }, portRange: [31000, 31999] });
+  const agentA = await startAgent({ name: 'hostA', listenPort: 0, storageRoot: rootA, bootRoots: [IMAGE_DIR], tokens: { [TOKEN_A]: 'alice' }, portRange: [31000, 31999] });
   try {
     const { spec, serialLog } = await agentGuestSpec(rootA, 'web2', { diskMiB: 256, fillMiB: 16 });
     const a = await AgentClient.connect(agentA.url, TOKEN_A);

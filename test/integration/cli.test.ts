@@ -88,6 +88,46 @@ describe('migrate-vm', () => {
     expect(report.ok).toBe(true);
   });
 
+  test('a hostile run: each refusal is one line naming the flag, exit 2, nothing created', async () => {
+    const { vm, spec, hostA, hostB } = await bootWorkloadGuest({
+      disks: [{ id: 'root', format: 'qcow2', size: 32 << 20 }],
+      workload: { write: { rate: 20 }, tickMs: 50 },
+    });
+    // The same disk spelled another way is the same disk: the dry run passes.
+    const specPath = join(hostA, 'vm.json');
+    await writeFile(specPath, JSON.stringify({ ...spec, disks: [{ ...spec.disks[0]!, path: `${hostA}/../host-a/./root.qcow2` }] }));
+    let r = await cli(['--spec', specPath, '--to-dir', hostB, '--dry-run']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/nothing was changed/);
+
+    const oneLine = (out: { stderr: string }): string[] => out.stderr.trim().split('\n');
+    const cases: [string[], RegExp][] = [
+      [['--migration-host', '::::', '--dry-run'], /--migration-host: '::::' is not an IP address/],
+      [['--migration-host', 'dead', '--dry-run'], /--migration-host: 'dead' is not an IP address/],
+      [['--migration-host', '999.999.999.999'], /--migration-host: '999.999.999.999' is not an IP address/],
+      [['--bandwidth', '9999999T'], /--bandwidth: '9999999T' is too large/],
+    ];
+    for (const [flags, message] of cases) {
+      r = await cli(['--spec', specPath, '--to-dir', hostB, ...flags]);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(message);
+      expect(r.stderr).not.toMatch(/bandwidthBytesPerSec/);
+      expect(await readdir(hostB)).toEqual([]);
+    }
+
+    // A preflight refusal with stderr not a TTY (a pipe here): one line, no rollback story.
+    await writeFile(specPath, JSON.stringify({ ...spec, memoryMiB: spec.memoryMiB * 2 }));
+    for (const extra of [[], ['--dry-run']]) {
+      r = await cli(['--spec', specPath, '--to-dir', hostB, ...extra]);
+      expect(r.code, r.stderr).toBe(2);
+      expect(oneLine(r), r.stderr).toHaveLength(1);
+      expect(r.stderr).toMatch(/^migrate-vm: .*spec does not match the running source: it has \d+ MiB of RAM/);
+      expect(r.stderr).not.toMatch(/rolling back|rolled back|\{/);
+      expect(await readdir(hostB)).toEqual([]);
+    }
+    expect((await vm.qmp.execute('query-status')).status).toBe('running');
+  });
+
   test('SIGINT during the mirror: exit 130, rolled back, the guest still runs and writes on the source', async () => {
     const { vm, spec, hostA, hostB } = await bootWorkloadGuest({
       disks: [{ id: 'root', format: 'qcow2', size: 256 << 20, fillMiB: 100 }],

@@ -3,6 +3,7 @@
  * Refusals and cancel through the in-process service; then the drain with the scheduler as a
  * separate process, killed with SIGKILL mid-drain and started again.
  */
+import { IMAGE_DIR } from '../../src/guest/image.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
@@ -38,7 +39,7 @@ const hostsConfig = (caps: Record<string, number> = {}) => ['A', 'B', 'C'].map((
 beforeAll(async () => {
   for (const h of ['A', 'B', 'C']) {
     roots[h] = await makeTempDir(`ferry-sched-${h}-`);
-    agents[h] = await startAgent({ name: h, listenPort: 0, storageRoot: roots[h], tokens: { [AGENT_TOKEN]: 'scheduler' }, portRange: [22000 + 1000 * (h.charCodeAt(0) - 65), 22999 + 1000 * (h.charCodeAt(0) - 65)] });
+    agents[h] = await startAgent({ name: h, listenPort: 0, storageRoot: roots[h], bootRoots: [IMAGE_DIR], tokens: { [AGENT_TOKEN]: 'scheduler' }, portRange: [22000 + 1000 * (h.charCodeAt(0) - 65), 22999 + 1000 * (h.charCodeAt(0) - 65)] });
   }
   const a = await AgentClient.connect(agents.A!.url, AGENT_TOKEN);
   for (const vm of VMS) {

@@ -1,13 +1,13 @@
-import { mkdtemp, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { loadAgentConfig } from '../../../src/agent/config.js';
 import { TokenBucket } from '../../../src/agent/rate-limit.js';
+import { tempDir } from '../../helpers/tmp.js';
 
 describe('agent config: file, then environment, then flags', () => {
   test('each later source overrides the earlier one', async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'ferry-cfg-'));
+    const dir = await tempDir('ferry-cfg-');
     const file = join(dir, 'agent.json');
     await writeFile(file, JSON.stringify({ name: 'from-file', storageRoot: '/srv/file', listenPort: 1, tokens: { 'file-token-0123456789': 'cp' } }));
     const c = await loadAgentConfig(['--config', file, '--storage-root', '/srv/flag'], { FERRY_AGENT_NAME: 'from-env', FERRY_AGENT_STORAGE_ROOT: '/srv/env', FERRY_AGENT_LISTEN: '10.0.0.1:7000', FERRY_AGENT_TOKEN: 'env-token-0123456789' });
@@ -23,6 +23,7 @@ describe('agent config: file, then environment, then flags', () => {
     [['--bogus'], {}, /Unknown option '--bogus'/],
     [['--config', '/nonexistent/agent.json'], {}, /cannot read config \/nonexistent\/agent.json: ENOENT/],
     [['--storage-root', '/s'], { FERRY_AGENT_TOKEN: 'short' }, /tokens must be at least 16 characters/],
+    [['--storage-root', '/s', '--migration-host', 'h18.example'], {}, /migrationHost: must be an IP address/],
   ])('refuses %j %j', async (argv, env, message) => {
     const err = await loadAgentConfig(argv, env).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(Error);
@@ -31,11 +32,15 @@ describe('agent config: file, then environment, then flags', () => {
   });
 
   test('a config file that is not a JSON object', async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'ferry-cfg-'));
+    const dir = await tempDir('ferry-cfg-');
     await writeFile(join(dir, 'a.json'), '[1,2]');
     await expect(loadAgentConfig(['--config', join(dir, 'a.json')], {})).rejects.toThrow(/is not valid: not a JSON object/);
     await writeFile(join(dir, 'b.json'), JSON.stringify({ storageRoot: '/s', tokens: {}, portRange: [30000, 20000] }));
     await expect(loadAgentConfig(['--config', join(dir, 'b.json')], {})).rejects.toThrow(/portRange: the first port must not be above the second/);
+    await writeFile(join(dir, 'c.json'), JSON.stringify({ storageRoot: '/s', tokens: {}, migrationPeers: ['10.0.0.0/33'] }));
+    await expect(loadAgentConfig(['--config', join(dir, 'c.json')], {})).rejects.toThrow(/migrationPeers.0: must be an IP address or a CIDR/);
+    await writeFile(join(dir, 'd.json'), JSON.stringify({ storageRoot: '/s', tokens: {}, bootRoots: ['images'] }));
+    await expect(loadAgentConfig(['--config', join(dir, 'd.json')], {})).rejects.toThrow(/bootRoots.0: must be an absolute path/);
   });
 });
 

@@ -80,9 +80,23 @@ describe('parseCli', () => {
     [[...base, '--downtime-limit', '500', '--max-downtime', '100'], /--max-downtime must not be below/],
     [[...base, '--frobnicate'], /Unknown option '--frobnicate'/],
     [[...base, '--spec'], /--spec/],
+    // A hostile run (issue 15, defect 16): each refused here, by the flag the user typed.
+    [[...base, '--migration-host', '::::'], /--migration-host: '::::' is not an IP address/],
+    [[...base, '--migration-host', 'dead'], /--migration-host: 'dead' is not an IP address/],
+    [[...base, '--migration-host', '999.999.999.999'], /--migration-host: '999.999.999.999' is not an IP address/],
+    [[...base, '--migration-host', '10.0.0.1 '], /--migration-host/],
+    [[...base, '--bandwidth', '99999999999999999999'], /--bandwidth: '99999999999999999999' is too large/],
+    [[...base, '--bandwidth', '9999999T'], /--bandwidth: '9999999T' is too large/],
+    [[...base, '--mode', 'lazy', '--hydration-rate', '1e30'], /--hydration-rate/],
   ])('refuses %j', (argv, message) => {
     expect(() => parseCli(argv)).toThrow(UsageError);
     expect(() => parseCli(argv)).toThrow(message);
+  });
+
+  test('--migration-host takes an IPv4 or IPv6 address', () => {
+    for (const host of ['10.0.0.17', '::1', 'fd00::17']) {
+      expect(parseCli([...base, '--migration-host', host])).toMatchObject({ args: { destination: { migrationHost: host } } });
+    }
   });
 
   test('help and version', () => {
@@ -94,6 +108,8 @@ describe('parseCli', () => {
     expect(parseSize('x', '1G')).toBe(2 ** 30);
     expect(parseSize('x', '10MiB')).toBe(10 * 2 ** 20);
     expect(parseSize('x', '1048576')).toBe(2 ** 20);
+    expect(parseSize('x', '8191T')).toBe(8191 * 2 ** 40);
+    expect(() => parseSize('--bandwidth', '8192T')).toThrow(/--bandwidth: '8192T' is too large \(at most 8191T\)/);
   });
 });
 

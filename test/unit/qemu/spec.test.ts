@@ -2,7 +2,7 @@ import { mkdir, mkdtemp, rm, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { buildArgv } from '../../../src/qemu/argv.js';
+import { buildArgv, diskBlockdevs } from '../../../src/qemu/argv.js';
 import { parseVmSpec, retargetSpec, SpecError, type VmSpecInput } from '../../../src/qemu/spec.js';
 
 const good: VmSpecInput = {
@@ -89,10 +89,39 @@ test('argv: stable node-names and devices, cache modes, incoming', () => {
   expect(argv).toContain('unix:/srv/a/run/launcher-qmp.sock,server=on,wait=off');
 });
 
+test('argv: bufferedDisks opens an O_DIRECT disk without it (aio=threads); the write cache and the rest stay', () => {
+  const spec = parseVmSpec(good);
+  const joined = buildArgv(spec, { bufferedDisks: true }).join(' ');
+  expect(joined).toContain('-blockdev driver=file,node-name=file-root,filename=/srv/a/root.qcow2,cache.direct=off,cache.no-flush=off,aio=threads');
+  expect(joined).toContain('-blockdev driver=qcow2,node-name=disk-root,file=file-root,cache.direct=off');
+  expect(joined).toContain('-device virtio-blk-pci,drive=disk-root,id=dev-root,serial=root,write-cache=on');
+});
+
+test('diskBlockdevs: the -blockdev nodes as QMP objects, a comma in a path doubled only on the command line', () => {
+  const d = parseVmSpec({ ...good, disks: [{ id: 'root', path: '/srv/a,b/root.raw', format: 'raw', discard: true }] }).disks[0]!;
+  expect(diskBlockdevs(d)).toEqual({
+    file: { driver: 'file', 'node-name': 'file-root', filename: '/srv/a,b/root.raw', cache: { direct: true, 'no-flush': false }, aio: 'native', discard: 'unmap' },
+    format: { driver: 'raw', 'node-name': 'disk-root', file: 'file-root', cache: { direct: true, 'no-flush': false }, discard: 'unmap' },
+  });
+  expect(buildArgv(parseVmSpec({ ...good, disks: [{ id: 'root', path: '/srv/a,b/root.raw', format: 'raw' }] })).join(' ')).toContain('filename=/srv/a,,b/root.raw,');
+});
+
 test('retargetSpec moves the disks and the run dir, nothing else', () => {
   const spec = parseVmSpec(good);
   const t = retargetSpec(spec, { dir: '/srv/b', runDir: '/srv/b/run-vm1' });
   expect(t.disks.map((d) => d.path)).toEqual(['/srv/b/root.qcow2', '/srv/b/data.raw']);
   expect(t.runDir).toBe('/srv/b/run-vm1');
   expect({ ...t, disks: [], runDir: '' }).toEqual({ ...spec, disks: [], runDir: '' });
+});
+
+test('paths are normalised lexically: one file, one spelling (symlinks are left alone)', () => {
+  const spec = parseVmSpec({
+    ...good,
+    disks: [{ ...good.disks[0], path: '/srv/a/../a/./root.qcow2' }, { ...good.disks[1], path: '/srv//a/data.raw' }],
+    boot: { kernel: '/boot/./vmlinuz', initrd: '/boot/x/../initrd' },
+    runDir: '/srv/a/run/',
+  });
+  expect(spec.disks.map((d) => d.path)).toEqual(['/srv/a/root.qcow2', '/srv/a/data.raw']);
+  expect(spec.boot).toMatchObject({ kernel: '/boot/vmlinuz', initrd: '/boot/initrd' });
+  expect(spec.runDir).toBe('/srv/a/run');
 });

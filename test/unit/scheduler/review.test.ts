@@ -1,8 +1,10 @@
 /** Defects a review of the scheduler found, each pinned by the test that showed it. */
+import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { Scheduler } from '../../../src/scheduler/scheduler.js';
 import { SchedulerStore } from '../../../src/scheduler/store.js';
 import type { MigrationJob } from '../../../src/scheduler/types.js';
+import { tempDir } from '../../helpers/tmp.js';
 import { FakeInventory, FakeReconciler, FakeRunner, tick } from './fakes.js';
 
 const within = <T>(p: Promise<T>, ms: number): Promise<T | 'TIMEOUT'> => Promise.race([p, new Promise<'TIMEOUT'>((r) => setTimeout(r, ms, 'TIMEOUT'))]);
@@ -33,7 +35,7 @@ describe('scheduler review', () => {
   });
 
   test('C: start() does not hang forever on a reconciler that never answers', async () => {
-    const path = `/tmp/ferry-probe-${process.pid}-${Date.now()}.db`;
+    const path = join(await tempDir('ferry-probe-'), 'state.db');
     const st1 = new SchedulerStore(path);
     const r1 = new FakeRunner();
     const s1 = new Scheduler({ store: st1, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), runner: r1, reconciler: new FakeReconciler() });
@@ -48,7 +50,7 @@ describe('scheduler review', () => {
   });
 
   test('D: recovery does not run again a migration that already used all its attempts', async () => {
-    const path = `/tmp/ferry-probe-d-${process.pid}-${Date.now()}.db`;
+    const path = join(await tempDir('ferry-probe-d-'), 'state.db');
     const st1 = new SchedulerStore(path);
     const r1 = new FakeRunner();
     const s1 = new Scheduler({ store: st1, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), runner: r1, reconciler: new FakeReconciler(), retry: { maxAttempts: 1 } });
@@ -79,7 +81,7 @@ describe('scheduler review', () => {
 
 test('F: the next seq and the recent list use an index, not a walk over all history', async () => {
   const { default: Database } = await import('better-sqlite3');
-  const path = `/tmp/ferry-review-f-${process.pid}-${Date.now()}.db`;
+  const path = join(await tempDir('ferry-review-f-'), 'state.db');
   new SchedulerStore(path).close();
   const db = new Database(path, { readonly: true });
   const plan = (sql: string): string => (db.prepare(`EXPLAIN QUERY PLAN ${sql}`).all() as { detail: string }[]).map((r) => r.detail).join('; ');

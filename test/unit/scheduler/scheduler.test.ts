@@ -1,10 +1,9 @@
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { FerryError } from '../../../src/errors.js';
 import { Scheduler, type SchedulerLimits } from '../../../src/scheduler/scheduler.js';
 import { SchedulerStore } from '../../../src/scheduler/store.js';
+import { tempDir } from '../../helpers/tmp.js';
 import { FakeInventory, FakeReconciler, FakeRunner, tick } from './fakes.js';
 
 function setup(opts: { hosts?: string[]; vms?: [string, string][]; limits?: Partial<SchedulerLimits>; path?: string; memoryMiB?: number; retry?: { maxAttempts?: number; baseDelayMs?: number } } = {}) {
@@ -173,7 +172,7 @@ describe('scheduler restart', () => {
     ['from', 'succeeded', 1],
     ['unknown', 'failed', 0],
   ] as const)('a migration in flight at the crash, guest on %s: %s, run again %i times', async (answer, end, reruns) => {
-    const path = join(mkdtempSync(join(tmpdir(), 'ferry-sched-')), 'state.db');
+    const path = join(await tempDir('ferry-sched-'), 'state.db');
     const first = setup({ path });
     await first.scheduler.start();
     const j = (await first.scheduler.migrate('v1', { to: 'b' })).job;

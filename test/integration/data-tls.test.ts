@@ -1,0 +1,181 @@
+/**
+ * The data path's TLS building blocks (src/host/data-tls.ts) on real QEMUs, driven with the raw
+ * pre-copy sequence: a writing guest's disk is mirrored into the destination's export over NBD
+ * with TLS and an authz that admits only the source host, RAM follows over a TLS migration
+ * stream, and every acknowledged write arrives. Rogue NBD clients (no certificate, another CA's,
+ * a valid certificate of a third host) and a plain-text client are refused while the mirror runs.
+ */
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterEach, expect, test } from 'vitest';
+import { LocalDestination } from '../../src/engine/local-endpoint.js';
+import { highestAcks } from '../../src/guest/serial.js';
+import { verifyDisk } from '../../src/guest/verify.js';
+import { addDataTlsObjects, certIdentity, certNames, DATA_TLS_IDS, missingDataTls, removeDataTlsObjects, throwawayPki, writeCredentialDirs } from '../../src/host/data-tls.js';
+import { eventIs } from '../../src/qmp/index.js';
+import { retargetSpec } from '../../src/qemu/spec.js';
+import { AgentClient } from '../../src/agent/client.js';
+import { startAgent } from '../../src/agent/server.js';
+import { IMAGE_DIR, loadGuestImage } from '../../src/guest/image.js';
+import { bootWorkloadGuest, cleanupAll, killPids, makeDisk, makeTempDir } from '../helpers/guest.js';
+
+const run = promisify(execFile);
+afterEach(cleanupAll);
+
+/** `qemu-img info` of the export as a client with the given credentials folder (or none). */
+async function tryClient(port: number, exportName: string, clientDir?: string): Promise<string> {
+  const args = clientDir
+    ? ['info', '--object', `tls-creds-x509,id=t,dir=${clientDir},endpoint=client`, '--image-opts', `driver=nbd,host=127.0.0.1,port=${port},export=${exportName},tls-creds=t`]
+    : ['info', '--image-opts', `driver=nbd,host=127.0.0.1,port=${port},export=${exportName}`];
+  return run('qemu-img', args, { timeout: 20_000 }).then(
+    (r) => `OPENED ${r.stdout}`,
+    (e: { stderr?: string }) => e.stderr ?? 'failed',
+  );
+}
+
+test('mirror and migration over QEMU TLS with a one-peer authz; rogue NBD clients are refused', async () => {
+  const { vm, spec, hostB } = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 4 }], workload: { write: { rate: 50 }, tickMs: 50 } });
+  await vm.serial.waitForLine((l) => /^ack data \d{2,}$/.test(l.text), { timeoutMs: 30_000, what: 'acks' });
+  const src = vm.qmp;
+  expect(missingDataTls(await src.probeCapabilities())).toEqual([]);
+
+  const pkiDir = await makeTempDir('ferry-pki-');
+  const [hostA, hostBMat, hostC] = await throwawayPki(join(pkiDir, 'fleet'), { address: '127.0.0.1', names: ['hostA', 'hostB', 'hostC'] });
+  const [rogue] = await throwawayPki(join(pkiDir, 'rogue'), { address: '127.0.0.1', names: ['hostA'] });
+  expect(certIdentity(hostA!.cert)).toBe('CN=hostA');
+  expect(certNames(hostA!.cert)).toEqual(['127.0.0.1']);
+
+  const destination = new LocalDestination({ dir: hostB });
+  const destSpec = retargetSpec(spec, { dir: hostB, runDir: join(hostB, 'run') });
+  await destination.createDisk({ path: destSpec.disks[0]!.path, format: 'qcow2', virtualSize: 64 << 20 });
+  const dest = (await destination.startIncoming(destSpec, { timeoutMs: 30_000 })).qmp;
+  expect(missingDataTls(await dest.probeCapabilities())).toEqual([]);
+
+  const srcCreds = await writeCredentialDirs(join(spec.runDir, 'tls'), hostA!);
+  const dstCreds = await writeCredentialDirs(join(destSpec.runDir, 'tls'), hostBMat!);
+  await addDataTlsObjects(src, { ...srcCreds, peerIdentity: certIdentity(hostBMat!.cert), timeoutMs: 10_000 });
+  await addDataTlsObjects(dest, { ...dstCreds, peerIdentity: certIdentity(hostA!.cert), timeoutMs: 10_000 });
+  // Repeatable: a second add replaces what the first made.
+  await addDataTlsObjects(dest, { ...dstCreds, peerIdentity: certIdentity(hostA!.cert), timeoutMs: 10_000 });
+
+  const nbdPort = 24000 + (process.pid % 1000);
+  await dest.execute('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: String(nbdPort) } }, 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz });
+  await dest.execute('block-export-add', { type: 'nbd', id: 'ferry-t-data', 'node-name': 'disk-data', name: 'ferry-t-data', writable: true });
+
+  // The rogues, each with the credentials folder it would have.
+  const rogueDir = async (name: string, files: Record<string, Buffer | string>): Promise<string> => {
+    const d = join(pkiDir, name);
+    await mkdir(d);
+    for (const [f, content] of Object.entries(files)) await writeFile(join(d, f), content);
+    return d;
+  };
+  const verdicts = {
+    plain: await tryClient(nbdPort, 'ferry-t-data'),
+    noCert: await tryClient(nbdPort, 'ferry-t-data', await rogueDir('nocert', { 'ca-cert.pem': hostA!.ca })),
+    otherCa: await tryClient(nbdPort, 'ferry-t-data', await rogueDir('otherca', { 'ca-cert.pem': Buffer.concat([hostA!.ca, rogue!.ca]), 'client-cert.pem': rogue!.cert, 'client-key.pem': rogue!.key })),
+    thirdHost: await tryClient(nbdPort, 'ferry-t-data', await rogueDir('hostc', { 'ca-cert.pem': hostC!.ca, 'client-cert.pem': hostC!.cert, 'client-key.pem': hostC!.key })),
+  };
+  for (const [who, v] of Object.entries(verdicts)) expect(v, who).not.toMatch(/^OPENED/);
+  expect(verdicts.plain).toMatch(/TLS negotiation required/);
+  const log = await readFile(join(destSpec.runDir, 'qemu.log'), 'utf8');
+  expect(log).toMatch(/authz check for CN=hostC is denied/);
+  expect((await dest.execute('query-status')).status).toBe('inmigrate');
+
+  // The real client: the source, over TLS, checking the destination's name.
+  await src.execute('blockdev-add', { driver: 'nbd', 'node-name': 'ferry-nbd-data', server: { type: 'inet', host: '127.0.0.1', port: String(nbdPort) }, export: 'ferry-t-data', 'tls-creds': DATA_TLS_IDS.client, 'tls-hostname': '127.0.0.1' });
+  const sinceMirror = src.eventCursor();
+  await src.execute('blockdev-mirror', { 'job-id': 'ferry-mirror-data', device: 'disk-data', target: 'ferry-nbd-data', sync: 'top', 'copy-mode': 'write-blocking', 'auto-dismiss': false });
+  await src.waitForEvent((e) => e.event === 'BLOCK_JOB_READY', { since: sinceMirror, timeoutMs: 120_000, what: 'mirror READY over TLS' });
+
+  const migPort = nbdPort + 1;
+  await dest.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+  await dest.execute('migrate-set-parameters', { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz });
+  await dest.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'pause-before-switchover', state: true }] });
+  await src.execute('migrate-set-parameters', { 'tls-creds': DATA_TLS_IDS.client, 'tls-hostname': '127.0.0.1', 'max-bandwidth': 2 ** 40 });
+  const since = src.eventCursor();
+  await src.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitForEvent((e) => eventIs(e, 'MIGRATION') && e.data.status === 'pre-switchover', { since, timeoutMs: 120_000, what: 'pre-switchover' });
+  const sinceCancel = src.eventCursor();
+  await src.execute('block-job-cancel', { device: 'ferry-mirror-data' });
+  await src.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === 'ferry-mirror-data' && e.data.status === 'concluded', { since: sinceCancel, timeoutMs: 30_000, what: 'mirror concluded' });
+  await src.execute('migrate-continue', { state: 'pre-switchover' });
+  await src.waitForEvent((e) => eventIs(e, 'MIGRATION') && e.data.status === 'completed', { since, timeoutMs: 60_000, what: 'completed' });
+  await dest.execute('nbd-server-stop');
+  await dest.execute('cont');
+  expect((await dest.execute('query-status')).status).toBe('running');
+  expect((await src.execute('query-status')).status).toBe('postmigrate');
+
+  // The objects go once nothing uses them; the source's NBD node first.
+  await src.execute('job-dismiss', { id: 'ferry-mirror-data' });
+  await src.execute('blockdev-del', { 'node-name': 'ferry-nbd-data' });
+  await removeDataTlsObjects(src, { timeoutMs: 10_000 });
+  await src.execute('migrate-set-parameters', { 'tls-creds': '', 'tls-hostname': '' });
+
+  await vm.quit({ timeoutMs: 10_000 });
+  const acked = highestAcks(vm.serial.history()).get('data')!;
+  await destination.incoming!.process.quit({ timeoutMs: 10_000 });
+  const report = await verifyDisk(destSpec.disks[0]!.path, { format: 'qcow2', diskId: 'data', ackedSeq: acked });
+  expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
+});
+
+test('an agent in dataTls required mode sets TLS up itself and refuses every plain data stream', async () => {
+  const top = await makeTempDir('ferry-agent-dtls-');
+  const root = join(top, 'root');
+  await mkdir(root);
+  const [host] = await throwawayPki(join(top, 'pki'), { address: '127.0.0.1', names: ['hostS'] });
+  const files = { cert: join(top, 'host.pem'), key: join(top, 'host.key'), ca: join(top, 'ca.pem') };
+  await writeFile(files.cert, host!.cert);
+  await writeFile(files.key, host!.key);
+  await writeFile(files.ca, host!.ca);
+  const token = 'token-of-alice-0123456789';
+  const agent = await startAgent({ name: 'hostS', listenPort: 0, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [token]: 'alice' }, dataTls: files, portRange: [33000, 33999] });
+  const pids: number[] = [];
+  const c = await AgentClient.connect(agent.url, token);
+  try {
+    expect(await c.call('host.info')).toMatchObject({ dataTls: { mode: 'required', identity: 'CN=hostS', names: ['127.0.0.1'] } });
+    const image = await loadGuestImage();
+    await mkdir(join(root, 'v'));
+    await makeDisk(join(root, 'v', 'd0.qcow2'), { id: 'd0', format: 'qcow2', size: 16 << 20 });
+    const spec = { name: 'v', memoryMiB: 64, disks: [{ id: 'd0', path: join(root, 'v', 'd0.qcow2'), format: 'qcow2' }], boot: { kernel: image.kernel, initrd: image.initrd }, runDir: join(root, 'v', 'run') };
+    await c.call('vm.create', { spec });
+    const { vmId, pid } = (await c.call('vm.start', { name: 'v' })) as { vmId: string; pid: number };
+    pids.push(pid);
+    const qmp = await c.openQmp(vmId);
+    const nbd = (tls: boolean): Record<string, unknown> => ({ driver: 'nbd', 'node-name': 'ferry-nbd-d0', server: { type: 'inet', host: '127.0.0.1', port: '1' }, export: 'ferry-1-d0', ...(tls ? { 'tls-creds': 'ferry-tls-client', 'tls-hostname': '127.0.0.1' } : {}) });
+    await expect(qmp.executeRaw('migrate', { uri: 'tcp:127.0.0.1:33001' })).rejects.toThrow(/QMP_REFUSED.*requires TLS/);
+    await expect(qmp.executeRaw('blockdev-add', nbd(true))).rejects.toThrow(/QMP_REFUSED/);
+
+    await c.call('vm.beginDataTls', { vmId, peerIdentity: 'CN=hostD', peerHostname: '127.0.0.1' });
+    expect(await qmp.execute('query-migrate-parameters')).toMatchObject({ 'tls-creds': 'ferry-tls-client', 'tls-hostname': '127.0.0.1' });
+    await expect(qmp.executeRaw('blockdev-add', nbd(false))).rejects.toThrow(/QMP_REFUSED.*requires TLS/);
+    // Past the policy, QEMU itself answers (nobody listens on port 1): the TLS object exists.
+    await expect(qmp.executeRaw('blockdev-add', nbd(true))).rejects.toThrow(/[Cc]onnect|refused/);
+    await c.call('vm.endDataTls', { vmId });
+    expect(await qmp.execute('query-migrate-parameters')).toMatchObject({ 'tls-creds': '', 'tls-hostname': '' });
+    expect(existsSync(join(root, 'v', 'run', 'tls'))).toBe(false);
+    await qmp.close();
+
+    const disk = join(root, 'w', 'd0.qcow2');
+    await c.call('dest.createDisk', { path: disk, format: 'qcow2', virtualSize: 16 << 20 });
+    const wspec = { ...spec, name: 'w', disks: [{ id: 'd0', path: disk, format: 'qcow2' }], runDir: join(root, 'w', 'run') };
+    await expect(c.call('dest.start', { spec: wspec })).rejects.toMatchObject({ code: 'DATA_TLS_REQUIRED' });
+    const started = (await c.call('dest.start', { spec: wspec, dataTls: { peerIdentity: 'CN=hostA', peerHostname: '127.0.0.1' } })) as { vmId: string; pid: number };
+    pids.push(started.pid);
+    const dq = await c.openQmp(started.vmId);
+    expect(await dq.execute('query-migrate-parameters')).toMatchObject({ 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' });
+    await expect(dq.executeRaw('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: '33002' } } })).rejects.toThrow(/QMP_REFUSED/);
+    await dq.execute('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: '33002' } }, 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' });
+    await dq.execute('nbd-server-stop');
+    await dq.close();
+    await c.call('dest.abandon', { vmId: started.vmId });
+    expect(existsSync(join(root, 'w', 'run'))).toBe(false);
+  } finally {
+    c.close();
+    await agent.close();
+    killPids(pids);
+  }
+});
