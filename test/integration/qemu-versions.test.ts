@@ -11,6 +11,7 @@ import { startAgent } from '../../src/agent/server.js';
 import { LocalDestination, LocalSource } from '../../src/engine/local-endpoint.js';
 import { migrate } from '../../src/engine/migrate.js';
 import { MigrationError } from '../../src/engine/types.js';
+import { IMAGE_DIR } from '../../src/guest/image.js';
 import { highestAcks, parseSerialLine } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import type { VmProcess } from '../../src/qemu/launcher.js';
@@ -108,9 +109,9 @@ describe.skipIf(!qemu10Binary)(`mixed QEMU pairs, 7.2 and 10.0 (${qemu10Binary ?
   test('through agents too: 10.0 -> a 7.2 agent refused before the agent makes anything; 7.2 -> a 10.0 agent pinned', async () => {
     const token = 'token-of-alice-0123456789';
     const old = await makeTempDir('ferry-agent-72-');
-    const agent72 = await startAgent({ name: 'old', listenPort: 0, storageRoot: old, tokens: { [token]: 'alice' }, qemuBinary: systemQemuBinary });
+    const agent72 = await startAgent({ name: 'old', listenPort: 0, storageRoot: old, bootRoots: [IMAGE_DIR], tokens: { [token]: 'alice' }, qemuBinary: systemQemuBinary });
     const newer = await makeTempDir('ferry-agent-100-');
-    const agent100 = await startAgent({ name: 'new', listenPort: 0, storageRoot: newer, tokens: { [token]: 'alice' }, qemuBinary: qemu10Binary! });
+    const agent100 = await startAgent({ name: 'new', listenPort: 0, storageRoot: newer, bootRoots: [IMAGE_DIR], tokens: { [token]: 'alice' }, qemuBinary: qemu10Binary! });
     const pids: number[] = [];
     try {
       const g10 = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20 }], workload: { tickMs: 50 }, qemuBinary: qemu10Binary!, name: 'g10' });
