@@ -197,8 +197,9 @@ export class LocalDestination implements DestinationEndpoint {
   }
 
   /** The QEMU startIncoming would start, asked what it is (asked each time: binaries get upgraded). */
-  probeQemu(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild> {
-    return probeQemuBinary(this.#qemuBinary ?? defaultQemuBinary(), opts);
+  async probeQemu(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild> {
+    // async: a bad FERRY_QEMU becomes a rejection, i.e. one more preflight problem.
+    return await probeQemuBinary(this.#qemuBinary ?? defaultQemuBinary(), opts);
   }
 
   async removeRunDir(spec: VmSpec): Promise<void> {

@@ -159,3 +159,18 @@ describe('choosing the binary', () => {
     expect((err as Error).message).toContain('cannot ask /nonexistent/qemu-system-x86_64 what it is');
   });
 });
+
+describe('LocalDestination.probeQemu', () => {
+  test('a bad FERRY_QEMU is a preflight problem naming it, not a crash', async () => {
+    const { LocalDestination } = await import('../../../src/engine/local-endpoint.js');
+    const before = process.env.FERRY_QEMU;
+    process.env.FERRY_QEMU = 'relative/qemu';
+    try {
+      const pair = await checkQemuPair(fakeQmp(r72), new LocalDestination({ dir: '/nonexistent' }), opts);
+      expect(pair.problems).toEqual(['cannot tell which QEMU the destination runs: FERRY_QEMU=relative/qemu: must be an absolute path or a command name on PATH']);
+    } finally {
+      if (before === undefined) delete process.env.FERRY_QEMU;
+      else process.env.FERRY_QEMU = before;
+    }
+  });
+});
