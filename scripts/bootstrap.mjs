@@ -4,6 +4,8 @@
 //
 //   node scripts/bootstrap.mjs           Debian packages, node_modules, dist/ (scripts/build.mjs)
 //   node scripts/bootstrap.mjs --image   the same, then the tiny guest image (images/build.mjs)
+//   ... --qemu10                         also Debian backports' QEMU 10.0, unpacked into .cache/
+//                                        (scripts/qemu10.mjs; FERRY_SKIP_QEMU10=1 skips it)
 //
 // Not root and something is missing: print the exact command to run, exit 1, change nothing.
 import { spawnSync } from 'node:child_process';
@@ -11,6 +13,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { distIsFresh } from '../bin/launch.mjs';
+import { ensureQemu10 } from './qemu10.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -92,6 +95,13 @@ function fail(msg) {
 ensureDebianPackages();
 ensureNodeModules();
 ensureDist();
+if (process.argv.includes('--qemu10') && process.env.FERRY_SKIP_QEMU10 !== '1') {
+  try {
+    ensureQemu10(root, log);
+  } catch (err) {
+    fail(`QEMU 10.0: ${err.message} (FERRY_SKIP_QEMU10=1 skips it; the 10.0 test leg then fails in CI)`);
+  }
+}
 if (process.argv.includes('--image')) {
   if (run(process.execPath, [join(root, 'images', 'build.mjs')]) !== 0) fail('guest image build failed');
 }

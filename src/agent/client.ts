@@ -5,6 +5,7 @@ import type { BackingNbd, DestinationEndpoint, IncomingVm, SourceEndpoint } from
 import { randomOrder } from '../host/ports.js';
 import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
+import { QemuVersionError, type QemuBuild } from '../qemu/versions.js';
 import { z } from 'zod';
 import type { TlsMaterial } from '../host/tls.js';
 import { openSocket, RpcSession, type PeerLabel } from '../rpc/ws-client.js';
@@ -253,6 +254,13 @@ export class AgentDestination implements DestinationEndpoint {
   /** The agent has no call for it yet: the engine counts on the source's side. */
   async nbdBytesReceived(): Promise<number | undefined> {
     return undefined;
+  }
+
+  /** What the agent's QEMU is, as the agent probed it: preflight checks the pair before any change. */
+  async probeQemu(): Promise<QemuBuild> {
+    const { qemu } = hostInfoSchema.parse(await this.#client.call('host.info'));
+    if (!qemu) throw new QemuVersionError('QEMU_PROBE_FAILED', `agent ${this.name} could not probe its QEMU (see its host.info qemuVersion)`);
+    return { version: qemu.version, package: qemu.package, machines: qemu.machines.map((name) => ({ name })) };
   }
 
   async removeRunDir(): Promise<void> {

@@ -85,6 +85,15 @@ export const hostInfoSchema = z
     migrationHost: z.string(),
     portRange: z.tuple([z.number().int(), z.number().int()]),
     qemuVersion: z.string(),
+    /** The QEMU this agent starts, probed (src/qemu/versions.ts); absent when the probe failed. */
+    qemu: z
+      .object({
+        version: z.object({ major: z.number().int(), minor: z.number().int(), micro: z.number().int() }).strict(),
+        package: z.string(),
+        machines: z.array(z.string()),
+      })
+      .strict()
+      .optional(),
     migrationCapabilities: z.array(z.string()),
     cpus: z.number().int(),
     memoryBytes: z.number(),

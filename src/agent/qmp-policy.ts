@@ -106,6 +106,8 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
       name: exportId,
       // A source serves the guest's disks read-only (lazy mode); only a destination is written.
       writable: ctx.role === 'destination' ? z.boolean() : z.literal(false),
+      // QEMU >= 10.0, lazy mode's source: the export outlives the node's inactivation at the switchover.
+      ...(ctx.role === 'source' ? { 'allow-inactive': z.literal(true).optional() } : {}),
     })
     .strict();
   const setCapabilities = z
@@ -139,6 +141,11 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
     return new Map([
       ...common,
       ['query-memory-size-summary', noArgs],
+      // preflight: the machine type the source runs (src/qemu/versions.ts), and nothing else of QOM
+      ['query-machines', noArgs],
+      ['qom-get', z.object({ path: z.literal('/machine'), property: z.literal('type') }).strict()],
+      // lazy mode on QEMU >= 10.0: its disk nodes active again after the switchover, for the export
+      ['blockdev-set-active', z.object({ 'node-name': diskNode, active: z.literal(true) }).strict()],
       [
         'blockdev-add',
         needsTls(

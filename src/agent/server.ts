@@ -23,8 +23,9 @@ import { tcpBytesAcked, tcpBytesAckedFrom } from '../host/wire.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
 import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
-import { launchVm } from '../qemu/launcher.js';
+import { defaultQemuBinary, launchVm } from '../qemu/launcher.js';
 import type { VmSpec } from '../qemu/spec.js';
+import type { QemuBuild } from '../qemu/versions.js';
 import { parseAgentConfig, type AgentConfig } from './config.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
 import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
@@ -62,7 +63,7 @@ interface Session {
 export async function startAgent(input: unknown, logger: Logger = silentLogger): Promise<RunningAgent> {
   const config: AgentConfig = parseAgentConfig(input);
   const log = logger.child({ agent: config.name });
-  const qemuBinary = config.qemuBinary ?? 'qemu-system-x86_64';
+  const qemuBinary = config.qemuBinary ?? defaultQemuBinary();
   const local = new LocalDestination({ dir: config.storageRoot, migrationHost: config.migrationHost, portRange: config.portRange, logger: log, outliveProcess: true, qemuBinary });
   const registry = new VmRegistry(config.stateDir, log);
   const supervised = new Map<string, Supervised>();
@@ -70,6 +71,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   const expectingExit = new Set<string>();
   const sessions = new Set<Session>();
   let qemuInfo: Promise<QemuInfo> | undefined;
+  /** Version and machine types, for a migration engine's preflight; a failed probe is asked again. */
+  let qemuBuild: Promise<QemuBuild | undefined> | undefined;
 
   const summary = (r: VmRecord): VmSummary => ({
     vmId: r.vmId,
@@ -185,6 +188,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     'host.info': async (): Promise<HostInfo> => {
       qemuInfo ??= probeQemu(qemuBinary);
       const q = await qemuInfo;
+      qemuBuild ??= local.probeQemu({ timeoutMs: 10_000 }).catch(() => (qemuBuild = undefined));
+      const b = await qemuBuild;
       const running = registry.all().filter((r) => r.state === 'running');
       return {
         name: config.name,
@@ -193,6 +198,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         migrationHost: config.migrationHost,
         portRange: config.portRange,
         qemuVersion: q.version,
+        ...(b ? { qemu: { version: b.version, package: b.package, machines: b.machines.map((m) => m.name) } } : {}),
         migrationCapabilities: q.migrationCapabilities,
         cpus: availableParallelism(),
         memoryBytes: totalmem(),

@@ -17,7 +17,7 @@ import { MigrationError, type MigrationPlan } from './types.js';
 export async function destinationPrepare(ctx: MigrationContext, input: { plan: MigrationPlan; sourceExport: SourceExport | undefined }): Promise<DestinationState> {
   const { plan, sourceExport } = input;
   const d = ctx.req.destination;
-  const spec = targetSpec(ctx);
+  const spec = targetSpec(ctx, input.plan.destinationMachine);
   for (const [i, disk] of plan.disks.entries()) {
     const backingNbd = sourceExport
       ? { host: ctx.req.source.exportHost, port: sourceExport.port, export: exportName(ctx.id, disk.id), reconnectDelayS: ctx.opts.nbdReconnectDelayS }

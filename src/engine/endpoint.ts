@@ -1,5 +1,6 @@
 import type { QmpClient } from '../qmp/index.js';
 import type { VmSpec } from '../qemu/spec.js';
+import type { QemuBuild } from '../qemu/versions.js';
 
 /**
  * Every method that waits on the outside world has a deadline and takes the migration's
@@ -86,6 +87,12 @@ export interface DestinationEndpoint {
   nbdBytesReceived(peer: { host: string; port: number }, pid: number): Promise<number | undefined>;
   /** Removes what startIncoming left behind besides disks (run dir, sockets). */
   removeRunDir(spec: VmSpec): Promise<void>;
+  /**
+   * The QEMU startIncoming would start: version and machine types, for preflight to check the
+   * pair (src/qemu/versions.ts). Optional: without it the destination still gets the source's
+   * exact machine type, and a QEMU lacking it fails to start (rolled back).
+   */
+  probeQemu?(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild>;
 }
 
 /** The source's NBD export a lazy destination reads unhydrated blocks from. */

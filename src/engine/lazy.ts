@@ -29,9 +29,25 @@ export async function sourceExportDisks(ctx: MigrationContext, input: { source: 
   for (const disk of input.plan.disks) {
     const name = exportName(ctx.id, disk.id);
     ctx.undo.push(`remove source export ${name}`, 'source', () => unexport(q, name, QMP_TIMEOUT_MS));
-    await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: false }, ctx.call());
+    // QEMU >= 10.0 refuses I/O (EPERM) on an export whose node is inactive, as the source's are
+    // once the migration completes, unless allowed; 7.2 has no such check and no such option.
+    const inactive = input.source.caps.hasArgument('block-export-add', 'allow-inactive') ? { 'allow-inactive': true } : {};
+    await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: false, ...inactive }, ctx.call());
   }
   return { port };
+}
+
+/**
+ * QEMU >= 10.0 answers only reads on an export whose node is inactive, as the source's are once
+ * the migration completed, and block-stream also asks for block status (EPERM). Past the point
+ * of no return the source's guest is stopped for good: its nodes are activated again only to
+ * serve the read-only export. QEMU 7.2 serves inactive nodes fully and has no blockdev-set-active.
+ */
+export async function sourceReactivateDisks(ctx: MigrationContext, input: { source: SourceState; plan: MigrationPlan }): Promise<void> {
+  if (!input.source.caps.hasCommand('blockdev-set-active')) return;
+  for (const disk of input.plan.disks) {
+    await input.source.qmp.executeRaw('blockdev-set-active', { 'node-name': diskNodeName(disk.id), active: true }, ctx.call());
+  }
 }
 
 /** After hydration: the exports and the server go (the overlays no longer read from them). */

@@ -5,7 +5,8 @@ import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
 import type { LaunchTlsObjects } from '../qemu/argv.js';
-import { launchVm, type VmProcess } from '../qemu/launcher.js';
+import { defaultQemuBinary, launchVm, type VmProcess } from '../qemu/launcher.js';
+import { probeQemuBinary, type QemuBuild } from '../qemu/versions.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { backingNbdFilename, type BackingNbd, type DestinationEndpoint, type IncomingVm, type SourceEndpoint } from './endpoint.js';
 import { createImage, dataBytes, freeBytesAt, pathExists, removeEmptyParent, removeImage, unusableDir } from '../host/disk-files.js';
@@ -185,6 +186,12 @@ export class LocalDestination implements DestinationEndpoint {
 
   nbdBytesReceived(peer: { host: string; port: number }, pid: number): Promise<number | undefined> {
     return tcpBytesReceivedBy(pid, peer);
+  }
+
+  /** The QEMU startIncoming would start, asked what it is (asked each time: binaries get upgraded). */
+  async probeQemu(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild> {
+    // async: a bad FERRY_QEMU becomes a rejection, i.e. one more preflight problem.
+    return await probeQemuBinary(this.#qemuBinary ?? defaultQemuBinary(), opts);
   }
 
   async removeRunDir(spec: VmSpec): Promise<void> {

@@ -24,7 +24,7 @@ import { cleanupFinish, cleanupLazy, cleanupPrecopy } from './cleanup.js';
 import { MigrationContext, type DestinationState, type MigrateRequest, type SourceState } from './context.js';
 import { destinationIncomingComplete, destinationResume } from './destination-finish.js';
 import { destinationPrepare } from './destination-prepare.js';
-import { destinationHydrate, sourceExportDisks } from './lazy.js';
+import { destinationHydrate, sourceExportDisks, sourceReactivateDisks } from './lazy.js';
 import { outcomeOfError, type MigrationOutcome } from './outcome.js';
 import { ProgressTracker } from './progress.js';
 import { fail } from './rollback.js';
@@ -111,6 +111,7 @@ async function runLazy(ctx: MigrationContext, source: SourceState, plan: Migrati
   // The guest runs on the destination and reads what it lacks from the source, which must
   // therefore stay up (paused, serving its export) until every overlay holds everything.
   ctx.enter('hydrate');
+  await ctx.tidy('activate the source disks again for its export', () => sourceReactivateDisks(ctx, { source, plan }));
   const hydration = await destinationHydrate(ctx, { dest, plan, sourceExport });
   ctx.enter('cleanup');
   await cleanupLazy(ctx, { source, plan });

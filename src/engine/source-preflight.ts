@@ -7,6 +7,7 @@ import { errorText } from '../errors.js';
 import type { QmpClient } from '../qmp/index.js';
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
 import { QMP_TIMEOUT_MS, type MigrationContext, type SourceState } from './context.js';
+import { checkQemuPair } from '../qemu/versions.js';
 import { MigrationError, type MigrationPlan } from './types.js';
 
 /** Free space kept beyond what the copy needs, for qcow2 metadata and the filesystem's own. */
@@ -32,8 +33,9 @@ export async function sourceBegin(ctx: MigrationContext): Promise<SourceState> {
  * The destination's spec. In lazy mode every disk is a qcow2 overlay (named .qcow2) whose
  * backing is the source's export until hydration ends; after that it stands alone.
  */
-export function targetSpec(ctx: MigrationContext): VmSpec {
-  const spec = ctx.req.destination.targetSpec(ctx.req.spec, ctx.id);
+export function targetSpec(ctx: MigrationContext, machine: string | undefined): VmSpec {
+  // The destination runs exactly the machine type the source runs (never an alias such as q35).
+  const spec = { ...ctx.req.destination.targetSpec(ctx.req.spec, ctx.id), ...(machine ? { machine } : {}) };
   if (ctx.opts.mode !== 'lazy') return spec;
   return { ...spec, disks: spec.disks.map((d) => ({ ...d, format: 'qcow2' as const, path: d.path.replace(/(\.(raw|img|qcow2))?$/, '.qcow2') })) };
 }
@@ -41,7 +43,10 @@ export function targetSpec(ctx: MigrationContext): VmSpec {
 export async function sourcePreflight(ctx: MigrationContext, source: SourceState): Promise<MigrationPlan> {
   const { spec } = ctx.req;
   const problems = [...(await sourceStateProblems(ctx, source))];
-  const destSpec = targetSpec(ctx);
+  // QEMU versions and machine type: forward only, the destination pinned to the source's type.
+  const pair = await checkQemuPair(source.qmp, ctx.req.destination, ctx.call());
+  problems.push(...pair.problems);
+  const destSpec = targetSpec(ctx, pair.machine);
   const { disks, bitmaps, problems: diskProblems } = await readDisks(ctx, source, destSpec);
   problems.push(...diskProblems);
   if (bitmaps.length > 0 && !source.caps.migrationCapabilities.has('dirty-bitmaps')) {
@@ -85,6 +90,7 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     copyMode: ctx.opts.copyMode,
     bitmaps,
     capabilities: { source: [...source.caps.migrationCapabilities].sort(), destination: [] },
+    ...(pair.machine ? { destinationMachine: pair.machine } : {}),
     deadlineMs: Math.round(ctx.opts.deadlineBaseMs + ctx.opts.deadlinePerGiBMs * gib),
   };
 }

@@ -155,6 +155,8 @@ export interface MigrationPlan {
   /** Dirty bitmaps on the source's disks (backup tools' incremental state): they move with the VM. */
   bitmaps: { disk: string; name: string; persistent: boolean; count: number }[];
   capabilities: { source: string[]; destination: string[] };
+  /** The source's exact machine type, which the destination is started with. */
+  destinationMachine?: string;
   deadlineMs: number;
 }
 

@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { isAbsolute, join } from 'node:path';
 import { FerryError, errorText } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
@@ -30,6 +30,7 @@ export interface LaunchOptions {
   tls?: LaunchTlsObjects;
   /** Open every disk without O_DIRECT (aio=threads) whatever its cache mode; see argv.ts diskBlockdevs. */
   bufferedDisks?: boolean;
+  /** Default: defaultQemuBinary(), i.e. $FERRY_QEMU or qemu-system-x86_64 on PATH. */
   qemuBinary?: string;
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -52,6 +53,21 @@ export interface VmProcess extends AsyncDisposable {
 
 const STDERR_KEEP = 16 * 1024;
 
+/**
+ * The QEMU to start when no setting names one: $FERRY_QEMU (an absolute path, or a command on
+ * PATH), else qemu-system-x86_64 on PATH. Read at each call, so a test leg can set it.
+ * A QEMU that needs -L (one unpacked beside the system's) is given as a wrapper script that
+ * `exec`s it with -L: the PID stays QEMU's, and it works wherever a binary is accepted.
+ */
+export function defaultQemuBinary(env: NodeJS.ProcessEnv = process.env): string {
+  const v = env.FERRY_QEMU;
+  if (v === undefined || v === '') return 'qemu-system-x86_64';
+  if (v.includes('/') && !isAbsolute(v)) {
+    throw new LaunchError('QEMU_BINARY_INVALID', `FERRY_QEMU=${v}: must be an absolute path or a command name on PATH`, { userError: true });
+  }
+  return v;
+}
+
 export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<VmProcess> {
   const log = (opts.logger ?? silentLogger).child({ vm: spec.name });
   const timeoutMs = opts.timeoutMs ?? 30_000;
@@ -61,7 +77,7 @@ export async function launchVm(spec: VmSpec, opts: LaunchOptions = {}): Promise<
   for (const f of [launcherQmpSocketPath(spec), qmpSocketPath(spec), serialSocketPath(spec)]) await rm(f, { force: true });
 
   const argv = buildArgv(spec, { ...(opts.incoming ? { incoming: 'defer' as const } : {}), startPaused: opts.startPaused ?? false, bufferedDisks: opts.bufferedDisks ?? false, ...(opts.tls ? { tls: opts.tls } : {}) });
-  const binary = opts.qemuBinary ?? 'qemu-system-x86_64';
+  const binary = opts.qemuBinary ?? defaultQemuBinary();
   log.debug({ binary, argv }, 'launching QEMU');
   // QEMU writes to its log file, not to a pipe of ours, and has its own process group: a VM must
   // be able to outlive this process (a migrated guest outlives migrate-vm), and a Ctrl-C meant

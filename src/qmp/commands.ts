@@ -92,6 +92,8 @@ export interface BlockExportAddNbdArgs {
   description?: string;
   bitmaps?: Array<string | { node: string; name: string }>;
   'allocation-depth'?: boolean;
+  /** QEMU >= 10.0: serve the node also while it is inactive (after a migration); probe before use. */
+  'allow-inactive'?: boolean;
 }
 
 export interface MigrateArgs {

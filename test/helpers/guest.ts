@@ -71,8 +71,12 @@ export async function bootWorkloadGuest(opts: {
   workload: Workload;
   memoryMiB?: number;
   name?: string;
-  /** Another QEMU than the system's, and what it needs on its command line (`-L <its data dir>`). */
+  /**
+   * Default: the launcher's, i.e. $FERRY_QEMU (the 10.0 test leg sets it) or the system's. The
+   * bootstrap's 10.0 (test/helpers/qemu.ts) is a wrapper that adds its own -L.
+   */
   qemuBinary?: string;
+  /** What another QEMU needs on its command line (e.g. `-L <its data dir>`). */
   extraArgs?: string[];
 }): Promise<BootedGuest> {
   const root = await makeTempDir();

@@ -21,6 +21,7 @@ import { verifyDisk } from '../../src/guest/verify.js';
 import type { VmProcess } from '../../src/qemu/launcher.js';
 import { diskNodeName, fileNodeName } from '../../src/qemu/spec.js';
 import { bootWorkloadGuest, cleanupAll } from '../helpers/guest.js';
+import { qemu10Binary } from '../helpers/qemu.js';
 import { migrateRawToCompleted, mirrorJob, readyWithin, startRawDestination, startRawMirrors } from '../helpers/raw-precopy.js';
 
 afterEach(cleanupAll);
@@ -76,10 +77,14 @@ test('QEMU 7.2: through the NBD relay the mirror of a writing guest into an O_DI
   expect(report, `records 0..${acked}: ${report.missingCount} missing, ${report.corruptCount} corrupt`).toMatchObject({ ok: true });
 });
 
-/** A QEMU with block-job-change: FERRY_QEMU, else the backports build unpacked in /tmp/ferry-qemu10. */
+/**
+ * A QEMU with block-job-change: FERRY_QEMU, else the bootstrap's 10.0 (a wrapper that adds its
+ * own -L), else the backports build unpacked in /tmp/ferry-qemu10.
+ */
 function qemu10(): { binary: string; dataDir: string } | undefined {
   const fromEnv = process.env.FERRY_QEMU;
   if (fromEnv) return { binary: fromEnv, dataDir: join(dirname(dirname(fromEnv)), 'share', 'qemu') };
+  if (qemu10Binary) return { binary: qemu10Binary, dataDir: '/nonexistent' };
   const unpacked = '/tmp/ferry-qemu10/root/usr/bin/qemu-system-x86_64';
   return existsSync(unpacked) ? { binary: unpacked, dataDir: '/tmp/ferry-qemu10/root/usr/share/qemu' } : undefined;
 }

@@ -38,8 +38,12 @@ const ENGINE: Record<TunnelRole, [string, Record<string, unknown> | undefined][]
     ['job-dismiss', { id: 'ferry-mirror-data' }],
     ['nbd-server-start', { addr: { type: 'inet', data: { host: HOST, port: '20050' } } }],
     ['block-export-add', { type: 'nbd', id: 'ferry-0a1b2c3d-data', 'node-name': 'disk-data', name: 'ferry-0a1b2c3d-data', writable: false }],
+    ['block-export-add', { type: 'nbd', id: 'ferry-0a1b2c3d-data', 'node-name': 'disk-data', name: 'ferry-0a1b2c3d-data', writable: false, 'allow-inactive': true }],
     ['block-export-del', { id: 'ferry-0a1b2c3d-data', mode: 'hard' }],
     ['blockdev-del', { 'node-name': 'ferry-nbd-root' }],
+    ['query-machines', undefined],
+    ['qom-get', { path: '/machine', property: 'type' }],
+    ['blockdev-set-active', { 'node-name': 'disk-data', active: true }],
     ['quit', undefined],
   ],
   destination: [
@@ -75,6 +79,12 @@ describe('the policy on examples', () => {
     ['source', { execute: 'blockdev-mirror', arguments: { 'job-id': 'ferry-mirror-root', device: 'disk-root', target: 'disk-data', sync: 'full' } }],
     ['source', { execute: 'blockdev-del', arguments: { 'node-name': 'disk-root' } }],
     ['source', { 'exec-oob': 'migrate-pause' }],
+    ['source', { execute: 'qom-get', arguments: { path: '/objects/sec0', property: 'data' } }],
+    ['source', { execute: 'qom-get', arguments: { path: '/machine', property: 'type', extra: 1 } }],
+    ['source', { execute: 'blockdev-set-active', arguments: { 'node-name': 'disk-root', active: false } }],
+    ['source', { execute: 'blockdev-set-active', arguments: { active: true } }],
+    ['destination', { execute: 'qom-get', arguments: { path: '/machine', property: 'type' } }],
+    ['destination', { execute: 'block-export-add', arguments: { type: 'nbd', id: 'ferry-1-root', 'node-name': 'disk-root', name: 'ferry-1-root', writable: true, 'allow-inactive': true } }],
     ['destination', { execute: 'migrate-incoming', arguments: { uri: 'unix:/run/x' } }],
     ['destination', { execute: 'nbd-server-start', arguments: { addr: { type: 'inet', data: { host: '0.0.0.0', port: '20003' } } } }],
     ['destination', { execute: 'nbd-server-start', arguments: { addr: { type: 'inet', data: { host: HOST, port: '10809' } } } }],
@@ -159,6 +169,9 @@ function randomMessage(role: TunnelRole, rnd: () => number, id: number): Record<
 function violations(role: TunnelRole, line: string): string[] {
   const out: string[] = [];
   const msg = JSON.parse(line) as { execute: string; arguments?: unknown };
+  // QOM reads anything (a secret object's data among them): only the machine's type.
+  if (msg.execute === 'qom-get' && JSON.stringify(msg.arguments) !== '{"path":"/machine","property":"type"}') return [`qom-get ${JSON.stringify(msg.arguments)}`];
+  if (msg.execute === 'qom-get') return role === 'source' ? [] : ['qom-get on a destination'];
   // Reads, and steps that change nothing outside this VM's own migration, on either side.
   const harmless = ['query-version', 'query-qmp-schema', 'query-status', 'query-migrate', 'query-migrate-capabilities', 'query-migrate-parameters', 'query-named-block-nodes', 'query-block-jobs', 'query-jobs', 'query-block-exports', 'nbd-server-stop', 'migrate-set-parameters', 'migrate-set-capabilities', 'cont', 'block-job-cancel', 'job-dismiss', 'block-export-del'];
   const allowed = new Set(ENGINE[role].map(([c]) => c).concat(harmless, role === 'source' ? ['migrate_cancel', 'query-memory-size-summary'] : []));
