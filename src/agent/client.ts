@@ -1,7 +1,7 @@
 import { join } from 'node:path';
 import { createWebSocketStream, type WebSocket } from 'ws';
 import { errorText, FerryError } from '../errors.js';
-import type { BackingNbd, DestinationEndpoint, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
+import type { BackingNbd, DataTlsPeer, DestinationEndpoint, HostDataTls, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
 import { randomOrder } from '../host/ports.js';
 import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
@@ -82,8 +82,11 @@ export class AgentSource implements SourceEndpoint {
   readonly #vmId: string;
   readonly #removeDisks: boolean;
 
+  readonly #dataTls: HostInfo['dataTls'];
+
   private constructor(client: AgentClient, info: HostInfo, vmId: string, spec: VmSpec, removeDisks: boolean) {
     this.#client = client;
+    this.#dataTls = info.dataTls;
     const name = `${info.name} (agent)`;
     this.exportHost = info.migrationHost;
     this.#portRange = info.portRange;
@@ -147,6 +150,19 @@ export class AgentSource implements SourceEndpoint {
    * The agent quits the source QEMU itself (it refuses unless QEMU says postmigrate), waits for
    * the exit, and forgets the VM; with removeDisks, the source's now stale disk files go too.
    */
+  async dataTls(): Promise<HostDataTls> {
+    return this.#dataTls;
+  }
+
+  /** The agent sets the source's TLS up itself, through its own monitor (see vm.beginDataTls). */
+  async beginDataTls(_qmp: QmpClient, peer: DataTlsPeer, opts: { timeoutMs: number }): Promise<void> {
+    await this.#client.call('vm.beginDataTls', { vmId: this.#vmId, ...peer }, opts.timeoutMs);
+  }
+
+  async endDataTls(_qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
+    await this.#client.call('vm.endDataTls', { vmId: this.#vmId }, opts.timeoutMs);
+  }
+
   async retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
     await qmp.close();
     await this.#client.call('vm.retire', { vmId: this.#vmId, timeoutMs: opts.timeoutMs, removeDisks: this.#removeDisks }, opts.timeoutMs + 5_000);
@@ -212,8 +228,16 @@ export class AgentDestination implements DestinationEndpoint {
     await this.#client.call('dest.removeDisk', { path });
   }
 
-  async startIncoming(spec: VmSpec, opts: { timeoutMs: number }): Promise<IncomingVm> {
-    const started = startResultSchema.parse(await this.#client.call('dest.start', { spec }, opts.timeoutMs + 5_000));
+  async dataTls(): Promise<HostDataTls> {
+    return this.#info.dataTls;
+  }
+
+  async endDataTls(_spec: VmSpec, _vm: IncomingVm, opts: { timeoutMs: number }): Promise<void> {
+    if (this.#vmId) await this.#client.call('vm.endDataTls', { vmId: this.#vmId }, opts.timeoutMs);
+  }
+
+  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; dataTls?: DataTlsPeer }): Promise<IncomingVm> {
+    const started = startResultSchema.parse(await this.#client.call('dest.start', { spec, ...(opts.dataTls ? { dataTls: opts.dataTls } : {}) }, opts.timeoutMs + 5_000));
     this.#vmId = started.vmId;
     const qmp = await this.#client.openQmp(started.vmId, opts.timeoutMs);
     let killed = false;

@@ -58,7 +58,7 @@ export const AgentConfigSchema = z
     /**
      * TLS on the guest's data path (NBD exports, migration streams), QEMU's own. Files default to
      * `tls`'s (the same PKI; the certificate then needs extendedKeyUsage serverAuth and
-     * clientAuth); mode defaults to `required` when dataTls names its own files, else `off`.
+     * clientAuth); mode defaults to `required` whenever there are files (its own or tls's), else `off`.
      */
     dataTls: z
       .object({

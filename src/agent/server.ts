@@ -123,11 +123,10 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const authenticate = bearerAuthenticator(config.tokens);
 
-  // Data-path TLS: its own files, or the API's. Required when configured, unless told otherwise.
-  // (An agent with only API TLS stays `off` until the engine drives data TLS end to end.)
+  // Data-path TLS: its own files, or the API's; required whenever there are files, unless told.
   const ownDataTlsFiles = config.dataTls?.cert && config.dataTls.key && config.dataTls.ca ? { cert: config.dataTls.cert, key: config.dataTls.key, ca: config.dataTls.ca } : undefined;
   const dataTlsFiles = ownDataTlsFiles ?? config.tls;
-  const dataTlsMode = config.dataTls?.mode ?? (ownDataTlsFiles ? 'required' : 'off');
+  const dataTlsMode = config.dataTls?.mode ?? (dataTlsFiles ? 'required' : 'off');
   if (dataTlsMode !== 'off' && !dataTlsFiles) throw new AgentError('AGENT_CONFIG', `dataTls.mode is ${dataTlsMode} but there is no certificate: give dataTls.cert/key/ca or tls`, { userError: true });
   const dataTls: HostTlsMaterial | undefined = dataTlsMode !== 'off' && dataTlsFiles ? await loadTls(dataTlsFiles) : undefined;
   const dataTlsIdentity = dataTls ? certIdentity(dataTls.cert) : null;
@@ -337,11 +336,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), needDataTls())), peerIdentity: params.dataTls.peerIdentity };
       }
       const vm = await local.startIncoming(spec, { timeoutMs: 30_000, ...(tls ? { tls } : {}) });
-      if (tls) {
-        // The incoming stream's TLS is set by the agent, not by its caller: in required mode no
-        // caller can make it plain text.
-        await vm.process.qmp.executeRaw('migrate-set-parameters', { 'tls-creds': 'ferry-tls-server', 'tls-authz': 'ferry-tls-authz' }, { timeoutMs: 10_000 });
-      }
+      // With tls, the incoming stream's TLS parameters were set by startIncoming, the agent's own
+      // call, not by its caller: in required mode no caller can make it plain text.
       const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'incoming', state: 'running', spec, pid: vm.pid, pidStart: processStartTime(vm.pid) });
       // The incoming QEMU's own reaper registration lasts until release: if this agent exits
       // mid-migration, the half-made destination goes with it.

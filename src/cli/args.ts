@@ -38,6 +38,11 @@ disks, the migration stream for RAM. Through agents (ferry-agent), the agents ca
   --hydration-rate SIZE    (lazy) cap on the background hydration, bytes/s per disk
   --nbd-reconnect S        (lazy) how long reads wait for a lost source to come back (default 10)
   --copy-mode MODE         background | write-blocking (default background)
+  --data-tls MODE          required | preferred | off: QEMU's TLS on NBD and the migration stream
+                           (default preferred: on where both sides can; between two local folders
+                           with a throwaway CA made for the run)
+  --data-tls-dir DIR       this host's data-path certificates: DIR/ca.pem, DIR/source.pem+key,
+                           DIR/destination.pem+key (the sides that are local)
   --on-deadline POLICY     abort | force, when the completion deadline passes (default abort)
   --no-auto-converge       do not throttle the guest's vCPUs to make RAM converge
   --timeout S              give up after S seconds in all (default 3600)
@@ -71,6 +76,8 @@ export interface CliArgs {
   tokenFile: string | undefined;
   /** Mutual TLS to wss:// agents. */
   tls: { cert: string; key: string; ca: string } | undefined;
+  /** Data-path certificates of the local sides (ca.pem, source.pem/.key, destination.pem/.key). */
+  dataTlsDir: string | undefined;
   options: MigrationOptionsInput;
   dryRun: boolean;
   json: boolean;
@@ -132,6 +139,8 @@ export function parseCli(argv: string[]): Parsed {
         'downtime-limit': { type: 'string' },
         'max-downtime': { type: 'string' },
         'copy-mode': { type: 'string' },
+        'data-tls': { type: 'string' },
+        'data-tls-dir': { type: 'string' },
         mode: { type: 'string' },
         'hydration-rate': { type: 'string' },
         'nbd-reconnect': { type: 'string' },
@@ -194,6 +203,7 @@ export function parseCli(argv: string[]): Parsed {
   if (values['downtime-limit'] !== undefined) options.downtimeLimitMs = parseIntIn('--downtime-limit', values['downtime-limit'], 1, 60_000);
   if (values['max-downtime'] !== undefined) options.maxDowntimeLimitMs = parseIntIn('--max-downtime', values['max-downtime'], 1, 600_000);
   if (values['copy-mode'] !== undefined) options.copyMode = parseChoice('--copy-mode', values['copy-mode'], ['background', 'write-blocking'] as const);
+  if (values['data-tls'] !== undefined) options.dataTls = parseChoice('--data-tls', values['data-tls'], ['required', 'preferred', 'off'] as const);
   if (values.mode !== undefined) options.mode = parseChoice('--mode', values.mode, ['precopy', 'lazy'] as const);
   if (values['hydration-rate'] !== undefined) {
     if (options.mode !== 'lazy') throw new UsageError('--hydration-rate goes with --mode lazy');
@@ -231,6 +241,7 @@ export function parseCli(argv: string[]): Parsed {
       destination,
       tokenFile: values['token-file'],
       tls,
+      dataTlsDir: values['data-tls-dir'],
       options,
       dryRun: values['dry-run'] ?? false,
       json: values.json ?? false,

@@ -3,7 +3,9 @@
  * the exit codes. Human mode draws a progress line on stderr; --json prints one event per line on
  * stdout and ends with {"event":"summary",...}.
  */
-import { readFile } from 'node:fs/promises';
+import { rmSync } from 'node:fs';
+import { mkdtemp, readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { z } from 'zod';
@@ -14,6 +16,7 @@ import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outco
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
 import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
 import { AgentDestination, AgentSource } from '../agent/client.js';
+import { throwawayPki, type HostTlsMaterial } from '../host/data-tls.js';
 import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
@@ -227,7 +230,7 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
   const token = args.source.kind === 'agent' || args.destination.kind === 'agent' ? await agentToken(args) : '';
   const tls = args.tls ? await loadTls(args.tls) : undefined;
   let spec: VmSpec;
-  let source: SourceEndpoint;
+  let source: SourceEndpoint | undefined;
   if (args.source.kind === 'agent') {
     const s = await AgentSource.connect(args.source.url, token, args.source.vm, { keepDisks: args.source.keepDisks, ...(tls ? { tls } : {}) });
     closers.push(() => s.close());
@@ -235,7 +238,10 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
     source = s;
   } else {
     spec = parseVmSpec(await loadSpec(args.source.specPath));
-    source = new LocalSource({ qmpSocket: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'), logger });
+  }
+  const local = await localDataTls(args, closers);
+  if (args.source.kind !== 'agent') {
+    source = new LocalSource({ qmpSocket: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'), logger, ...(local.source ? { dataTls: local.source } : {}) });
   }
   let destination: DestinationEndpoint;
   if (args.destination.kind === 'agent') {
@@ -243,9 +249,31 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
     closers.push(() => d.close());
     destination = d;
   } else {
-    destination = new LocalDestination({ dir: args.destination.toDir, migrationHost: args.destination.migrationHost, portRange: args.destination.portRange, logger, outliveProcess: true });
+    destination = new LocalDestination({ dir: args.destination.toDir, migrationHost: args.destination.migrationHost, portRange: args.destination.portRange, logger, outliveProcess: true, ...(local.destination ? { dataTls: local.destination } : {}) });
   }
-  return { spec, source, destination };
+  return { spec, source: source!, destination };
+}
+
+/**
+ * The data-path certificates of the local sides: from --data-tls-dir, or (both sides local, TLS
+ * not off) a throwaway CA and two certificates made for this run in a 0700 temp folder that goes
+ * when the run ends. A local side next to an agent has none without --data-tls-dir: an agent
+ * trusts no throwaway CA.
+ */
+async function localDataTls(args: CliArgs, closers: (() => void)[]): Promise<{ source?: HostTlsMaterial; destination?: HostTlsMaterial }> {
+  const sourceLocal = args.source.kind === 'local';
+  const destLocal = args.destination.kind === 'dir';
+  if (args.options.dataTls === 'off' || (!sourceLocal && !destLocal)) return {};
+  if (args.dataTlsDir) {
+    const dir = args.dataTlsDir;
+    const side = (name: string): Promise<HostTlsMaterial> => loadTls({ ca: join(dir, 'ca.pem'), cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`) });
+    return { ...(sourceLocal ? { source: await side('source') } : {}), ...(destLocal ? { destination: await side('destination') } : {}) };
+  }
+  if (!sourceLocal || !destLocal || args.destination.kind !== 'dir') return {};
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-data-tls-'));
+  closers.push(() => rmSync(dir, { recursive: true, force: true }));
+  const [source, destination] = await throwawayPki(dir, { address: ['127.0.0.1', args.destination.migrationHost], names: ['ferry-source', 'ferry-destination'] });
+  return { source: source!, destination: destination! };
 }
 
 export function exitCodeOf(outcome: FailedOutcome): number {
@@ -295,6 +323,7 @@ function summaryOf(r: MigrationResult): Record<string, unknown> {
     convergence: r.convergence,
     destination: r.plan.destination,
     mode: r.plan.mode,
+    dataTls: r.plan.dataTls,
     ...(r.lazy ? { destinationRunningMs: r.lazy.destinationRunningMs, hydrationMs: r.lazy.hydrationMs, hydratedWireBytes: r.lazy.hydratedWireBytes ?? null } : {}),
   };
 }

@@ -58,6 +58,7 @@ export function renderSummary(r: MigrationResult): string {
     `  downtime ${fmtMs(r.downtimeMs)} (QEMU's own figure ${r.qemuDowntimeMs === undefined ? '-' : fmtMs(r.qemuDowntimeMs)})`,
     `  disk ${fmtBytes(r.diskBytes)} sent for ${fmtBytes(r.plan.disks.reduce((s, d) => s + d.allocatedBytes, 0))} allocated, RAM ${fmtBytes(r.ramBytes)}`,
     `  phases: ${phases}`,
+    `  data path: ${r.plan.dataTls.encrypted ? `TLS, the destination admits only ${r.plan.dataTls.source.identity}, the source only ${r.plan.dataTls.destination.identity}` : `plain text (${r.plan.dataTls.reason})`}`,
     `  convergence: downtime limit ${r.convergence.downtimeLimitMs} ms, ${r.convergence.steps} step(s), auto-converge ${r.convergence.autoConverge ? 'on' : 'off'}${r.convergence.forced ? ', switchover FORCED at the deadline' : ''}`,
     ...(r.lazy
       ? [`  lazy: the destination ran ${fmtMs(r.lazy.destinationRunningMs)} after the start; hydration took ${fmtMs(r.lazy.hydrationMs)} and moved ${r.lazy.hydratedWireBytes === undefined ? '(not measurable)' : fmtBytes(r.lazy.hydratedWireBytes)}`]

@@ -6,6 +6,7 @@
 import { errorText } from '../errors.js';
 import { diskNodeName } from '../qemu/spec.js';
 import { QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
+import { destinationEndDataTls, sourceEndDataTls } from './data-path.js';
 import { destinationStopNbd } from './destination-prepare.js';
 import { sourceUnexportDisks } from './lazy.js';
 import { sourceDetachTargets } from './source-mirror.js';
@@ -25,6 +26,8 @@ export async function cleanupLazy(ctx: MigrationContext, input: { source: Source
 /** Both modes' last steps: the bitmaps checked, the source QEMU gone, the destination handed to its host. */
 export async function cleanupFinish(ctx: MigrationContext, input: { source: SourceState; dest: DestinationState; plan: MigrationPlan }): Promise<{ disk: string; name: string }[]> {
   const bitmaps = await destinationBitmaps(ctx, input.dest, input.plan);
+  await ctx.tidy("end the destination's data-path TLS", () => destinationEndDataTls(ctx, input));
+  await ctx.tidy("end the source's data-path TLS", () => sourceEndDataTls(ctx, input));
   await sourceRetire(ctx, input.source);
   await ctx.tidy('release the destination QEMU to its host', () => input.dest.vm.release());
   return bitmaps;

@@ -8,7 +8,8 @@ import { FerryError } from '../errors.js';
 import { diskNodeName } from '../qemu/spec.js';
 import type { IncomingVm } from './endpoint.js';
 import { onFreePort, STOP_DESTINATION, type DestinationState, type MigrationContext, type SourceExport } from './context.js';
-import { nbdServerArguments } from './data-path.js';
+import { destinationTlsPeer, nbdServerArguments } from './data-path.js';
+import { missingDataTls } from '../host/data-tls.js';
 import { exportName } from './names.js';
 import { stopNbdServer } from './primitives.js';
 import { targetSpec } from './source-preflight.js';
@@ -20,7 +21,13 @@ export async function destinationPrepare(ctx: MigrationContext, input: { plan: M
   const spec = targetSpec(ctx, input.plan.destinationMachine);
   for (const [i, disk] of plan.disks.entries()) {
     const backingNbd = sourceExport
-      ? { host: ctx.req.source.exportHost, port: sourceExport.port, export: exportName(ctx.id, disk.id), reconnectDelayS: ctx.opts.nbdReconnectDelayS }
+      ? {
+          host: ctx.req.source.exportHost,
+          port: sourceExport.port,
+          export: exportName(ctx.id, disk.id),
+          reconnectDelayS: ctx.opts.nbdReconnectDelayS,
+          ...(plan.dataTls.encrypted ? { tlsHostname: plan.dataTls.source.hostname } : {}),
+        }
       : undefined;
     const undo = `remove destination disk ${spec.disks[i]!.id}`;
     ctx.undo.push(undo, 'destination', () => d.removeDisk(disk.destinationPath));
@@ -38,9 +45,14 @@ export async function destinationPrepare(ctx: MigrationContext, input: { plan: M
     await started.qmp.close().catch(() => undefined);
     if (started.running()) await started.kill();
   });
-  const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: ctx.signal });
+  const tlsPeer = destinationTlsPeer(plan);
+  const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: ctx.signal, ...(tlsPeer ? { dataTls: tlsPeer } : {}) });
   started = vm;
   const caps = await vm.qmp.probeCapabilities(ctx.call());
+  const tlsMissing = plan.dataTls.encrypted ? missingDataTls(caps) : [];
+  if (tlsMissing.length > 0) {
+    throw new MigrationError('DATA_TLS_UNAVAILABLE', `the destination QEMU lacks ${tlsMissing.join(', ')} for data-path TLS`, { phase: ctx.phase, userError: true });
+  }
   const needs = sourceExport ? ['migrate-incoming', 'block-stream'] : ['nbd-server-start', 'block-export-add', 'migrate-incoming'];
   for (const cmd of needs) {
     if (!caps.hasCommand(cmd)) throw new MigrationError('DESTINATION_UNSUPPORTED', `destination QEMU lacks ${cmd}${sourceExport ? ' (lazy mode)' : ''}`, { phase: ctx.phase });
@@ -65,7 +77,7 @@ async function destinationExportDisks(ctx: MigrationContext, dest: Omit<Destinat
   const q = dest.vm.qmp;
   const host = ctx.req.destination.migrationHost;
   // No undo of their own: the rollback kills this QEMU first, and its server and exports with it.
-  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(host, p), ctx.call()), {
+  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(host, p, plan.dataTls.encrypted), ctx.call()), {
     host,
     ports: ctx.req.destination.candidatePorts(),
   });

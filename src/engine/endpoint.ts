@@ -1,6 +1,20 @@
 import type { QmpClient } from '../qmp/index.js';
 import type { VmSpec } from '../qemu/spec.js';
 import type { QemuBuild } from '../qemu/versions.js';
+import type { DataTlsMode } from './data-tls-plan.js';
+
+/** A host's data-path TLS as it offers it: its mode, certificate identity and the names it is valid for. */
+export interface HostDataTls {
+  mode: DataTlsMode;
+  identity: string | null;
+  names: readonly string[];
+}
+
+/** The peer a side's TLS admits (authz) and checks the name of (tls-hostname). */
+export interface DataTlsPeer {
+  peerIdentity: string;
+  peerHostname: string;
+}
 
 /**
  * Every method that waits on the outside world has a deadline and takes the migration's
@@ -38,6 +52,12 @@ export interface SourceEndpoint {
   sourceGone(): Promise<boolean>;
   /** After a successful migration: make the source QEMU exit (it is paused in postmigrate). */
   retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
+  /** Data-path TLS this host offers; absent: none (plain text only). */
+  dataTls?(opts: { signal?: AbortSignal }): Promise<HostDataTls>;
+  /** Gives the source QEMU ferry's TLS objects for one peer and the stream's TLS parameters. */
+  beginDataTls?(qmp: QmpClient, peer: DataTlsPeer, opts: { timeoutMs: number }): Promise<void>;
+  /** Undoes beginDataTls; an undo step: idempotent, never cancelled. */
+  endDataTls?(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
 }
 
 /** A destination QEMU started with `-incoming defer` and `-S`. */
@@ -71,7 +91,12 @@ export interface DestinationEndpoint {
   createDisk(disk: { path: string; format: 'qcow2' | 'raw'; virtualSize: number; backingNbd?: BackingNbd }, opts?: { signal?: AbortSignal }): Promise<void>;
   /** An undo step: idempotent (a disk already gone is removed), and never cancelled. */
   removeDisk(path: string): Promise<void>;
-  startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<IncomingVm>;
+  /** With `dataTls`: started with ferry's TLS objects for that peer, the incoming stream's TLS set. */
+  startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal; dataTls?: DataTlsPeer }): Promise<IncomingVm>;
+  /** Data-path TLS this host offers; absent: none (plain text only). */
+  dataTls?(opts: { signal?: AbortSignal }): Promise<HostDataTls>;
+  /** After the migration: the destination's TLS parameters cleared, objects and credentials gone. */
+  endDataTls?(spec: VmSpec, vm: IncomingVm, opts: { timeoutMs: number }): Promise<void>;
   /**
    * Undo of startIncoming when its reply never came: stops the destination QEMU it may have
    * started for `spec` (found by the VM's name), if there is one. Idempotent.

@@ -22,7 +22,7 @@ export async function sourceExportDisks(ctx: MigrationContext, input: { source: 
   const q = input.source.qmp;
   const src = ctx.req.source;
   ctx.undo.push("stop the source's NBD server", 'source', () => stopNbdServer(q, QMP_TIMEOUT_MS));
-  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(src.exportHost, p), ctx.call()), {
+  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(src.exportHost, p, input.plan.dataTls.encrypted), ctx.call()), {
     host: src.exportHost,
     ports: src.candidateExportPorts(),
   });

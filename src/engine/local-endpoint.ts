@@ -1,5 +1,5 @@
 import { rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
@@ -8,7 +8,8 @@ import type { LaunchTlsObjects } from '../qemu/argv.js';
 import { defaultQemuBinary, launchVm, type VmProcess } from '../qemu/launcher.js';
 import { probeQemuBinary, type QemuBuild } from '../qemu/versions.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
-import { backingNbdFilename, type BackingNbd, type DestinationEndpoint, type IncomingVm, type SourceEndpoint } from './endpoint.js';
+import { backingNbdFilename, type BackingNbd, type DataTlsPeer, type DestinationEndpoint, type HostDataTls, type IncomingVm, type SourceEndpoint } from './endpoint.js';
+import { beginDataTls, certIdentity, certNames, DATA_TLS_IDS, endDataTls, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
 import { createImage, dataBytes, freeBytesAt, pathExists, removeEmptyParent, removeImage, unusableDir } from '../host/disk-files.js';
 import { randomOrder } from '../host/ports.js';
 import { tcpBytesAcked, tcpBytesAckedFrom, tcpBytesReceivedBy } from '../host/wire.js';
@@ -22,9 +23,18 @@ export class LocalSource implements SourceEndpoint {
   readonly #logger: Logger;
   readonly #exportPorts: [number, number];
 
-  /** exportHost/exportPortRange: where lazy mode's read-only NBD server listens on this host. */
-  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number] }) {
+  readonly #dataTls: HostTlsMaterial | undefined;
+  readonly #tlsDir: string;
+
+  /**
+   * exportHost/exportPortRange: where lazy mode's read-only NBD server listens on this host.
+   * dataTls: this host's certificate for TLS on the data path (its credentials go into a 0700
+   * folder beside the QMP socket while a migration runs).
+   */
+  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number]; dataTls?: HostTlsMaterial }) {
     this.#qmpSocket = opts.qmpSocket;
+    this.#dataTls = opts.dataTls;
+    this.#tlsDir = join(dirname(opts.qmpSocket), `ferry-tls-${process.pid}`);
     this.name = opts.name ?? 'local';
     this.#logger = opts.logger ?? silentLogger;
     this.exportHost = opts.exportHost ?? '127.0.0.1';
@@ -33,6 +43,19 @@ export class LocalSource implements SourceEndpoint {
 
   candidateExportPorts(): Iterable<number> {
     return randomOrder(this.#exportPorts);
+  }
+
+  async dataTls(): Promise<HostDataTls> {
+    return hostDataTls(this.#dataTls);
+  }
+
+  async beginDataTls(qmp: QmpClient, peer: DataTlsPeer, opts: { timeoutMs: number }): Promise<void> {
+    if (!this.#dataTls) throw new FerryError('DATA_TLS_OFF', `${this.name} has no data-path certificate`, { userError: true });
+    await beginDataTls(qmp, { dir: this.#tlsDir, material: this.#dataTls, role: 'source', ...peer, timeoutMs: opts.timeoutMs });
+  }
+
+  async endDataTls(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
+    await endDataTls(qmp, { dir: this.#tlsDir, timeoutMs: opts.timeoutMs });
   }
 
   nbdBytesServed(localPort: number): Promise<number | undefined> {
@@ -90,6 +113,8 @@ export interface LocalDestinationOptions {
    * Off by default: tests and the demo keep it, so their reaper can stop it.
    */
   outliveProcess?: boolean;
+  /** This host's certificate for TLS on the data path; without it, plain text only. */
+  dataTls?: HostTlsMaterial;
 }
 
 /** A destination QEMU on this machine, with its console for whoever wants to watch the guest. */
@@ -106,6 +131,7 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #qemuBinary: string | undefined;
   readonly #logger: Logger;
   readonly #outlive: boolean;
+  readonly #dataTls: HostTlsMaterial | undefined;
   /** Every QEMU startIncoming launched, by run dir: what abandonIncoming finds when a reply was lost. */
   readonly #started = new Map<string, VmProcess>();
   /** The destination QEMU of the latest migration, for whoever watches the guest (demo, tests). */
@@ -113,6 +139,7 @@ export class LocalDestination implements DestinationEndpoint {
 
   constructor(opts: LocalDestinationOptions) {
     this.#outlive = opts.outliveProcess ?? false;
+    this.#dataTls = opts.dataTls;
     this.#dir = opts.dir;
     this.name = opts.name ?? opts.dir;
     this.migrationHost = opts.migrationHost ?? '127.0.0.1';
@@ -150,17 +177,32 @@ export class LocalDestination implements DestinationEndpoint {
     return removeImage(path, this.#dir);
   }
 
-  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal; tls?: LaunchTlsObjects }): Promise<LocalIncomingVm> {
+  async dataTls(): Promise<HostDataTls> {
+    return hostDataTls(this.#dataTls);
+  }
+
+  /**
+   * `dataTls`: this host's certificate goes into the run dir (0700) and the QEMU starts with
+   * ferry's TLS objects for that peer and the incoming stream's TLS set. `tls`: objects whose
+   * credentials the caller wrote (the agent, with its own certificate).
+   */
+  async startIncoming(spec: VmSpec, opts: { timeoutMs: number; signal?: AbortSignal; tls?: LaunchTlsObjects; dataTls?: DataTlsPeer }): Promise<LocalIncomingVm> {
+    let tls = opts.tls;
+    if (opts.dataTls) {
+      if (!this.#dataTls) throw new FerryError('DATA_TLS_OFF', `${this.name} has no data-path certificate`, { userError: true });
+      tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), this.#dataTls)), peerIdentity: opts.dataTls.peerIdentity };
+    }
     const vm = await launchVm(spec, {
       incoming: true,
       startPaused: true,
-      ...(opts.tls ? { tls: opts.tls } : {}),
+      ...(tls ? { tls } : {}),
       timeoutMs: opts.timeoutMs,
       signal: opts.signal,
       logger: this.#logger,
       ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
     });
     this.#started.set(spec.runDir, vm);
+    if (tls) await vm.qmp.executeRaw('migrate-set-parameters', { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz }, { timeoutMs: 10_000 });
     this.incoming = {
       process: vm,
       pid: vm.pid,
@@ -173,6 +215,10 @@ export class LocalDestination implements DestinationEndpoint {
       },
     };
     return this.incoming;
+  }
+
+  async endDataTls(spec: VmSpec, vm: IncomingVm, opts: { timeoutMs: number }): Promise<void> {
+    await endDataTls(vm.qmp, { dir: join(spec.runDir, 'tls'), timeoutMs: opts.timeoutMs });
   }
 
   async abandonIncoming(spec: VmSpec): Promise<void> {
@@ -206,4 +252,9 @@ function errnoOf(err: unknown): string | undefined {
     if ('code' in e && typeof e.code === 'string' && /^E[A-Z]+$/.test(e.code)) return e.code;
   }
   return undefined;
+}
+
+/** What a local host offers for data TLS: preferred with a certificate, off without. */
+function hostDataTls(m: HostTlsMaterial | undefined): HostDataTls {
+  return m ? { mode: 'preferred', identity: certIdentity(m.cert), names: certNames(m.cert) } : { mode: 'off', identity: null, names: [] };
 }

@@ -21,6 +21,7 @@
  */
 import type { ConvergenceState } from './convergence.js';
 import { cleanupFinish, cleanupLazy, cleanupPrecopy } from './cleanup.js';
+import { sourceBeginDataTls } from './data-path.js';
 import { MigrationContext, type DestinationState, type MigrateRequest, type SourceState } from './context.js';
 import { destinationIncomingComplete, destinationResume } from './destination-finish.js';
 import { destinationPrepare } from './destination-prepare.js';
@@ -82,6 +83,7 @@ async function runMigration(req: MigrateRequest): Promise<MigrationResult> {
 async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: MigrationPlan): Promise<MigrationResult> {
   const progress = new ProgressTracker(plan, ctx.req.source, ctx.opts.progressIntervalMs);
   ctx.enter('prepare-destination');
+  await sourceBeginDataTls(ctx, { source, plan });
   const dest = await destinationPrepare(ctx, { plan, sourceExport: undefined });
   ctx.enter('mirror');
   await sourceStartMirrors(ctx, { source, dest, plan });
@@ -104,6 +106,7 @@ async function runLazy(ctx: MigrationContext, source: SourceState, plan: Migrati
   // No disk is copied before the guest moves, so progress until then is RAM only.
   const progress = new ProgressTracker({ ...plan, disks: [] }, ctx.req.source, ctx.opts.progressIntervalMs);
   ctx.enter('prepare-destination');
+  await sourceBeginDataTls(ctx, { source, plan });
   const sourceExport = await sourceExportDisks(ctx, { source, plan });
   const dest = await destinationPrepare(ctx, { plan, sourceExport });
   const moved = await moveGuest(ctx, { source, dest, plan, progress }, { checkMirrors: async () => undefined, completeMirrors: async () => undefined });

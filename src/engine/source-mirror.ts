@@ -4,6 +4,7 @@
  * the mirrors complete without pivot. The mirror's QEMU arguments are built in one place
  * (`mirrorArguments`), where a new copy mode or TLS on the NBD client goes.
  */
+import { DATA_TLS_IDS } from '../host/data-tls.js';
 import { diskNodeName } from '../qemu/spec.js';
 import { eventIs, type BlockdevMirrorArgs, type BlockdevOptions } from '../qmp/index.js';
 import { QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
@@ -15,12 +16,14 @@ import { MigrationError, type MigrationOptions, type MigrationPlan } from './typ
 type PlanDisk = MigrationPlan['disks'][number];
 
 /** The NBD client node the mirror of `disk` writes into: the destination's export over TCP. */
-export function targetNodeArguments(ctx: MigrationContext, dest: DestinationState, disk: PlanDisk): BlockdevOptions {
+export function targetNodeArguments(ctx: MigrationContext, dest: DestinationState, disk: PlanDisk, tls: MigrationPlan['dataTls']): BlockdevOptions {
   return {
     driver: 'nbd',
     'node-name': targetNodeName(disk.id),
     server: { type: 'inet', host: ctx.req.destination.migrationHost, port: String(dest.nbdPort) },
     export: exportName(ctx.id, disk.id),
+    // Over TLS the source checks that the destination's certificate names its migration address.
+    ...(tls.encrypted ? { 'tls-creds': DATA_TLS_IDS.client, 'tls-hostname': tls.destination.hostname } : {}),
   };
 }
 
@@ -43,7 +46,7 @@ export async function sourceStartMirrors(ctx: MigrationContext, input: { source:
   for (const disk of input.plan.disks) {
     const node = targetNodeName(disk.id);
     ctx.undo.push(`delete source NBD node ${node}`, 'source', () => deleteNode(q, node, QMP_TIMEOUT_MS));
-    await q.execute('blockdev-add', targetNodeArguments(ctx, input.dest, disk), ctx.call());
+    await q.execute('blockdev-add', targetNodeArguments(ctx, input.dest, disk, input.plan.dataTls), ctx.call());
     const job = mirrorJobId(disk.id);
     ctx.undo.push(`cancel mirror ${job}`, 'source', () => cancelJob(q, job));
     await q.execute('blockdev-mirror', mirrorArguments(ctx.opts, disk), ctx.call());

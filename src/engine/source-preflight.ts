@@ -8,7 +8,29 @@ import type { QmpClient } from '../qmp/index.js';
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
 import { QMP_TIMEOUT_MS, type MigrationContext, type SourceState } from './context.js';
 import { checkQemuPair } from '../qemu/versions.js';
+import { missingDataTls } from '../host/data-tls.js';
+import { planDataTls, type DataTlsPlan } from './data-tls-plan.js';
+import type { HostDataTls } from './endpoint.js';
 import { MigrationError, type MigrationPlan } from './types.js';
+
+/**
+ * TLS on the data path: what each side offers, what its QEMU can (the source's from its schema;
+ * the destination's from its version, and again from its schema once started), what was asked.
+ */
+async function planSidesDataTls(ctx: MigrationContext, source: SourceState): Promise<DataTlsPlan> {
+  const none: HostDataTls = { mode: 'off', identity: null, names: [] };
+  const [src, dst, build] = await Promise.all([
+    ctx.req.source.dataTls?.({ signal: ctx.signal }) ?? none,
+    ctx.req.destination.dataTls?.({ signal: ctx.signal }) ?? none,
+    ctx.req.destination.probeQemu?.({ timeoutMs: QMP_TIMEOUT_MS, signal: ctx.signal }).catch(() => undefined),
+  ]);
+  const major = build?.version.major;
+  return planDataTls(
+    ctx.opts.dataTls,
+    { ...src, qemuMissing: missingDataTls(source.caps), address: ctx.req.source.exportHost },
+    { ...dst, qemuMissing: major !== undefined && major < 7 ? [`QEMU ${major}.x (NBD tls-hostname needs 7.0)`] : [], address: ctx.req.destination.migrationHost },
+  );
+}
 
 /** Free space kept beyond what the copy needs, for qcow2 metadata and the filesystem's own. */
 const SPACE_MARGIN_BYTES = 64 * 1024 * 1024;
@@ -70,7 +92,12 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     problems.push(`not enough space on ${ctx.req.destination.name}: the disks hold ${mib(needed - SPACE_MARGIN_BYTES)} MiB, ${mib(free)} MiB free`);
   }
 
-  if (problems.length > 0) {
+  const dataTls = await planSidesDataTls(ctx, source).catch((err: unknown) => {
+    problems.push(errorText(err));
+    return undefined;
+  });
+
+  if (problems.length > 0 || !dataTls) {
     throw new MigrationError('PREFLIGHT_REFUSED', `cannot migrate ${spec.name}:\n  - ${problems.join('\n  - ')}`, {
       phase: 'preflight',
       userError: true,
@@ -91,6 +118,7 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     bitmaps,
     capabilities: { source: [...source.caps.migrationCapabilities].sort(), destination: [] },
     ...(pair.machine ? { destinationMachine: pair.machine } : {}),
+    dataTls,
     deadlineMs: Math.round(ctx.opts.deadlineBaseMs + ctx.opts.deadlinePerGiBMs * gib),
   };
 }

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import type { DataTlsPlan } from './data-tls-plan.js';
 import { FerryError } from '../errors.js';
 
 /**
@@ -38,6 +39,8 @@ export const MigrationOptionsSchema = z
     hydrationAttempts: z.number().int().min(1).max(20).default(3),
     /** How the mirrors treat guest writes: see docs/migration.md. */
     copyMode: z.enum(['background', 'write-blocking']).default('background'),
+    /** TLS on the data path: required refuses without it; preferred uses it where both sides can. */
+    dataTls: z.enum(['required', 'preferred', 'off']).default('preferred'),
     /** Cap on the migration link, bytes/s, shared by RAM and disks; absent = unlimited. */
     bandwidthBytesPerSec: z.number().int().positive().optional(),
     /** The pause QEMU aims for at switchover, ms. */
@@ -157,6 +160,8 @@ export interface MigrationPlan {
   capabilities: { source: string[]; destination: string[] };
   /** The source's exact machine type, which the destination is started with. */
   destinationMachine?: string;
+  /** Whether NBD and the migration stream run over TLS, and which peer names each side admits. */
+  dataTls: DataTlsPlan;
   deadlineMs: number;
 }
 

@@ -13,6 +13,7 @@ import { X509Certificate } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { chmod, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { isIP } from 'node:net';
 import { promisify } from 'node:util';
 import { FerryError } from '../errors.js';
 import type { QmpCapabilities, QmpClient } from '../qmp/index.js';
@@ -116,13 +117,14 @@ export async function removeCredentialDirs(dir: string): Promise<void> {
  * --data-tls-dir): a CA and one certificate per side, valid for the migration address, kept
  * in `dir` (0700) and gone with it. The CA's key is deleted once both are signed.
  */
-export async function throwawayPki(dir: string, opts: { address: string; names: readonly string[] }): Promise<HostTlsMaterial[]> {
+export async function throwawayPki(dir: string, opts: { address: string | readonly string[]; names: readonly string[] }): Promise<HostTlsMaterial[]> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
   const caKey = join(dir, 'ca.key');
   const caPem = join(dir, 'ca.pem');
   await run('openssl', ['req', '-x509', ...ec, '-keyout', caKey, '-out', caPem, '-days', '1', '-subj', '/CN=ferry-throwaway-ca']);
-  const san = /:/.test(opts.address) || /^\d+\.\d+\.\d+\.\d+$/.test(opts.address) ? `IP:${opts.address}` : `DNS:${opts.address}`;
+  const addresses = typeof opts.address === 'string' ? [opts.address] : [...new Set(opts.address)];
+  const san = addresses.map((a) => (isIP(a) !== 0 ? `IP:${a}` : `DNS:${a}`)).join(',');
   const out: HostTlsMaterial[] = [];
   for (const name of opts.names) {
     const key = join(dir, `${name}.key`);

@@ -36,8 +36,10 @@ export async function makePki(dir: string): Promise<Pki> {
   const other = await ca(dir, 'rogue-ca');
   return {
     ca: root.pem,
-    agent: await leaf(dir, 'agent', root, 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth'),
-    client: await leaf(dir, 'client', root, 'extendedKeyUsage=clientAuth'),
+    // Both usages: the agent's certificate also serves its QEMUs' TLS on the data path, where each
+    // side is server of one stream and client of another.
+    agent: await leaf(dir, 'agent', root, 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth'),
+    client: await leaf(dir, 'client', root, 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth'),
     rogue: { ...(await leaf(dir, 'rogue', other, 'extendedKeyUsage=clientAuth')), ca: root.pem },
   };
 }

@@ -64,11 +64,15 @@ test('only a certificate from the agent CA, with a valid token, gets in', async 
   await expect(AgentClient.connect(agent.url, TOKEN)).rejects.toMatchObject({ code: 'AGENT_TLS' });
 });
 
-test('a guest migrates into a TLS agent: QMP tunnel and control over mutual TLS, data QEMU to QEMU', async () => {
+test('a guest migrates into a TLS agent: QMP tunnel and control over mutual TLS, data over QEMU TLS (required by default)', async () => {
   const { vm, spec } = await bootWorkloadGuest({ disks: [{ id: 'root', format: 'qcow2', size: 32 << 20, fillMiB: 4 }], workload: { write: { rate: 20 }, tickMs: 50 } });
   const dest = await AgentDestination.connect(agent.url, TOKEN, { tls: clientTls });
-  const result = await migrate({ spec, source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }), destination: dest });
+  const qmpSocket = join(spec.runDir, 'qmp.sock');
+  // The agent has TLS, so its data path requires it: a source without a certificate is refused.
+  await expect(migrate({ spec, source: new LocalSource({ qmpSocket }), destination: dest })).rejects.toMatchObject({ code: 'PREFLIGHT_REFUSED', message: expect.stringMatching(/destination host requires TLS on the data path/) });
+  const result = await migrate({ spec, source: new LocalSource({ qmpSocket, dataTls: clientTls }), destination: dest });
   expect(result.plan.destination).toBe('secure (agent)');
+  expect(result.plan.dataTls).toMatchObject({ encrypted: true, source: { identity: 'CN=client' }, destination: { identity: 'CN=agent', hostname: '127.0.0.1' } });
   await vm.exited;
   const c = await AgentClient.connect(agent.url, TOKEN, 5_000, clientTls);
   const [moved] = (await c.call('vm.list')) as { pid: number; name: string; state: string }[];

@@ -75,6 +75,8 @@ describe('migrate-vm', () => {
     const summary = events.at(-1)!;
     expect(summary).toMatchObject({ event: 'summary', ok: true });
     for (const k of ['totalMs', 'downtimeMs', 'diskBytes', 'ramBytes']) expect(typeof summary[k]).toBe('number');
+    // Two local folders: TLS on the data path by default, with a throwaway CA made for the run.
+    expect(summary.dataTls).toEqual({ encrypted: true, source: { identity: 'CN=ferry-source', hostname: '127.0.0.1' }, destination: { identity: 'CN=ferry-destination', hostname: '127.0.0.1' } });
     expect(events.filter((e) => e.event === 'phase').map((e) => e.phase)).toContain('switchover');
     await vm.exited;
 

@@ -7,11 +7,12 @@
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, expect, test } from 'vitest';
-import { LocalDestination } from '../../src/engine/local-endpoint.js';
+import { LocalDestination, LocalSource } from '../../src/engine/local-endpoint.js';
+import { migrate } from '../../src/engine/migrate.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { addDataTlsObjects, certIdentity, certNames, DATA_TLS_IDS, missingDataTls, removeDataTlsObjects, throwawayPki, writeCredentialDirs } from '../../src/host/data-tls.js';
@@ -178,4 +179,29 @@ test('an agent in dataTls required mode sets TLS up itself and refuses every pla
     await agent.close();
     killPids(pids);
   }
+});
+
+test('the engine over TLS: a writing guest moves with every write; required without certificates is refused in preflight', async () => {
+  const { vm, spec, hostB } = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 8 }], workload: { write: { rate: 50 }, tickMs: 50 } });
+  await vm.serial.waitForLine((l) => /^ack data \d{2,}$/.test(l.text), { timeoutMs: 30_000, what: 'acks' });
+  const qmpSocket = join(spec.runDir, 'qmp.sock');
+
+  const refused = await migrate({ spec, source: new LocalSource({ qmpSocket }), destination: new LocalDestination({ dir: hostB }), options: { dataTls: 'required' } }).catch((e: unknown) => e);
+  expect(refused).toMatchObject({ code: 'PREFLIGHT_REFUSED', userError: true, message: expect.stringMatching(/asks for TLS on the data path, but the source has no data-path certificate/) });
+  expect(await readdir(hostB)).toEqual([]);
+
+  const [a, b] = await throwawayPki(await makeTempDir('ferry-pki-'), { address: '127.0.0.1', names: ['hostA', 'hostB'] });
+  const destination = new LocalDestination({ dir: hostB, dataTls: b! });
+  const result = await migrate({ spec, source: new LocalSource({ qmpSocket, dataTls: a! }), destination, options: { dataTls: 'required' } });
+  expect(result.plan.dataTls).toEqual({ encrypted: true, source: { identity: 'CN=hostA', hostname: '127.0.0.1' }, destination: { identity: 'CN=hostB', hostname: '127.0.0.1' } });
+  await vm.exited;
+  const dest = destination.incoming!.process;
+  // Nothing of TLS is left: parameters cleared, credentials gone on both sides.
+  expect(await dest.qmp.execute('query-migrate-parameters')).toMatchObject({ 'tls-creds': '', 'tls-authz': '' });
+  expect((await readdir(dest.spec.runDir)).filter((f) => f.startsWith('tls'))).toEqual([]);
+  expect((await readdir(spec.runDir)).filter((f) => f.startsWith('ferry-tls'))).toEqual([]);
+  const acked = highestAcks(vm.serial.history()).get('data')!;
+  await dest.quit({ timeoutMs: 10_000 });
+  const report = await verifyDisk(dest.spec.disks[0]!.path, { format: 'qcow2', diskId: 'data', ackedSeq: acked });
+  expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
 });
