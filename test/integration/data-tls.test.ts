@@ -3,7 +3,9 @@
  * pre-copy sequence: a writing guest's disk is mirrored into the destination's export over NBD
  * with TLS and an authz that admits only the source host, RAM follows over a TLS migration
  * stream, and every acknowledged write arrives. Rogue NBD clients (no certificate, another CA's,
- * a valid certificate of a third host) and a plain-text client are refused while the mirror runs.
+ * a valid certificate of a third host) and a plain-text client are refused while the mirror runs;
+ * rogue migration streams of the same three kinds are refused before the real one, which then
+ * completes: the destination QEMU is not disturbed.
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -95,6 +97,26 @@ test('mirror and migration over QEMU TLS with a one-peer authz; rogue NBD client
   await dest.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
   await dest.execute('migrate-set-parameters', { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz });
   await dest.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${migPort}` });
+  // Rogue migration streams before the real one: no certificate, another CA's, a third host's.
+  const streamRogue = async (files?: { cert: Buffer; key: Buffer }): Promise<void> => {
+    const args = ['s_client', '-connect', `127.0.0.1:${migPort}`, '-quiet'];
+    if (files) {
+      const d = await rogueDir(`stream-${Math.random().toString(36).slice(2)}`, { 'c.pem': files.cert, 'k.pem': files.key });
+      args.push('-cert', join(d, 'c.pem'), '-key', join(d, 'k.pem'));
+    }
+    const child = execFile('openssl', args, { timeout: 5_000 }, () => undefined);
+    child.stdin?.end('QEVM rogue stream\n');
+    await new Promise((r) => child.once('exit', r));
+  };
+  await streamRogue();
+  await streamRogue(rogue!);
+  await streamRogue(hostC!);
+  await new Promise((r) => setTimeout(r, 300));
+  // Not disturbed: still waiting for its stream, still listening.
+  expect((await dest.execute('query-status')).status).toBe('inmigrate');
+  // Each refused at its TLS handshake, as the NBD rogues were (those lines carry "option negotiation").
+  const streamLog = (await readFile(join(destSpec.runDir, 'qemu.log'), 'utf8')).split('\n').filter((l) => !/option negotiation/.test(l));
+  expect(streamLog.filter((l) => /Verify failed: No certificate|hasn't got a known issuer|authz check for CN=hostC is denied/.test(l))).toHaveLength(3);
   await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'pause-before-switchover', state: true }] });
   await src.execute('migrate-set-parameters', { 'tls-creds': DATA_TLS_IDS.client, 'tls-hostname': '127.0.0.1', 'max-bandwidth': 2 ** 40 });
   const since = src.eventCursor();
