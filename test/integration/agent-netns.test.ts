@@ -6,17 +6,19 @@
  * when the test fails.
  */
 import { IMAGE_DIR } from '../../src/guest/image.js';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { processStartTime } from '../../src/agent/registry.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
 import { createNetnsPair, netnsAvailable, type NetnsPair } from '../helpers/netns.js';
+import { call, inNs, startAgentIn } from '../helpers/netns-agents.js';
+import { occurrences, startCapture } from '../helpers/capture.js';
+import { MAGIC } from '../../src/guest/record.js';
 
-const REPO = resolve(import.meta.dirname, '../..');
 const TOKEN = 'netns-test-token-0123456789';
 const PORT = 7420;
 const canRun = await netnsAvailable();
@@ -24,50 +26,6 @@ const canRun = await netnsAvailable();
 let pair: NetnsPair | undefined;
 const agents: ChildProcess[] = [];
 const roots: string[] = [];
-
-/** Runs argv inside namespace `ns`; resolves with exit code and output. */
-function inNs(ns: string, argv: string[], timeoutMs = 120_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolveRun) => {
-    const child = spawn('ip', ['netns', 'exec', ns, ...argv], { cwd: REPO, env: { ...process.env, FERRY_TOKEN: TOKEN, FERRY_LOG_LEVEL: 'warn' } });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolveRun({ code, stdout, stderr });
-    });
-  });
-}
-
-async function call(ns: string, url: string, method: string, params: Record<string, unknown> = {}): Promise<unknown> {
-  const r = await inNs(ns, ['node', '--import', 'tsx', 'test/helpers/agent-call.ts', url, method, JSON.stringify(params)], 30_000);
-  if (r.code !== 0) throw new Error(`${method} on ${url} failed: ${r.stderr.trim()}`);
-  return JSON.parse(r.stdout) as unknown;
-}
-
-/** Starts ferry-agent in `ns` and waits for its "listening" line. */
-async function startAgentIn(ns: string, config: string): Promise<ChildProcess> {
-  const child = spawn('ip', ['netns', 'exec', ns, 'node', 'bin/ferry-agent.mjs', '--config', config], { cwd: REPO, env: { ...process.env, FERRY_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
-  agents.push(child);
-  let err = '';
-  child.stderr!.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-4000)));
-  await new Promise<void>((ready, fail) => {
-    const timer = setTimeout(() => fail(new Error(`agent in ${ns} did not start: ${err}`)), 30_000);
-    child.stdout!.on('data', (d: Buffer) => {
-      if (d.toString().includes('listening on')) {
-        clearTimeout(timer);
-        ready();
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      fail(new Error(`agent in ${ns} exited (${code}): ${err}`));
-    });
-  });
-  return child;
-}
 
 beforeAll(async () => {
   if (!canRun) return;
@@ -97,13 +55,13 @@ test.skipIf(!canRun)(
       await writeFile(config, JSON.stringify({ name: `host${'AB'[i]}`, listenHost: ip, listenPort: PORT, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [TOKEN]: 'ops' }, migrationHost: ip, portRange: [21000, 21100] }));
       configs.push(config);
     }
-    let agentA = await startAgentIn(nsA, configs[0]!);
-    await startAgentIn(nsB, configs[1]!);
+    let agentA = await startAgentIn(nsA, configs[0]!, agents);
+    await startAgentIn(nsB, configs[1]!, agents);
 
     const dir = join(roots[0]!, 'web1');
     const { spec } = await agentGuestSpec(roots[0]!, 'web1', { fillMiB: 16 });
-    await call(nsA, urlA, 'vm.create', { spec });
-    const { pid } = (await call(nsA, urlA, 'vm.start', { name: 'web1' })) as { pid: number };
+    await call(nsA, urlA, TOKEN, 'vm.create', { spec });
+    const { pid } = (await call(nsA, urlA, TOKEN, 'vm.start', { name: 'web1' })) as { pid: number };
 
     // The source's serial log goes with its run dir when the source retires: keep reading it.
     let ackedOnA = -1;
@@ -118,13 +76,17 @@ test.skipIf(!canRun)(
       agentA.kill('SIGKILL');
       await new Promise((r) => agentA.once('exit', r));
       expect(processStartTime(pid)).toBeDefined();
-      agentA = await startAgentIn(nsA, configs[0]!);
-      expect(await call(nsA, urlA, 'vm.list')).toEqual([{ vmId: expect.any(String), name: 'web1', role: 'vm', state: 'running', pid, running: true, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
+      agentA = await startAgentIn(nsA, configs[0]!, agents);
+      expect(await call(nsA, urlA, TOKEN, 'vm.list')).toEqual([{ vmId: expect.any(String), name: 'web1', role: 'vm', state: 'running', pid, running: true, memoryMiB: expect.any(Number), diskBytes: expect.any(Number) }]);
       const before = ackedOnA;
       for (let i = 0; i < 100 && ackedOnA < before + 10; i++) await new Promise((r) => setTimeout(r, 100));
       expect(ackedOnA).toBeGreaterThanOrEqual(before + 10); // the guest kept writing throughout
 
-      const cli = await inNs(nsA, ['node', 'bin/migrate-vm.mjs', '--from', urlA, '--to', urlB, 'web1', '--json']);
+      // The control for the data-TLS test (agent-netns-tls.test.ts): without TLS the guest's records
+      // cross this link as plain text, and the capture finds them.
+      const capture = await startCapture(nsA, pair!.veths[0], join(configDir, 'plain.pcap'), 'tcp portrange 21000-21100');
+      const cli = await inNs(nsA, ['node', 'bin/migrate-vm.mjs', '--from', urlA, '--to', urlB, 'web1', '--json'], { token: TOKEN });
+      expect(occurrences(await capture.stop(), MAGIC)).toBeGreaterThan(100);
       expect(cli.code, cli.stderr).toBe(0);
       const summary = JSON.parse(cli.stdout.trim().split('\n').pop()!) as Record<string, unknown>;
       expect(summary).toMatchObject({ event: 'summary', ok: true, destination: 'hostB (agent)' });
@@ -133,16 +95,16 @@ test.skipIf(!canRun)(
       clearInterval(poll);
     }
     expect(processStartTime(pid)).toBeUndefined(); // the source QEMU is gone (or a zombie, not yet reaped by init)
-    expect(await call(nsA, urlA, 'vm.list')).toEqual([]);
+    expect(await call(nsA, urlA, TOKEN, 'vm.list')).toEqual([]);
     // B is reached over the link, from A's side, as a control plane would.
-    const listed = (await call(nsA, urlB, 'vm.list')) as { pid: number; name: string; role: string; state: string }[];
+    const listed = (await call(nsA, urlB, TOKEN, 'vm.list')) as { pid: number; name: string; role: string; state: string }[];
     expect(listed).toMatchObject([{ name: 'web1', role: 'vm', state: 'running' }]);
     const runB = (await readdir(join(roots[1]!, 'web1'))).find((f) => f.startsWith('run-'))!;
     const serialB = join(roots[1]!, 'web1', runB, 'serial.log');
     for (let i = 0; i < 100 && (await readAcks(serialB)) <= ackedOnA; i++) await new Promise((r) => setTimeout(r, 100));
     const ackedOnB = await readAcks(serialB);
     expect(ackedOnB).toBeGreaterThan(ackedOnA); // the guest writes on, on B
-    await call(nsA, urlB, 'vm.stop', { name: 'web1' });
+    await call(nsA, urlB, TOKEN, 'vm.stop', { name: 'web1' });
     const report = await verifyDisk(join(roots[1]!, 'web1', 'data.qcow2'), { format: 'qcow2', diskId: 'data', ackedSeq: ackedOnB });
     expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
   },
