@@ -13,7 +13,8 @@ import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { VmSpec } from '../../src/qemu/spec.js';
-import { bootWorkloadGuest, cleanupAll } from '../helpers/guest.js';
+import { throwawayPki } from '../../src/host/data-tls.js';
+import { bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js';
 
 const run = promisify(execFile);
 afterEach(cleanupAll);
@@ -164,23 +165,27 @@ describe('lazy mode', () => {
   }, 60_000);
 });
 
-test('a network blip and a cancel during hydration: the NBD client reconnects, the cancel is too late to matter, hydration completes, nothing lost', async () => {
+test.each([
+  ['plain text', false],
+  ['over data TLS', true],
+] as const)('a network blip and a cancel during hydration (%s): the NBD client reconnects, the cancel is too late to matter, hydration completes, nothing lost', async (_what, tls) => {
+  const pki = tls ? await throwawayPki(await makeTempDir('ferry-pki-'), { address: '127.0.0.1', names: ['hostA', 'hostB'] }) : [];
   const { vm, spec, hostB } = await bootWorkloadGuest({
     disks: [{ id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 8 }],
     workload: { write: { rate: 20 }, tickMs: 100 },
   });
   const port = 39000 + Math.floor(Math.random() * 900);
-  const dest = new LocalDestination({ dir: hostB });
+  const dest = new LocalDestination({ dir: hostB, ...(pki[1] ? { dataTls: pki[1] } : {}) });
   let blips = 0;
   let killed: Promise<string> | undefined;
   const ac = new AbortController();
   const result = await migrate({
     signal: ac.signal,
     spec,
-    source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), exportPortRange: [port, port] }),
+    source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), exportPortRange: [port, port], ...(pki[0] ? { dataTls: pki[0] } : {}) }),
     destination: dest,
     // QEMU 7.2's stream counts holes against its speed too: 64 MiB at 8 MiB/s is ~8 s.
-    options: { mode: 'lazy', hydrationBytesPerSec: 8 << 20, nbdReconnectDelayS: 10 },
+    options: { mode: 'lazy', hydrationBytesPerSec: 8 << 20, nbdReconnectDelayS: 10, dataTls: tls ? 'required' : 'off' },
     onEvent: (e) => {
       // Once, a second into the hydration: cut every connection to the source's export.
       if (e.event === 'hydration' && e.elapsedMs > 1_000 && blips === 0) {
@@ -195,6 +200,7 @@ test('a network blip and a cancel during hydration: the NBD client reconnects, t
     },
   });
   expect(blips).toBe(1);
+  expect(result.plan.dataTls.encrypted).toBe(tls);
   expect(await killed).toContain(`:${port}`); // the kernel did cut the destination's connection
   expect(result.lazy!.hydrationMs).toBeGreaterThan(1_000);
   expect(result.lazy!.hydratedWireBytes).toBeGreaterThan(8 << 20);
