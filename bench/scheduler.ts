@@ -42,7 +42,7 @@ class FakeFleet implements Inventory, MigrationRunner, Reconciler {
       const finish = (): void => {
         this.done++;
         // The scheduler reads only the kind.
-        resolve({ kind: 'migrated', result: { ok: true, migrationId: job.id } as MigrationResult });
+        resolve({ kind: 'migrated', result: { ok: true, migrationId: job.id, plan: { dataTls: { encrypted: false, reason: 'a fake runner' } } } as MigrationResult });
       };
       if (this.hold) this.#held.push(finish);
       else queueMicrotask(finish);

@@ -3,6 +3,7 @@
  * migration run by the engine between two agents, and the settling of a migration that was in
  * flight when the scheduler died.
  */
+import type { DataTlsMode } from '../engine/data-tls-plan.js';
 import { z } from 'zod';
 import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
 import type { TlsMaterial } from '../host/tls.js';
@@ -35,10 +36,12 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
   readonly #tls: TlsMaterial | undefined;
 
   readonly #hydrationBytesPerSec: number | undefined;
+  readonly #dataTls: DataTlsMode;
 
-  constructor(hosts: HostConfig[], token: string, logger: Logger = silentLogger, tls?: TlsMaterial, opts: { hydrationBytesPerSec?: number } = {}) {
+  constructor(hosts: HostConfig[], token: string, logger: Logger = silentLogger, tls?: TlsMaterial, opts: { hydrationBytesPerSec?: number; dataTls?: DataTlsMode } = {}) {
     this.#tls = tls;
     this.#hydrationBytesPerSec = opts.hydrationBytesPerSec;
+    this.#dataTls = opts.dataTls ?? 'preferred';
     this.#hosts = hosts;
     this.#token = token;
     this.#log = logger.child({ component: 'fleet' });
@@ -111,6 +114,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
           migrationId: job.id.replace(/^m-/, '').slice(0, 8),
           options: {
             mode: job.mode,
+            dataTls: this.#dataTls,
             ...(ctx.bandwidthBytesPerSec > 0 ? { bandwidthBytesPerSec: ctx.bandwidthBytesPerSec } : {}),
             ...(job.mode === 'lazy' && this.#hydrationBytesPerSec ? { hydrationBytesPerSec: this.#hydrationBytesPerSec } : {}),
           },

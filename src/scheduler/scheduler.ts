@@ -359,7 +359,9 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
         })
         .catch((err: unknown) => outcomeOfError(err, signal.aborted));
       if (outcome.kind === 'migrated') {
-        this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}` }));
+        const tls = outcome.result.plan.dataTls;
+        const dataPath = tls.encrypted ? `data over TLS, admitted ${tls.source.identity} on ${job.to} and ${tls.destination.identity} on ${job.from}` : `data in plain text (${tls.reason})`;
+        this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}; ${dataPath}` }));
         this.#log.info({ id, vm: job.vm, to: job.to }, 'migration succeeded');
       } else {
         this.#failed(job, outcome);

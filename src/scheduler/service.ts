@@ -41,6 +41,11 @@ export const SchedulerConfigSchema = z
       .default({ outgoingPerHost: 2, incomingPerHost: 2, cluster: 5 }),
     /** lazy mode: cap on each disk's background hydration, bytes/s. */
     hydrationBytesPerSec: z.number().int().positive().optional(),
+    /**
+     * TLS on the data path (NBD, migration streams): required refuses a pair of hosts that cannot;
+     * preferred uses it where both can. An agent that requires it wins over preferred or off.
+     */
+    dataTls: z.enum(['required', 'preferred', 'off']).default('preferred'),
     /** The engine's mode when a request names none: precopy (default) or lazy. */
     mode: z.enum(['precopy', 'lazy']).default('precopy'),
     /** Ping interval of the API's sessions, ms: a client that stops answering is dropped within twice this. */
@@ -69,7 +74,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const log = logger.child({ tool: 'ferry-scheduler' });
   const tls = config.agentTls ? await loadTls(config.agentTls) : undefined;
   const store = new SchedulerStore(config.database);
-  const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {});
+  const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, { dataTls: config.dataTls, ...(config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {}) });
   const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, mode: config.mode, logger: log });
   await scheduler.start();
 

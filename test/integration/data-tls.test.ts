@@ -22,8 +22,10 @@ import { eventIs } from '../../src/qmp/index.js';
 import { retargetSpec } from '../../src/qemu/spec.js';
 import { AgentClient } from '../../src/agent/client.js';
 import { startAgent } from '../../src/agent/server.js';
+import { SchedulerClient } from '../../src/scheduler/client.js';
+import { startSchedulerService } from '../../src/scheduler/service.js';
 import { IMAGE_DIR, loadGuestImage } from '../../src/guest/image.js';
-import { bootWorkloadGuest, cleanupAll, killPids, makeDisk, makeTempDir } from '../helpers/guest.js';
+import { agentGuestSpec, bootWorkloadGuest, cleanupAll, killPids, makeDisk, makeTempDir } from '../helpers/guest.js';
 
 const run = promisify(execFile);
 afterEach(cleanupAll);
@@ -227,3 +229,50 @@ test('the engine over TLS: a writing guest moves with every write; required with
   const report = await verifyDisk(dest.spec.disks[0]!.path, { format: 'qcow2', diskId: 'data', ackedSeq: acked });
   expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
 });
+
+test("the scheduler's job record says the data path was TLS and which names each side admitted", async () => {
+  const top = await makeTempDir('ferry-sched-dtls-');
+  const [ma, mb] = await throwawayPki(join(top, 'pki'), { address: '127.0.0.1', names: ['hostA', 'hostB'] });
+  const token = 'scheduler-agent-token-0123';
+  const running: { close(): Promise<void>; url: string }[] = [];
+  const pids: number[] = [];
+  const roots: string[] = [];
+  for (const [i, m] of [ma!, mb!].entries()) {
+    const root = join(top, `root${i}`);
+    await mkdir(root);
+    roots.push(root);
+    const files = { cert: join(top, `h${i}.pem`), key: join(top, `h${i}.key`), ca: join(top, 'ca.pem') };
+    await writeFile(files.cert, m.cert);
+    await writeFile(files.key, m.key);
+    await writeFile(files.ca, m.ca);
+    running.push(await startAgent({ name: 'AB'[i]!, listenPort: 0, storageRoot: root, bootRoots: [IMAGE_DIR], tokens: { [token]: 'scheduler' }, dataTls: files, portRange: [34000 + 500 * i, 34499 + 500 * i] }));
+  }
+  const a = await AgentClient.connect(running[0]!.url, token);
+  const { spec } = await agentGuestSpec(roots[0]!, 'tv1', { memoryMiB: 128, diskMiB: 32, fillMiB: 4, rate: 20, tickMs: 100 });
+  await a.call('vm.create', { spec });
+  pids.push(((await a.call('vm.start', { name: 'tv1' })) as { pid: number }).pid);
+  a.close();
+  const apiToken = 'scheduler-api-token-01234';
+  const svc = await startSchedulerService({ listenPort: 0, database: join(top, 'state.db'), hosts: [{ name: 'A', url: running[0]!.url }, { name: 'B', url: running[1]!.url }], agentToken: token, tokens: { [apiToken]: 'ops' }, dataTls: 'required' });
+  const c = await SchedulerClient.connect(svc.url, apiToken);
+  try {
+    const { job } = (await c.call('migrate', { vm: 'tv1', to: 'B' })) as { job: { id: string } };
+    let state = '';
+    for (let i = 0; i < 600 && !['succeeded', 'failed', 'needs-source'].includes(state); i++) {
+      state = ((await c.call('queue', { all: true })) as { id: string; state: string }[]).find((j) => j.id === job.id)?.state ?? '';
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(state).toBe('succeeded');
+    const journal = (await c.call('journal', { id: job.id })) as { detail: string | null }[];
+    expect(journal.map((e) => e.detail ?? '')).toContainEqual('tv1 runs on B; data over TLS, admitted CN=hostA on B and CN=hostB on A');
+    const b = await AgentClient.connect(running[1]!.url, token);
+    const listed = (await b.call('vm.list')) as { pid: number }[];
+    pids.push(...listed.map((v) => v.pid));
+    b.close();
+  } finally {
+    c.close();
+    await svc.close();
+    for (const r of running) await r.close();
+    killPids(pids);
+  }
+}, 120_000);
