@@ -15,33 +15,20 @@
  * since machines are noisy and only ratios from one run compare.
  *
  * Prints one JSON document on stdout, then a table on stderr.
+ *
+ * `npm run bench:migrate -- --suite data-tls [--runs 5]`: TLS on the data path beside plain text
+ * (bench/data-tls.ts).
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { LocalDestination, LocalSource, type LocalIncomingVm } from '../src/engine/local-endpoint.js';
-import { migrate } from '../src/engine/migrate.js';
-import type { MigrationOptionsInput, MigrationResult } from '../src/engine/types.js';
 import { loadGuestImage } from '../src/guest/image.js';
-import { parseSerialLine, workloadAppend } from '../src/guest/serial.js';
-import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
-import { parseVmSpec, type VmSpec } from '../src/qemu/spec.js';
-import { tickerGap } from '../src/measure/ticker.js';
 
+import { fmtBytes, GiB, MiB, nbdBaseline, runScenario, type Row, type Scenario } from './scenario.js';
 const run = promisify(execFile);
-const MiB = 1 << 20;
-const GiB = 1 << 30;
-
-interface Scenario {
-  name: string;
-  diskSize: number;
-  fillMiB: number;
-  workload: Parameters<typeof workloadAppend>[0];
-  options?: MigrationOptionsInput;
-}
 
 const PROBE = { tickMs: 20, probeMs: 50, write: { rate: 20 } };
 const scenarios: Scenario[] = [
@@ -57,154 +44,13 @@ const scenarios: Scenario[] = [
   { name: 'dirtying', diskSize: GiB, fillMiB: 200, workload: { tickMs: 20, dirty: { mib: 64, mibPerSec: 0 } }, options: { deadlineBaseMs: 60_000, onDeadline: 'force' } },
 ];
 
-interface Row {
-  scenario: string;
-  ok: boolean;
-  error?: string;
-  totalMs?: number;
-  downtimeMs?: number;
-  qemuDowntimeMs?: number | undefined;
-  tickerGapMs?: number;
-  diskBytes?: number;
-  ramBytes?: number;
-  allocatedBytes?: number;
-  phaseMs?: MigrationResult['phaseMs'];
-  boundMs?: number;
-  ratioToBound?: number;
-  forced?: boolean;
-  /** lazy: ms from the start until the destination ran; hydration ms and its bytes on the wire. */
-  destinationRunningMs?: number;
-  hydrationMs?: number;
-  hydratedBytes?: number | undefined;
-  /** The guest's probes on the destination (ferry.probe), over the window after it started running. */
-  latency?: { windowMs: number; readP50Us: number; readP99Us: number; reads: number; writeP50Us: number; writeP99Us: number; writes: number };
-}
-
-function percentile(xs: number[], p: number): number {
-  if (xs.length === 0) return 0;
-  const sorted = [...xs].sort((a, b) => a - b);
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
-}
-
-async function fillDisk(path: string, format: 'qcow2' | 'raw', size: number, fillMiB: number): Promise<void> {
-  await run('qemu-img', ['create', '-q', '-f', format, path, String(size)]);
-  if (fillMiB > 0) {
-    // Spread over the disk in 4 extents, so the mirror walks the whole of it.
-    const chunk = Math.floor(fillMiB / 4);
-    const cmds: string[] = [];
-    for (let i = 0; i < 4; i++) cmds.push('-c', `write -P 0x${(0x41 + i).toString(16)} ${Math.floor((size / 4) * i)} ${chunk}M`);
-    await run('qemu-io', ['-f', format, ...cmds, path]);
-  }
-}
-
-/** Throughput of a plain NBD copy of `fillMiB` MiB: qemu-img convert into a qemu-nbd export. */
-async function nbdBaseline(dir: string, fillMiB: number): Promise<{ bytes: number; ms: number; bytesPerSec: number }> {
-  const src = join(dir, 'nbd-src.qcow2');
-  const dst = join(dir, 'nbd-dst.qcow2');
-  await fillDisk(src, 'qcow2', GiB, fillMiB);
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', dst, String(GiB)]);
-  const port = 30000 + Math.floor(Math.random() * 5000);
-  const server = spawn('qemu-nbd', ['-f', 'qcow2', '-x', 'bench', '-p', String(port), '-b', '127.0.0.1', '-t', dst], { stdio: 'ignore' });
-  try {
-    await new Promise((r) => setTimeout(r, 500));
-    const t0 = performance.now();
-    await run('qemu-img', ['convert', '-n', '-f', 'qcow2', '-O', 'raw', src, `nbd://127.0.0.1:${port}/bench`]);
-    const ms = performance.now() - t0;
-    const bytes = fillMiB * MiB;
-    return { bytes, ms, bytesPerSec: (bytes * 1000) / ms };
-  } finally {
-    server.kill('SIGKILL');
-  }
-}
-
-async function runScenario(s: Scenario, image: { kernel: string; initrd: string }, nbdBytesPerSec: number): Promise<Row> {
-  const dir = await mkdtemp(join(tmpdir(), `ferry-bench-${s.name}-`));
-  const hostA = join(dir, 'a');
-  const hostB = join(dir, 'b');
-  let vm: VmProcess | undefined;
-  let incoming: LocalIncomingVm | undefined;
-  try {
-    await run('mkdir', ['-p', hostA, hostB]);
-    const diskPath = join(hostA, 'root.qcow2');
-    await fillDisk(diskPath, 'qcow2', s.diskSize, s.fillMiB);
-    const spec: VmSpec = parseVmSpec({
-      name: `bench-${s.name}`,
-      memoryMiB: 256,
-      accel: 'tcg',
-      disks: [{ id: 'root', path: diskPath, format: 'qcow2' }],
-      boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend(s.workload)}` },
-      runDir: join(hostA, 'run'),
-    });
-    vm = await launchVm(spec, { timeoutMs: 30_000 });
-    await vm.serial.waitForLine((l) => l.text.includes('ferry-ready'), { timeoutMs: 60_000, what: 'ferry-ready' });
-    // Let the workload reach its steady state.
-    await new Promise((r) => setTimeout(r, 2_000));
-
-    const destination = new LocalDestination({ dir: hostB });
-    const t0 = performance.now();
-    let runningAt = 0;
-    const result = await migrate({
-      spec,
-      source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }),
-      destination,
-      ...(s.options ? { options: s.options } : {}),
-      onEvent: (e) => {
-        if (e.event === 'phase' && (e.phase === 'hydrate' || (e.phase === 'cleanup' && runningAt === 0))) runningAt = performance.now();
-      },
-    });
-    incoming = destination.incoming;
-    // Latency window: lazy, the hydration; precopy, as long again after the guest arrived.
-    const windowMs = result.lazy ? result.lazy.hydrationMs : 10_000;
-    if (!result.lazy && s.workload.probeMs) await new Promise((r) => setTimeout(r, windowMs));
-    // A second of the guest on the destination closes the ticker window.
-    await new Promise((r) => setTimeout(r, 1_000));
-    let latency: Row['latency'];
-    if (s.workload.probeMs) {
-      const probes = (incoming?.process.serial.history() ?? [])
-        .filter((l) => l.at >= runningAt && l.at <= runningAt + windowMs)
-        .map((l) => parseSerialLine(l.text))
-        .filter((m): m is Extract<ReturnType<typeof parseSerialLine>, { kind: 'latency' }> => m.kind === 'latency');
-      const reads = probes.filter((p) => p.op === 'r').map((p) => p.us);
-      const writes = probes.filter((p) => p.op === 'w').map((p) => p.us);
-      latency = { windowMs, readP50Us: percentile(reads, 50), readP99Us: percentile(reads, 99), reads: reads.length, writeP50Us: percentile(writes, 50), writeP99Us: percentile(writes, 99), writes: writes.length };
-    }
-    const lines = [...vm.serial.history(), ...(incoming?.process.serial.history() ?? [])];
-    const gap = tickerGap(lines, { from: t0 });
-    const allocated = result.plan.disks.reduce((sum, d) => sum + d.allocatedBytes, 0);
-    const boundMs = ((result.diskBytes + result.ramBytes) * 1000) / nbdBytesPerSec;
-    return {
-      scenario: s.name,
-      ok: true,
-      totalMs: result.totalMs,
-      downtimeMs: result.downtimeMs,
-      qemuDowntimeMs: result.qemuDowntimeMs,
-      tickerGapMs: Math.round(gap.maxGapMs),
-      diskBytes: result.diskBytes,
-      ramBytes: result.ramBytes,
-      allocatedBytes: allocated,
-      phaseMs: result.phaseMs,
-      boundMs: Math.round(boundMs),
-      ratioToBound: Number((result.totalMs / boundMs).toFixed(2)),
-      forced: result.convergence.forced,
-      ...(result.lazy ? { destinationRunningMs: result.lazy.destinationRunningMs, hydrationMs: result.lazy.hydrationMs, hydratedBytes: result.lazy.hydratedWireBytes } : {}),
-      ...(latency ? { latency } : {}),
-    };
-  } catch (err) {
-    return { scenario: s.name, ok: false, error: err instanceof Error ? err.message : String(err) };
-  } finally {
-    await incoming?.kill().catch(() => undefined);
-    await vm?.kill().catch(() => undefined);
-    await reapAll();
-    await rm(dir, { recursive: true, force: true });
-  }
-}
-
-function fmtBytes(n: number | undefined): string {
-  if (n === undefined) return '-';
-  return n >= GiB ? `${(n / GiB).toFixed(2)} GiB` : `${(n / MiB).toFixed(1)} MiB`;
-}
-
 async function main(): Promise<void> {
+  const suite = process.argv.indexOf('--suite');
+  if (suite >= 0 && process.argv[suite + 1] === 'data-tls') {
+    // Issue 16: TLS on the data path beside plain text, N runs each, interleaved (bench/data-tls.ts).
+    const { dataTlsSuite } = await import('./data-tls.js');
+    return dataTlsSuite();
+  }
   const only = process.argv.slice(2);
   const image = await loadGuestImage();
   const scratch = await mkdtemp(join(tmpdir(), 'ferry-bench-nbd-'));

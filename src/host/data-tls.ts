@@ -71,6 +71,21 @@ export function missingDataTls(caps: QmpCapabilities): string[] {
   return missing;
 }
 
+/**
+ * The RFC 7919 ffdhe2048 group (a published constant). A QEMU TLS server without dh-params.pem
+ * generates 2048-bit DH parameters when the object is made, which costs seconds per migration;
+ * TLS 1.3 negotiates ECDHE anyway, so a standard group costs nothing and changes nothing.
+ */
+const FFDHE2048_PEM = `-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+`;
+
 /** Writes the QEMU-shaped credential folders (0700, files 0600) under `dir`. */
 export async function writeCredentialDirs(dir: string, m: HostTlsMaterial): Promise<{ serverDir: string; clientDir: string }> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
@@ -83,6 +98,7 @@ export async function writeCredentialDirs(dir: string, m: HostTlsMaterial): Prom
     await writeFile(join(sub, `${prefix}-cert.pem`), m.cert, { mode: 0o600 });
     await writeFile(join(sub, `${prefix}-key.pem`), m.key, { mode: 0o600 });
   }
+  await writeFile(join(serverDir, 'dh-params.pem'), FFDHE2048_PEM, { mode: 0o600 });
   return { serverDir, clientDir };
 }
 
