@@ -5,40 +5,27 @@
  * has run, even for an instant, it must never be: the two would diverge.
  */
 import { errorText } from '../errors.js';
-import { eventIs, QmpCommandError, type QmpEvent } from '../qmp/index.js';
-import type { DestinationState, MigrationContext, SourceState } from './context.js';
+import { eventIs, QmpCommandError } from '../qmp/index.js';
+import type { DestinationState, MigrationContext } from './context.js';
 import type { RamStarted } from './source-perform.js';
 import { MigrationError } from './types.js';
 
 /**
  * The incoming migration completed: its own MIGRATION event says it (registered with the cursor
- * from before migrate-incoming), raced against the source's failed/cancelled. Nothing else is
- * asked inside the pause: a destination QEMU started with -S stays paused after it.
+ * from before migrate-incoming). Nothing else is asked inside the pause: a destination QEMU
+ * started with -S stays paused after it.
  */
-export async function destinationIncomingComplete(ctx: MigrationContext, input: { dest: DestinationState; source: SourceState; ram: RamStarted }): Promise<void> {
-  const stop = new AbortController();
-  const signal = AbortSignal.any([ctx.signal, stop.signal]);
-  const timeoutMs = ctx.opts.progressTimeoutMs;
-  const ended = (e: QmpEvent, statuses: string[]): boolean => eventIs(e, 'MIGRATION') && statuses.includes(e.data.status);
-  const destination = input.dest.vm.qmp
-    .waitForEvent((e) => ended(e, ['completed', 'failed', 'cancelled']), { since: input.ram.destinationSince, timeoutMs, signal, what: "the destination's incoming migration to end" })
-    .then((e) => ({ side: 'destination' as const, status: eventIs(e, 'MIGRATION') ? e.data.status : 'unknown' }));
-  const source = input.source.qmp
-    .waitForEvent((e) => ended(e, ['failed', 'cancelled']), { since: input.ram.sourceSince, timeoutMs, signal, what: 'the source migration to fail' })
-    .then((e) => ({ side: 'source' as const, status: eventIs(e, 'MIGRATION') ? e.data.status : 'unknown' }));
-  destination.catch(() => undefined);
-  source.catch(() => undefined);
-  try {
-    const first = await Promise.race([destination, source]);
-    if (first.side === 'destination' && first.status === 'completed') return;
-    const q = first.side === 'destination' ? input.dest.vm.qmp : input.source.qmp;
-    const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
-    throw first.side === 'destination'
-      ? new MigrationError('DESTINATION_INCOMING_FAILED', `destination's incoming migration ${first.status}: ${mig?.['error-desc'] ?? ''}`, { phase: ctx.phase })
-      : new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${mig?.['error-desc'] ?? first.status}`, { phase: ctx.phase });
-  } finally {
-    stop.abort();
-  }
+export async function destinationIncomingComplete(ctx: MigrationContext, input: { dest: DestinationState; ram: RamStarted }): Promise<void> {
+  const q = input.dest.vm.qmp;
+  const ev = await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
+    since: input.ram.destinationSince,
+    timeoutMs: ctx.opts.commandTimeoutMs,
+    signal: ctx.signal,
+    what: "the destination's incoming migration to end",
+  });
+  if (eventIs(ev, 'MIGRATION') && ev.data.status === 'completed') return;
+  const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
+  throw new MigrationError('DESTINATION_INCOMING_FAILED', `destination's incoming migration ${eventIs(ev, 'MIGRATION') ? ev.data.status : 'unknown'}: ${mig?.['error-desc'] ?? ''}`, { phase: ctx.phase });
 }
 
 /**

@@ -95,12 +95,13 @@ async function destinationListenNbd(ctx: MigrationContext, dest: Pick<Destinatio
     const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(host, p), ctx.call()), { host, ports: d.candidatePorts() });
     return { nbdPort: port, relay: undefined };
   }
-  await q.execute('nbd-server-start', nbdServerUnixArguments(nbdRelaySocketPath(dest.spec.runDir)), ctx.call());
+  // The relay first: it says where the server must listen (the host's own view of the run dir).
   let started: NbdRelayHandle | undefined;
   ctx.undo.push(CLOSE_NBD_RELAY, 'destination', async () => {
     await started?.close();
   });
   started = await d.startNbdRelay(dest.spec, { signal: ctx.signal });
+  await q.execute('nbd-server-start', nbdServerUnixArguments(started.unixPath), ctx.call());
   return { nbdPort: started.port, relay: started };
 }
 

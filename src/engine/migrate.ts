@@ -129,8 +129,8 @@ async function runLazy(ctx: MigrationContext, source: SourceState, plan: Migrati
 /**
  * ram → switchover → confirm, the same in both modes but for the mirrors. Ends past the point of
  * no return. Between pre-switchover and `cont` only what must be there is: the mirrors' cancels,
- * migrate-continue, the destination's completed event, (pre-copy) nbd-server-stop, `cont`; every
- * figure is read after.
+ * migrate-continue and the source's completed event, the destination's, (pre-copy)
+ * nbd-server-stop, `cont`; no query, and every figure is read after.
  */
 async function moveGuest(
   ctx: MigrationContext,
@@ -142,9 +142,9 @@ async function moveGuest(
   const { convergence, seenAt } = await sourceWaitPreSwitchover(ctx, { ...io, ram, checkMirrors: mirrors.checkMirrors });
   ctx.enter('switchover');
   await mirrors.completeMirrors();
-  await sourceContinue(ctx, { source: io.source });
+  await sourceContinue(ctx, { source: io.source, ram });
   ctx.enter('confirm');
-  await destinationIncomingComplete(ctx, { dest: io.dest, source: io.source, ram });
+  await destinationIncomingComplete(ctx, { dest: io.dest, ram });
   await mirrors.beforeResume();
   await destinationResume(ctx, io.dest);
   const resumedAt = performance.now();

@@ -92,7 +92,8 @@ export async function sourceWaitMirrorsReady(
   }
   const readyMs = Math.round(performance.now() - started);
   const path = conv?.path ?? 'background';
-  if (!conv?.activeSync) return { path, relay: conv?.relay ?? false, readyMs };
+  const nbdPort = dest.nbdPort ?? 0;
+  if (!conv?.activeSync) return { path, relay: conv?.relay ?? false, nbdPort, readyMs };
   const synced = await convergeActively(
     source.qmp,
     plan.disks.map((d) => mirrorJobId(d.id)),
@@ -104,7 +105,7 @@ export async function sourceWaitMirrorsReady(
   const switchedAtMs = readyMs + Math.max(...synced.map((j) => j.switchedAtMs));
   const syncedAtMs = readyMs + Math.max(...synced.map((j) => j.syncedAtMs));
   // Without READY before the bound, the mirrors were READY when seen actively-synced.
-  return { path, relay: conv.relay, readyMs: allReady ? readyMs : syncedAtMs, switchedAtMs, syncedAtMs };
+  return { path, relay: conv.relay, nbdPort, readyMs: allReady ? readyMs : syncedAtMs, switchedAtMs, syncedAtMs };
 }
 
 /** The mirrors' states; a mirror that ended or failed before switchover is a failure. */

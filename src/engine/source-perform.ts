@@ -177,9 +177,23 @@ export async function sourcePausedForMs(q: QmpClient, since: number): Promise<nu
   }
 }
 
-/** migrate-continue: QEMU sends the last pages and the device state (the destination's completed event says when). */
-export async function sourceContinue(ctx: MigrationContext, input: { source: SourceState }): Promise<void> {
-  await input.source.qmp.execute('migrate-continue', { state: 'pre-switchover' }, ctx.call());
+/**
+ * migrate-continue: QEMU sends the last pages and the device state; until the source's completed
+ * event (registered with the cursor from before `migrate`). Nothing is asked on the happy path:
+ * QEMU's downtime figure is read after `cont` (sourceMigrationFigures).
+ */
+export async function sourceContinue(ctx: MigrationContext, input: { source: SourceState; ram: RamStarted }): Promise<void> {
+  const q = input.source.qmp;
+  await q.execute('migrate-continue', { state: 'pre-switchover' }, ctx.call());
+  const ev = await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
+    since: input.ram.sourceSince,
+    timeoutMs: ctx.opts.progressTimeoutMs,
+    signal: ctx.signal,
+    what: 'the source migration to complete',
+  });
+  if (eventIs(ev, 'MIGRATION') && ev.data.status === 'completed') return;
+  const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
+  throw new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${mig?.['error-desc'] ?? (eventIs(ev, 'MIGRATION') ? ev.data.status : 'unknown')}`, { phase: ctx.phase });
 }
 
 /**

@@ -171,6 +171,8 @@ export interface MigrationPlan {
 export interface MirrorConvergence {
   path: 'background' | 'write-blocking' | 'auto:active-sync' | 'auto:active-sync+relay' | 'auto:background+relay' | 'auto:background';
   relay: boolean;
+  /** The port on the destination's migration host the mirrors wrote to (the relay's, behind one). */
+  nbdPort: number;
   /** Every mirror READY. */
   readyMs: number;
   /** active-sync: the last mirror switched to write-blocking, and seen actively-synced. */
