@@ -15,6 +15,9 @@
  * since machines are noisy and only ratios from one run compare.
  *
  * Prints one JSON document on stdout, then a table on stderr.
+ *
+ * `npm run bench:migrate -- --suite convergence [--runs 5] [--qemu 7.2,10.0] ...` runs issue 11's
+ * copy-mode benchmark instead (bench/convergence.ts).
  */
 import { execFile, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -205,6 +208,13 @@ function fmtBytes(n: number | undefined): string {
 }
 
 async function main(): Promise<void> {
+  const suite = process.argv.indexOf('--suite');
+  if (suite >= 0) {
+    // Issue 11's convergence benchmark: bench/convergence.ts (its own flags).
+    if (process.argv[suite + 1] !== 'convergence') throw new Error(`--suite: unknown '${process.argv[suite + 1] ?? ''}'; known: convergence`);
+    const { convergenceSuite } = await import('./convergence.js');
+    return convergenceSuite();
+  }
   const only = process.argv.slice(2);
   const image = await loadGuestImage();
   const scratch = await mkdtemp(join(tmpdir(), 'ferry-bench-nbd-'));
