@@ -47,8 +47,8 @@ const QEMUS: Record<string, string> = {
   '7.2': 'qemu-system-x86_64',
   '10.0': join(ROOT, '.cache', 'qemu-10.0', 'bin', 'qemu-system-x86_64'),
 };
-/** Measured seconds per run, for the estimate: boot + settle + migration + tidy (TCG, 2 cores). */
-const SECONDS_PER_RUN = { ferry: 14, floor: 12, startup: 1 };
+/** Measured seconds per run, for the estimate: boot + settle + migration + tidy (TCG, 2 cores; the --runs 1 smoke run: 240 s for 18 + 6). */
+const SECONDS_PER_RUN = { ferry: 10, floor: 9, startup: 0.5 };
 
 function flag(name: string): string | undefined {
   const i = process.argv.indexOf(`--${name}`);
