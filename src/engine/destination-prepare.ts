@@ -106,7 +106,7 @@ async function destinationListenNbd(ctx: MigrationContext, dest: Pick<Destinatio
 }
 
 /**
- * An NBD server and a writable export per disk. Exporting a node of a QEMU in -incoming defer
+ * A writable export per disk, on the server destinationListenNbd started. Exporting a node of a QEMU in -incoming defer
  * activates it for writing; that is what lets the mirror fill it before the migration stream arrives.
  */
 async function destinationExportDisks(ctx: MigrationContext, dest: Pick<DestinationState, 'vm'>, plan: MigrationPlan): Promise<void> {
