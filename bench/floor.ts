@@ -16,10 +16,10 @@
  * the tidy-up come after `cont`.
  *
  * Scenarios, as bench/migrate.ts's guest (256 MiB RAM, 1 GiB qcow2 holding --fill MiB, ticking
- * every 20 ms): idle, write-200 (4 KiB records at 200/s), write-max (as fast as it can), dirty
+ * every 20 ms): idle, write-100 (the demo's guest), write-200 (4 KiB records at 200/s), write-max (as fast as it can), dirty
  * (rewriting 64 MiB of RAM as fast as it can).
  *
- *   npx tsx bench/floor.ts [idle write-200 write-max dirty] [--runs 5] [--fill 200]
+ *   npx tsx bench/floor.ts [idle write-100 write-200 write-max dirty] [--runs 5] [--fill 200]
  *     [--qemu /path/qemu-system-x86_64 --data-dir /path/share/qemu] [--stop-nbd-before-cont] [--relay]
  *     [--active-sync]
  *
@@ -57,6 +57,8 @@ const GiB = 1 << 30;
 
 const SCENARIOS: Record<string, Workload> = {
   idle: { tickMs: 20 },
+  /** The demo's guest (scripts/demo.ts): 100 records/s. */
+  'write-100': { tickMs: 20, write: { rate: 100 } },
   'write-200': { tickMs: 20, write: { rate: 200 } },
   'write-max': { tickMs: 20, write: { rate: 0 } },
   dirty: { tickMs: 20, dirty: { mib: 64, mibPerSec: 0 } },

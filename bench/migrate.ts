@@ -18,6 +18,9 @@
  *
  * `npm run bench:migrate -- --suite data-tls [--runs 5]`: TLS on the data path beside plain text
  * (bench/data-tls.ts).
+ *
+ * `npm run bench:migrate -- --suite convergence [--runs 5] [--qemu 7.2,10.0] ...` runs issue 11's
+ * copy-mode benchmark instead (bench/convergence.ts).
  */
 import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -50,6 +53,12 @@ async function main(): Promise<void> {
     // Issue 16: TLS on the data path beside plain text, N runs each, interleaved (bench/data-tls.ts).
     const { dataTlsSuite } = await import('./data-tls.js');
     return dataTlsSuite();
+  }
+  if (suite >= 0) {
+    // Issue 11's convergence benchmark: bench/convergence.ts (its own flags).
+    if (process.argv[suite + 1] !== 'convergence') throw new Error(`--suite: unknown '${process.argv[suite + 1] ?? ''}'; known: convergence, data-tls`);
+    const { convergenceSuite } = await import('./convergence.js');
+    return convergenceSuite();
   }
   const only = process.argv.slice(2);
   const image = await loadGuestImage();

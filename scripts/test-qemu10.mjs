@@ -15,6 +15,7 @@ export const QEMU10_LEG = [
   'test/integration/launcher.test.ts',
   'test/integration/agent.test.ts',
   'test/integration/qemu-leg.test.ts',
+  'test/integration/auto-converge.test.ts',
 ];
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');

@@ -1,7 +1,7 @@
 import { join } from 'node:path';
 import { createWebSocketStream, type WebSocket } from 'ws';
 import { errorText, FerryError } from '../errors.js';
-import type { BackingNbd, DataTlsPeer, DestinationEndpoint, HostDataTls, IncomingVm, SourceEndpoint } from '../engine/endpoint.js';
+import type { BackingNbd, DataTlsPeer, DestinationEndpoint, HostDataTls, IncomingVm, NbdRelayHandle, SourceEndpoint } from '../engine/endpoint.js';
 import { randomOrder } from '../host/ports.js';
 import { QmpClient } from '../qmp/index.js';
 import { parseVmSpec, retargetSpec, type VmSpec } from '../qemu/spec.js';
@@ -9,7 +9,7 @@ import { QemuVersionError, type QemuBuild } from '../qemu/versions.js';
 import { z } from 'zod';
 import type { TlsMaterial } from '../host/tls.js';
 import { openSocket, RpcSession, type PeerLabel } from '../rpc/ws-client.js';
-import { agentEventSchema, hostInfoSchema, PROTOCOL_VERSION, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
+import { agentEventSchema, hostInfoSchema, nbdRelayResultSchema, PROTOCOL_VERSION, startResultSchema, vmSummarySchema, type AgentEvent, type HostInfo, type Method } from './protocol.js';
 
 const vmGetSchema = vmSummarySchema.extend({ spec: z.unknown() });
 const bytesSentSchema = z.object({ bytes: z.number().nonnegative().nullable() });
@@ -267,6 +267,20 @@ export class AgentDestination implements DestinationEndpoint {
 
   candidatePorts(): Iterable<number> {
     return randomOrder(this.#info.portRange);
+  }
+
+  /** The agent runs the relay (dest.startNbdRelay), on its migration address and port range, into the VM's run dir. */
+  async startNbdRelay(spec: VmSpec, opts: { signal?: AbortSignal } = {}): Promise<NbdRelayHandle> {
+    const vmId = this.#vmId;
+    if (!vmId) throw new AgentCallError('AGENT_NO_VM', `no destination VM of '${spec.name}' started on agent ${this.name} for an NBD relay`);
+    const relay = nbdRelayResultSchema.parse(await untilAborted(this.#client.call('dest.startNbdRelay', { vmId }), opts.signal));
+    return {
+      port: relay.port,
+      unixPath: relay.unixPath,
+      close: async () => {
+        await this.#client.call('dest.stopNbdRelay', { vmId });
+      },
+    };
   }
 
   /** The incoming VM of this name that the agent started for this principal, abandoned (the agent refuses if the guest runs there). */

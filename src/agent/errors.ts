@@ -8,6 +8,7 @@ import { FerryError } from '../errors.js';
  *   NOT_YOURS         a path or VM of another principal
  *   PATH_IN_USE       a disk another VM of yours uses while it runs
  *   EXTRA_ARGS_REFUSED raw QEMU options in a spec that came over the API
+ *   RELAY_EXISTS      dest.startNbdRelay for a VM that has one already
  */
 export class AgentError extends FerryError {
   override name = 'AgentError';

@@ -50,6 +50,13 @@ export const methodParams = {
   'dest.abandon': vmRef,
   'dest.release': vmRef,
   'dest.removeRunDir': vmRef,
+  /**
+   * A QEMU < 8.0 destination (copy mode auto): a TCP_NODELAY relay on this agent's migration
+   * address and port range, into the VM's run dir socket its NBD server listens on. One per VM;
+   * closed by dest.stopNbdRelay, dest.kill, dest.abandon, dest.release and the agent's exit.
+   */
+  'dest.startNbdRelay': vmRef,
+  'dest.stopNbdRelay': vmRef,
   'events.subscribe': z.object({}).strict(),
   /** all: every principal's VMs (admin principals only). */
   'vm.list': z.object({ all: z.boolean().optional() }).strict(),
@@ -106,6 +113,8 @@ export const hostInfoSchema = z
   })
   .strict();
 export type HostInfo = z.infer<typeof hostInfoSchema>;
+
+export const nbdRelayResultSchema = z.object({ port: z.number().int().min(1).max(65535), unixPath: z.string().min(1) }).strict();
 
 export const startResultSchema = z.object({ vmId: z.string(), pid: z.number().int() }).strict();
 

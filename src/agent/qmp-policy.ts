@@ -11,7 +11,8 @@
  *     allows); never file/host_device or any other driver;
  *   - migration URIs only `tcp:<ip>:<port>`: to a peer the policy allows (source), or on this
  *     agent's own migration address and port range (destination); never exec:, fd:, unix:;
- *   - NBD servers only on this agent's migration address and port range; writable exports only
+ *   - NBD servers only on this agent's migration address and port range (a destination: or the
+ *     one unix socket in its own run dir the agent's NBD relay forwards to); writable exports only
  *     on a destination (a source serves its disks read-only);
  *   - no object-add, chardev-add, getfd/add-fd, human-monitor-command, device_add, exec-oob...
  * What passes is forwarded re-serialised from the parsed value, never as the caller's bytes: QEMU
@@ -40,6 +41,11 @@ export interface QmpPolicyContext {
    * dest.start with dataTls, which also set the stream's TLS parameters themselves).
    */
   dataTls?: { required: boolean; active: () => boolean };
+  /**
+   * A destination behind the agent's NBD relay (dest.startNbdRelay: a QEMU < 8.0): the one unix
+   * socket its NBD server may listen on, `<this VM's run dir>/nbd.sock`. Absent: inet only.
+   */
+  nbdRelaySocket?: string;
 }
 
 export type PolicyVerdict =
@@ -90,7 +96,13 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
   const nbdServerStart = needsTls(
     z
       .object({
-        addr: z.object({ type: z.literal('inet'), data: z.object({ host: z.literal(ctx.migrationHost), port: ownPort }).strict() }).strict(),
+        addr:
+          ctx.role === 'destination' && ctx.nbdRelaySocket !== undefined
+            ? z.union([
+                z.object({ type: z.literal('inet'), data: z.object({ host: z.literal(ctx.migrationHost), port: ownPort }).strict() }).strict(),
+                z.object({ type: z.literal('unix'), data: z.object({ path: z.literal(ctx.nbdRelaySocket) }).strict() }).strict(),
+              ])
+            : z.object({ type: z.literal('inet'), data: z.object({ host: z.literal(ctx.migrationHost), port: ownPort }).strict() }).strict(),
         'tls-creds': z.literal(DATA_TLS_IDS.server).optional(),
         'tls-authz': z.literal(DATA_TLS_IDS.authz).optional(),
       })

@@ -18,6 +18,8 @@ import { freemem, totalmem, availableParallelism } from 'node:os';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { z } from 'zod';
 import { FerryError } from '../errors.js';
+import { nbdRelaySocketPath } from '../engine/data-path.js';
+import type { NbdRelayHandle } from '../engine/endpoint.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
 import { tcpBytesAcked, tcpBytesAckedFrom } from '../host/wire.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -347,9 +349,25 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       emitState(r);
       return { vmId: r.vmId, pid: vm.pid };
     },
+    'dest.startNbdRelay': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      if (r.role !== 'incoming' || r.state !== 'running') throw new AgentError('NOT_INCOMING', `VM '${r.name}' is not a running migration destination`, { userError: true });
+      if (nbdRelays.has(r.vmId)) throw new AgentError('RELAY_EXISTS', `VM '${r.name}' already has an NBD relay`, { userError: true });
+      // Its socket is the VM's own run dir's (the only unix address its QMP policy allows).
+      const relay = await local.startNbdRelay(r.spec, {});
+      nbdRelays.set(r.vmId, relay);
+      log.info({ vmId: r.vmId, port: relay.port }, 'NBD relay started');
+      return { port: relay.port, unixPath: relay.unixPath };
+    },
+    'dest.stopNbdRelay': async (principal, params) => {
+      const r = owned(principal, params.vmId);
+      await closeRelay(r.vmId);
+      return {};
+    },
     'dest.kill': async (principal, params) => {
       // The record stays until the run dir is gone: the caller's rollback removes it after this.
       const r = owned(principal, params.vmId);
+      await closeRelay(r.vmId);
       const sup = supervised.get(r.vmId);
       if (sup) {
         expectingExit.add(r.vmId);
@@ -360,6 +378,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     'dest.abandon': async (principal, params) => {
       const r = owned(principal, params.vmId);
       if (r.role !== 'incoming') throw new AgentError('NOT_INCOMING', `VM '${r.name}' is not a migration's destination`, { userError: true });
+      await closeRelay(r.vmId);
       const sup = supervised.get(r.vmId);
       if (sup && r.state === 'running') {
         // The one thing a rollback must never do: kill the QEMU that runs the guest.
@@ -379,6 +398,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     'dest.release': async (principal, params) => {
       const r = owned(principal, params.vmId);
       if (r.role !== 'incoming') throw new AgentError('NOT_INCOMING', `VM '${r.name}' is not a migration's destination`, { userError: true });
+      await closeRelay(r.vmId);
       await incomingHandles.get(r.vmId)?.release();
       incomingHandles.delete(r.vmId);
       // A stopped or dead record of the same name (the guest lived here before) gives way.
@@ -402,6 +422,13 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     },
   };
   const incomingHandles = new Map<string, { release(): Promise<void> }>();
+  /** NBD relays of incoming VMs (dest.startNbdRelay), by vmId. */
+  const nbdRelays = new Map<string, NbdRelayHandle>();
+  const closeRelay = async (vmId: string): Promise<void> => {
+    const relay = nbdRelays.get(vmId);
+    nbdRelays.delete(vmId);
+    await relay?.close();
+  };
 
   const onRpc = (session: Session): void => {
     const bucket = new TokenBucket(config.limits.requestsPerSecond, config.limits.burst);
@@ -457,6 +484,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
           portRange: config.portRange,
           peerAllowed,
           dataTls: { required: dataTlsMode === 'required', active: () => tlsActive.has(vmId) },
+          ...(target.role === 'incoming' ? { nbdRelaySocket: nbdRelaySocketPath(target.spec.runDir) } : {}),
         };
         // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
         keepAlive(ws, { intervalMs: DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => log.warn({ principal, vmId, silentMs }, 'QMP tunnel caller answered no ping: dropped') });
@@ -476,6 +504,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     url: `${tls ? 'wss' : 'ws'}://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`,
     close: async () => {
       for (const c of wss.clients) c.terminate();
+      for (const vmId of [...nbdRelays.keys()]) await closeRelay(vmId);
       await new Promise<void>((r) => http.close(() => r()));
       for (const sup of supervised.values()) await sup.detach();
       supervised.clear();

@@ -37,7 +37,9 @@ disks, the migration stream for RAM. Through agents (ferry-agent), the agents ca
                            RAM has moved and pulls disk blocks from the source while it hydrates
   --hydration-rate SIZE    (lazy) cap on the background hydration, bytes/s per disk
   --nbd-reconnect S        (lazy) how long reads wait for a lost source to come back (default 10)
-  --copy-mode MODE         background | write-blocking (default background)
+  --copy-mode MODE         auto | background | write-blocking (default auto: background, made
+                           to converge: write-blocking once the first pass is done on QEMU >= 8.2,
+                           a TCP_NODELAY relay before a QEMU < 8.0 destination's NBD server)
   --data-tls MODE          required | preferred | off: QEMU's TLS on NBD and the migration stream
                            (default preferred: on where both sides can; between two local folders
                            with a throwaway CA made for the run)
@@ -202,7 +204,7 @@ export function parseCli(argv: string[]): Parsed {
   if (values.bandwidth !== undefined) options.bandwidthBytesPerSec = parseSize('--bandwidth', values.bandwidth);
   if (values['downtime-limit'] !== undefined) options.downtimeLimitMs = parseIntIn('--downtime-limit', values['downtime-limit'], 1, 60_000);
   if (values['max-downtime'] !== undefined) options.maxDowntimeLimitMs = parseIntIn('--max-downtime', values['max-downtime'], 1, 600_000);
-  if (values['copy-mode'] !== undefined) options.copyMode = parseChoice('--copy-mode', values['copy-mode'], ['background', 'write-blocking'] as const);
+  if (values['copy-mode'] !== undefined) options.copyMode = parseChoice('--copy-mode', values['copy-mode'], ['auto', 'background', 'write-blocking'] as const);
   if (values['data-tls'] !== undefined) options.dataTls = parseChoice('--data-tls', values['data-tls'], ['required', 'preferred', 'off'] as const);
   if (values.mode !== undefined) options.mode = parseChoice('--mode', values.mode, ['precopy', 'lazy'] as const);
   if (values['hydration-rate'] !== undefined) {

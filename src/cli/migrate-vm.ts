@@ -21,7 +21,7 @@ import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
-import { renderHydration, renderPlan, renderProgress, renderSummary } from './progress.js';
+import { renderHydration, renderMirrorConvergence, renderPlan, renderProgress, renderSummary } from './progress.js';
 
 export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, hydrationFailed: 4, sourceDied: 5, cancelled: 130 } as const;
 
@@ -146,7 +146,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
         status(`phase ${e.phase}`);
       } else if (e.event === 'warning' || e.event === 'convergence') {
         endStatus();
-        if (!args.json) io.stderr.write(`${e.event}: ${'message' in e ? e.message : `${e.action}, downtime limit ${e.downtimeLimitMs} ms: ${e.detail}`}\n`);
+        if (!args.json) io.stderr.write(`${e.event}: ${'message' in e ? e.message : 'mirrors' in e ? `mirrors converged: ${renderMirrorConvergence(e.mirrors)}` : `${e.action}, downtime limit ${e.downtimeLimitMs} ms: ${e.detail}`}\n`);
       } else if (e.event === 'rollback' && !args.json) {
         endStatus();
         io.stderr.write(`rollback: ${e.step}: ${e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);

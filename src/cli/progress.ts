@@ -1,4 +1,4 @@
-import type { MigrationPlan, MigrationResult, ProgressSnapshot } from '../engine/types.js';
+import type { MigrationPlan, MigrationResult, MirrorConvergence, ProgressSnapshot } from '../engine/types.js';
 
 export function fmtBytes(n: number): string {
   if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
@@ -48,6 +48,15 @@ export function renderPlan(plan: MigrationPlan): string {
   return lines.join('\n');
 }
 
+/** The mirrors' path to convergence, in words: `auto:active-sync, READY after 0.4 s, write-blocking at 0.4 s, actively-synced at 0.5 s`. */
+export function renderMirrorConvergence(m: MirrorConvergence): string {
+  return [
+    `${m.path}, READY after ${fmtMs(m.readyMs)}`,
+    ...(m.switchedAtMs === undefined ? [] : [`write-blocking at ${fmtMs(m.switchedAtMs)}`]),
+    ...(m.syncedAtMs === undefined ? [] : [`actively-synced at ${fmtMs(m.syncedAtMs)}`]),
+  ].join(', ');
+}
+
 export function renderSummary(r: MigrationResult): string {
   const phases = Object.entries(r.phaseMs)
     .filter(([k]) => k !== 'done')
@@ -59,6 +68,7 @@ export function renderSummary(r: MigrationResult): string {
     `  disk ${fmtBytes(r.diskBytes)} sent for ${fmtBytes(r.plan.disks.reduce((s, d) => s + d.allocatedBytes, 0))} allocated, RAM ${fmtBytes(r.ramBytes)}`,
     `  phases: ${phases}`,
     `  data path: ${r.plan.dataTls.encrypted ? `TLS, the destination admits only ${r.plan.dataTls.source.identity}, the source only ${r.plan.dataTls.destination.identity}` : `plain text (${r.plan.dataTls.reason})`}`,
+    ...(r.convergence.mirrors ? [`  mirrors: ${renderMirrorConvergence(r.convergence.mirrors)}`] : []),
     `  convergence: downtime limit ${r.convergence.downtimeLimitMs} ms, ${r.convergence.steps} step(s), auto-converge ${r.convergence.autoConverge ? 'on' : 'off'}${r.convergence.forced ? ', switchover FORCED at the deadline' : ''}`,
     ...(r.lazy
       ? [`  lazy: the destination ran ${fmtMs(r.lazy.destinationRunningMs)} after the start; hydration took ${fmtMs(r.lazy.hydrationMs)} and moved ${r.lazy.hydratedWireBytes === undefined ? '(not measurable)' : fmtBytes(r.lazy.hydratedWireBytes)}`]

@@ -1,21 +1,23 @@
 /**
  * Cleanup, after the destination runs the guest (libvirt's qemuMigrationSrcConfirm): every step
  * is a tidy step, whose failure is a warning and never fails the migration, and none carries the
- * cancel signal. The NBD plumbing goes after `cont`, so it adds nothing to the pause.
+ * cancel signal. The NBD plumbing goes after `cont` (but the destination's NBD server, stopped
+ * just before it), so it adds nothing to the pause.
  */
 import { errorText } from '../errors.js';
 import { diskNodeName } from '../qemu/spec.js';
 import { QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
 import { destinationEndDataTls, sourceEndDataTls } from './data-path.js';
-import { destinationStopNbd } from './destination-prepare.js';
+import { destinationCloseRelay } from './destination-prepare.js';
 import { sourceUnexportDisks } from './lazy.js';
-import { sourceDetachTargets } from './source-mirror.js';
+import { sourceDetachTargets, sourceDismissMirrors } from './source-mirror.js';
 import type { MigrationPlan } from './types.js';
 
-/** pre-copy: the source's NBD client nodes, then the destination's NBD server. */
+/** pre-copy: the completed mirrors, the source's NBD client nodes, the relay (the NBD server stopped before `cont`). */
 export async function cleanupPrecopy(ctx: MigrationContext, input: { source: SourceState; dest: DestinationState; plan: MigrationPlan }): Promise<void> {
+  await ctx.tidy('dismiss the completed mirrors', () => sourceDismissMirrors(ctx, input));
   await ctx.tidy('detach the source NBD nodes', () => sourceDetachTargets(ctx, input));
-  await ctx.tidy("stop the destination's NBD server", () => destinationStopNbd(ctx, input.dest));
+  await ctx.tidy('close the NBD relay', () => destinationCloseRelay(ctx, input.dest));
 }
 
 /** lazy: the source's exports and NBD server (every overlay stands alone by now). */

@@ -9,7 +9,8 @@ import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { QmpCommandError, QmpTimeoutError, type QmpCapabilities, type QmpClient, type QmpEvent } from '../qmp/index.js';
 import type { VmSpec } from '../qemu/spec.js';
-import type { DestinationEndpoint, IncomingVm, SourceEndpoint } from './endpoint.js';
+import type { ConvergencePlan } from './convergence/index.js';
+import type { DestinationEndpoint, IncomingVm, NbdRelayHandle, SourceEndpoint } from './endpoint.js';
 import { newMigrationId } from './names.js';
 import { PhaseClock } from './phase.js';
 import type { ProgressTracker } from './progress.js';
@@ -52,8 +53,12 @@ export interface DestinationState {
   spec: VmSpec;
   vm: IncomingVm;
   caps: QmpCapabilities;
-  /** pre-copy: the port of the destination's NBD server the mirrors write to. */
+  /** pre-copy: the port the mirrors write to: the destination's NBD server, or the relay before it. */
   nbdPort: number | undefined;
+  /** pre-copy: how the mirrors are made to converge (copy mode, relay, active-sync). */
+  convergence: ConvergencePlan | undefined;
+  /** pre-copy behind a relay: closed after the NBD server stops (and by the rollback). */
+  relay: NbdRelayHandle | undefined;
 }
 
 export class MigrationContext {

@@ -4,6 +4,7 @@
  * up and taken down. The NBD client side is `targetNodeArguments` (source-mirror.ts) and the
  * overlay's backing (endpoint.ts), both given TLS from the same plan.
  */
+import { join } from 'node:path';
 import { DATA_TLS_IDS } from '../host/data-tls.js';
 import type { NbdServerStartArgs } from '../qmp/index.js';
 import { QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
@@ -47,4 +48,21 @@ export function destinationTlsPeer(plan: MigrationPlan): { peerIdentity: string;
 export async function destinationEndDataTls(ctx: MigrationContext, input: { dest: DestinationState; plan: MigrationPlan }): Promise<void> {
   if (!input.plan.dataTls.encrypted) return;
   await ctx.req.destination.endDataTls?.(input.dest.spec, input.dest.vm, { timeoutMs: QMP_TIMEOUT_MS });
+}
+
+/**
+ * Behind the NBD relay (a QEMU < 8.0 destination, issue 11): the destination's NBD server listens
+ * on this unix socket in the VM's run dir, the only unix address the agent's QMP policy allows.
+ */
+export function nbdRelaySocketPath(runDir: string): string {
+  return join(runDir, 'nbd.sock');
+}
+
+/** sun_path holds 108 bytes with its NUL: a longer path cannot be bound. */
+export const MAX_UNIX_SOCKET_PATH = 107;
+
+export function nbdServerUnixArguments(path: string, tls = false): NbdServerStartArgs {
+  // Behind the relay the TLS session runs end to end, source QEMU to destination QEMU: the relay
+  // only copies bytes.
+  return { addr: { type: 'unix', data: { path } }, ...(tls ? { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz } : {}) };
 }

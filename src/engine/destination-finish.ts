@@ -10,22 +10,22 @@ import type { DestinationState, MigrationContext } from './context.js';
 import type { RamStarted } from './source-perform.js';
 import { MigrationError } from './types.js';
 
+/**
+ * The incoming migration completed: its own MIGRATION event says it (registered with the cursor
+ * from before migrate-incoming). Nothing else is asked inside the pause: a destination QEMU
+ * started with -S stays paused after it.
+ */
 export async function destinationIncomingComplete(ctx: MigrationContext, input: { dest: DestinationState; ram: RamStarted }): Promise<void> {
   const q = input.dest.vm.qmp;
-  await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
+  const ev = await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
     since: input.ram.destinationSince,
     timeoutMs: ctx.opts.commandTimeoutMs,
     signal: ctx.signal,
     what: "the destination's incoming migration to end",
   });
-  const mig = await q.execute('query-migrate', undefined, ctx.call());
-  if (mig.status !== 'completed') {
-    throw new MigrationError('DESTINATION_INCOMING_FAILED', `destination's incoming migration ${mig.status ?? 'unknown'}: ${mig['error-desc'] ?? ''}`, { phase: ctx.phase });
-  }
-  const status = await q.execute('query-status', undefined, ctx.call());
-  if (status.status !== 'paused') {
-    throw new MigrationError('DESTINATION_STATE', `destination is '${status.status}' after the migration, expected paused`, { phase: ctx.phase });
-  }
+  if (eventIs(ev, 'MIGRATION') && ev.data.status === 'completed') return;
+  const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
+  throw new MigrationError('DESTINATION_INCOMING_FAILED', `destination's incoming migration ${eventIs(ev, 'MIGRATION') ? ev.data.status : 'unknown'}: ${mig?.['error-desc'] ?? ''}`, { phase: ctx.phase });
 }
 
 /**

@@ -6,16 +6,21 @@
  */
 import { FerryError } from '../errors.js';
 import { diskNodeName } from '../qemu/spec.js';
-import type { IncomingVm } from './endpoint.js';
+import type { IncomingVm, NbdRelayHandle } from './endpoint.js';
 import { onFreePort, STOP_DESTINATION, type DestinationState, type MigrationContext, type SourceExport } from './context.js';
-import { destinationTlsPeer, nbdServerArguments } from './data-path.js';
 import { missingDataTls } from '../host/data-tls.js';
+import type { QmpCapabilities, VersionInfo } from '../qmp/index.js';
+import { planConvergence, type ConvergencePlan } from './convergence/index.js';
+import { destinationTlsPeer, MAX_UNIX_SOCKET_PATH, nbdRelaySocketPath, nbdServerArguments, nbdServerUnixArguments } from './data-path.js';
 import { exportName } from './names.js';
 import { stopNbdServer } from './primitives.js';
 import { targetSpec } from './source-preflight.js';
 import { MigrationError, type MigrationPlan } from './types.js';
 
-export async function destinationPrepare(ctx: MigrationContext, input: { plan: MigrationPlan; sourceExport: SourceExport | undefined }): Promise<DestinationState> {
+export async function destinationPrepare(
+  ctx: MigrationContext,
+  input: { plan: MigrationPlan; sourceExport: SourceExport | undefined; sourceCaps: QmpCapabilities },
+): Promise<DestinationState> {
   const { plan, sourceExport } = input;
   const d = ctx.req.destination;
   const spec = targetSpec(ctx, input.plan.destinationMachine);
@@ -64,31 +69,80 @@ export async function destinationPrepare(ctx: MigrationContext, input: { plan: M
       userError: true,
     });
   }
-  const state: DestinationState = { spec, vm, caps, nbdPort: undefined };
+  const state: DestinationState = { spec, vm, caps, nbdPort: undefined, convergence: undefined, relay: undefined };
   if (sourceExport) return state;
-  return { ...state, nbdPort: await destinationExportDisks(ctx, state, plan) };
+  const convergence = destinationConvergencePlan(ctx, input.sourceCaps, vm.qmp.greeting.version, spec);
+  const listening = await destinationListenNbd(ctx, state, convergence.relay, plan.dataTls.encrypted);
+  await destinationExportDisks(ctx, state, plan);
+  return { ...state, ...listening, convergence };
 }
 
 /**
- * An NBD server and a writable export per disk. Exporting a node of a QEMU in -incoming defer
+ * How the mirrors will converge (issue 11): planConvergence, less the relay where this
+ * destination cannot run one or the socket path would not fit (then auto runs without it, warned).
+ */
+function destinationConvergencePlan(ctx: MigrationContext, sourceCaps: QmpCapabilities, version: VersionInfo, spec: DestinationState['spec']): ConvergencePlan {
+  const plan = planConvergence(ctx.opts.copyMode, sourceCaps, version);
+  if (!plan.relay) return plan;
+  const why = !ctx.req.destination.startNbdRelay
+    ? `destination ${ctx.req.destination.name} cannot run an NBD relay`
+    : nbdRelaySocketPath(spec.runDir).length > MAX_UNIX_SOCKET_PATH
+      ? `the relay's socket path under ${spec.runDir} is longer than ${MAX_UNIX_SOCKET_PATH} bytes`
+      : undefined;
+  if (!why) return plan;
+  ctx.warn(`copy mode auto without the NBD relay (${why}): a QEMU ${version.qemu.major}.${version.qemu.minor} destination's mirrors may be slow to converge`);
+  return { ...plan, relay: false, path: plan.activeSync ? 'auto:active-sync' : 'auto:background' };
+}
+
+/**
+ * The destination's NBD server: on TCP at migrationHost; behind the relay (a QEMU < 8.0), on the
+ * run dir's unix socket, the relay on TCP in front of it. The relay's undo is registered before it
+ * starts; the server needs none (the rollback kills this QEMU, and its server with it).
+ */
+async function destinationListenNbd(ctx: MigrationContext, dest: Pick<DestinationState, 'vm' | 'spec'>, relay: boolean, tls: boolean): Promise<Pick<DestinationState, 'nbdPort' | 'relay'>> {
+  const q = dest.vm.qmp;
+  const d = ctx.req.destination;
+  if (!relay || !d.startNbdRelay) {
+    const host = d.migrationHost;
+    const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(host, p, tls), ctx.call()), { host, ports: d.candidatePorts() });
+    return { nbdPort: port, relay: undefined };
+  }
+  // The relay first: it says where the server must listen (the host's own view of the run dir).
+  let started: NbdRelayHandle | undefined;
+  ctx.undo.push(CLOSE_NBD_RELAY, 'destination', async () => {
+    await started?.close();
+  });
+  started = await d.startNbdRelay(dest.spec, { signal: ctx.signal });
+  await q.execute('nbd-server-start', nbdServerUnixArguments(started.unixPath, tls), ctx.call());
+  return { nbdPort: started.port, relay: started };
+}
+
+/**
+ * A writable export per disk, on the server destinationListenNbd started. Exporting a node of a QEMU in -incoming defer
  * activates it for writing; that is what lets the mirror fill it before the migration stream arrives.
  */
-async function destinationExportDisks(ctx: MigrationContext, dest: Omit<DestinationState, 'nbdPort'>, plan: MigrationPlan): Promise<number> {
+async function destinationExportDisks(ctx: MigrationContext, dest: Pick<DestinationState, 'vm'>, plan: MigrationPlan): Promise<void> {
   const q = dest.vm.qmp;
-  const host = ctx.req.destination.migrationHost;
   // No undo of their own: the rollback kills this QEMU first, and its server and exports with it.
-  const port = await onFreePort(ctx, (p) => q.execute('nbd-server-start', nbdServerArguments(host, p, plan.dataTls.encrypted), ctx.call()), {
-    host,
-    ports: ctx.req.destination.candidatePorts(),
-  });
   for (const disk of plan.disks) {
     const name = exportName(ctx.id, disk.id);
     await q.execute('block-export-add', { type: 'nbd', id: name, 'node-name': diskNodeName(disk.id), name, writable: true }, ctx.call());
   }
-  return port;
 }
 
-/** After `cont` (pre-copy): the mirrors are done, the exports and the NBD server go. */
-export async function destinationStopNbd(ctx: MigrationContext, dest: DestinationState): Promise<void> {
+/**
+ * Before `cont` (pre-copy): the mirrors are done, the exports and the NBD server go, so the
+ * guest's devices take back the WRITE the exports shared (issue 15 defect 17). Still before the
+ * point of no return: a failure here rolls back.
+ */
+export async function destinationStopNbdServer(ctx: MigrationContext, dest: DestinationState): Promise<void> {
   await stopNbdServer(dest.vm.qmp, ctx.opts.commandTimeoutMs);
 }
+
+/** After `cont` (pre-copy, behind a relay): its connections ended with the server; it goes. */
+export async function destinationCloseRelay(ctx: MigrationContext, dest: DestinationState): Promise<void> {
+  await dest.relay?.close();
+  ctx.undo.drop(CLOSE_NBD_RELAY);
+}
+
+const CLOSE_NBD_RELAY = 'close the NBD relay';

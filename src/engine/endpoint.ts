@@ -118,6 +118,23 @@ export interface DestinationEndpoint {
    * exact machine type, and a QEMU lacking it fails to start (rolled back).
    */
   probeQemu?(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild>;
+  /**
+   * Pre-copy to a QEMU < 8.0 (copy mode auto, issue 11): a relay on this host that listens on TCP
+   * at migrationHost (one of candidatePorts) with TCP_NODELAY, and carries each connection to the
+   * unix socket `nbdRelaySocketPath(spec.runDir)` where the destination QEMU's NBD server listens
+   * (src/engine/convergence/nbd-relay.ts). Optional: without it the mirrors go straight to QEMU's
+   * NBD server. close() is an undo step: idempotent, never cancelled.
+   */
+  startNbdRelay?(spec: VmSpec, opts: { signal?: AbortSignal }): Promise<NbdRelayHandle>;
+}
+
+/** A running NBD relay on the destination host (see DestinationEndpoint.startNbdRelay). */
+export interface NbdRelayHandle {
+  /** The TCP port on migrationHost the source's NBD client connects to. */
+  port: number;
+  /** The unix socket the relay forwards to: where nbd-server-start must listen. */
+  unixPath: string;
+  close(): Promise<void>;
 }
 
 /** The source's NBD export a lazy destination reads unhydrated blocks from. */

@@ -8,7 +8,9 @@ import type { LaunchTlsObjects } from '../qemu/argv.js';
 import { defaultQemuBinary, launchVm, type VmProcess } from '../qemu/launcher.js';
 import { probeQemuBinary, type QemuBuild } from '../qemu/versions.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
-import { backingNbdFilename, type BackingNbd, type DataTlsPeer, type DestinationEndpoint, type HostDataTls, type IncomingVm, type SourceEndpoint } from './endpoint.js';
+import { startNbdRelay } from './convergence/nbd-relay.js';
+import { nbdRelaySocketPath } from './data-path.js';
+import { backingNbdFilename, type BackingNbd, type DataTlsPeer, type DestinationEndpoint, type HostDataTls, type IncomingVm, type NbdRelayHandle, type SourceEndpoint } from './endpoint.js';
 import { beginDataTls, certIdentity, certNames, DATA_TLS_IDS, endDataTls, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
 import { createImage, dataBytes, freeBytesAt, pathExists, removeEmptyParent, removeImage, unusableDir } from '../host/disk-files.js';
 import { randomOrder } from '../host/ports.js';
@@ -232,6 +234,13 @@ export class LocalDestination implements DestinationEndpoint {
 
   nbdBytesReceived(peer: { host: string; port: number }, pid: number): Promise<number | undefined> {
     return tcpBytesReceivedBy(pid, peer);
+  }
+
+  /** In this process: the relay listens on migrationHost within the port range (see DestinationEndpoint). */
+  async startNbdRelay(spec: VmSpec, opts: { signal?: AbortSignal }): Promise<NbdRelayHandle> {
+    const unixPath = nbdRelaySocketPath(spec.runDir);
+    const relay = await startNbdRelay({ host: this.migrationHost, ports: this.candidatePorts(), unixPath, logger: this.#logger, ...(opts.signal ? { signal: opts.signal } : {}) });
+    return { port: relay.port, unixPath, close: () => relay.close() };
   }
 
   /** The QEMU startIncoming would start, asked what it is (asked each time: binaries get upgraded). */

@@ -6,11 +6,12 @@
  *   preflight            sourceBegin, sourcePreflight: probe, read the disks, refuse what cannot work
  *   prepare-destination  destinationPrepare: sparse target disks, QEMU -incoming defer -S, NBD exports
  *                        (lazy: sourceExportDisks first, and the targets are overlays backed by them)
- *   mirror               sourceStartMirrors, sourceWaitMirrorsReady (pre-copy only)
+ *   mirror               sourceStartMirrors, sourceWaitMirrorsReady (pre-copy only; copy mode
+ *                        auto converges them: convergence/)
  *   ram                  sourcePerformRam, sourceWaitPreSwitchover (convergence.ts steers)
  *   switchover           sourceCompleteMirrors (pre-copy), sourceContinue
- *   confirm              destinationIncomingComplete, destinationResume: `cont` on the destination
- *                        = THE POINT OF NO RETURN
+ *   confirm              destinationIncomingComplete, destinationStopNbdServer (pre-copy),
+ *                        destinationResume: `cont` on the destination = THE POINT OF NO RETURN
  *   hydrate              destinationHydrate (lazy only: the guest runs, the disks follow)
  *   cleanup              cleanupPrecopy | cleanupLazy, cleanupFinish: tidy steps, warnings only
  *
@@ -24,13 +25,13 @@ import { cleanupFinish, cleanupLazy, cleanupPrecopy } from './cleanup.js';
 import { sourceBeginDataTls } from './data-path.js';
 import { MigrationContext, type DestinationState, type MigrateRequest, type SourceState } from './context.js';
 import { destinationIncomingComplete, destinationResume } from './destination-finish.js';
-import { destinationPrepare } from './destination-prepare.js';
+import { destinationPrepare, destinationStopNbdServer } from './destination-prepare.js';
 import { destinationHydrate, sourceExportDisks, sourceReactivateDisks } from './lazy.js';
 import { outcomeOfError, type MigrationOutcome } from './outcome.js';
 import { ProgressTracker } from './progress.js';
 import { fail } from './rollback.js';
 import { sourceCompleteMirrors, sourceMirrorStates, sourceStartMirrors, sourceWaitMirrorsReady } from './source-mirror.js';
-import { sourcePausedForMs, sourceContinue, sourcePerformRam, sourceWaitPreSwitchover } from './source-perform.js';
+import { sourceContinue, sourceMigrationFigures, sourcePausedForMs, sourcePerformRam, sourceWaitPreSwitchover } from './source-perform.js';
 import { sourceBegin, sourcePreflight } from './source-preflight.js';
 import { MigrationError, MigrationOptionsSchema, type MigrationPlan, type MigrationResult } from './types.js';
 
@@ -84,13 +85,16 @@ async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: Migr
   const progress = new ProgressTracker(plan, ctx.req.source, ctx.opts.progressIntervalMs);
   ctx.enter('prepare-destination');
   await sourceBeginDataTls(ctx, { source, plan });
-  const dest = await destinationPrepare(ctx, { plan, sourceExport: undefined });
+  const dest = await destinationPrepare(ctx, { plan, sourceExport: undefined, sourceCaps: source.caps });
   ctx.enter('mirror');
-  await sourceStartMirrors(ctx, { source, dest, plan });
-  await sourceWaitMirrorsReady(ctx, { source, dest, plan, progress });
+  const mirrorsSince = await sourceStartMirrors(ctx, { source, dest, plan });
+  const mirrorConvergence = await sourceWaitMirrorsReady(ctx, { source, dest, plan, progress, mirrorsSince });
+  ctx.emit({ event: 'convergence', migrationId: ctx.id, action: 'mirrors-converged', mirrors: mirrorConvergence });
   const moved = await moveGuest(ctx, { source, dest, plan, progress }, {
     checkMirrors: () => sourceMirrorStates(ctx, source, plan),
     completeMirrors: () => sourceCompleteMirrors(ctx, { source, plan }),
+    // The writable exports go before `cont`, so the guest's devices take back their WRITE (issue 15 defect 17).
+    beforeResume: () => destinationStopNbdServer(ctx, dest),
   });
   // The guest runs on the destination: nothing below can fail the migration, only warn.
   ctx.enter('cleanup');
@@ -98,7 +102,8 @@ async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: Migr
   await cleanupPrecopy(ctx, { source, dest, plan });
   const bitmapsMigrated = await cleanupFinish(ctx, { source, dest, plan });
   ctx.enter('done');
-  return resultOf(ctx, plan, { ...moved, diskBytes, ramBytes: progress.ramTransferred, bitmapsMigrated });
+  const result = resultOf(ctx, plan, { ...moved, diskBytes, ramBytes: progress.ramTransferred, bitmapsMigrated });
+  return { ...result, convergence: { ...result.convergence, mirrors: mirrorConvergence } };
 }
 
 /** Lazy: RAM only, the guest moves, and the disks hydrate behind it from the source's export. */
@@ -108,8 +113,8 @@ async function runLazy(ctx: MigrationContext, source: SourceState, plan: Migrati
   ctx.enter('prepare-destination');
   await sourceBeginDataTls(ctx, { source, plan });
   const sourceExport = await sourceExportDisks(ctx, { source, plan });
-  const dest = await destinationPrepare(ctx, { plan, sourceExport });
-  const moved = await moveGuest(ctx, { source, dest, plan, progress }, { checkMirrors: async () => undefined, completeMirrors: async () => undefined });
+  const dest = await destinationPrepare(ctx, { plan, sourceExport, sourceCaps: source.caps });
+  const moved = await moveGuest(ctx, { source, dest, plan, progress }, { checkMirrors: async () => undefined, completeMirrors: async () => undefined, beforeResume: async () => undefined });
   const destinationRunningMs = Math.round(performance.now() - ctx.started);
   // The guest runs on the destination and reads what it lacks from the source, which must
   // therefore stay up (paused, serving its export) until every overlay holds everything.
@@ -124,23 +129,31 @@ async function runLazy(ctx: MigrationContext, source: SourceState, plan: Migrati
   return { ...result, lazy: { destinationRunningMs, ...hydration } };
 }
 
-/** ram → switchover → confirm, the same in both modes but for the mirrors. Ends past the point of no return. */
+/**
+ * ram → switchover → confirm, the same in both modes but for the mirrors. Ends past the point of
+ * no return. Between pre-switchover and `cont` only what must be there is: the mirrors' cancels,
+ * migrate-continue and the source's completed event, the destination's, (pre-copy)
+ * nbd-server-stop, `cont`; no query, and every figure is read after.
+ */
 async function moveGuest(
   ctx: MigrationContext,
   io: { source: SourceState; dest: DestinationState; plan: MigrationPlan; progress: ProgressTracker },
-  mirrors: { checkMirrors: () => Promise<unknown>; completeMirrors: () => Promise<void> },
+  mirrors: { checkMirrors: () => Promise<unknown>; completeMirrors: () => Promise<void>; beforeResume: () => Promise<void> },
 ): Promise<{ downtimeMs: number; qemuDowntimeMs: number | undefined; convergence: ConvergenceState }> {
   ctx.enter('ram');
   const ram = await sourcePerformRam(ctx, io);
-  const convergence = await sourceWaitPreSwitchover(ctx, { ...io, ram, checkMirrors: mirrors.checkMirrors });
+  const { convergence, seenAt } = await sourceWaitPreSwitchover(ctx, { ...io, ram, checkMirrors: mirrors.checkMirrors });
   ctx.enter('switchover');
-  const stoppedAt = performance.now() - (await sourcePausedForMs(io.source.qmp, ram.sourceSince));
   await mirrors.completeMirrors();
-  const qemuDowntimeMs = await sourceContinue(ctx, { source: io.source, ram, progress: io.progress });
+  await sourceContinue(ctx, { source: io.source, ram });
   ctx.enter('confirm');
   await destinationIncomingComplete(ctx, { dest: io.dest, ram });
+  await mirrors.beforeResume();
   await destinationResume(ctx, io.dest);
-  return { downtimeMs: performance.now() - stoppedAt, qemuDowntimeMs, convergence };
+  const resumedAt = performance.now();
+  const pausedBeforeSeenMs = await sourcePausedForMs(io.source.qmp, ram.sourceSince);
+  const qemuDowntimeMs = await sourceMigrationFigures(ctx, { source: io.source, progress: io.progress });
+  return { downtimeMs: resumedAt - seenAt + pausedBeforeSeenMs, qemuDowntimeMs, convergence };
 }
 
 function resultOf(

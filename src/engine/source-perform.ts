@@ -5,6 +5,7 @@
  * was; the destination listens (migrate-incoming); `migrate` runs until pre-switchover, steered by
  * the convergence policy; at switchover `migrate-continue` lets QEMU send the last pages.
  */
+import { errorText } from '../errors.js';
 import { eventIs, isEvent, type QmpClient } from '../qmp/index.js';
 import { decideConvergence, startConvergence, type ConvergenceState } from './convergence.js';
 import { onFreePort, QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
@@ -80,33 +81,69 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
 }
 
 /**
- * Polls until the source reaches pre-switchover (the guest paused), applying the convergence
- * policy at each poll. Returns the final convergence state, for the result.
+ * Until the source reaches pre-switchover (the guest paused). One waiter for the MIGRATION event
+ * (pre-switchover, failed, cancelled), registered with the cursor from before `migrate`, races
+ * the poll loop that applies the convergence policy and reports progress: the switchover starts
+ * the instant the event arrives, not after a loop body (query-jobs, a progress sample, an `ss`
+ * spawn, query-migrate). Returns the final convergence state, for the result, and when the
+ * event was seen (performance.now()).
  */
 export async function sourceWaitPreSwitchover(
   ctx: MigrationContext,
   input: { source: SourceState; dest: DestinationState; plan: MigrationPlan; progress: ProgressTracker; ram: RamStarted; checkMirrors: () => Promise<unknown> },
-): Promise<ConvergenceState> {
+): Promise<{ convergence: ConvergenceState; seenAt: number }> {
+  const q = input.source.qmp;
+  const stop = new AbortController();
+  const state = { convergence: startConvergence(ctx.opts.downtimeLimitMs) };
+  const reached = q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['pre-switchover', 'failed', 'cancelled'].includes(e.data.status), {
+    since: input.ram.sourceSince,
+    timeoutMs: ctx.opts.totalTimeoutMs,
+    signal: AbortSignal.any([ctx.signal, stop.signal]),
+    what: 'the source migration to reach pre-switchover',
+  });
+  const polling = sourcePollRam(ctx, input, state, stop.signal);
+  // Whichever loses is stopped and its end ignored; the poll loop looks at `stop` after each step.
+  reached.catch(() => undefined);
+  polling.catch(() => undefined);
+  try {
+    const ev = await Promise.race([reached, polling.then(() => reached)]);
+    const seenAt = performance.now();
+    if (eventIs(ev, 'MIGRATION') && ev.data.status !== 'pre-switchover') {
+      const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
+      throw new MigrationError('RAM_MIGRATION_FAILED', `migration ${ev.data.status}: ${mig?.['error-desc'] ?? 'no reason given'}`, { phase: ctx.phase });
+    }
+    return { convergence: state.convergence, seenAt };
+  } finally {
+    stop.abort();
+  }
+}
+
+/** The RAM phase's poll loop: progress, stall and mirror checks, the convergence policy. Ends only by throwing, or when `stop` fires. */
+async function sourcePollRam(
+  ctx: MigrationContext,
+  input: { source: SourceState; dest: DestinationState; plan: MigrationPlan; progress: ProgressTracker; ram: RamStarted; checkMirrors: () => Promise<unknown> },
+  state: { convergence: ConvergenceState },
+  stop: AbortSignal,
+): Promise<void> {
   const { source, dest, plan, progress, ram } = input;
   const deadline = ctx.started + plan.deadlineMs;
   const policy = { maxDowntimeLimitMs: ctx.opts.maxDowntimeLimitMs, onDeadline: ctx.opts.onDeadline, deadlineMs: plan.deadlineMs };
-  let convergence = startConvergence(ctx.opts.downtimeLimitMs);
   for (;;) {
+    if (stop.aborted) return;
     ctx.throwIfAborted();
     ctx.throwIfDestinationDied(dest);
     const mig = await source.qmp.execute('query-migrate', undefined, ctx.call());
-    if (mig.status === 'pre-switchover') return convergence;
-    if (mig.status === 'failed' || mig.status === 'cancelled') {
-      throw new MigrationError('RAM_MIGRATION_FAILED', `migration ${mig.status}: ${mig['error-desc'] ?? 'no reason given'}`, { phase: ctx.phase });
-    }
+    if (stop.aborted || ['pre-switchover', 'failed', 'cancelled'].includes(mig.status ?? '')) return;
     await input.checkMirrors();
-    const snapshot = await progress.sample(source.qmp, { nbdPort: dest.nbdPort ?? 0 }, ctx.phase, convergence.downtimeLimitMs, mig);
+    if (stop.aborted) return;
+    const snapshot = await progress.sample(source.qmp, { nbdPort: dest.nbdPort ?? 0 }, ctx.phase, state.convergence.downtimeLimitMs, mig);
+    if (stop.aborted) return;
     ctx.emit({ event: 'progress', migrationId: ctx.id, progress: snapshot });
     ctx.checkStalled(progress);
 
     const sample = { dirtySyncCount: mig.ram?.['dirty-sync-count'] ?? 0, remainingBytes: mig.ram?.remaining ?? 0, mbps: mig.ram?.mbps, pastDeadline: performance.now() > deadline };
-    const decided = decideConvergence(convergence, sample, policy);
-    convergence = decided.state;
+    const decided = decideConvergence(state.convergence, sample, policy);
+    state.convergence = decided.state;
     for (const a of decided.actions) {
       if (a.action === 'deadline-abort') {
         ctx.emit({ event: 'convergence', migrationId: ctx.id, ...a });
@@ -118,13 +155,15 @@ export async function sourceWaitPreSwitchover(
       // Every change of the limit is announced as a step; a forced one was announced above too.
       ctx.emit({ event: 'convergence', migrationId: ctx.id, action: 'downtime-step', downtimeLimitMs: a.downtimeLimitMs, detail: a.action === 'deadline-force' ? 'deadline passed, forcing switchover' : a.detail });
     }
+    if (stop.aborted) return;
     await ctx.nap(source.qmp, (e) => e.event === 'MIGRATION', ram.sourceSince);
   }
 }
 
 /**
- * How long the guest has been paused when pre-switchover is seen: QEMU stops the vCPUs first.
- * Both timestamps come from the source's clock, so the downtime figure has no cross-host skew.
+ * How long the guest had been paused when pre-switchover was seen: QEMU stops the vCPUs first.
+ * Both timestamps come from the source's clock, so the figure has no cross-host skew. Asked
+ * after `cont` (its short wait for a STOP that never came must not lengthen the pause).
  */
 export async function sourcePausedForMs(q: QmpClient, since: number): Promise<number> {
   try {
@@ -138,8 +177,12 @@ export async function sourcePausedForMs(q: QmpClient, since: number): Promise<nu
   }
 }
 
-/** migrate-continue: QEMU sends the last pages and the device state; returns QEMU's downtime figure. */
-export async function sourceContinue(ctx: MigrationContext, input: { source: SourceState; ram: RamStarted; progress: ProgressTracker }): Promise<number | undefined> {
+/**
+ * migrate-continue: QEMU sends the last pages and the device state; until the source's completed
+ * event (registered with the cursor from before `migrate`). Nothing is asked on the happy path:
+ * QEMU's downtime figure is read after `cont` (sourceMigrationFigures).
+ */
+export async function sourceContinue(ctx: MigrationContext, input: { source: SourceState; ram: RamStarted }): Promise<void> {
   const q = input.source.qmp;
   await q.execute('migrate-continue', { state: 'pre-switchover' }, ctx.call());
   const ev = await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
@@ -148,10 +191,23 @@ export async function sourceContinue(ctx: MigrationContext, input: { source: Sou
     signal: ctx.signal,
     what: 'the source migration to complete',
   });
-  const mig = await q.execute('query-migrate', undefined, ctx.call());
-  if (!eventIs(ev, 'MIGRATION') || mig.status !== 'completed') {
-    throw new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${mig['error-desc'] ?? mig.status ?? 'unknown'}`, { phase: ctx.phase });
+  if (eventIs(ev, 'MIGRATION') && ev.data.status === 'completed') return;
+  const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
+  throw new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${mig?.['error-desc'] ?? (eventIs(ev, 'MIGRATION') ? ev.data.status : 'unknown')}`, { phase: ctx.phase });
+}
+
+/**
+ * After `cont`: the source's own view of the migration that ended, its QEMU downtime figure and
+ * the RAM totals. Past the point of no return, so a source that says otherwise is only a warning.
+ */
+export async function sourceMigrationFigures(ctx: MigrationContext, input: { source: SourceState; progress: ProgressTracker }): Promise<number | undefined> {
+  try {
+    const mig = await input.source.qmp.execute('query-migrate', undefined, { timeoutMs: ctx.opts.commandTimeoutMs });
+    if (mig.status !== 'completed') ctx.warn(`the source reports its migration ${mig.status ?? 'unknown'} after the destination completed and runs`);
+    input.progress.recordFinalRam(mig);
+    return mig.downtime;
+  } catch (err) {
+    ctx.warn(`could not read the source's migration figures: ${errorText(err)}`);
+    return undefined;
   }
-  input.progress.recordFinalRam(mig);
-  return mig.downtime;
 }

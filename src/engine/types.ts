@@ -20,7 +20,8 @@ export const PHASES = [
 ] as const;
 export type Phase = (typeof PHASES)[number] | 'rollback' | 'failed';
 
-export type CopyMode = 'background' | 'write-blocking';
+/** auto (the default): background, made to converge per QEMU (src/engine/convergence/); the others as QEMU does them. */
+export type CopyMode = 'auto' | 'background' | 'write-blocking';
 export type DeadlinePolicy = 'abort' | 'force';
 
 export const MigrationOptionsSchema = z
@@ -37,8 +38,8 @@ export const MigrationOptionsSchema = z
     nbdReconnectDelayS: z.number().int().min(0).max(300).default(10),
     /** lazy: attempts to resume a hydration that failed (each restart skips what is already there). */
     hydrationAttempts: z.number().int().min(1).max(20).default(3),
-    /** How the mirrors treat guest writes: see docs/migration.md. */
-    copyMode: z.enum(['background', 'write-blocking']).default('background'),
+    /** How the mirrors treat guest writes: see docs/migration.md. auto: background, then converged per QEMU. */
+    copyMode: z.enum(['auto', 'background', 'write-blocking']).default('auto'),
     /** TLS on the data path: required refuses without it; preferred uses it where both sides can. */
     dataTls: z.enum(['required', 'preferred', 'off']).default('preferred'),
     /** Cap on the migration link, bytes/s, shared by RAM and disks; absent = unlimited. */
@@ -108,6 +109,8 @@ export type MigrationEvent =
   | { event: 'phase'; migrationId: string; phase: Phase; at: number }
   | { event: 'progress'; migrationId: string; progress: ProgressSnapshot }
   | { event: 'convergence'; migrationId: string; action: 'downtime-step' | 'deadline-abort' | 'deadline-force'; downtimeLimitMs: number; detail: string }
+  /** pre-copy: how the mirrors were made to converge (issue 11), once every mirror is READY (and actively-synced). */
+  | { event: 'convergence'; migrationId: string; action: 'mirrors-converged'; mirrors: MirrorConvergence }
   | { event: 'warning'; migrationId: string; message: string }
   /**
    * Before the source's migration capabilities and parameters change: what they were, and whether
@@ -165,6 +168,23 @@ export interface MigrationPlan {
   deadlineMs: number;
 }
 
+/**
+ * How the mirrors converged: the path taken (relay: the destination's NBD server behind the
+ * TCP_NODELAY relay; active-sync: background, then block-job-change to write-blocking), and when,
+ * in ms after the mirrors started.
+ */
+export interface MirrorConvergence {
+  path: 'background' | 'write-blocking' | 'auto:active-sync' | 'auto:active-sync+relay' | 'auto:background+relay' | 'auto:background';
+  relay: boolean;
+  /** The port on the destination's migration host the mirrors wrote to (the relay's, behind one). */
+  nbdPort: number;
+  /** Every mirror READY. */
+  readyMs: number;
+  /** active-sync: the last mirror switched to write-blocking, and seen actively-synced. */
+  switchedAtMs?: number;
+  syncedAtMs?: number;
+}
+
 export interface MigrationResult {
   ok: true;
   migrationId: string;
@@ -177,7 +197,7 @@ export interface MigrationResult {
   diskBytes: number;
   ramBytes: number;
   phaseMs: Partial<Record<Phase, number>>;
-  convergence: { downtimeLimitMs: number; autoConverge: boolean; forced: boolean; steps: number };
+  convergence: { downtimeLimitMs: number; autoConverge: boolean; forced: boolean; steps: number; mirrors?: MirrorConvergence };
   /** Names of the bitmaps found on the destination after the switchover, per disk. */
   bitmapsMigrated: { disk: string; name: string }[];
   /** lazy mode: when the destination ran (ms after the start), how long hydration took, and its bytes on the wire. */

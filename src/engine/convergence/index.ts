@@ -12,6 +12,7 @@
  * both are recent, but active-sync keeps the mirrors synced up to the switchover.
  */
 import type { QmpCapabilities, VersionInfo } from '../../qmp/index.js';
+import type { MirrorConvergence } from '../types.js';
 import { canChangeCopyMode } from './active-sync.js';
 import { nbdServerNeedsRelay } from './nbd-relay.js';
 
@@ -29,18 +30,19 @@ export interface ConvergencePlan {
   /** After the mirrors start: convergeActively (background, then write-blocking). */
   activeSync: boolean;
   /** For the summary: which path, in words. */
-  path: 'background' | 'write-blocking' | 'background+relay' | 'write-blocking+relay' | 'auto:active-sync' | 'auto:active-sync+relay' | 'auto:background+relay' | 'auto:background';
+  path: MirrorConvergence['path'];
 }
 
 /**
- * The plan for `copyMode` given the source's capabilities and the destination's version. With
+ * The plan for `copyMode` given the source's capabilities and the destination's version. An
+ * explicit `background` or `write-blocking` is what QEMU does, nothing added (no relay). With
  * `auto` on a source without block-job-change the bulk copy stays background: behind the relay
  * a 7.2 mirror converges without costing the guest (bench/mirror-ready.ts).
  */
 export function planConvergence(copyMode: CopyModeChoice, source: QmpCapabilities, destinationVersion: VersionInfo): ConvergencePlan {
+  if (copyMode !== 'auto') return { relay: false, mirrorCopyMode: copyMode, activeSync: false, path: copyMode };
   const relay = nbdServerNeedsRelay(destinationVersion);
   const plus = relay ? '+relay' : '';
-  if (copyMode !== 'auto') return { relay, mirrorCopyMode: copyMode, activeSync: false, path: `${copyMode}${plus}` };
   if (canChangeCopyMode(source)) return { relay, mirrorCopyMode: 'background', activeSync: true, path: `auto:active-sync${plus}` };
   return { relay, mirrorCopyMode: 'background', activeSync: false, path: relay ? 'auto:background+relay' : 'auto:background' };
 }

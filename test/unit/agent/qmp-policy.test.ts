@@ -19,7 +19,16 @@ import { silentLogger } from '../../../src/log.js';
 const HOST = '10.9.0.1';
 const PEER = '10.9.0.2';
 const RANGE: [number, number] = [20000, 20099];
-const ctx = (role: TunnelRole): QmpPolicyContext => ({ role, diskIds: ['root', 'data'], migrationHost: HOST, portRange: RANGE, peerAllowed: peerMatcher({ peers: [`${PEER}/32`], migrationHost: HOST }) });
+/** A destination's run dir socket, behind the agent's NBD relay. */
+const RELAY_SOCK = '/srv/ferry/run-vm-0a1b2c3d/nbd.sock';
+const ctx = (role: TunnelRole): QmpPolicyContext => ({
+  role,
+  diskIds: ['root', 'data'],
+  migrationHost: HOST,
+  portRange: RANGE,
+  peerAllowed: peerMatcher({ peers: [`${PEER}/32`], migrationHost: HOST }),
+  ...(role === 'destination' ? { nbdRelaySocket: RELAY_SOCK } : {}),
+});
 
 /** What the engine sends, per role: each must pass, re-serialised unchanged. */
 const ENGINE: Record<TunnelRole, [string, Record<string, unknown> | undefined][]> = {
@@ -49,6 +58,7 @@ const ENGINE: Record<TunnelRole, [string, Record<string, unknown> | undefined][]
   destination: [
     ['qmp_capabilities', undefined],
     ['nbd-server-start', { addr: { type: 'inet', data: { host: HOST, port: '20003' } } }],
+    ['nbd-server-start', { addr: { type: 'unix', data: { path: RELAY_SOCK } } }],
     ['block-export-add', { type: 'nbd', id: 'ferry-0a1b2c3d-root', 'node-name': 'disk-root', name: 'ferry-0a1b2c3d-root', writable: true }],
     ['migrate-set-capabilities', { capabilities: [{ capability: 'late-block-activate', state: true }] }],
     ['migrate-incoming', { uri: `tcp:${HOST}:20004` }],
@@ -83,11 +93,15 @@ describe('the policy on examples', () => {
     ['source', { execute: 'qom-get', arguments: { path: '/machine', property: 'type', extra: 1 } }],
     ['source', { execute: 'blockdev-set-active', arguments: { 'node-name': 'disk-root', active: false } }],
     ['source', { execute: 'blockdev-set-active', arguments: { active: true } }],
+    ['source', { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: RELAY_SOCK } } } }],
     ['destination', { execute: 'qom-get', arguments: { path: '/machine', property: 'type' } }],
     ['destination', { execute: 'block-export-add', arguments: { type: 'nbd', id: 'ferry-1-root', 'node-name': 'disk-root', name: 'ferry-1-root', writable: true, 'allow-inactive': true } }],
     ['destination', { execute: 'migrate-incoming', arguments: { uri: 'unix:/run/x' } }],
     ['destination', { execute: 'nbd-server-start', arguments: { addr: { type: 'inet', data: { host: '0.0.0.0', port: '20003' } } } }],
     ['destination', { execute: 'nbd-server-start', arguments: { addr: { type: 'inet', data: { host: HOST, port: '10809' } } } }],
+    ['destination', { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: '/tmp/elsewhere/nbd.sock' } } } }],
+    ['destination', { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: `${RELAY_SOCK}/../../x.sock` } } } }],
+    ['destination', { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: RELAY_SOCK, abstract: true } } } }],
     ['destination', { execute: 'quit' }],
     ['destination', { execute: 'human-monitor-command', arguments: { 'command-line': 'info status' } }],
     ['destination', { execute: 'cont', arguments: {}, control: 1 }],
@@ -183,7 +197,10 @@ function violations(role: TunnelRole, line: string): string[] {
       if (key === 'host' && v !== (role === 'source' && msg.execute === 'blockdev-add' ? PEER : HOST)) out.push(`host ${v}`);
       if (key === 'driver' && v !== 'nbd') out.push(`driver ${v}`);
       if (['device', 'node-name', 'target', 'job-id', 'id'].includes(key) && !/^(disk|ferry)-/.test(v)) out.push(`${key} ${v}`);
-      if (key === 'type' && !['inet', 'nbd', 'mirror'].includes(v)) out.push(`type ${v}`);
+      // The one unix address: a destination's NBD server on its own run dir's relay socket.
+      const relaySocket = role === 'destination' && msg.execute === 'nbd-server-start';
+      if (key === 'type' && !['inet', 'nbd', 'mirror', ...(relaySocket ? ['unix'] : [])].includes(v)) out.push(`type ${v}`);
+      if (key === 'path' && !(relaySocket && v === RELAY_SOCK)) out.push(`path ${v}`);
       if (key === 'port' && msg.execute === 'nbd-server-start' && !(Number(v) >= RANGE[0] && Number(v) <= RANGE[1])) out.push(`port ${v}`);
       return;
     }
@@ -191,7 +208,7 @@ function violations(role: TunnelRole, line: string): string[] {
     if (Array.isArray(v)) v.forEach((x) => walk(x, key));
     else if (typeof v === 'object' && v !== null) {
       for (const [k, x] of Object.entries(v)) {
-        if (['filename', 'file', 'backing', 'tls-creds', 'fd', 'path', 'qom-type', 'props', 'channels', 'blk', 'inc', 'resume', 'detach'].includes(k)) out.push(`key ${k}`);
+        if (['filename', 'file', 'backing', 'tls-creds', 'fd', ...(role === 'destination' && msg.execute === 'nbd-server-start' ? [] : ['path']), 'qom-type', 'props', 'channels', 'blk', 'inc', 'resume', 'detach'].includes(k)) out.push(`key ${k}`);
         walk(x, k);
       }
     }

@@ -1,7 +1,7 @@
 import { describe, expect, test } from 'vitest';
 import { parseCli, parseSize, UsageError } from '../../../src/cli/args.js';
-import { renderProgress } from '../../../src/cli/progress.js';
-import type { ProgressSnapshot } from '../../../src/engine/types.js';
+import { renderMirrorConvergence, renderProgress } from '../../../src/cli/progress.js';
+import { MigrationOptionsSchema, type ProgressSnapshot } from '../../../src/engine/types.js';
 
 const base = ['--spec', 'vm.json', '--to-dir', '/b'];
 
@@ -17,6 +17,16 @@ describe('parseCli', () => {
         options: { bandwidthBytesPerSec: 500 * 2 ** 20, downtimeLimitMs: 200, copyMode: 'write-blocking', onDeadline: 'force', autoConverge: false, totalTimeoutMs: 60_000 },
       }),
     });
+  });
+
+  test('--copy-mode auto is accepted, and the engine defaults to it', () => {
+    expect(parseCli([...base, '--copy-mode', 'auto'])).toMatchObject({ args: { options: { copyMode: 'auto' } } });
+    expect(MigrationOptionsSchema.parse({}).copyMode).toBe('auto');
+  });
+
+  test("the summary's mirrors line names the path and its times", () => {
+    expect(renderMirrorConvergence({ path: 'auto:background+relay', relay: true, nbdPort: 20001, readyMs: 350 })).toMatch(/^auto:background\+relay, READY after 350 ms$/);
+    expect(renderMirrorConvergence({ path: 'auto:active-sync', relay: false, nbdPort: 20001, readyMs: 190, switchedAtMs: 192, syncedAtMs: 300 })).toMatch(/^auto:active-sync, READY after .+, write-blocking at .+, actively-synced at .+$/);
   });
 
   test('agents over mutual TLS', () => {

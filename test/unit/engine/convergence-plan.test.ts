@@ -18,7 +18,7 @@ test('auto: active-sync where the source has block-job-change, the relay where t
   expect(planConvergence('auto', q72, v(8))).toEqual({ relay: false, mirrorCopyMode: 'background', activeSync: false, path: 'auto:background' });
 });
 
-test('an explicit copy mode is kept as given; the relay still follows the destination', () => {
+test('an explicit copy mode is what QEMU does: no relay, no change of mode', () => {
   expect(planConvergence('background', q10, v(10))).toMatchObject({ mirrorCopyMode: 'background', activeSync: false, relay: false, path: 'background' });
-  expect(planConvergence('write-blocking', q72, v(7, 2))).toMatchObject({ mirrorCopyMode: 'write-blocking', activeSync: false, relay: true, path: 'write-blocking+relay' });
+  expect(planConvergence('write-blocking', q72, v(7, 2))).toMatchObject({ mirrorCopyMode: 'write-blocking', activeSync: false, relay: false, path: 'write-blocking' });
 });
