@@ -10,7 +10,7 @@ import { parseArgs } from 'node:util';
 import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { parseCidr } from './qmp-policy.js';
-import { TlsFilesSchema } from './tls.js';
+import { TlsFilesSchema } from '../host/tls.js';
 
 export const AgentConfigSchema = z
   .object({

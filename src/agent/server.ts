@@ -9,7 +9,6 @@
  * reports the ones that died meanwhile.
  */
 import { randomBytes } from 'node:crypto';
-import { statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
@@ -21,6 +20,7 @@ import { FerryError } from '../errors.js';
 import { nbdRelaySocketPath } from '../engine/data-path.js';
 import type { NbdRelayHandle } from '../engine/endpoint.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
+import { allocatedBytes } from '../host/disk-files.js';
 import { tcpBytesAcked, tcpBytesAckedFrom } from '../host/wire.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
@@ -37,11 +37,10 @@ import { Placement } from './placement.js';
 import { peerMatcher } from './qmp-policy.js';
 import { tunnelQmp } from './qmp-tunnel.js';
 import { DEFAULT_HEARTBEAT_MS, keepAlive } from '../rpc/heartbeat.js';
-import { beginDataTls, certIdentity, certNames, endDataTls, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
-import { join } from 'node:path';
+import { AgentDataTls } from './data-tls.js';
 import { probeQemu, type QemuInfo } from './qemu-probe.js';
 import { TokenBucket } from './rate-limit.js';
-import { loadTls } from './tls.js';
+import { loadTls } from '../host/tls.js';
 import { processStartTime, VmRegistry, type VmRecord } from './registry.js';
 import { attachMonitor, supervise, type Supervised } from './supervisor.js';
 
@@ -125,20 +124,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const authenticate = bearerAuthenticator(config.tokens);
 
-  // Data-path TLS: its own files, or the API's; required whenever there are files, unless told.
-  const ownDataTlsFiles = config.dataTls?.cert && config.dataTls.key && config.dataTls.ca ? { cert: config.dataTls.cert, key: config.dataTls.key, ca: config.dataTls.ca } : undefined;
-  const dataTlsFiles = ownDataTlsFiles ?? config.tls;
-  const dataTlsMode = config.dataTls?.mode ?? (dataTlsFiles ? 'required' : 'off');
-  if (dataTlsMode !== 'off' && !dataTlsFiles) throw new AgentError('AGENT_CONFIG', `dataTls.mode is ${dataTlsMode} but there is no certificate: give dataTls.cert/key/ca or tls`, { userError: true });
-  const dataTls: HostTlsMaterial | undefined = dataTlsMode !== 'off' && dataTlsFiles ? await loadTls(dataTlsFiles) : undefined;
-  const dataTlsIdentity = dataTls ? certIdentity(dataTls.cert) : null;
-  /** VMs whose QEMU holds ferry's TLS objects and parameters right now. */
-  const tlsActive = new Set<string>();
-  const tlsDir = (r: VmRecord): string => join(r.spec.runDir, 'tls');
-  const needDataTls = (): HostTlsMaterial => {
-    if (!dataTls) throw new AgentError('DATA_TLS_OFF', 'this agent has no data-path TLS (dataTls mode off)', { userError: true });
-    return dataTls;
-  };
+  const dataTls = await AgentDataTls.load(config);
   const claims = new DiskClaims(config.stateDir, log);
   const placement = new Placement({
     storageRoot: config.storageRoot,
@@ -206,7 +192,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         freeMemoryBytes: freemem(),
         vmMemoryMiB: running.reduce((s, r) => s + r.spec.memoryMiB, 0),
         runningVms: running.length,
-        dataTls: { mode: dataTlsMode, identity: dataTlsIdentity, names: dataTls ? certNames(dataTls.cert) : [] },
+        dataTls: dataTls.info(),
       };
     },
     'events.subscribe': async (_p, _params, session) => {
@@ -263,16 +249,13 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       const r = owned(principal, params.vmId);
       const sup = supervised.get(r.vmId);
       if (r.role !== 'vm' || r.state !== 'running' || !sup?.monitor) throw new AgentError('VM_NOT_RUNNING', `VM '${r.name}' is not a running VM of this host`, { userError: true });
-      // Marked first: a lost reply still leaves vm.endDataTls something to undo.
-      tlsActive.add(r.vmId);
-      await beginDataTls(sup.monitor, { dir: tlsDir(r), material: needDataTls(), role: 'source', peerIdentity: params.peerIdentity, peerHostname: params.peerHostname, timeoutMs: 10_000 });
+      await dataTls.beginSource(r.vmId, r.spec, sup.monitor, params);
       log.info({ vmId: r.vmId, vm: r.name, peer: params.peerIdentity }, 'data-path TLS ready');
-      return { identity: dataTlsIdentity };
+      return { identity: dataTls.info().identity };
     },
     'vm.endDataTls': async (principal, params) => {
       const r = owned(principal, params.vmId);
-      await endDataTls(supervised.get(r.vmId)?.monitor, { dir: tlsDir(r), timeoutMs: 10_000 });
-      tlsActive.delete(r.vmId);
+      await dataTls.end(r.vmId, r.spec, supervised.get(r.vmId)?.monitor);
       return {};
     },
     'vm.nbdBytesSent': async (principal, params) => {
@@ -311,7 +294,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       if (params.backingNbd && !peerAllowed(params.backingNbd.host)) {
         throw new AgentError('PATH_REFUSED', `backingNbd.host: ${params.backingNbd.host} is not a migration peer this agent allows`, { userError: true });
       }
-      if (params.backingNbd && dataTlsMode === 'required' && params.backingNbd.tlsHostname === undefined) {
+      if (params.backingNbd && dataTls.mode === 'required' && params.backingNbd.tlsHostname === undefined) {
         throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: a lazy overlay\'s backing needs tlsHostname', { userError: true });
       }
       // Claimed before the file exists: a lost reply still leaves the caller able to remove it.
@@ -332,11 +315,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     },
     'dest.start': async (principal, params) => {
       const spec = hereSpec(principal, params.spec, { claimed: true });
-      if (dataTlsMode === 'required' && !params.dataTls) throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: dest.start needs dataTls', { userError: true });
-      let tls: { serverDir: string; clientDir: string; peerIdentity: string } | undefined;
-      if (params.dataTls) {
-        tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), needDataTls())), peerIdentity: params.dataTls.peerIdentity };
-      }
+      if (dataTls.mode === 'required' && !params.dataTls) throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: dest.start needs dataTls', { userError: true });
+      const tls = params.dataTls ? await dataTls.launchObjects(spec, params.dataTls.peerIdentity) : undefined;
       const vm = await local.startIncoming(spec, { timeoutMs: 30_000, ...(tls ? { tls } : {}) });
       // With tls, the incoming stream's TLS parameters were set by startIncoming, the agent's own
       // call, not by its caller: in required mode no caller can make it plain text.
@@ -345,7 +325,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       // mid-migration, the half-made destination goes with it.
       watch(r, supervise({ pid: vm.pid, pidStart: r.pidStart, monitor: vm.process.qmp, childExited: vm.exited, onEvent: onQmpEvent(r), log }));
       incomingHandles.set(r.vmId, vm);
-      if (tls) tlsActive.add(r.vmId);
+      if (tls) dataTls.markActive(r.vmId);
       emitState(r);
       return { vmId: r.vmId, pid: vm.pid };
     },
@@ -483,7 +463,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
           migrationHost: config.migrationHost,
           portRange: config.portRange,
           peerAllowed,
-          dataTls: { required: dataTlsMode === 'required', active: () => tlsActive.has(vmId) },
+          dataTls: { required: dataTls.mode === 'required', active: () => dataTls.isActive(vmId) },
           ...(target.role === 'incoming' ? { nbdRelaySocket: nbdRelaySocketPath(target.spec.runDir) } : {}),
         };
         // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
@@ -510,13 +490,5 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       supervised.clear();
     },
   };
-}
-
-function allocatedBytes(path: string): number {
-  try {
-    return statSync(path).blocks * 512;
-  } catch {
-    return 0;
-  }
 }
 

@@ -4,7 +4,7 @@
  * agent (through it) use the same functions. Every qemu-img run has a deadline and a signal.
  */
 import { execFile } from 'node:child_process';
-import { constants } from 'node:fs';
+import { constants, statSync } from 'node:fs';
 import { access, mkdir, open, rmdir, stat, statfs, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { promisify } from 'node:util';
@@ -93,4 +93,13 @@ const mapSchema = z.array(z.object({ start: z.number(), length: z.number().nonne
 export async function dataBytes(path: string, format: string, signal?: AbortSignal): Promise<number> {
   const { stdout } = await run('qemu-img', ['map', '-U', '--output=json', '-f', format, path], { timeout: QEMU_IMG_TIMEOUT_MS, maxBuffer: 256 << 20, ...(signal ? { signal } : {}) });
   return mapSchema.parse(JSON.parse(stdout)).reduce((sum, e) => sum + (e.data ? e.length : 0), 0);
+}
+
+/** Bytes a file occupies on disk (allocated, not its size); 0 when it is not there. */
+export function allocatedBytes(path: string): number {
+  try {
+    return statSync(path).blocks * 512;
+  } catch {
+    return 0;
+  }
 }

@@ -8,7 +8,7 @@ import { z } from 'zod';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
-import { loadTls, TlsFilesSchema } from '../agent/tls.js';
+import { loadTls, TlsFilesSchema } from '../host/tls.js';
 import { AgentFleet, HostConfigSchema } from './agents.js';
 import { SCHEDULER_PROTOCOL_VERSION, schedulerMethods, type SchedulerMethod } from './protocol.js';
 import { Scheduler, type SchedulerEvents } from './scheduler.js';
