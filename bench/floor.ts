@@ -38,7 +38,6 @@
  */
 import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -51,6 +50,8 @@ import { eventIs, type QmpClient, type QmpEvent } from '../src/qmp/index.js';
 import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
 import { diskNodeName, parseVmSpec, retargetSpec, type VmSpec } from '../src/qemu/spec.js';
+import { freePort } from '../src/host/ports.js';
+import { fillDisk } from './scenario.js';
 
 const run = promisify(execFile);
 const GiB = 1 << 30;
@@ -102,26 +103,6 @@ interface Row {
   permissionConflict?: boolean;
 }
 
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((res, rej) => s.once('error', rej).listen({ host: '127.0.0.1', port: 0 }, res));
-  const a = s.address();
-  await new Promise((r) => s.close(r));
-  if (!a || typeof a === 'string') throw new Error('no address');
-  return a.port;
-}
-
-async function fillDisk(path: string, size: number, fill: number): Promise<void> {
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(size)]);
-  if (fill > 0) {
-    // As bench/migrate.ts: 4 extents over the disk, so the mirror walks the whole of it.
-    const chunk = Math.floor(fill / 4);
-    const cmds: string[] = [];
-    for (let i = 0; i < 4; i++) cmds.push('-c', `write -P 0x${(0x41 + i).toString(16)} ${Math.floor((size / 4) * i)} ${chunk}M`);
-    await run('qemu-io', ['-f', 'qcow2', ...cmds, path]);
-  }
-}
-
 /** Resolves with the first event after `since` matching `pred`. */
 function eventAfter(q: QmpClient, since: number, what: string, pred: (e: QmpEvent) => boolean): Promise<QmpEvent> {
   return q.waitForEvent(pred, { since, timeoutMs: WAIT_MS, what });
@@ -140,7 +121,7 @@ async function migrateOnce(name: string, i: number, image: { kernel: string; ini
     await mkdir(hostA);
     await mkdir(hostB);
     const disk = join(hostA, 'root.qcow2');
-    await fillDisk(disk, GiB, fillMiB);
+    await fillDisk(disk, 'qcow2', GiB, fillMiB);
     const spec: VmSpec = parseVmSpec({
       name: `floor-${name}`,
       memoryMiB: 256,

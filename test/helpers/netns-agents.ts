@@ -5,6 +5,9 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { resolve } from 'node:path';
+import { afterAll, beforeAll } from 'vitest';
+import { cleanupAll } from './guest.js';
+import { createNetnsPair, type NetnsPair } from './netns.js';
 
 const REPO = resolve(import.meta.dirname, '../..');
 
@@ -53,3 +56,28 @@ export async function startAgentIn(ns: string, config: string, started: ChildPro
   return child;
 }
 
+
+/**
+ * A test file's namespaces and agents: made before its tests (when the machine can), and in
+ * afterAll every agent killed and the namespaces removed (which kills what the agents started
+ * there), then the file's QEMUs and temp folders; also when a test failed.
+ */
+export function useNetnsAgents(opts: Parameters<typeof createNetnsPair>[0], canRun: boolean): { pair: () => NetnsPair; agents: ChildProcess[] } {
+  let pair: NetnsPair | undefined;
+  const agents: ChildProcess[] = [];
+  beforeAll(async () => {
+    if (canRun) pair = await createNetnsPair(opts);
+  }, 30_000);
+  afterAll(async () => {
+    for (const a of agents) a.kill('SIGKILL');
+    await pair?.remove();
+    await cleanupAll();
+  }, 30_000);
+  return {
+    pair: () => {
+      if (!pair) throw new Error('no network namespaces on this machine');
+      return pair;
+    },
+    agents,
+  };
+}

@@ -5,8 +5,8 @@
  * pre-switchover. For tests of the convergence helpers, which the engine calls at these points.
  */
 import { execFile } from 'node:child_process';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { freePort } from '../../src/host/ports.js';
 import { promisify } from 'node:util';
 import { startNbdRelay, type NbdRelay } from '../../src/engine/convergence/nbd-relay.js';
 import { eventIs, type QmpEvent } from '../../src/qmp/index.js';
@@ -16,14 +16,7 @@ import { diskNodeName, retargetSpec, type VmSpec } from '../../src/qemu/spec.js'
 const run = promisify(execFile);
 const call = { timeoutMs: 30_000 };
 
-export async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((res, rej) => s.once('error', rej).listen({ host: '127.0.0.1', port: 0 }, res));
-  const a = s.address();
-  await new Promise((r) => s.close(r));
-  if (!a || typeof a === 'string') throw new Error('no address');
-  return a.port;
-}
+export { freePort };
 
 export const mirrorJob = (diskId: string): string => `mirror-${diskId}`;
 const targetNode = (diskId: string): string => `nbd-${diskId}`;

@@ -5,38 +5,28 @@
  * host (a third namespace, routed to B) that tries the destination's NBD export while the mirror
  * runs. The plain-text control (the same capture finding the records) is in agent-netns.test.ts.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, expect, test } from 'vitest';
+import { expect, test } from 'vitest';
 import { IMAGE_DIR } from '../../src/guest/image.js';
 import { MAGIC } from '../../src/guest/record.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { throwawayPki } from '../../src/host/data-tls.js';
 import { occurrences, startCapture } from '../helpers/capture.js';
-import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
-import { createNetnsPair, netnsAvailable, type NetnsPair } from '../helpers/netns.js';
-import { call, inNs, startAgentIn } from '../helpers/netns-agents.js';
+import { agentGuestSpec, makeTempDir } from '../helpers/guest.js';
+import { netnsAvailable } from '../helpers/netns.js';
+import { call, inNs, startAgentIn, useNetnsAgents } from '../helpers/netns-agents.js';
 
 const TOKEN = 'netns-tls-token-0123456789';
 const PORT = 7421;
 const RANGE = [21200, 21300] as const;
 const canRun = await netnsAvailable();
 
-let pair: NetnsPair | undefined;
-const agents: ChildProcess[] = [];
 
-beforeAll(async () => {
-  if (!canRun) return;
-  pair = await createNetnsPair({ rateMbit: 800, third: true });
-}, 30_000);
-
-afterAll(async () => {
-  for (const a of agents) a.kill('SIGKILL');
-  await pair?.remove();
-  await cleanupAll();
-}, 30_000);
+const netns = useNetnsAgents({ rateMbit: 800, third: true }, canRun);
+const agents = netns.agents;
 
 /** The destination QEMU's NBD server: the one port in B's range that listens during the mirror. */
 async function listeningPorts(ns: string): Promise<number[]> {
@@ -47,9 +37,9 @@ async function listeningPorts(ns: string): Promise<number[]> {
 test.skipIf(!canRun)(
   'between two hosts with data TLS required: no record crosses the link in plain text, and a third host cannot reach the export',
   async () => {
-    const [nsA, nsB] = pair!.names;
-    const [ipA, ipB] = pair!.addresses;
-    const nsC = pair!.third!.name;
+    const [nsA, nsB] = netns.pair().names;
+    const [ipA, ipB] = netns.pair().addresses;
+    const nsC = netns.pair().third!.name;
     const dir = await makeTempDir('ferry-netns-tls-');
     const [hostA, hostB, hostC] = await throwawayPki(join(dir, 'fleet'), { address: [ipA, ipB], names: ['hostA', 'hostB', 'hostC'] });
     const [other] = await throwawayPki(join(dir, 'other'), { address: [ipB], names: ['hostA'] });
@@ -96,7 +86,7 @@ test.skipIf(!canRun)(
     };
     try {
       for (let i = 0; i < 300 && ackedOnA < 20; i++) await new Promise((r) => setTimeout(r, 100));
-      const capture = await startCapture(nsA, pair!.veths[0], join(dir, 'tls.pcap'), `tcp portrange ${RANGE[0]}-${RANGE[1]}`);
+      const capture = await startCapture(nsA, netns.pair().veths[0], join(dir, 'tls.pcap'), `tcp portrange ${RANGE[0]}-${RANGE[1]}`);
       // A slow mirror (16 MiB at 4 MiB/s), so the third host has time to try the export.
       const cli = spawn('ip', ['netns', 'exec', nsA, 'node', 'bin/migrate-vm.mjs', '--from', urlA, '--to', urlB, 'web1', '--json', '--bandwidth', '4M'], {
         cwd: join(import.meta.dirname, '../..'),

@@ -6,16 +6,15 @@
  * when the test fails.
  */
 import { IMAGE_DIR } from '../../src/guest/image.js';
-import type { ChildProcess } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, expect, test } from 'vitest';
+import { expect, test } from 'vitest';
 import { processStartTime } from '../../src/agent/registry.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
-import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
-import { createNetnsPair, netnsAvailable, type NetnsPair } from '../helpers/netns.js';
-import { call, inNs, startAgentIn } from '../helpers/netns-agents.js';
+import { agentGuestSpec, makeTempDir } from '../helpers/guest.js';
+import { netnsAvailable } from '../helpers/netns.js';
+import { call, inNs, startAgentIn, useNetnsAgents } from '../helpers/netns-agents.js';
 import { occurrences, startCapture } from '../helpers/capture.js';
 import { MAGIC } from '../../src/guest/record.js';
 
@@ -23,27 +22,16 @@ const TOKEN = 'netns-test-token-0123456789';
 const PORT = 7420;
 const canRun = await netnsAvailable();
 
-let pair: NetnsPair | undefined;
-const agents: ChildProcess[] = [];
 const roots: string[] = [];
 
-beforeAll(async () => {
-  if (!canRun) return;
-  pair = await createNetnsPair({ rateMbit: 800 });
-}, 30_000);
-
-afterAll(async () => {
-  for (const a of agents) a.kill('SIGKILL');
-  // Everything the agents started lives in the namespaces: remove() kills it and them.
-  await pair?.remove();
-  await cleanupAll();
-}, 30_000);
+const netns = useNetnsAgents({ rateMbit: 800 }, canRun);
+const agents = netns.agents;
 
 test.skipIf(!canRun)(
   'across two network namespaces: agent A killed and restarted re-attaches, then migrate-vm --from A --to B loses no write',
   async () => {
-    const [nsA, nsB] = pair!.names;
-    const [ipA, ipB] = pair!.addresses;
+    const [nsA, nsB] = netns.pair().names;
+    const [ipA, ipB] = netns.pair().addresses;
     const urlA = `ws://${ipA}:${PORT}`;
     const urlB = `ws://${ipB}:${PORT}`;
     const configs: string[] = [];
@@ -84,7 +72,7 @@ test.skipIf(!canRun)(
 
       // The control for the data-TLS test (agent-netns-tls.test.ts): without TLS the guest's records
       // cross this link as plain text, and the capture finds them.
-      const capture = await startCapture(nsA, pair!.veths[0], join(configDir, 'plain.pcap'), 'tcp portrange 21000-21100');
+      const capture = await startCapture(nsA, netns.pair().veths[0], join(configDir, 'plain.pcap'), 'tcp portrange 21000-21100');
       const cli = await inNs(nsA, ['node', 'bin/migrate-vm.mjs', '--from', urlA, '--to', urlB, 'web1', '--json'], { token: TOKEN });
       expect(occurrences(await capture.stop(), MAGIC)).toBeGreaterThan(100);
       expect(cli.code, cli.stderr).toBe(0);
