@@ -76,8 +76,6 @@ export async function bootWorkloadGuest(opts: {
    * bootstrap's 10.0 (test/helpers/qemu.ts) is a wrapper that adds its own -L.
    */
   qemuBinary?: string;
-  /** What another QEMU needs on its command line (e.g. `-L <its data dir>`). */
-  extraArgs?: string[];
 }): Promise<BootedGuest> {
   const root = await makeTempDir();
   const hostA = join(root, 'host-a');
@@ -97,7 +95,6 @@ export async function bootWorkloadGuest(opts: {
       append: `console=ttyS0 quiet ${workloadAppend({ ...opts.workload, disks: opts.disks.length })}`,
     },
     runDir: join(hostA, 'run'),
-    ...(opts.extraArgs ? { extraArgs: opts.extraArgs } : {}),
   });
   const vm = await launchVm(spec, { timeoutMs: 30_000, ...(opts.qemuBinary ? { qemuBinary: opts.qemuBinary } : {}) });
   await vm.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready' });

@@ -6,13 +6,12 @@
  * spec says `cache: none`, through the NBD relay: READY within the bound, and every acknowledged
  * write is on the destination after the migration. FERRY_TEST_NO_RELAY=1 runs the same without
  * the relay, to see it fail (the mirror is not READY in time).
- * QEMU >= 8.2 (FERRY_QEMU, or the unpacked backports build in /tmp/ferry-qemu10): the same guest
+ * QEMU >= 8.2 (FERRY_QEMU, or the bootstrap's 10.0): the same guest
  * on both sides O_DIRECT; convergeActively switches the mirror to write-blocking and sees it
  * actively-synced. Skipped, saying why, when no such QEMU is at hand.
  */
-import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
 import { canChangeCopyMode, convergeActively } from '../../src/engine/convergence/active-sync.js';
 import { nbdServerNeedsRelay } from '../../src/engine/convergence/nbd-relay.js';
@@ -77,31 +76,19 @@ test('QEMU 7.2: through the NBD relay the mirror of a writing guest into an O_DI
   expect(report, `records 0..${acked}: ${report.missingCount} missing, ${report.corruptCount} corrupt`).toMatchObject({ ok: true });
 });
 
-/**
- * A QEMU with block-job-change: FERRY_QEMU, else the bootstrap's 10.0 (a wrapper that adds its
- * own -L), else the backports build unpacked in /tmp/ferry-qemu10.
- */
-function qemu10(): { binary: string; dataDir: string } | undefined {
-  const fromEnv = process.env.FERRY_QEMU;
-  if (fromEnv) return { binary: fromEnv, dataDir: join(dirname(dirname(fromEnv)), 'share', 'qemu') };
-  if (qemu10Binary) return { binary: qemu10Binary, dataDir: '/nonexistent' };
-  const unpacked = '/tmp/ferry-qemu10/root/usr/bin/qemu-system-x86_64';
-  return existsSync(unpacked) ? { binary: unpacked, dataDir: '/tmp/ferry-qemu10/root/usr/share/qemu' } : undefined;
-}
-const q10 = qemu10();
+/** A QEMU with block-job-change: FERRY_QEMU, else the bootstrap's 10.0 (a wrapper that adds its own -L). */
+const q10 = process.env.FERRY_QEMU ?? qemu10Binary;
 
-describe.skipIf(!q10)(`QEMU >= 8.2 (${q10?.binary ?? 'none found: set FERRY_QEMU or unpack the backports build into /tmp/ferry-qemu10'})`, () => {
+describe.skipIf(!q10)(`QEMU >= 8.2 (${q10 ?? 'none found: set FERRY_QEMU or run node scripts/bootstrap.mjs --qemu10'})`, () => {
   test('block-job-change to write-blocking, then actively-synced; the migration completes and loses nothing', { timeout: 180_000 }, async () => {
-    const extraArgs = existsSync(q10!.dataDir) ? ['-L', q10!.dataDir] : [];
     const { vm: source, spec, hostB } = await bootWorkloadGuest({
       disks: [{ id: 'root', format: 'qcow2', size: 256 << 20, fillMiB: 64 }],
       workload: { write: { rate: 200 }, tickMs: 20 },
-      qemuBinary: q10!.binary,
-      extraArgs,
+      qemuBinary: q10!,
     });
     await ackBeyond(source, 100);
     expect(canChangeCopyMode(await source.qmp.probeCapabilities())).toBe(true);
-    const dest = await startRawDestination(spec, hostB, { qemuBinary: q10!.binary });
+    const dest = await startRawDestination(spec, hostB, { qemuBinary: q10! });
     expect(await directOf(dest.vm, fileNodeName('root'))).toBe(true);
     const since = await startRawMirrors(source, dest);
     const switched: { job: string; readyBeforeSwitch: boolean }[] = [];
