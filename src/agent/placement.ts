@@ -29,8 +29,12 @@ export interface PlacementDeps {
 export class Placement {
   readonly #d: PlacementDeps;
 
+  /** The agent's state dir where it really is: the agent makes it before any caller can ask. */
+  readonly #stateDir: string;
+
   constructor(deps: PlacementDeps) {
     this.#d = deps;
+    this.#stateDir = canonicalPath(deps.stateDir);
   }
 
   isAdmin(principal: string): boolean {
@@ -63,7 +67,7 @@ export class Placement {
   /** A path for a disk or run dir: in the storage root, outside the agent's state. */
   diskPath(p: string, field: string): string {
     const c = confinedPath(p, [this.#d.storageRoot], field);
-    const state = confinedStateDir(this.#d.stateDir);
+    const state = this.#stateDir;
     if (within(c, state) || within(state, c)) throw new AgentError('PATH_REFUSED', `${field}: ${p} is inside the agent's state directory`, { userError: true, context: { field } });
     return c;
   }
@@ -131,8 +135,4 @@ export class Placement {
     }
     return c;
   }
-}
-
-function confinedStateDir(stateDir: string): string {
-  return canonicalPath(stateDir);
 }

@@ -50,7 +50,8 @@ export interface QmpPolicyContext {
 
 export type PolicyVerdict =
   | { ok: true; command: string; line: string }
-  | { ok: false; command: string | undefined; code: 'QMP_REFUSED' | 'QMP_BAD_MESSAGE'; reason: string };
+  /** `id`: the refused message's own (a string or a number), so the caller's pending call ends. */
+  | { ok: false; command: string | undefined; code: 'QMP_REFUSED' | 'QMP_BAD_MESSAGE'; reason: string; id?: string | number };
 
 const MIGRATION_CAPABILITIES = ['events', 'pause-before-switchover', 'auto-converge', 'dirty-bitmaps', 'late-block-activate'] as const;
 
@@ -225,6 +226,9 @@ function migrationUri(host: z.ZodType<string>, port: z.ZodType<string>): z.ZodTy
   });
 }
 
+/** Only the id of a message, whatever else it holds (a refusal answers with it). */
+const idSchema = z.object({ id: z.union([z.string(), z.number()]).optional() }).loose();
+
 const messageSchema = z
   .object({
     execute: z.string().max(64),
@@ -252,20 +256,22 @@ export class QmpPolicy {
     } catch {
       return { ok: false, command: undefined, code: 'QMP_BAD_MESSAGE', reason: 'the agent could not parse this QMP message as JSON' };
     }
+    const idOf = idSchema.safeParse(raw);
+    const id = idOf.success && idOf.data.id !== undefined ? { id: idOf.data.id } : {};
     const msg = messageSchema.safeParse(raw);
     if (!msg.success) {
       const issue = msg.error.issues[0];
       const field = issue?.path.join('.') || '(message)';
-      return { ok: false, command: undefined, code: 'QMP_BAD_MESSAGE', reason: `not a QMP command the agent forwards: ${field}: ${issue?.message ?? 'malformed'} (exec-oob and control messages are refused)` };
+      return { ok: false, command: undefined, code: 'QMP_BAD_MESSAGE', reason: `not a QMP command the agent forwards: ${field}: ${issue?.message ?? 'malformed'} (exec-oob and control messages are refused)`, ...id };
     }
     const command = msg.data.execute;
     const schema = this.#schemas.get(command);
-    if (!schema) return { ok: false, command, code: 'QMP_REFUSED', reason: `the agent does not allow '${command}' on this VM` };
+    if (!schema) return { ok: false, command, code: 'QMP_REFUSED', reason: `the agent does not allow '${command}' on this VM`, ...id };
     const args = schema.safeParse(msg.data.arguments);
     if (!args.success) {
       const issue = args.error.issues[0];
       const field = issue?.path.join('.') || 'arguments';
-      return { ok: false, command, code: 'QMP_REFUSED', reason: `the agent does not allow these arguments to '${command}': ${field}: ${issue?.message ?? 'refused'}` };
+      return { ok: false, command, code: 'QMP_REFUSED', reason: `the agent does not allow these arguments to '${command}': ${field}: ${issue?.message ?? 'refused'}`, ...id };
     }
     const out: Record<string, unknown> = { execute: command };
     if (args.data !== undefined) out.arguments = args.data;

@@ -40,25 +40,11 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolic
           return;
         }
         log.warn({ command: verdict.command, code: verdict.code, reason: verdict.reason }, 'QMP message refused by the policy');
-        const reply: Record<string, unknown> = { error: { class: 'GenericError', desc: `${verdict.code}: ${verdict.reason}` } };
-        const id = idOf(line);
-        if (id !== undefined) reply.id = id;
+        const reply = { error: { class: 'GenericError', desc: `${verdict.code}: ${verdict.reason}` }, ...(verdict.id !== undefined ? { id: verdict.id } : {}) };
         ws.send(`${JSON.stringify(reply)}\n`);
       });
     } catch {
       close();
     }
   });
-}
-
-/** The id of a refused message, so the caller's pending call ends; only a string or a number. */
-function idOf(line: string): string | number | undefined {
-  try {
-    const m: unknown = JSON.parse(line);
-    if (typeof m !== 'object' || m === null || !('id' in m)) return undefined;
-    const id: unknown = m.id;
-    return typeof id === 'string' || typeof id === 'number' ? id : undefined;
-  } catch {
-    return undefined;
-  }
 }

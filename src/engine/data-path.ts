@@ -5,14 +5,14 @@
  * overlay's backing (endpoint.ts), both given TLS from the same plan.
  */
 import { join } from 'node:path';
-import { DATA_TLS_IDS } from '../host/data-tls.js';
+import { SERVER_TLS } from '../host/data-tls.js';
 import type { NbdServerStartArgs } from '../qmp/index.js';
 import { QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
 import { MigrationError, type MigrationPlan } from './types.js';
 
 /** An NBD server; over TLS it admits exactly the peer host's certificate name (authz). */
 export function nbdServerArguments(host: string, port: number, tls = false): NbdServerStartArgs {
-  return { addr: { type: 'inet', data: { host, port: String(port) } }, ...(tls ? { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz } : {}) };
+  return { addr: { type: 'inet', data: { host, port: String(port) } }, ...(tls ? SERVER_TLS : {}) };
 }
 
 export function migrationUri(host: string, port: number): string {
@@ -64,5 +64,5 @@ export const MAX_UNIX_SOCKET_PATH = 107;
 export function nbdServerUnixArguments(path: string, tls = false): NbdServerStartArgs {
   // Behind the relay the TLS session runs end to end, source QEMU to destination QEMU: the relay
   // only copies bytes.
-  return { addr: { type: 'unix', data: { path } }, ...(tls ? { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz } : {}) };
+  return { addr: { type: 'unix', data: { path } }, ...(tls ? SERVER_TLS : {}) };
 }

@@ -5,9 +5,10 @@
  * has run, even for an instant, it must never be: the two would diverge.
  */
 import { errorText } from '../errors.js';
-import { eventIs, QmpCommandError } from '../qmp/index.js';
+import { QmpCommandError } from '../qmp/index.js';
 import type { DestinationState, MigrationContext } from './context.js';
 import type { RamStarted } from './source-perform.js';
+import { waitMigrationEnd } from './primitives.js';
 import { MigrationError } from './types.js';
 
 /**
@@ -16,16 +17,9 @@ import { MigrationError } from './types.js';
  * started with -S stays paused after it.
  */
 export async function destinationIncomingComplete(ctx: MigrationContext, input: { dest: DestinationState; ram: RamStarted }): Promise<void> {
-  const q = input.dest.vm.qmp;
-  const ev = await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
-    since: input.ram.destinationSince,
-    timeoutMs: ctx.opts.commandTimeoutMs,
-    signal: ctx.signal,
-    what: "the destination's incoming migration to end",
-  });
-  if (eventIs(ev, 'MIGRATION') && ev.data.status === 'completed') return;
-  const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
-  throw new MigrationError('DESTINATION_INCOMING_FAILED', `destination's incoming migration ${eventIs(ev, 'MIGRATION') ? ev.data.status : 'unknown'}: ${mig?.['error-desc'] ?? ''}`, { phase: ctx.phase });
+  const end = await waitMigrationEnd(input.dest.vm.qmp, { since: input.ram.destinationSince, timeoutMs: ctx.opts.commandTimeoutMs, signal: ctx.signal, what: "the destination's incoming migration to end", call: ctx.call() });
+  if (end.status === 'completed') return;
+  throw new MigrationError('DESTINATION_INCOMING_FAILED', `destination's incoming migration ${end.status}: ${end.errorDesc ?? ''}`, { phase: ctx.phase });
 }
 
 /**

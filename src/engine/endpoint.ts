@@ -1,3 +1,4 @@
+import { clientTls } from '../host/data-tls.js';
 import type { QmpClient } from '../qmp/index.js';
 import type { VmSpec } from '../qemu/spec.js';
 import type { QemuBuild } from '../qemu/versions.js';
@@ -149,6 +150,6 @@ export interface BackingNbd {
 
 /** The qcow2 backing-file string for a BackingNbd; built here only, never taken from a caller. */
 export function backingNbdFilename(b: BackingNbd): string {
-  const tls = b.tlsHostname === undefined ? {} : { 'tls-creds': 'ferry-tls-client', 'tls-hostname': b.tlsHostname };
+  const tls = b.tlsHostname === undefined ? {} : clientTls(b.tlsHostname);
   return `json:${JSON.stringify({ driver: 'nbd', server: { type: 'inet', host: b.host, port: String(b.port) }, export: b.export, 'reconnect-delay': b.reconnectDelayS, ...tls })}`;
 }

@@ -11,7 +11,7 @@ import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { startNbdRelay } from './convergence/nbd-relay.js';
 import { nbdRelaySocketPath } from './data-path.js';
 import { backingNbdFilename, type BackingNbd, type DataTlsPeer, type DestinationEndpoint, type HostDataTls, type IncomingVm, type NbdRelayHandle, type SourceEndpoint } from './endpoint.js';
-import { beginDataTls, certIdentity, certNames, DATA_TLS_IDS, endDataTls, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
+import { beginDataTls, certIdentity, certNames, endDataTls, SERVER_TLS, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
 import { createImage, dataBytes, freeBytesAt, pathExists, removeEmptyParent, removeImage, unusableDir } from '../host/disk-files.js';
 import { randomOrder } from '../host/ports.js';
 import { tcpBytesAcked, tcpBytesAckedFrom, tcpBytesReceivedBy } from '../host/wire.js';
@@ -204,7 +204,7 @@ export class LocalDestination implements DestinationEndpoint {
       ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
     });
     this.#started.set(spec.runDir, vm);
-    if (tls) await vm.qmp.executeRaw('migrate-set-parameters', { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz }, { timeoutMs: 10_000 });
+    if (tls) await vm.qmp.executeRaw('migrate-set-parameters', SERVER_TLS, { timeoutMs: 10_000 });
     this.incoming = {
       process: vm,
       pid: vm.pid,

@@ -20,6 +20,24 @@ export class PrimitiveError extends FerryError {
 const SETTLED = new Set(['completed', 'failed', 'cancelled', 'none']);
 
 /**
+ * Waits (from the cursor `since`) for this QEMU's migration to end; when it did not complete, its
+ * reason is read from query-migrate. Nothing is asked when it completed: inside the pause every
+ * round trip counts.
+ */
+export async function waitMigrationEnd(q: QmpClient, opts: Call & { since: number; what: string; call: Call }): Promise<{ status: string; errorDesc?: string | undefined }> {
+  const ev = await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
+    since: opts.since,
+    timeoutMs: opts.timeoutMs,
+    ...(opts.signal ? { signal: opts.signal } : {}),
+    what: opts.what,
+  });
+  const status = eventIs(ev, 'MIGRATION') ? ev.data.status : 'unknown';
+  if (status === 'completed') return { status };
+  const mig = await q.execute('query-migrate', undefined, opts.call).catch(() => undefined);
+  return { status, errorDesc: mig?.['error-desc'] };
+}
+
+/**
  * migrate_cancel, if a migration is under way, and the wait until QEMU says it has ended.
  * Returns the status it ended in ('completed' if it finished before the cancel took).
  */

@@ -4,7 +4,7 @@
  * the mirrors complete without pivot. The mirror's QEMU arguments are built in one place
  * (`mirrorArguments`), where a new copy mode or TLS on the NBD client goes.
  */
-import { DATA_TLS_IDS } from '../host/data-tls.js';
+import { clientTls } from '../host/data-tls.js';
 import { diskNodeName } from '../qemu/spec.js';
 import { eventIs, type BlockdevMirrorArgs, type BlockdevOptions } from '../qmp/index.js';
 import { QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
@@ -25,7 +25,7 @@ export function targetNodeArguments(ctx: MigrationContext, dest: DestinationStat
     server: { type: 'inet', host: ctx.req.destination.migrationHost, port: String(dest.nbdPort) },
     export: exportName(ctx.id, disk.id),
     // Over TLS the source checks that the destination's certificate names its migration address.
-    ...(tls.encrypted ? { 'tls-creds': DATA_TLS_IDS.client, 'tls-hostname': tls.destination.hostname } : {}),
+    ...(tls.encrypted ? clientTls(tls.destination.hostname) : {}),
   };
 }
 

@@ -10,7 +10,7 @@ import { eventIs, isEvent, type QmpClient } from '../qmp/index.js';
 import { decideConvergence, startConvergence, type ConvergenceState } from './convergence.js';
 import { onFreePort, QMP_TIMEOUT_MS, type DestinationState, type MigrationContext, type SourceState } from './context.js';
 import { migrationUri } from './data-path.js';
-import { cancelAndResumeSource } from './primitives.js';
+import { cancelAndResumeSource, waitMigrationEnd } from './primitives.js';
 import type { ProgressTracker } from './progress.js';
 import { targetNodeName } from './names.js';
 import { MigrationError, type MigrationPlan, type SavedSourceSettings } from './types.js';
@@ -185,15 +185,9 @@ export async function sourcePausedForMs(q: QmpClient, since: number): Promise<nu
 export async function sourceContinue(ctx: MigrationContext, input: { source: SourceState; ram: RamStarted }): Promise<void> {
   const q = input.source.qmp;
   await q.execute('migrate-continue', { state: 'pre-switchover' }, ctx.call());
-  const ev = await q.waitForEvent((e) => eventIs(e, 'MIGRATION') && ['completed', 'failed', 'cancelled'].includes(e.data.status), {
-    since: input.ram.sourceSince,
-    timeoutMs: ctx.opts.progressTimeoutMs,
-    signal: ctx.signal,
-    what: 'the source migration to complete',
-  });
-  if (eventIs(ev, 'MIGRATION') && ev.data.status === 'completed') return;
-  const mig = await q.execute('query-migrate', undefined, ctx.call()).catch(() => undefined);
-  throw new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${mig?.['error-desc'] ?? (eventIs(ev, 'MIGRATION') ? ev.data.status : 'unknown')}`, { phase: ctx.phase });
+  const end = await waitMigrationEnd(q, { since: input.ram.sourceSince, timeoutMs: ctx.opts.progressTimeoutMs, signal: ctx.signal, what: 'the source migration to complete', call: ctx.call() });
+  if (end.status === 'completed') return;
+  throw new MigrationError('SWITCHOVER_FAILED', `switchover failed: ${end.errorDesc ?? end.status}`, { phase: ctx.phase });
 }
 
 /**

@@ -7,7 +7,7 @@ import { errorText } from '../errors.js';
 import type { QmpClient } from '../qmp/index.js';
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
 import { QMP_TIMEOUT_MS, type MigrationContext, type SourceState } from './context.js';
-import { checkQemuPair } from '../qemu/versions.js';
+import { checkQemuPair, type QemuBuild } from '../qemu/versions.js';
 import { missingDataTls } from '../host/data-tls.js';
 import { planDataTls, type DataTlsPlan } from './data-tls-plan.js';
 import type { HostDataTls } from './endpoint.js';
@@ -17,14 +17,10 @@ import { MigrationError, type MigrationPlan } from './types.js';
  * TLS on the data path: what each side offers, what its QEMU can (the source's from its schema;
  * the destination's from its version, and again from its schema once started), what was asked.
  */
-async function planSidesDataTls(ctx: MigrationContext, source: SourceState): Promise<DataTlsPlan> {
+async function planSidesDataTls(ctx: MigrationContext, source: SourceState, destinationBuild: QemuBuild | undefined): Promise<DataTlsPlan> {
   const none: HostDataTls = { mode: 'off', identity: null, names: [] };
-  const [src, dst, build] = await Promise.all([
-    ctx.req.source.dataTls?.({ signal: ctx.signal }) ?? none,
-    ctx.req.destination.dataTls?.({ signal: ctx.signal }) ?? none,
-    ctx.req.destination.probeQemu?.({ timeoutMs: QMP_TIMEOUT_MS, signal: ctx.signal }).catch(() => undefined),
-  ]);
-  const major = build?.version.major;
+  const [src, dst] = await Promise.all([ctx.req.source.dataTls?.({ signal: ctx.signal }) ?? none, ctx.req.destination.dataTls?.({ signal: ctx.signal }) ?? none]);
+  const major = destinationBuild?.version.major;
   return planDataTls(
     ctx.opts.dataTls,
     { ...src, qemuMissing: missingDataTls(source.caps), address: ctx.req.source.exportHost },
@@ -92,7 +88,7 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     problems.push(`not enough space on ${ctx.req.destination.name}: the disks hold ${mib(needed - SPACE_MARGIN_BYTES)} MiB, ${mib(free)} MiB free`);
   }
 
-  const dataTls = await planSidesDataTls(ctx, source).catch((err: unknown) => {
+  const dataTls = await planSidesDataTls(ctx, source, pair.destination).catch((err: unknown) => {
     problems.push(errorText(err));
     return undefined;
   });

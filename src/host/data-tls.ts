@@ -16,12 +16,23 @@ import { join } from 'node:path';
 import { isIP } from 'node:net';
 import { promisify } from 'node:util';
 import { FerryError } from '../errors.js';
+import { z } from 'zod';
 import type { QmpCapabilities, QmpClient } from '../qmp/index.js';
+
+const qomListSchema = z.array(z.object({ name: z.string() }));
 
 const run = promisify(execFile);
 
 /** The ids ferry gives its TLS objects in a QEMU; the agent's QMP policy knows them. */
 export const DATA_TLS_IDS = { server: 'ferry-tls-server', client: 'ferry-tls-client', authz: 'ferry-tls-authz' } as const;
+
+/** The TLS half of an NBD server's or an incoming stream's arguments: ferry's server side, one peer. */
+export const SERVER_TLS = { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz } as const;
+
+/** The TLS half of an NBD client's or an outgoing stream's arguments: checks the peer's name. */
+export function clientTls(peerHostname: string): { 'tls-creds': string; 'tls-hostname': string } {
+  return { 'tls-creds': DATA_TLS_IDS.client, 'tls-hostname': peerHostname };
+}
 
 export type DataTlsMode = 'required' | 'preferred' | 'off';
 
@@ -117,7 +128,7 @@ export async function addDataTlsObjects(qmp: QmpClient, opts: { serverDir: strin
 /** Deletes ferry's TLS objects; those absent are skipped. The first other failure is thrown. */
 export async function removeDataTlsObjects(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
   const present = new Set(
-    ((await qmp.executeRaw('qom-list', { path: '/objects' }, { timeoutMs: opts.timeoutMs })) as { name?: unknown }[]).map((p) => (typeof p.name === 'string' ? p.name : '')),
+    qomListSchema.parse(await qmp.executeRaw('qom-list', { path: '/objects' }, { timeoutMs: opts.timeoutMs })).map((p) => p.name),
   );
   for (const id of [DATA_TLS_IDS.authz, DATA_TLS_IDS.client, DATA_TLS_IDS.server]) {
     if (present.has(id)) await qmp.executeRaw('object-del', { id }, { timeoutMs: opts.timeoutMs });
@@ -169,11 +180,7 @@ export async function beginDataTls(
 ): Promise<void> {
   const dirs = await writeCredentialDirs(opts.dir, opts.material);
   await addDataTlsObjects(qmp, { ...dirs, peerIdentity: opts.peerIdentity, timeoutMs: opts.timeoutMs });
-  const params =
-    opts.role === 'source'
-      ? { 'tls-creds': DATA_TLS_IDS.client, 'tls-hostname': opts.peerHostname }
-      : { 'tls-creds': DATA_TLS_IDS.server, 'tls-authz': DATA_TLS_IDS.authz };
-  await qmp.executeRaw('migrate-set-parameters', params, { timeoutMs: opts.timeoutMs });
+  await qmp.executeRaw('migrate-set-parameters', opts.role === 'source' ? clientTls(opts.peerHostname) : SERVER_TLS, { timeoutMs: opts.timeoutMs });
 }
 
 /**

@@ -1,4 +1,5 @@
 import { join } from 'node:path';
+import { DATA_TLS_IDS } from '../host/data-tls.js';
 import { deviceId, diskNodeName, fileNodeName, type DiskSpec, type VmSpec } from './spec.js';
 
 /** The monitor left free for whoever drives the VM (migrate-vm, an operator's tools). */
@@ -30,7 +31,7 @@ function cacheOptions(cache: DiskSpec['cache']): { direct: boolean; noFlush: boo
 
 /**
  * ferry's data-path TLS objects on the command line (a destination opens a lazy overlay's NBD
- * backing at start-up, before any object-add could run). Ids as in src/host/data-tls.ts.
+ * backing at start-up, before any object-add could run).
  */
 export interface LaunchTlsObjects {
   serverDir: string;
@@ -131,11 +132,11 @@ export function buildArgv(spec: VmSpec, opts: BuildArgvOptions = {}): string[] {
   if (opts.tls) {
     argv.push(
       '-object',
-      `tls-creds-x509,id=ferry-tls-server,dir=${escapeOpt(opts.tls.serverDir)},endpoint=server,verify-peer=on`,
+      `tls-creds-x509,id=${DATA_TLS_IDS.server},dir=${escapeOpt(opts.tls.serverDir)},endpoint=server,verify-peer=on`,
       '-object',
-      `tls-creds-x509,id=ferry-tls-client,dir=${escapeOpt(opts.tls.clientDir)},endpoint=client,verify-peer=on`,
+      `tls-creds-x509,id=${DATA_TLS_IDS.client},dir=${escapeOpt(opts.tls.clientDir)},endpoint=client,verify-peer=on`,
       '-object',
-      `authz-simple,id=ferry-tls-authz,identity=${escapeOpt(opts.tls.peerIdentity)}`,
+      `authz-simple,id=${DATA_TLS_IDS.authz},identity=${escapeOpt(opts.tls.peerIdentity)}`,
     );
   }
   if (opts.incoming) argv.push('-incoming', opts.incoming);
