@@ -30,6 +30,7 @@ import { tickerGap } from '../src/measure/ticker.js';
 import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
 import { parseVmSpec } from '../src/qemu/spec.js';
+import { fillDisk } from './scenario.js';
 
 const run = promisify(execFile);
 const ROOT = join(import.meta.dirname, '..');
@@ -109,13 +110,6 @@ function stat(xs: (number | undefined)[]): string {
   return v.length === 1 ? String(Math.round(med)) : `${Math.round(med)} [${Math.round(v[0]!)}..${Math.round(v[v.length - 1]!)}]`;
 }
 
-async function fillDisk(path: string): Promise<void> {
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(1 << 30)]);
-  const chunk = Math.floor(FILL_MIB / 4);
-  const cmds: string[] = [];
-  for (let i = 0; i < 4; i++) cmds.push('-c', `write -P 0x${(0x41 + i).toString(16)} ${Math.floor((2 ** 30 / 4) * i)} ${chunk}M`);
-  await run('qemu-io', ['-f', 'qcow2', ...cmds, path]);
-}
 
 async function ferryOnce(qemu: string, scenario: string, mode: CopyMode, i: number, image: { kernel: string; initrd: string }): Promise<Row> {
   const row: Row = { qemu, scenario, mode, run: i, ok: false };
@@ -127,7 +121,7 @@ async function ferryOnce(qemu: string, scenario: string, mode: CopyMode, i: numb
     const hostB = join(dir, 'b');
     await run('mkdir', ['-p', hostA, hostB]);
     const diskPath = join(hostA, 'root.qcow2');
-    await fillDisk(diskPath);
+    await fillDisk(diskPath, 'qcow2', 1 << 30, FILL_MIB);
     const spec = parseVmSpec({
       name: 'bench-conv',
       memoryMiB: 256,

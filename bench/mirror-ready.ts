@@ -40,6 +40,7 @@ import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
 import { diskNodeName, parseVmSpec, retargetSpec, type VmSpec } from '../src/qemu/spec.js';
 import { diskBlockdevs } from '../src/qemu/argv.js';
+import { freePort } from '../src/host/ports.js';
 
 const run = promisify(execFile);
 type Mech = 'baseline' | 'buffered' | 'nodelay' | 'relay' | 'write-blocking' | 'change';
@@ -141,14 +142,6 @@ async function startRelay(unixPath: string): Promise<{ port: number; close(): vo
   return { port: a.port, close: () => { server.close(); for (const c of conns) c.destroy(); } };
 }
 
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((res) => s.listen({ host: '127.0.0.1', port: 0 }, res));
-  const a = s.address();
-  await new Promise((r) => s.close(r));
-  if (!a || typeof a === 'string') throw new Error('no address');
-  return a.port;
-}
 
 async function oneRun(mech: Mech, i: number, source: VmProcess, spec: VmSpec, root: string): Promise<RunRow> {
   const dir = join(root, `dest-${mech}-${i}`);

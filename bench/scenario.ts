@@ -12,7 +12,6 @@ import { promisify } from 'node:util';
 import { LocalDestination, LocalSource, type LocalIncomingVm } from '../src/engine/local-endpoint.js';
 import { migrate } from '../src/engine/migrate.js';
 import type { MigrationOptionsInput, MigrationResult } from '../src/engine/types.js';
-import { loadGuestImage } from '../src/guest/image.js';
 import { parseSerialLine, workloadAppend } from '../src/guest/serial.js';
 import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';

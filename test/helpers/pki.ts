@@ -1,10 +1,12 @@
-/** A throwaway PKI for mutual-TLS tests: a CA, an agent certificate for 127.0.0.1, a client, and a rogue client from another CA. */
-import { execFile } from 'node:child_process';
+/**
+ * A throwaway PKI for mutual-TLS tests, as files: a CA, an agent certificate and a client
+ * certificate for 127.0.0.1 (both usages: the agent's also serves its QEMUs' data-path TLS, where
+ * each side is server of one stream and client of another), and a rogue client from another CA.
+ * Made by the same code as migrate-vm's throwaway CA (src/host/data-tls.ts).
+ */
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-
-const run = promisify(execFile);
+import { throwawayPki, type HostTlsMaterial } from '../../src/host/data-tls.js';
 
 export interface Pki {
   ca: string;
@@ -13,33 +15,18 @@ export interface Pki {
   rogue: { cert: string; key: string; ca: string };
 }
 
-async function ca(dir: string, name: string): Promise<{ pem: string; key: string }> {
-  const pem = join(dir, `${name}.pem`);
-  const key = join(dir, `${name}.key`);
-  await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', pem, '-days', '2', '-subj', `/CN=${name}`]);
-  return { pem, key };
-}
-
-async function leaf(dir: string, name: string, signer: { pem: string; key: string }, ext: string): Promise<{ cert: string; key: string }> {
-  const key = join(dir, `${name}.key`);
-  const csr = join(dir, `${name}.csr`);
+async function files(dir: string, name: string, m: HostTlsMaterial): Promise<{ cert: string; key: string }> {
   const cert = join(dir, `${name}.pem`);
-  const extFile = join(dir, `${name}.ext`);
-  await writeFile(extFile, `${ext}\n`);
-  await run('openssl', ['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${name}`]);
-  await run('openssl', ['x509', '-req', '-in', csr, '-CA', signer.pem, '-CAkey', signer.key, '-CAcreateserial', '-out', cert, '-days', '2', '-extfile', extFile]);
+  const key = join(dir, `${name}.key`);
+  await writeFile(cert, m.cert);
+  await writeFile(key, m.key, { mode: 0o600 });
   return { cert, key };
 }
 
 export async function makePki(dir: string): Promise<Pki> {
-  const root = await ca(dir, 'ferry-test-ca');
-  const other = await ca(dir, 'rogue-ca');
-  return {
-    ca: root.pem,
-    // Both usages: the agent's certificate also serves its QEMUs' TLS on the data path, where each
-    // side is server of one stream and client of another.
-    agent: await leaf(dir, 'agent', root, 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth'),
-    client: await leaf(dir, 'client', root, 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth'),
-    rogue: { ...(await leaf(dir, 'rogue', other, 'extendedKeyUsage=clientAuth')), ca: root.pem },
-  };
+  const [agent, client] = await throwawayPki(join(dir, 'fleet'), { address: '127.0.0.1', names: ['agent', 'client'] });
+  const [rogue] = await throwawayPki(join(dir, 'other'), { address: '127.0.0.1', names: ['rogue'] });
+  const ca = join(dir, 'ferry-test-ca.pem');
+  await writeFile(ca, agent!.ca);
+  return { ca, agent: await files(dir, 'agent', agent!), client: await files(dir, 'client', client!), rogue: { ...(await files(dir, 'rogue', rogue!)), ca } };
 }
