@@ -19,6 +19,9 @@
  * `npm run bench:migrate -- --suite data-tls [--runs 5]`: TLS on the data path beside plain text
  * (bench/data-tls.ts).
  *
+ * `npm run bench:migrate -- --suite lazy [--runs 5] [--qemu 7.2,10.0]`: lazy mode's time to
+ * destination running beside its minimal-QMP floor (bench/lazy.ts, bench/floor-lazy.ts).
+ *
  * `npm run bench:migrate -- --suite convergence [--runs 5] [--qemu 7.2,10.0] ...` runs issue 11's
  * copy-mode benchmark instead (bench/convergence.ts).
  */
@@ -54,9 +57,14 @@ async function main(): Promise<void> {
     const { dataTlsSuite } = await import('./data-tls.js');
     return dataTlsSuite();
   }
+  if (suite >= 0 && process.argv[suite + 1] === 'lazy') {
+    // Issue 11: lazy mode's time to destination running beside its minimal-QMP floor (bench/lazy.ts).
+    const { lazySuite } = await import('./lazy.js');
+    return lazySuite();
+  }
   if (suite >= 0) {
     // Issue 11's convergence benchmark: bench/convergence.ts (its own flags).
-    if (process.argv[suite + 1] !== 'convergence') throw new Error(`--suite: unknown '${process.argv[suite + 1] ?? ''}'; known: convergence, data-tls`);
+    if (process.argv[suite + 1] !== 'convergence') throw new Error(`--suite: unknown '${process.argv[suite + 1] ?? ''}'; known: convergence, data-tls, lazy`);
     const { convergenceSuite } = await import('./convergence.js');
     return convergenceSuite();
   }

@@ -32,7 +32,7 @@ import { ProgressTracker } from './progress.js';
 import { fail } from './rollback.js';
 import { sourceCompleteMirrors, sourceMirrorStates, sourceStartMirrors, sourceWaitMirrorsReady } from './source-mirror.js';
 import { sourceContinue, sourceMigrationFigures, sourcePausedForMs, sourcePerformRam, sourceWaitPreSwitchover } from './source-perform.js';
-import { sourceBegin, sourcePreflight } from './source-preflight.js';
+import { destinationProbe, sourceBegin, sourcePreflight } from './source-preflight.js';
 import { MigrationError, MigrationOptionsSchema, type MigrationPlan, type MigrationResult } from './types.js';
 
 export type { MigrateRequest } from './context.js';
@@ -68,8 +68,9 @@ async function runMigration(req: MigrateRequest): Promise<MigrationResult> {
   let source: SourceState | undefined;
   try {
     ctx.enter('preflight');
+    const destinationBuild = destinationProbe(ctx);
     source = await sourceBegin(ctx);
-    const plan = await sourcePreflight(ctx, source);
+    const plan = await sourcePreflight(ctx, source, destinationBuild);
     if (req.dryRun) {
       await source.qmp.close();
       return resultOf(ctx, plan, { downtimeMs: 0, qemuDowntimeMs: undefined, diskBytes: 0, ramBytes: 0, bitmapsMigrated: [], convergence: undefined });

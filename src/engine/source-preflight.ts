@@ -7,7 +7,7 @@ import { errorText } from '../errors.js';
 import type { QmpClient } from '../qmp/index.js';
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
 import { QMP_TIMEOUT_MS, type MigrationContext, type SourceState } from './context.js';
-import { checkQemuPair, type QemuBuild } from '../qemu/versions.js';
+import { checkQemuPair, type QemuBuild, type QemuProber } from '../qemu/versions.js';
 import { missingDataTls } from '../host/data-tls.js';
 import { planDataTls, type DataTlsPlan } from './data-tls-plan.js';
 import type { HostDataTls } from './endpoint.js';
@@ -42,9 +42,22 @@ export async function sourceBegin(ctx: MigrationContext): Promise<SourceState> {
       userError: true,
     });
   }
-  const caps = await qmp.probeCapabilities({ timeoutMs: QMP_TIMEOUT_MS, signal: ctx.signal });
-  const status = await qmp.execute('query-status', undefined, ctx.call());
+  // Pipelined: the schema is the slow answer (tens of ms under TCG), the status waits behind it anyway.
+  const [caps, status] = await Promise.all([qmp.probeCapabilities({ timeoutMs: QMP_TIMEOUT_MS, signal: ctx.signal }), qmp.execute('query-status', undefined, ctx.call())]);
   return { qmp, caps, wasRunning: status.status === 'running' };
+}
+
+/**
+ * The destination's QEMU binary, asked what it is (it starts a QEMU: tens of ms) while the source
+ * is reached and probed: the two are independent. Asked once; its failure is kept for
+ * checkQemuPair to report as a preflight problem, never left unhandled.
+ */
+export function destinationProbe(ctx: MigrationContext): Partial<QemuProber> {
+  const prober = ctx.req.destination;
+  if (!prober.probeQemu) return {};
+  const probed = prober.probeQemu({ timeoutMs: QMP_TIMEOUT_MS, signal: ctx.signal });
+  probed.catch(() => undefined);
+  return { probeQemu: () => probed };
 }
 
 /**
@@ -58,14 +71,25 @@ export function targetSpec(ctx: MigrationContext, machine: string | undefined): 
   return { ...spec, disks: spec.disks.map((d) => ({ ...d, format: 'qcow2' as const, path: d.path.replace(/(\.(raw|img|qcow2))?$/, '.qcow2') })) };
 }
 
-export async function sourcePreflight(ctx: MigrationContext, source: SourceState): Promise<MigrationPlan> {
+export async function sourcePreflight(ctx: MigrationContext, source: SourceState, destination: Partial<QemuProber> = ctx.req.destination): Promise<MigrationPlan> {
   const { spec } = ctx.req;
-  const problems = [...(await sourceStateProblems(ctx, source))];
+  // Everything below only reads, so it is asked at once; the problems are listed in a fixed order.
+  const stateProblems = sourceStateProblems(ctx, source);
   // QEMU versions and machine type: forward only, the destination pinned to the source's type.
-  const pair = await checkQemuPair(source.qmp, ctx.req.destination, ctx.call());
-  problems.push(...pair.problems);
+  const pairing = checkQemuPair(source.qmp, destination, ctx.call());
+  const memory = source.qmp.executeRaw('query-memory-size-summary', undefined, ctx.call());
+  const pair = await pairing;
   const destSpec = targetSpec(ctx, pair.machine);
-  const { disks, bitmaps, problems: diskProblems } = await readDisks(ctx, source, destSpec);
+  const reading = readDisks(ctx, source, destSpec);
+  const target = ctx.req.destination.checkTarget(destSpec, { signal: ctx.signal });
+  const freeing = ctx.req.destination.freeBytes(destSpec, { signal: ctx.signal }).catch(() => undefined);
+  const tlsPlanning = planSidesDataTls(ctx, source, pair.destination).then(
+    (plan) => ({ plan }),
+    (err: unknown) => ({ err }),
+  );
+  for (const p of [stateProblems, memory, reading, target]) p.catch(() => undefined);
+  const problems = [...(await stateProblems), ...pair.problems];
+  const { disks, bitmaps, problems: diskProblems } = await reading;
   problems.push(...diskProblems);
   if (bitmaps.length > 0 && !source.caps.migrationCapabilities.has('dirty-bitmaps')) {
     // Without the capability the destination would come up without them, and the next
@@ -76,22 +100,21 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     // Not verified yet: the bitmap would land on the overlay while the data is still behind it.
     problems.push(`lazy mode does not move dirty bitmaps yet (found ${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}); use precopy`);
   }
-  const ramBytes = readBaseMemory(await source.qmp.executeRaw('query-memory-size-summary', undefined, ctx.call())) ?? spec.memoryMiB * 1024 * 1024;
+  const ramBytes = readBaseMemory(await memory) ?? spec.memoryMiB * 1024 * 1024;
   if (ramBytes !== spec.memoryMiB * 1024 * 1024) {
     problems.push(`spec does not match the running source: it has ${ramBytes / 1048576} MiB of RAM, the spec says ${spec.memoryMiB}`);
   }
 
-  problems.push(...(await ctx.req.destination.checkTarget(destSpec, { signal: ctx.signal })));
+  problems.push(...(await target));
   const needed = disks.reduce((s, d) => s + d.allocatedBytes, 0) + SPACE_MARGIN_BYTES;
-  const free = await ctx.req.destination.freeBytes(destSpec, { signal: ctx.signal }).catch(() => undefined);
+  const free = await freeing;
   if (free !== undefined && free < needed) {
     problems.push(`not enough space on ${ctx.req.destination.name}: the disks hold ${mib(needed - SPACE_MARGIN_BYTES)} MiB, ${mib(free)} MiB free`);
   }
 
-  const dataTls = await planSidesDataTls(ctx, source, pair.destination).catch((err: unknown) => {
-    problems.push(errorText(err));
-    return undefined;
-  });
+  const tls = await tlsPlanning;
+  if ('err' in tls) problems.push(errorText(tls.err));
+  const dataTls = 'plan' in tls ? tls.plan : undefined;
 
   if (problems.length > 0 || !dataTls) {
     throw new MigrationError('PREFLIGHT_REFUSED', `cannot migrate ${spec.name}:\n  - ${problems.join('\n  - ')}`, {
@@ -151,6 +174,13 @@ async function readDisks(
   destSpec: VmSpec,
 ): Promise<{ disks: MigrationPlan['disks']; bitmaps: MigrationPlan['bitmaps']; problems: string[] }> {
   const problems: string[] = [];
+  // What the copy writes (qemu-img map, a process per disk) is asked while QEMU lists its nodes.
+  const data = ctx.req.spec.disks.map((disk) =>
+    ctx.req.source.dataBytes({ path: disk.path, format: disk.format }, { signal: ctx.signal }).catch((err: unknown) => {
+      ctx.log.warn({ disk: disk.id, err: errorText(err) }, "cannot read the disk's data bytes; using QEMU's actual-size");
+      return undefined;
+    }),
+  );
   const nodes = await source.qmp.execute('query-named-block-nodes', { flat: true }, ctx.call());
   const byName = new Map(nodes.map((n) => [n['node-name'], n]));
   const disks: MigrationPlan['disks'] = [];
@@ -174,15 +204,12 @@ async function readDisks(
     }
     // What the copy writes, not what the file takes: a compressed image, or one with a backing
     // chain that 'full' flattens, holds more data than its actual-size (ENOSPC mid-mirror).
-    const data = await ctx.req.source.dataBytes({ path: disk.path, format: disk.format }, { signal: ctx.signal }).catch((err: unknown) => {
-      ctx.log.warn({ disk: disk.id, err: errorText(err) }, "cannot read the disk's data bytes; using QEMU's actual-size");
-      return undefined;
-    });
+    const dataBytes = await data[i];
     disks.push({
       id: disk.id,
       format: destSpec.disks[i]!.format,
       virtualSize,
-      allocatedBytes: data ?? node.image['actual-size'] ?? virtualSize,
+      allocatedBytes: dataBytes ?? node.image['actual-size'] ?? virtualSize,
       sourcePath: disk.path,
       destinationPath: destSpec.disks[i]!.path,
       // The target is a fresh image that reads as zeros, so copying what the source allocates
