@@ -89,14 +89,24 @@ async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: Migr
   const dest = await destinationPrepare(ctx, { plan, sourceExport: undefined, sourceCaps: source.caps });
   ctx.enter('mirror');
   const mirrorsSince = await sourceStartMirrors(ctx, { source, dest, plan });
-  const mirrorConvergence = await sourceWaitMirrorsReady(ctx, { source, dest, plan, progress, mirrorsSince });
-  ctx.emit({ event: 'convergence', migrationId: ctx.id, action: 'mirrors-converged', mirrors: mirrorConvergence });
-  const moved = await moveGuest(ctx, { source, dest, plan, progress }, {
-    checkMirrors: () => sourceMirrorStates(ctx, source, plan),
-    completeMirrors: () => sourceCompleteMirrors(ctx, { source, plan }),
-    // The writable exports go before `cont`, so the guest's devices take back their WRITE (issue 15 defect 17).
-    beforeResume: () => destinationStopNbdServer(ctx, dest),
-  });
+  const { convergence: converged, watch } = await sourceWaitMirrorsReady(ctx, { source, dest, plan, progress, mirrorsSince });
+  ctx.emit({ event: 'convergence', migrationId: ctx.id, action: 'mirrors-converged', mirrors: converged });
+  let moved: Awaited<ReturnType<typeof moveGuest>>;
+  try {
+    moved = await moveGuest(ctx, { source, dest, plan, progress }, {
+      checkMirrors: () => sourceMirrorStates(ctx, source, plan),
+      completeMirrors: () => {
+        watch.stop();
+        return sourceCompleteMirrors(ctx, { source, plan });
+      },
+      // The writable exports go before `cont`, so the guest's devices take back their WRITE (issue 15 defect 17).
+      beforeResume: () => destinationStopNbdServer(ctx, dest),
+    });
+  } finally {
+    watch.stop();
+  }
+  const syncedAtMs = await watch.syncedAtMs;
+  const mirrorConvergence = syncedAtMs === undefined ? converged : { ...converged, syncedAtMs };
   // The guest runs on the destination: nothing below can fail the migration, only warn.
   ctx.enter('cleanup');
   const diskBytes = await progress.finalDiskBytes().catch(() => 0);

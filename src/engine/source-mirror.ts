@@ -12,7 +12,7 @@ import { exportName, mirrorJobId, targetNodeName } from './names.js';
 import { cancelJob, deleteNode } from './primitives.js';
 import type { ProgressTracker } from './progress.js';
 import { errorText } from '../errors.js';
-import { convergeActively } from './convergence/index.js';
+import { convergeActively, switchToWriteBlocking, waitActivelySynced } from './convergence/index.js';
 import { MigrationError, type MigrationOptions, type MigrationPlan, type MirrorConvergence } from './types.js';
 
 type PlanDisk = MigrationPlan['disks'][number];
@@ -68,14 +68,30 @@ export function activeSyncReadyBoundMs(plan: MigrationPlan): number {
 }
 
 /**
+ * The active-sync path's last step, run beside the RAM phase: actively-synced polled until seen
+ * or until `stop` (at switchover, so no poll stands in the pause's way). `syncedAtMs` resolves
+ * with when every mirror was seen actively-synced (ms from the mirrors' start), or undefined when
+ * switchover came first: then the cancel at switchover copies what is left, as in background mode.
+ */
+export interface ActiveSyncWatch {
+  stop(): void;
+  syncedAtMs: Promise<number | undefined>;
+}
+
+const NO_WATCH: ActiveSyncWatch = { stop: () => undefined, syncedAtMs: Promise.resolve(undefined) };
+
+/**
  * Until every mirror is READY, with progress events; then, on the active-sync path (copy mode
- * auto, a source with block-job-change), convergeActively: write-blocking from now on, and
- * every mirror actively-synced. Also switched when READY has not come within the bound.
+ * auto, a source with block-job-change), every mirror turned to write-blocking. When all were
+ * READY first, the wait for actively-synced runs beside the RAM phase (the watch): nothing gets
+ * dirty any more, and the RAM pre-copy need not wait for the backlog's last blocks. When the
+ * bound passed without READY, the switch is made anyway and actively-synced (which implies
+ * READY) is awaited here: a mirror that is not READY cannot complete at switchover.
  */
 export async function sourceWaitMirrorsReady(
   ctx: MigrationContext,
   input: { source: SourceState; dest: DestinationState; plan: MigrationPlan; progress: ProgressTracker; mirrorsSince: number },
-): Promise<MirrorConvergence> {
+): Promise<{ convergence: MirrorConvergence; watch: ActiveSyncWatch }> {
   const { source, dest, plan, progress, mirrorsSince } = input;
   const started = performance.now();
   const conv = dest.convergence;
@@ -96,19 +112,33 @@ export async function sourceWaitMirrorsReady(
   const readyMs = Math.round(performance.now() - started);
   const path = conv?.path ?? 'background';
   const nbdPort = dest.nbdPort ?? 0;
-  if (!conv?.activeSync) return { path, relay: conv?.relay ?? false, nbdPort, readyMs };
-  const synced = await convergeActively(
-    source.qmp,
-    plan.disks.map((d) => mirrorJobId(d.id)),
-    { since: mirrorsSince, readyBoundMs: 1, timeoutMs: Math.max(10_000, plan.deadlineMs - (performance.now() - ctx.started)), signal: ctx.signal },
-  ).catch((err: unknown) => {
+  if (!conv?.activeSync) return { convergence: { path, relay: conv?.relay ?? false, nbdPort, readyMs }, watch: NO_WATCH };
+  const jobIds = plan.disks.map((d) => mirrorJobId(d.id));
+  const timeoutMs = Math.max(10_000, plan.deadlineMs - (performance.now() - ctx.started));
+  const notConverged = (err: unknown): never => {
     throw new MigrationError('MIRROR_NOT_CONVERGED', `copy mode auto: ${errorText(err)}`, { phase: ctx.phase, cause: err });
-  });
-  // convergeActively's times count from its own start, which is readyMs after the mirrors'.
-  const switchedAtMs = readyMs + Math.max(...synced.map((j) => j.switchedAtMs));
-  const syncedAtMs = readyMs + Math.max(...synced.map((j) => j.syncedAtMs));
-  // Without READY before the bound, the mirrors were READY when seen actively-synced.
-  return { path, relay: conv.relay, nbdPort, readyMs: allReady ? readyMs : syncedAtMs, switchedAtMs, syncedAtMs };
+  };
+  if (!allReady) {
+    const synced = await convergeActively(source.qmp, jobIds, { since: mirrorsSince, readyBoundMs: 1, timeoutMs, signal: ctx.signal }).catch(notConverged);
+    // convergeActively's times count from its own start, which is readyMs after the mirrors'.
+    const switchedAtMs = readyMs + Math.max(...synced.map((j) => j.switchedAtMs));
+    const syncedAtMs = readyMs + Math.max(...synced.map((j) => j.syncedAtMs));
+    // Without READY before the bound, the mirrors were READY when seen actively-synced.
+    return { convergence: { path, relay: conv.relay, nbdPort, readyMs: syncedAtMs, switchedAtMs, syncedAtMs }, watch: NO_WATCH };
+  }
+  const switched = await switchToWriteBlocking(source.qmp, jobIds, { since: mirrorsSince, readyBoundMs: 1, timeoutMs, signal: ctx.signal }).catch(notConverged);
+  const switchedAtMs = readyMs + Math.max(...[...switched.values()].map((j) => j.atMs));
+  const stop = new AbortController();
+  const watchFrom = Math.round(performance.now() - started);
+  const syncedAtMs = waitActivelySynced(source.qmp, jobIds, { timeoutMs, signal: AbortSignal.any([ctx.signal, stop.signal]) }).then(
+    (synced) => watchFrom + Math.max(...synced.values()),
+    (err: unknown) => {
+      // A mirror that fails is the RAM phase's to report (checkMirrors); a stop is no failure.
+      if (!stop.signal.aborted) ctx.log.debug({ err: errorText(err) }, 'actively-synced not seen');
+      return undefined;
+    },
+  );
+  return { convergence: { path, relay: conv.relay, nbdPort, readyMs, switchedAtMs }, watch: { stop: () => stop.abort(), syncedAtMs } };
 }
 
 /** The mirrors' states; a mirror that ended or failed before switchover is a failure. */

@@ -78,6 +78,8 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
   // QEMU versions and machine type: forward only, the destination pinned to the source's type.
   const pairing = checkQemuPair(source.qmp, destination, ctx.call());
   const memory = source.qmp.executeRaw('query-memory-size-summary', undefined, ctx.call());
+  // Awaited below, in order; until then a rejection must not count as unhandled.
+  for (const p of [stateProblems, memory]) p.catch(() => undefined);
   const pair = await pairing;
   const destSpec = targetSpec(ctx, pair.machine);
   const reading = readDisks(ctx, source, destSpec);
@@ -87,7 +89,7 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     (plan) => ({ plan }),
     (err: unknown) => ({ err }),
   );
-  for (const p of [stateProblems, memory, reading, target]) p.catch(() => undefined);
+  for (const p of [reading, target]) p.catch(() => undefined);
   const problems = [...(await stateProblems), ...pair.problems];
   const { disks, bitmaps, problems: diskProblems } = await reading;
   problems.push(...diskProblems);

@@ -74,7 +74,8 @@ function expectConverged(result: MigrationResult): void {
   expect(m!.readyMs, `mirror READY within ${READY_BOUND_MS} ms (took ${m!.readyMs} ms on ${m!.path})`).toBeLessThan(READY_BOUND_MS);
   if (m!.path.startsWith('auto:active-sync')) {
     expect(m!.switchedAtMs).toBeGreaterThanOrEqual(0);
-    expect(m!.syncedAtMs).toBeGreaterThanOrEqual(m!.switchedAtMs!);
+    // actively-synced is watched beside the RAM phase; a switchover that comes first leaves it unset.
+    if (m!.syncedAtMs !== undefined) expect(m!.syncedAtMs).toBeGreaterThanOrEqual(m!.switchedAtMs!);
   }
 }
 

@@ -4,7 +4,9 @@
  * when READY has not come within a short bound, `block-job-change` turns each mirror to
  * write-blocking: from then on every guest write waits for the destination, nothing new gets
  * dirty, and the mirror soon reports `actively-synced` in query-block-jobs. It stays so until
- * switchover, so the cancel at switchover has nothing left to copy.
+ * switchover, so the cancel at switchover has nothing left to copy. The engine
+ * (source-mirror.ts) waits for it beside the RAM phase when READY came first, and here
+ * (convergeActively) when the bound passed without.
  *
  * There is no event for actively-synced: it is polled (query-block-jobs, every `pollMs`).
  */
@@ -57,11 +59,24 @@ export interface ActiveSyncOptions {
  */
 export async function convergeActively(qmp: QmpClient, jobIds: readonly string[], opts: ActiveSyncOptions): Promise<ActiveSyncJob[]> {
   const started = performance.now();
+  const switched = await switchToWriteBlocking(qmp, jobIds, opts);
+  const remainingMs = Math.max(1_000, opts.timeoutMs - (performance.now() - started));
+  const offset = Math.round(performance.now() - started);
+  const synced = await waitActivelySynced(qmp, jobIds, { ...opts, timeoutMs: remainingMs });
+  return jobIds.map((job) => ({ job, readyBeforeSwitch: switched.get(job)!.readyBeforeSwitch, switchedAtMs: switched.get(job)!.atMs, syncedAtMs: offset + synced.get(job)! }));
+}
+
+/**
+ * Each job, once READY (or once `readyBoundMs` passed without), turned to write-blocking with
+ * block-job-change. Resolves with when each was switched (ms from the call) and whether READY
+ * came first.
+ */
+export async function switchToWriteBlocking(qmp: QmpClient, jobIds: readonly string[], opts: ActiveSyncOptions): Promise<Map<string, { readyBeforeSwitch: boolean; atMs: number }>> {
+  const started = performance.now();
   const deadline = started + opts.timeoutMs;
   const signal = opts.signal;
   const call = (): { timeoutMs: number; signal?: AbortSignal } => ({ timeoutMs: Math.max(1_000, deadline - performance.now()), ...(signal ? { signal } : {}) });
   const switched = new Map<string, { readyBeforeSwitch: boolean; atMs: number }>();
-
   await Promise.all(
     jobIds.map(async (job) => {
       const readyBeforeSwitch = await qmp
@@ -91,7 +106,19 @@ export async function convergeActively(qmp: QmpClient, jobIds: readonly string[]
       opts.onSwitch?.({ job, readyBeforeSwitch, atMs });
     }),
   );
+  return switched;
+}
 
+/**
+ * Until every job is READY and actively-synced (polled: there is no event for it). Resolves with
+ * when each was first seen so, ms from the call; throws if a job ends, the deadline passes, or
+ * `signal` fires.
+ */
+export async function waitActivelySynced(qmp: QmpClient, jobIds: readonly string[], opts: Pick<ActiveSyncOptions, 'timeoutMs' | 'signal' | 'pollMs'>): Promise<Map<string, number>> {
+  const started = performance.now();
+  const deadline = started + opts.timeoutMs;
+  const signal = opts.signal;
+  const call = (): { timeoutMs: number; signal?: AbortSignal } => ({ timeoutMs: Math.max(1_000, deadline - performance.now()), ...(signal ? { signal } : {}) });
   const synced = new Map<string, number>();
   let last: z.infer<typeof blockJobsSchema> = [];
   for (;;) {
@@ -106,7 +133,7 @@ export async function convergeActively(qmp: QmpClient, jobIds: readonly string[]
       }
       if (info.ready && info['actively-synced'] && !synced.has(job)) synced.set(job, Math.round(performance.now() - started));
     }
-    if (synced.size === jobIds.length) break;
+    if (synced.size === jobIds.length) return synced;
     if (performance.now() > deadline) {
       throw new ConvergenceError(
         'NOT_SYNCED',
@@ -116,7 +143,6 @@ export async function convergeActively(qmp: QmpClient, jobIds: readonly string[]
     }
     await sleep(opts.pollMs ?? 20, signal);
   }
-  return jobIds.map((job) => ({ job, readyBeforeSwitch: switched.get(job)!.readyBeforeSwitch, switchedAtMs: switched.get(job)!.atMs, syncedAtMs: synced.get(job)! }));
 }
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {

@@ -16,7 +16,7 @@ import type { MirrorConvergence } from '../types.js';
 import { canChangeCopyMode } from './active-sync.js';
 import { nbdServerNeedsRelay } from './nbd-relay.js';
 
-export { canChangeCopyMode, convergeActively, type ActiveSyncJob, type ActiveSyncOptions } from './active-sync.js';
+export { canChangeCopyMode, convergeActively, switchToWriteBlocking, waitActivelySynced, type ActiveSyncJob, type ActiveSyncOptions } from './active-sync.js';
 export { ConvergenceError } from './errors.js';
 export { nbdServerNeedsRelay, startNbdRelay, type NbdRelay, type NbdRelayOptions } from './nbd-relay.js';
 
