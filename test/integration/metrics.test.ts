@@ -4,12 +4,15 @@
  * served without one on the operator's separate metrics address; the page's WebSocket with its
  * token in the subprotocol offer, and refused from another origin.
  */
+import { readFile } from 'node:fs/promises';
+import { request } from 'node:https';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import WebSocket from 'ws';
 import { AgentClient } from '../../src/agent/client.js';
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
 import { startSchedulerService, type RunningScheduler } from '../../src/scheduler/service.js';
 import { cleanupAll, makeTempDir } from '../helpers/guest.js';
+import { makePki } from '../helpers/pki.js';
 
 const AGENT_TOKEN = 'agent-token-for-the-scheduler-0123';
 const API_TOKEN = 'operator-token-0123456789abcdef';
@@ -112,4 +115,30 @@ test('the web view: its files are served; its WebSocket takes the token from the
   }
   expect(await open(offer('not-a-token-of-this-scheduler'))).toEqual({ status: 401 });
   expect(await open(offer(API_TOKEN), { origin: 'http://evil.example' })).toEqual({ status: 403 });
+});
+
+test('an agent with mutual TLS: /metrics needs the client certificate and then the token', async () => {
+  const pki = await makePki(await makeTempDir('ferry-metrics-pki-'));
+  const tlsAgent = await startAgent({ name: 'T', listenPort: 0, storageRoot: await makeTempDir('ferry-metrics-T-'), tokens: { [AGENT_TOKEN]: 'scheduler' }, tls: { ...pki.agent, ca: pki.ca } });
+  try {
+    const get = async (opts: { cert?: boolean; token?: boolean }): Promise<number | string> => {
+      const [ca, cert, key] = await Promise.all([readFile(pki.ca), readFile(pki.client.cert), readFile(pki.client.key)]);
+      return new Promise((resolve) => {
+        const req = request(
+          { host: '127.0.0.1', port: tlsAgent.port, path: '/metrics', ca, ...(opts.cert ? { cert, key } : {}), headers: opts.token ? { authorization: `Bearer ${AGENT_TOKEN}` } : {} },
+          (res) => {
+            res.resume();
+            resolve(res.statusCode ?? 0);
+          },
+        );
+        req.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? 'error'));
+        req.end();
+      });
+    };
+    expect(await get({ token: true })).toMatch(/^(ECONNRESET|ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED|EPIPE)$/);
+    expect(await get({ cert: true })).toBe(401);
+    expect(await get({ cert: true, token: true })).toBe(200);
+  } finally {
+    await tlsAgent.close();
+  }
 });
