@@ -116,6 +116,25 @@ const rows = (page: Page): Promise<Row[]> =>
 
 const hostVms = (page: Page, host: string): Promise<string | null> => page.$eval(`[data-host="${host}"]`, (e) => e.getAttribute('data-vms')).catch(() => null);
 
+test('without a token the page asks for one; a wrong one is refused, a right one connects', async () => {
+  const context = await browser!.createBrowserContext();
+  const page = await context.newPage();
+  try {
+    await page.goto(svc.url.replace(/^ws/, 'http') + '/');
+    await page.waitForSelector('#login:not([hidden])', { timeout: 10_000 });
+    expect(await page.$eval('#app', (e) => e.hasAttribute('hidden'))).toBe(true);
+    await page.type('#token', 'not-a-token-of-this-scheduler');
+    await page.click('#login button[type="submit"]');
+    await page.waitForFunction(`document.querySelector('#login-error').textContent === 'The scheduler refused that token.'`, { timeout: 10_000 });
+    await page.type('#token', API_TOKEN);
+    await page.click('#login button[type="submit"]');
+    await page.waitForSelector('#status[data-state="live"]', { timeout: 10_000 });
+    expect(await page.$eval('#login', (e) => e.hasAttribute('hidden'))).toBe(true);
+  } finally {
+    await context.close();
+  }
+}, 60_000);
+
 test('the page shows a drain of two writing guests progress live to the end', async () => {
   const started = performance.now();
   const page = await browser!.newPage();
@@ -147,6 +166,7 @@ test('the page shows a drain of two writing guests progress live to the end', as
     const midway = new Map<string, number[]>();
     const rates = new Set<string>();
     let shot = false;
+    let declinedCancel = false;
     let last: Row[] = [];
     const deadline = Date.now() + 100_000;
     while (Date.now() < deadline) {
@@ -156,6 +176,15 @@ test('the page shows a drain of two writing guests progress live to the end', as
           midway.set(r.vm, [...(midway.get(r.vm) ?? []), r.percent]);
           if (/\/s · ETA /.test(r.rate)) rates.add(r.rate);
         }
+      }
+      const running = last.find((r) => r.state === 'running');
+      if (!declinedCancel && running) {
+        // Cancel asks first; declined, the migration runs on.
+        await page.click(`tr[data-vm="${running.vm}"] [data-action="cancel"]`);
+        await page.waitForSelector('#confirm[open]');
+        expect(await page.$eval('#confirm-text', (e) => e.textContent)).toBe(`Cancel the migration of ${running.vm} (A → B)? A running one is rolled back; the guest stays on A.`);
+        await page.click('#confirm-no');
+        declinedCancel = true;
       }
       if (!shot && process.env.FERRY_WEB_SCREENSHOT && last.length === 2 && last.every((r) => r.state === 'running' && (r.percent ?? 0) >= 25 && !/ 0 B\/s/.test(r.rate))) {
         await page.click(`tr[data-vm="${last[0]!.vm}"]`);
@@ -167,6 +196,7 @@ test('the page shows a drain of two writing guests progress live to the end', as
       await sleep(150);
     }
     expect(last.map((r) => [r.vm, r.state]).sort()).toEqual(VMS.map((vm) => [vm, 'succeeded']));
+    expect(declinedCancel).toBe(true);
     // Live: each migration was seen part-way, its bar moving, with bytes, a rate and an ETA.
     expect([...midway.keys()].sort()).toEqual(VMS);
     expect([...midway.values()].some((seen) => new Set(seen).size > 1)).toBe(true);
