@@ -270,8 +270,11 @@ function alertError(text) {
 // ------------------------------------------------------------------ rendering
 
 function renderHosts() {
+  // The page's own count follows events at once; the scheduler's (hosts.queued) also counts
+  // queued migrations older than the 200 the page loaded.
   const queuedFrom = new Map();
   for (const j of state.jobs.values()) if (j.state === 'queued') queuedFrom.set(j.from, (queuedFrom.get(j.from) ?? 0) + 1);
+  for (const h of state.hosts) if (typeof h.queued === 'number' && h.queued > (queuedFrom.get(h.name) ?? 0)) queuedFrom.set(h.name, h.queued);
   const cards = state.hosts.map((h) => {
     const vms = state.vms.filter((v) => v.host === h.name);
     return el(

@@ -97,6 +97,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       case 'hosts': {
         const [hosts, vms] = await Promise.all([fleet.hosts(), fleet.vms()]);
         const running = scheduler.running();
+        const queued = store.inState('queued').reduce<Record<string, number>>((m, j) => ({ ...m, [j.from]: (m[j.from] ?? 0) + 1 }), {});
         return config.hosts.map((h) => {
           const info = hosts.find((x) => x.name === h.name);
           return {
@@ -108,6 +109,8 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
             vms: vms.filter((v) => v.host === h.name).length,
             outgoing: running.outgoing[h.name] ?? 0,
             incoming: running.incoming[h.name] ?? 0,
+            /** Queued migrations out of this host: its queue depth. */
+            queued: queued[h.name] ?? 0,
           };
         });
       }

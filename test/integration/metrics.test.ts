@@ -110,7 +110,7 @@ test('the web view: its files are served; its WebSocket takes the token from the
   if ('ws' in good) {
     const reply = new Promise<string>((r) => good.ws.once('message', (d: Buffer) => r(d.toString())));
     good.ws.send(JSON.stringify({ v: 1, id: 1, method: 'hosts', params: {} }));
-    expect(JSON.parse(await reply)).toMatchObject({ id: 1, ok: true, result: [{ name: 'A', reachable: true }] });
+    expect(JSON.parse(await reply)).toMatchObject({ id: 1, ok: true, result: [{ name: 'A', reachable: true, queued: 0 }] });
     good.ws.close();
   }
   expect(await open(offer('not-a-token-of-this-scheduler'))).toEqual({ status: 401 });
