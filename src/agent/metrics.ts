@@ -12,8 +12,9 @@
  * The last stays absent (no series) until fencing epochs land and call `recordStaleCallRefused`.
  * Aggregates only: no VM name, no principal, so any API token may read them.
  */
-import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
+import { Counter, Gauge, Registry } from 'prom-client';
 import { z } from 'zod';
+import { renderWithProcess } from '../host/process-metrics.js';
 
 export interface VmRecordView {
   role: string;
@@ -38,7 +39,6 @@ export class AgentMetrics implements QmpObserver {
 
   constructor(records: () => readonly VmRecordView[]) {
     const registers = [this.registry];
-    collectDefaultMetrics({ register: this.registry, prefix: 'ferry_agent_' });
     new Gauge({
       name: 'ferry_agent_vms',
       help: "The agent's VMs by role (vm: a guest of this host; incoming: a migration's destination) and state",
@@ -92,6 +92,6 @@ export class AgentMetrics implements QmpObserver {
   }
 
   async render(): Promise<{ contentType: string; body: string }> {
-    return { contentType: this.registry.contentType, body: await this.registry.metrics() };
+    return renderWithProcess(this.registry, 'ferry_agent_');
   }
 }

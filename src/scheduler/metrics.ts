@@ -19,7 +19,8 @@
  * `recordStaleCallRefused`. QMP errors are counted where every QMP command passes: the agents'
  * tunnels (agent/metrics.ts).
  */
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { renderWithProcess } from '../host/process-metrics.js';
 import type { Scheduler, SchedulerEvents } from './scheduler.js';
 import type { MigrationJob } from './types.js';
 
@@ -54,7 +55,6 @@ export class SchedulerMetrics {
   constructor(scheduler: Scheduler, source: MigrationSource, hosts: readonly string[]) {
     this.#scheduler = scheduler;
     const registers = [this.registry];
-    collectDefaultMetrics({ register: this.registry, prefix: 'ferry_scheduler_' });
     this.#migrations = new Counter({ name: 'ferry_migrations_total', help: 'Runs of the migration engine that ended, by the state the migration went to (succeeded, failed, cancelled, queued for a retry, needs-source) and mode', labelNames: ['outcome', 'mode'], registers });
     this.#duration = new Histogram({ name: 'ferry_migration_duration_seconds', help: 'How long a run of the migration engine took, by outcome and mode', labelNames: ['outcome', 'mode'], buckets: DURATION_BUCKETS, registers });
     this.#downtime = new Histogram({ name: 'ferry_migration_downtime_seconds', help: "The guest's pause at the switchover (source stopped until the destination ran), migrations that moved the guest", labelNames: ['mode'], buckets: DOWNTIME_BUCKETS, registers });
@@ -147,7 +147,7 @@ export class SchedulerMetrics {
 
   /** The text format Prometheus scrapes, and its content type. */
   async render(): Promise<{ contentType: string; body: string }> {
-    return { contentType: this.registry.contentType, body: await this.registry.metrics() };
+    return renderWithProcess(this.registry, 'ferry_scheduler_');
   }
 
   close(): void {
