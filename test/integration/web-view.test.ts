@@ -114,7 +114,15 @@ const rows = (page: Page): Promise<Row[]> =>
     }),
   );
 
-const hostVms = (page: Page, host: string): Promise<string | null> => page.$eval(`[data-host="${host}"]`, (e) => e.getAttribute('data-vms')).catch(() => null);
+/**
+ * A click inside the page, in one step: the page re-renders its rows on every event, so a click
+ * by coordinates on a node found a moment before could find it replaced.
+ */
+async function clickIn(page: Page, selector: string): Promise<void> {
+  await page.waitForSelector(selector, { timeout: 10_000 });
+  const clicked = await page.evaluate(`(() => { const e = document.querySelector(${JSON.stringify(selector)}); if (!e) return false; e.click(); return true; })()`);
+  if (clicked !== true) throw new Error(`nothing to click at ${selector}`);
+}
 
 test('without a token the page asks for one; a wrong one is refused, a right one connects', async () => {
   const context = await browser!.createBrowserContext();
@@ -151,7 +159,7 @@ test('the page shows a drain of two writing guests progress live to the end', as
     expect(await page.$$eval('[data-host="A"] li', (lis) => lis.map((l) => l.getAttribute('data-vm')).sort())).toEqual(VMS);
 
     // Declined: nothing is queued.
-    await page.click('[data-host="A"] [data-action="drain"]');
+    await clickIn(page, '[data-host="A"] [data-action="drain"]');
     await page.waitForSelector('#confirm[open]');
     expect(await page.$eval('#confirm-text', (e) => e.textContent)).toBe('Drain A? Its 2 running VMs will be moved to other hosts.');
     await page.click('#confirm-no');
@@ -160,7 +168,7 @@ test('the page shows a drain of two writing guests progress live to the end', as
     expect(await svc.scheduler.list()).toEqual([]);
 
     // Confirmed: the drain runs, and the page follows it without a reload.
-    await page.click('[data-host="A"] [data-action="drain"]');
+    await clickIn(page, '[data-host="A"] [data-action="drain"]');
     await page.waitForSelector('#confirm[open]');
     await page.click('#confirm-yes');
     const midway = new Map<string, number[]>();
@@ -180,14 +188,14 @@ test('the page shows a drain of two writing guests progress live to the end', as
       const running = last.find((r) => r.state === 'running');
       if (!declinedCancel && running) {
         // Cancel asks first; declined, the migration runs on.
-        await page.click(`tr[data-vm="${running.vm}"] [data-action="cancel"]`);
+        await clickIn(page, `tr[data-vm="${running.vm}"] [data-action="cancel"]`);
         await page.waitForSelector('#confirm[open]');
         expect(await page.$eval('#confirm-text', (e) => e.textContent)).toBe(`Cancel the migration of ${running.vm} (A → B)? A running one is rolled back; the guest stays on A.`);
         await page.click('#confirm-no');
         declinedCancel = true;
       }
       if (!shot && process.env.FERRY_WEB_SCREENSHOT && last.length === 2 && last.every((r) => r.state === 'running' && (r.percent ?? 0) >= 25 && !/ 0 B\/s/.test(r.rate))) {
-        await page.click(`tr[data-vm="${last[0]!.vm}"]`);
+        await clickIn(page, `tr[data-vm="${last[0]!.vm}"]`);
         await sleep(300);
         await page.screenshot({ path: resolve(REPO, process.env.FERRY_WEB_SCREENSHOT) });
         shot = true;
@@ -209,7 +217,7 @@ test('the page shows a drain of two writing guests progress live to the end', as
     // The hosts follow: A is empty, B runs both.
     await page.waitForFunction(`document.querySelector('[data-host="A"]')?.getAttribute('data-vms') === '0' && document.querySelector('[data-host="B"]')?.getAttribute('data-vms') === '2'`, { timeout: 15_000 });
     // A migration's journal on click.
-    await page.click(`tr[data-vm="${VMS[0]}"]`);
+    await clickIn(page, `tr[data-vm="${VMS[0]}"]`);
     await page.waitForFunction(`!document.querySelector('#journal').hidden && document.querySelectorAll('#journal tbody tr').length >= 3`, { timeout: 10_000 });
     const journal = await page.$$eval('#journal tbody tr', (trs) => trs.map((tr) => [...tr.children].map((td) => td.textContent ?? '')));
     expect(journal[0]![1]).toBe('queued');
