@@ -7,6 +7,7 @@
  *   ferry_migration_duration_seconds{outcome,mode}       how long those runs took
  *   ferry_migration_downtime_seconds{mode}               the guest's pause, migrations that moved it
  *   ferry_migration_bytes_total{kind="disk"|"ram"}       bytes the moved guests' copies sent
+ *   ferry_migration_failures_total{code,phase}           failed runs by the engine's error code and the phase it failed in
  *   ferry_scheduler_queue_depth{host}                    queued migrations, by source host
  *   ferry_scheduler_in_flight{host,direction="out"|"in"} running migrations, by host and side
  *   ferry_migration_phase_seconds{id,vm,from,to,phase}   running migrations: time in their current phase
@@ -42,6 +43,7 @@ export class SchedulerMetrics {
   readonly #duration: Histogram<'outcome' | 'mode'>;
   readonly #downtime: Histogram<'mode'>;
   readonly #bytes: Counter<'kind'>;
+  readonly #failures: Counter<'code' | 'phase'>;
   readonly #takeovers: Counter;
   readonly #staleRefused: Counter;
   readonly #hostProgress: Gauge<'host'>;
@@ -59,6 +61,7 @@ export class SchedulerMetrics {
     this.#duration = new Histogram({ name: 'ferry_migration_duration_seconds', help: 'How long a run of the migration engine took, by outcome and mode', labelNames: ['outcome', 'mode'], buckets: DURATION_BUCKETS, registers });
     this.#downtime = new Histogram({ name: 'ferry_migration_downtime_seconds', help: "The guest's pause at the switchover (source stopped until the destination ran), migrations that moved the guest", labelNames: ['mode'], buckets: DOWNTIME_BUCKETS, registers });
     this.#bytes = new Counter({ name: 'ferry_migration_bytes_total', help: 'Bytes the migrations that moved a guest sent: disk (NBD) and ram (migration stream)', labelNames: ['kind'], registers });
+    this.#failures = new Counter({ name: 'ferry_migration_failures_total', help: "Runs of the migration engine that failed, by the error's stable code (a QMP error's among them) and the phase it failed in", labelNames: ['code', 'phase'], registers });
     this.#takeovers = new Counter({ name: 'ferry_scheduler_lease_takeovers_total', help: 'Migrations this replica took over after another replica\'s lease expired (0 with the SQLite store)', registers });
     this.#staleRefused = new Counter({ name: 'ferry_scheduler_stale_calls_refused_total', help: 'Calls of this replica that an agent refused for a stale fencing epoch (0 with the SQLite store)', registers });
     this.#hostProgress = new Gauge({ name: 'ferry_scheduler_host_progress_timestamp_seconds', help: 'Last time a migration out of this host moved a byte, changed phase or ended (unix seconds); with queued or running work and an old value, the host\'s drain stalls', labelNames: ['host'], registers });
@@ -119,7 +122,8 @@ export class SchedulerMetrics {
       const cur = this.#phases.get(p.id);
       if (cur) this.#moved(cur.job.from);
     };
-    this.#onFinished = ({ job, durationMs, result }) => {
+    this.#onFinished = ({ job, durationMs, result, failure }) => {
+      if (failure) this.#failures.inc(failure);
       this.#migrations.inc({ outcome: job.state, mode: job.mode });
       this.#duration.observe({ outcome: job.state, mode: job.mode }, durationMs / 1000);
       if (result && Number.isFinite(result.downtimeMs)) {

@@ -56,7 +56,7 @@ export interface SchedulerEvents {
    * A run of the engine ended (the job's new state is in `job`); `result` when the guest moved:
    * its downtime and the bytes that crossed. For metrics and the web view.
    */
-  finished: [{ job: MigrationJob; durationMs: number; result?: { downtimeMs: number; diskBytes: number; ramBytes: number } }];
+  finished: [{ job: MigrationJob; durationMs: number; result?: { downtimeMs: number; diskBytes: number; ramBytes: number }; failure?: { code: string; phase: string } }];
 }
 
 export class Scheduler extends EventEmitter<SchedulerEvents> {
@@ -375,7 +375,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       } else {
         this.#failed(job, outcome);
         const after = this.#store.get(id);
-        if (after) this.emit('finished', { job: after, durationMs: performance.now() - startedAt });
+        if (after) this.emit('finished', { job: after, durationMs: performance.now() - startedAt, failure: { code: outcome.error.code, phase: outcome.error.phase } });
       }
     } finally {
       // A retry may already have put a new controller in place: leave that one.

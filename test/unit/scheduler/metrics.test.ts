@@ -51,6 +51,7 @@ describe('scheduler metrics', () => {
       expect(value(text, 'ferry_migration_downtime_seconds_sum{mode="precopy"}')).toBeCloseTo(0.084);
       expect(value(text, 'ferry_migration_bytes_total{kind="disk"}')).toBe(2000);
       expect(value(text, 'ferry_migration_bytes_total{kind="ram"}')).toBe(1000);
+      expect(value(text, 'ferry_migration_failures_total{code="PREFLIGHT",phase="preflight"}')).toBe(1);
       expect(value(text, 'ferry_scheduler_queue_depth{host="a"}')).toBe(0);
       expect(value(text, 'ferry_scheduler_in_flight{host="a",direction="out"}')).toBe(0);
       expect(text).not.toMatch(/^ferry_migration_phase_seconds\{/m);
