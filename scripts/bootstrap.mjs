@@ -6,6 +6,8 @@
 //   node scripts/bootstrap.mjs --image   the same, then the tiny guest image (images/build.mjs)
 //   ... --qemu10                         also Debian backports' QEMU 10.0, unpacked into .cache/
 //                                        (scripts/qemu10.mjs; FERRY_SKIP_QEMU10=1 skips it)
+//   ... --browser                        also Debian's chromium, for the web view's browser test
+//                                        (`npm test` passes it)
 //
 // Not root and something is missing: print the exact command to run, exit 1, change nothing.
 import { spawnSync } from 'node:child_process';
@@ -19,6 +21,8 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 /** Debian packages ferry and its guest image need. */
 const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils', 'openssl', 'tcpdump'];
+/** --browser: the web view's test drives Debian's chromium headless (puppeteer-core). */
+if (process.argv.includes('--browser')) packages.push('chromium');
 
 function log(msg) {
   process.stderr.write(`bootstrap: ${msg}\n`);

@@ -11,6 +11,7 @@ import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { parseCidr } from './qmp-policy.js';
 import { TlsFilesSchema } from '../host/tls.js';
+import { MetricsListenSchema } from '../host/metrics-http.js';
 
 export const AgentConfigSchema = z
   .object({
@@ -55,6 +56,11 @@ export const AgentConfigSchema = z
     adminPrincipals: z.array(z.string().min(1)).default([]),
     /** Mutual TLS: the agent's certificate and key, and the CA that signs its callers'. */
     tls: TlsFilesSchema.optional(),
+    /**
+     * /metrics without a token (and without TLS) on an address of its own, for Prometheus on a
+     * management network; unset: /metrics is on the API's port only, with an API token.
+     */
+    metricsListen: MetricsListenSchema.optional(),
     /**
      * TLS on the guest's data path (NBD exports, migration streams), QEMU's own. Files default to
      * `tls`'s (the same PKI; the certificate then needs extendedKeyUsage serverAuth and

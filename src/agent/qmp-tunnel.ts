@@ -6,6 +6,12 @@ import { QmpPolicy, type QmpPolicyContext } from './qmp-policy.js';
 
 export type { QmpPolicyContext } from './qmp-policy.js';
 
+/** Counts for the agent's metrics: QEMU's lines (its error replies) and the policy's refusals. */
+export interface QmpTunnelObserver {
+  qemuLine(line: string): void;
+  qmpRefused(code: string): void;
+}
+
 /**
  * Joins a WebSocket to a VM's free QMP monitor. QEMU's lines go out as they are; each of the
  * caller's lines is judged by the VM's QmpPolicy (qmp-policy.ts): what passes reaches QEMU
@@ -13,15 +19,24 @@ export type { QmpPolicyContext } from './qmp-policy.js';
  * (desc starts with the stable code, QMP_REFUSED or QMP_BAD_MESSAGE), logged with the principal,
  * and never reaches QEMU.
  */
-export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger): void {
+export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger, observer?: QmpTunnelObserver): void {
   const judge = policy instanceof QmpPolicy ? policy : new QmpPolicy(policy);
   const qemu: Socket = connect(qmpSocketPath);
   const decoder = new LineDecoder({ maxLineBytes: 1024 * 1024 });
+  // QEMU's lines are read only to count its error replies; they go out as they came.
+  const qemuLines = observer ? new LineDecoder({ maxLineBytes: 16 * 1024 * 1024 }) : undefined;
   const close = (): void => {
     qemu.destroy();
     if (ws.readyState === ws.OPEN || ws.readyState === ws.CONNECTING) ws.close();
   };
-  qemu.on('data', (b: Buffer) => ws.send(b));
+  qemu.on('data', (b: Buffer) => {
+    ws.send(b);
+    try {
+      qemuLines?.push(b, (line) => observer!.qemuLine(line));
+    } catch {
+      // A line too long to count (the decoder drops it) was still delivered as it came.
+    }
+  });
   qemu.on('error', (err) => {
     log.warn({ err: err.message }, 'QMP tunnel: QEMU side failed');
     close();
@@ -40,6 +55,7 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolic
           return;
         }
         log.warn({ command: verdict.command, code: verdict.code, reason: verdict.reason }, 'QMP message refused by the policy');
+        observer?.qmpRefused(verdict.code);
         const reply = { error: { class: 'GenericError', desc: `${verdict.code}: ${verdict.reason}` }, ...(verdict.id !== undefined ? { id: verdict.id } : {}) };
         ws.send(`${JSON.stringify(reply)}\n`);
       });

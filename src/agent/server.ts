@@ -32,6 +32,8 @@ import { parseAgentConfig, type AgentConfig } from './config.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
 import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
 import { DiskClaims } from './claims.js';
+import { AgentMetrics } from './metrics.js';
+import { handleMetricsRequest, startMetricsListener } from '../host/metrics-http.js';
 import { AgentError } from './errors.js';
 import { Placement } from './placement.js';
 import { peerMatcher } from './qmp-policy.js';
@@ -51,6 +53,9 @@ export { AgentError } from './errors.js';
 export interface RunningAgent {
   port: number;
   url: string;
+  metrics: AgentMetrics;
+  /** http://…/metrics of `metricsListen`, when configured. */
+  metricsUrl?: string;
   /** Stops serving; the VMs keep running, as they do when the process is killed. */
   close(): Promise<void>;
 }
@@ -71,6 +76,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   /** VMs whose next exit was asked for (stop, kill, retire): that exit is not a death. */
   const expectingExit = new Set<string>();
   const sessions = new Set<Session>();
+  const metrics = new AgentMetrics(() => registry.all());
   let qemuInfo: Promise<QemuInfo> | undefined;
   /** Version and machine types, for a migration engine's preflight; a failed probe is asked again. */
   let qemuBuild: Promise<QemuBuild | undefined> | undefined;
@@ -100,7 +106,10 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       supervised.delete(r.vmId);
       if (registry.get(r.vmId) !== r || r.state !== 'running') return;
       const asked = expectingExit.delete(r.vmId);
-      if (!asked) log.warn({ vmId: r.vmId, vm: r.name, pid: r.pid }, 'VM exited without being asked to');
+      if (!asked) {
+        log.warn({ vmId: r.vmId, vm: r.name, pid: r.pid }, 'VM exited without being asked to');
+        metrics.vmDied();
+      }
       registry.transition(r, asked ? 'stopped' : 'died', { pid: undefined, pidStart: undefined });
       emitState(r);
     });
@@ -420,7 +429,10 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
           return await (handlers[method] as (p: string, params: unknown, s: Session) => Promise<unknown>)(session.principal, params, session);
         } catch (err) {
           // Every refusal is logged with who asked: a probing token shows up in the agent's log.
-          if (err instanceof FerryError && err.userError) log.warn({ principal: session.principal, method, code: err.code, err: err.message }, 'request refused');
+          if (err instanceof FerryError && err.userError) {
+            log.warn({ principal: session.principal, method, code: err.code, err: err.message }, 'request refused');
+            metrics.requestRefused(method, err.code);
+          }
           throw err;
         }
       },
@@ -430,7 +442,9 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     });
   };
 
-  const onPlainRequest = (_req: IncomingMessage, res: ServerResponse): void => {
+  const onPlainRequest = (req: IncomingMessage, res: ServerResponse): void => {
+    // Any API token may read the metrics (aggregates, no names); with mutual TLS, after the handshake.
+    if (handleMetricsRequest(req, res, () => metrics.render(), { authorized: authenticate(req) !== undefined, log })) return;
     res.writeHead(426, { 'content-type': 'text/plain' }).end('ferry-agent speaks WebSocket on /v1\n');
   };
   // Mutual TLS when configured: no certificate signed by the configured CA, no handshake.
@@ -468,7 +482,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         };
         // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
         keepAlive(ws, { intervalMs: DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => log.warn({ principal, vmId, silentMs }, 'QMP tunnel caller answered no ping: dropped') });
-        tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }));
+        tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }), { qemuLine: (line) => metrics.qemuLine(line), qmpRefused: (code) => metrics.qmpRefused(code) });
       } else onRpc(session);
     });
   });
@@ -479,13 +493,20 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   });
   const port = (http.address() as AddressInfo).port;
   log.info({ port, storageRoot: config.storageRoot, vms: registry.all().length }, 'agent listening');
+  const metricsListener = config.metricsListen ? await startMetricsListener(config.metricsListen, () => metrics.render(), log).catch(async (err: unknown) => {
+    await new Promise<void>((r) => http.close(() => r()));
+    throw err;
+  }) : undefined;
   return {
     port,
+    metrics,
+    ...(metricsListener ? { metricsUrl: metricsListener.url } : {}),
     url: `${tls ? 'wss' : 'ws'}://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`,
     close: async () => {
       for (const c of wss.clients) c.terminate();
       for (const vmId of [...nbdRelays.keys()]) await closeRelay(vmId);
       await new Promise<void>((r) => http.close(() => r()));
+      await metricsListener?.close();
       for (const sup of supervised.values()) await sup.detach();
       supervised.clear();
     },

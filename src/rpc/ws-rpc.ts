@@ -28,13 +28,21 @@ export function rpcRequestSchema(version: number) {
     .strict();
 }
 
-/** Bearer tokens at the HTTP upgrade; digests compared in constant time against every token. */
-export function bearerAuthenticator(tokens: Record<string, string>): (req: IncomingMessage) => string | undefined {
+/** The subprotocol a browser's WebSocket asks for; the server selects it (never the token's). */
+export const BROWSER_SUBPROTOCOL = 'ferry.v1';
+/** A browser cannot set Authorization on a WebSocket: it offers its token as `ferry.bearer.<base64url>`. */
+const TOKEN_SUBPROTOCOL = /^ferry\.bearer\.([A-Za-z0-9_-]{1,1024})$/;
+
+/**
+ * Bearer tokens at the HTTP upgrade; digests compared in constant time against every token.
+ * `subprotocol`: also take the token from the Sec-WebSocket-Protocol offer (the web view).
+ */
+export function bearerAuthenticator(tokens: Record<string, string>, opts: { subprotocol?: boolean } = {}): (req: IncomingMessage) => string | undefined {
   const digests = Object.entries(tokens).map(([t, principal]) => ({ digest: sha256(t), principal }));
   return (req) => {
-    const m = /^Bearer (.+)$/.exec(req.headers.authorization ?? '');
-    if (!m) return undefined;
-    const given = sha256(m[1]!);
+    const token = /^Bearer (.+)$/.exec(req.headers.authorization ?? '')?.[1] ?? (opts.subprotocol ? tokenFromSubprotocol(req) : undefined);
+    if (token === undefined) return undefined;
+    const given = sha256(token);
     let principal: string | undefined;
     for (const t of digests) if (timingSafeEqual(given, t.digest)) principal = t.principal;
     return principal;
@@ -93,6 +101,14 @@ export function serveRpc<S extends Record<string, z.ZodType>>(
       }
     })();
   });
+}
+
+function tokenFromSubprotocol(req: IncomingMessage): string | undefined {
+  for (const offer of (req.headers['sec-websocket-protocol'] ?? '').split(',')) {
+    const m = TOKEN_SUBPROTOCOL.exec(offer.trim());
+    if (m) return Buffer.from(m[1]!, 'base64url').toString('utf8');
+  }
+  return undefined;
 }
 
 function sha256(s: string): Buffer {

@@ -50,6 +50,7 @@ export const schedulerReplies = {
       vms: z.number().int(),
       outgoing: z.number().int(),
       incoming: z.number().int(),
+      queued: z.number().int().optional(),
     }),
   ),
   vms: z.array(z.looseObject({ name: z.string(), host: z.string(), memoryMiB: z.number(), diskBytes: z.number() })),

@@ -52,6 +52,11 @@ export interface SchedulerEvents {
   phase: [{ id: string; vm: string; phase: string }];
   /** At most one per second per migration. */
   progress: [{ id: string; vm: string } & MigrationProgress];
+  /**
+   * A run of the engine ended (the job's new state is in `job`); `result` when the guest moved:
+   * its downtime and the bytes that crossed. For metrics and the web view.
+   */
+  finished: [{ job: MigrationJob; durationMs: number; result?: { downtimeMs: number; diskBytes: number; ramBytes: number }; failure?: { code: string; phase: string } }];
 }
 
 export class Scheduler extends EventEmitter<SchedulerEvents> {
@@ -340,6 +345,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#changed(job);
     this.#log.info({ id, vm: job.vm, from: job.from, to: job.to, attempt: job.attempts }, 'migration starts');
     let lastProgress = 0;
+    const startedAt = performance.now();
     try {
       const outcome = await this.#runner
         .run(job, {
@@ -361,10 +367,15 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       if (outcome.kind === 'migrated') {
         const tls = outcome.result.plan.dataTls;
         const dataPath = tls.encrypted ? `data over TLS, admitted ${tls.source.identity} on ${job.to} and ${tls.destination.identity} on ${job.from}` : `data in plain text (${tls.reason})`;
-        this.#changed(this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}; ${dataPath}` }));
+        const done = this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}; ${dataPath}; downtime ${outcome.result.downtimeMs} ms` });
+        this.#changed(done);
+        const { downtimeMs, diskBytes, ramBytes } = outcome.result;
+        this.emit('finished', { job: done, durationMs: performance.now() - startedAt, result: { downtimeMs, diskBytes, ramBytes } });
         this.#log.info({ id, vm: job.vm, to: job.to }, 'migration succeeded');
       } else {
         this.#failed(job, outcome);
+        const after = this.#store.get(id);
+        if (after) this.emit('finished', { job: after, durationMs: performance.now() - startedAt, failure: { code: outcome.error.code, phase: outcome.error.phase } });
       }
     } finally {
       // A retry may already have put a new controller in place: leave that one.

@@ -7,12 +7,15 @@ import { WebSocketServer } from 'ws';
 import { z } from 'zod';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
-import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
+import { BROWSER_SUBPROTOCOL, bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
+import { handleMetricsRequest, MetricsListenSchema, startMetricsListener } from '../host/metrics-http.js';
 import { loadTls, TlsFilesSchema } from '../host/tls.js';
 import { AgentFleet, HostConfigSchema } from './agents.js';
 import { SCHEDULER_PROTOCOL_VERSION, schedulerMethods, type SchedulerMethod } from './protocol.js';
 import { Scheduler, type SchedulerEvents } from './scheduler.js';
+import { SchedulerMetrics } from './metrics.js';
 import { SchedulerStore } from './store.js';
+import { crossOrigin, handleWebRequest } from './web.js';
 import { SchedulerError } from './types.js';
 
 export const SchedulerConfigSchema = z
@@ -50,6 +53,13 @@ export const SchedulerConfigSchema = z
     mode: z.enum(['precopy', 'lazy']).default('precopy'),
     /** Ping interval of the API's sessions, ms: a client that stops answering is dropped within twice this. */
     heartbeatMs: z.number().int().min(100).max(600_000).default(10_000),
+    /**
+     * /metrics without a token on an address of its own (a management network); unset: /metrics
+     * is on the API's port only, with an API token.
+     */
+    metricsListen: MetricsListenSchema.optional(),
+    /** Serve the web view (web/) on the API's port; its data still needs an API token. */
+    web: z.boolean().default(true),
     retry: z
       .object({ maxAttempts: z.number().int().positive().default(3), baseDelayMs: z.number().int().positive().default(5_000) })
       .strict()
@@ -61,6 +71,9 @@ export type SchedulerConfig = z.infer<typeof SchedulerConfigSchema>;
 export interface RunningScheduler {
   url: string;
   scheduler: Scheduler;
+  metrics: SchedulerMetrics;
+  /** http://…/metrics of `metricsListen`, when configured. */
+  metricsUrl?: string;
   close(opts?: { graceMs?: number }): Promise<void>;
 }
 
@@ -76,6 +89,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const store = new SchedulerStore(config.database);
   const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, { dataTls: config.dataTls, ...(config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {}) });
   const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, mode: config.mode, logger: log });
+  const metrics = new SchedulerMetrics(scheduler, { queued: () => store.inState('queued'), running: () => store.inState('running') }, config.hosts.map((h) => h.name));
   await scheduler.start();
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
@@ -83,6 +97,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       case 'hosts': {
         const [hosts, vms] = await Promise.all([fleet.hosts(), fleet.vms()]);
         const running = scheduler.running();
+        const queued = store.inState('queued').reduce<Record<string, number>>((m, j) => ({ ...m, [j.from]: (m[j.from] ?? 0) + 1 }), {});
         return config.hosts.map((h) => {
           const info = hosts.find((x) => x.name === h.name);
           return {
@@ -94,6 +109,8 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
             vms: vms.filter((v) => v.host === h.name).length,
             outgoing: running.outgoing[h.name] ?? 0,
             incoming: running.incoming[h.name] ?? 0,
+            /** Queued migrations out of this host: its queue depth. */
+            queued: queued[h.name] ?? 0,
           };
         });
       }
@@ -127,12 +144,25 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     }
   };
 
-  const authenticate = bearerAuthenticator(config.tokens);
-  const http: Server = createServer((_req, res) => res.writeHead(426, { 'content-type': 'text/plain' }).end('ferry-scheduler speaks WebSocket on /v1\n'));
-  const wss = new WebSocketServer({ noServer: true, maxPayload: 256 * 1024 });
+  // The CLI sends its token in Authorization, the web view's WebSocket in its subprotocol offer;
+  // /metrics (Prometheus) in Authorization only.
+  const authenticate = bearerAuthenticator(config.tokens, { subprotocol: true });
+  const authenticateHeader = bearerAuthenticator(config.tokens);
+  const http: Server = createServer((req, res) => {
+    if (handleMetricsRequest(req, res, () => metrics.render(), { authorized: authenticateHeader(req) !== undefined, log })) return;
+    if (config.web && handleWebRequest(req, res, log)) return;
+    res.writeHead(426, { 'content-type': 'text/plain' }).end('ferry-scheduler speaks WebSocket on /v1\n');
+  });
+  const wss = new WebSocketServer({
+    noServer: true,
+    maxPayload: 256 * 1024,
+    // Never echo an offered token back: select the protocol's own name, or none (the CLI offers none).
+    handleProtocols: (offered) => (offered.has(BROWSER_SUBPROTOCOL) ? BROWSER_SUBPROTOCOL : false),
+  });
   http.on('upgrade', (req, socket, head) => {
-    const principal = authenticate(req);
     const reject = (status: string): void => void socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+    if (crossOrigin(req)) return reject('403 Forbidden');
+    const principal = authenticate(req);
     if (!principal) return reject('401 Unauthorized');
     if (req.url !== '/v1') return reject('404 Not Found');
     wss.handleUpgrade(req, socket, head, (ws) => {
@@ -140,6 +170,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       const onJob = (...[job]: SchedulerEvents['job']): void => send({ type: 'job', job });
       const onPhase = (...[p]: SchedulerEvents['phase']): void => send({ type: 'phase', ...p });
       const onProgress = (...[p]: SchedulerEvents['progress']): void => send({ type: 'progress', ...p });
+      const onFinished = (...[f]: SchedulerEvents['finished']): void => send({ type: 'finished', id: f.job.id, vm: f.job.vm, state: f.job.state, durationMs: Math.round(f.durationMs), ...(f.result ?? {}) });
       let watching = false;
       serveRpc(ws, {
         version: SCHEDULER_PROTOCOL_VERSION,
@@ -150,6 +181,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
             scheduler.on('job', onJob);
             scheduler.on('phase', onPhase);
             scheduler.on('progress', onProgress);
+            scheduler.on('finished', onFinished);
           }
           return handle(method, params);
         },
@@ -160,6 +192,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
         scheduler.off('job', onJob);
         scheduler.off('phase', onPhase);
         scheduler.off('progress', onProgress);
+        scheduler.off('finished', onFinished);
       });
     });
   });
@@ -171,12 +204,22 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   if (address === null || typeof address === 'string') throw new SchedulerError('SCHEDULER_LISTEN', `the API has no TCP address (${String(address)})`);
   const port = address.port;
   log.info({ port, hosts: config.hosts.length, database: config.database }, 'scheduler listening');
+  const metricsListener = config.metricsListen ? await startMetricsListener(config.metricsListen, () => metrics.render(), log).catch(async (err: unknown) => {
+    await new Promise<void>((r) => http.close(() => r()));
+    await scheduler.stop(0);
+    store.close();
+    throw err;
+  }) : undefined;
   return {
     url: `ws://${config.listenHost}:${port}`,
     scheduler,
+    metrics,
+    ...(metricsListener ? { metricsUrl: metricsListener.url } : {}),
     close: async (opts = {}) => {
       for (const c of wss.clients) c.terminate();
       await new Promise<void>((r) => http.close(() => r()));
+      await metricsListener?.close();
+      metrics.close();
       await scheduler.stop(opts.graceMs).catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the scheduler'));
       store.close();
     },

@@ -5,7 +5,7 @@ import type { Inventory, MigrationJob, MigrationRunner, Reconciler, RunContext, 
 
 /** A successful outcome for a fake run: the scheduler reads only the kind. */
 export function migrated(job: MigrationJob): MigrationOutcome {
-  return { kind: 'migrated', result: { ok: true, migrationId: job.id, plan: { dataTls: { encrypted: false, reason: 'a fake runner' } } } as MigrationResult };
+  return { kind: 'migrated', result: { ok: true, migrationId: job.id, plan: { dataTls: { encrypted: false, reason: 'a fake runner' } }, downtimeMs: 42, diskBytes: 1000, ramBytes: 500 } as MigrationResult };
 }
 
 export class FakeInventory implements Inventory {
