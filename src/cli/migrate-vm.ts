@@ -12,6 +12,8 @@ import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
 import { migrate } from '../engine/migrate.js';
+import { newMigrationId } from '../engine/names.js';
+import { lazyTargetSpec } from '../engine/source-preflight.js';
 import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outcome.js';
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
 import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
@@ -21,6 +23,7 @@ import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
+import { startWatchdog, type Watchdog } from './watchdog-spawn.js';
 import { renderHydration, renderMirrorConvergence, renderPlan, renderProgress, renderSummary } from './progress.js';
 
 export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, hydrationFailed: 4, sourceDied: 5, cancelled: 130 } as const;
@@ -122,10 +125,16 @@ async function run(args: CliArgs, io: Io): Promise<number> {
   const started = performance.now();
   let lastPrint = 0;
   const closers: (() => void)[] = [];
+  let watchdog: Watchdog | undefined;
   try {
     const { spec, source, destination } = await endpointsOf(args, logger, closers);
+    const migrationId = newMigrationId();
+    watchdog = args.dryRun ? undefined : watchdogFor(args, spec, destination, migrationId);
+    if (watchdog) emit({ event: 'watchdog', migrationId, pid: watchdog.pid ?? null });
     const onEvent = (e: MigrationEvent): void => {
       emit(e as unknown as Record<string, unknown>);
+      if (e.event === 'phase') watchdog?.send({ type: 'phase', phase: e.phase });
+      if (e.event === 'source-saved') watchdog?.send({ type: 'saved', saved: e.saved });
       if (e.event === 'point-of-no-return') pastNoReturn = true;
       if (e.event === 'rollback') rolledBack = true;
       if ((e.event === 'phase' && e.phase !== 'preflight' && e.phase !== 'failed') || e.event === 'rollback') releaseLog(true);
@@ -161,6 +170,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       logger,
       onEvent,
       dryRun: args.dryRun,
+      migrationId,
     });
     endStatus();
     releaseLog(true);
@@ -202,10 +212,29 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     }
     return code;
   } finally {
+    // The run ended on its own: the watchdog goes without touching anything.
+    await watchdog?.done();
     for (const close of closers) close();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/**
+ * Both QEMUs on this machine: a watchdog outlives this process and settles the migration if it
+ * dies (./watchdog.ts). Through an agent, the agents do (docs/migration.md).
+ */
+function watchdogFor(args: CliArgs, spec: VmSpec, destination: DestinationEndpoint, migrationId: string): Watchdog | undefined {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return undefined;
+  const target = destination.targetSpec(spec, migrationId);
+  const dspec = args.options.mode === 'lazy' ? lazyTargetSpec(target) : target;
+  return startWatchdog({
+    type: 'begin',
+    parentPid: process.pid,
+    migrationId,
+    sourceQmp: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'),
+    destination: { runDir: dspec.runDir, dir: args.destination.toDir, disks: dspec.disks.map((d) => d.path) },
+  });
 }
 
 /** The agents' bearer token: --token-file, else FERRY_TOKEN. Never a flag (it would show in ps). */

@@ -54,7 +54,11 @@ export async function sourceBegin(ctx: MigrationContext): Promise<SourceState> {
 export function targetSpec(ctx: MigrationContext, machine: string | undefined): VmSpec {
   // The destination runs exactly the machine type the source runs (never an alias such as q35).
   const spec = { ...ctx.req.destination.targetSpec(ctx.req.spec, ctx.id), ...(machine ? { machine } : {}) };
-  if (ctx.opts.mode !== 'lazy') return spec;
+  return ctx.opts.mode === 'lazy' ? lazyTargetSpec(spec) : spec;
+}
+
+/** Lazy mode's destination disks: qcow2 overlays, named .qcow2. */
+export function lazyTargetSpec(spec: VmSpec): VmSpec {
   return { ...spec, disks: spec.disks.map((d) => ({ ...d, format: 'qcow2' as const, path: d.path.replace(/(\.(raw|img|qcow2))?$/, '.qcow2') })) };
 }
 
