@@ -23,6 +23,7 @@ import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
+import { recoverLocal } from './recover.js';
 import { startWatchdog, type Watchdog } from './watchdog-spawn.js';
 import { renderHydration, renderMirrorConvergence, renderPlan, renderProgress, renderSummary } from './progress.js';
 
@@ -68,6 +69,7 @@ async function loadSpec(path: string): Promise<unknown> {
 }
 
 async function run(args: CliArgs, io: Io): Promise<number> {
+  if (args.recover) return recover(args, io);
   // At the default levels the log of the preflight is held back: a refusal is one line of ours,
   // not the engine's "rolling back" (nothing was). Released as soon as anything happens.
   const held: string[] | undefined = ['fatal', 'error', 'warn', 'silent'].includes(args.logLevel) ? [] : undefined;
@@ -202,6 +204,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     if (refused) {
       const problems = z.array(z.string()).min(1).safeParse(err.context.problems);
       io.stderr.write(`migrate-vm: ${problems.success ? `refused, nothing was changed: ${problems.data.join('; ')}` : errorText(err)}\n`);
+      const command = err.context.recover === true ? recoverCommand(args) : undefined;
+      if (command) io.stderr.write(`  to settle it: ${command}\n`);
     } else if (!args.json || code !== EXIT.ok) {
       const userFacing = err instanceof FerryError && (err.userError || err instanceof MigrationError);
       io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
@@ -218,6 +222,31 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** --recover: settles what a dead run left (./recover.ts). */
+async function recover(args: CliArgs, io: Io): Promise<number> {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return EXIT.badInput;
+  const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, pino.destination(2));
+  let spec: VmSpec;
+  try {
+    spec = parseVmSpec(await loadSpec(args.source.specPath));
+  } catch (err) {
+    io.stderr.write(`migrate-vm: ${errorText(err)}\n`);
+    return EXIT.badInput;
+  }
+  const sourceQmp = args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock');
+  return recoverLocal(
+    { spec, sourceQmp, toDir: args.destination.toDir, logger },
+    { out: (line) => void (args.json ? undefined : io.stdout.write(`${line}\n`)), json: args.json ? (obj) => void io.stdout.write(`${JSON.stringify(obj)}\n`) : undefined },
+  );
+}
+
+/** The command that settles what a dead run left, for the one an operator just ran. */
+function recoverCommand(args: CliArgs): string | undefined {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return undefined;
+  const qmp = args.source.sourceQmp ? ` --source-qmp ${args.source.sourceQmp}` : '';
+  return `migrate-vm --recover --spec ${args.source.specPath}${qmp} --to-dir ${args.destination.toDir}`;
 }
 
 /**

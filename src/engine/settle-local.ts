@@ -27,7 +27,7 @@
  */
 import { readdir, readFile, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { errorText } from '../errors.js';
+import { errorText, FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
 import { removeDataTlsObjects } from '../host/data-tls.js';
@@ -83,6 +83,15 @@ async function connect(path: string, name: string, log: Logger): Promise<QmpClie
   } catch {
     return undefined;
   }
+}
+
+/** The errno of a failed connect says the socket's QEMU is gone (nobody listens, or no socket). */
+function isGone(err: unknown): boolean {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+    if (e instanceof FerryError && (e.context.errno === 'ECONNREFUSED' || e.context.errno === 'ENOENT')) return true;
+    if ('code' in e && (e.code === 'ECONNREFUSED' || e.code === 'ENOENT')) return true;
+  }
+  return false;
 }
 
 /** SIGKILL by pid, and the wait until /proc says it is gone (bounded). */
@@ -172,7 +181,14 @@ export async function settleLocalMigration(opts: {
 }): Promise<SettleReport> {
   const { log } = opts;
   const did: string[] = [];
-  const q = await connect(opts.sourceQmp, 'settle-source', log);
+  let q: QmpClient | undefined;
+  try {
+    q = await QmpClient.connect({ path: opts.sourceQmp }, { timeoutMs: QMP_MS, logger: log, name: 'settle-source' });
+  } catch (err) {
+    // Refused or absent: the source QEMU is gone. Anything else (no greeting: QEMU serves one
+    // client per monitor) means someone holds it, a migrate-vm still at work perhaps: hands off.
+    if (!isGone(err)) return { where: 'uncertain', did, advice: `the source's QMP socket ${opts.sourceQmp} does not answer (${errorText(err)}); is a migrate-vm still running? Nothing was done` };
+  }
   try {
     const migStatus = async (): Promise<string | undefined> =>
       q ? await q.execute('query-migrate', undefined, { timeoutMs: QMP_MS }).then((m) => m.status ?? 'none').catch(() => undefined) : undefined;
@@ -197,7 +213,7 @@ export async function settleLocalMigration(opts: {
       if (sourceAlive && mig !== 'completed') {
         return { where: 'uncertain', did, advice: `a destination QEMU (pid ${running.pid}) runs while the source's migration is '${mig}': look at both before changing anything` };
       }
-      if (sourceAlive) {
+      if (q && sourceAlive) {
         // The destination runs the guest: the source is never resumed. It is retired.
         await q.execute('quit', undefined, { timeoutMs: QMP_MS }).catch(() => undefined);
         await Promise.race([q.closed, new Promise((r) => setTimeout(r, QMP_MS).unref())]);
@@ -212,7 +228,7 @@ export async function settleLocalMigration(opts: {
     }
     // Every live destination never ran. Fenced (killed) before anything else happens, so it never will.
     const dead = seen.filter((d) => d.pid === undefined);
-    if (!sourceAlive) {
+    if (!q || !sourceAlive) {
       for (const d of live) await removeDestination(d, did);
       if (dead.length > 0 && live.length === 0) {
         return { where: 'nowhere', did, advice: `neither the source QEMU nor a destination QEMU runs (${dead.map((d) => d.left.runDir).join(', ')} left as found): find out which disk is newer before starting the guest` };
