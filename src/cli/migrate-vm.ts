@@ -160,7 +160,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
         if (!args.json) io.stderr.write(`${e.event}: ${'message' in e ? e.message : 'mirrors' in e ? `mirrors converged: ${renderMirrorConvergence(e.mirrors)}` : `${e.action}, downtime limit ${e.downtimeLimitMs} ms: ${e.detail}`}\n`);
       } else if (e.event === 'rollback' && !args.json) {
         endStatus();
-        io.stderr.write(`rollback: ${e.step}: ${e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);
+        io.stderr.write(`rollback: ${e.step}: ${e.skipped ? `skipped (${e.skipped})` : e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);
       }
     };
     const result = await migrate({
@@ -358,7 +358,7 @@ export function whereIsTheGuest(outcome: FailedOutcome): string {
     case 'onDestinationNeedsSource':
       return 'the guest runs on the DESTINATION and still needs the source for blocks not yet hydrated: keep the source QEMU up';
     case 'sourceDied':
-      return 'the source QEMU died before the switchover and the destination was removed: no QEMU runs the guest; its disks on the source are whole, start it there';
+      return 'the source QEMU died before the switchover: the guest runs nowhere, and nothing of it started elsewhere (the destination never ran and was removed); its disks on the source hold every write it acknowledged: start it there';
     case 'uncertain':
       return 'OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything';
     default:
