@@ -189,6 +189,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     endStatus();
     const outcome = outcomeOfError(err, ac.signal.aborted);
     const code = exitCodeOf(outcome);
+    const destinationDeath = err instanceof FerryError ? DestinationDeathSchema.safeParse(err.context) : undefined;
+    const death = destinationDeath?.success ? destinationDeath.data : {};
     emit({
       event: 'summary',
       ok: false,
@@ -197,6 +199,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       message: errorText(err),
       outcome: outcome.kind,
       ...(err instanceof MigrationError ? { phase: err.phase, guestOn: err.guestOn, cleanupErrors: err.cleanupErrors.map(errorText) } : {}),
+      ...death,
     });
     // A refusal (bad input, nothing created, nothing rolled back): one line, exit 2.
     const refused = err instanceof FerryError && err.userError && !rolledBack && !pastNoReturn && !(err instanceof MigrationError && err.cleanupErrors.length > 0);
@@ -211,6 +214,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
       if (err instanceof MigrationError) {
         for (const c of err.cleanupErrors) io.stderr.write(`  cleanup problem: ${errorText(c)}\n`);
+        if (death.destinationLog) io.stderr.write(`  the destination QEMU's log is kept at ${death.destinationLog}: read it, then remove it\n`);
         io.stderr.write(`  ${whereIsTheGuest(outcome)}\n`);
       }
     }
@@ -333,6 +337,9 @@ async function localDataTls(args: CliArgs, closers: (() => void)[]): Promise<{ s
   const [source, destination] = await throwawayPki(dir, { address: ['127.0.0.1', args.destination.migrationHost], names: ['ferry-source', 'ferry-destination'] });
   return { source: source!, destination: destination! };
 }
+
+/** What a failure says of a destination QEMU that died on its own (rollback.ts puts it in the context). */
+const DestinationDeathSchema = z.object({ destinationExit: z.string().optional(), destinationLog: z.string().optional() });
 
 export function exitCodeOf(outcome: FailedOutcome): number {
   switch (outcome.kind) {

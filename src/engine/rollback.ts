@@ -17,11 +17,21 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   const verdict = (where: SourceAfter, cleanupErrors: unknown[]): MigrationError => {
     // The source's death ended its session: that, not the session's end, is what happened.
     const died = where === 'gone' && causedBy(first.cause ?? err, (e) => e instanceof QmpDisconnectedError);
-    return new MigrationError(died ? 'SOURCE_DIED' : first.code, died ? `the source QEMU died during ${failedPhase} (${first.message})` : first.message, {
+    // A destination that died on its own said why in its log: the reason goes into the error,
+    // and where its log was kept (the rollback removes the rest of its run dir).
+    const destExit = ctx.destinationExit;
+    // Its death is what happened; what the source saw of it (a mirror's I/O error) came after.
+    const destDied = !died && destExit !== undefined && first.code !== 'DESTINATION_DIED';
+    const message = died
+      ? `the source QEMU died during ${failedPhase} (${first.message})`
+      : destDied
+        ? `the destination QEMU exited during ${failedPhase} (${destExit}); ${first.message}`
+        : first.message;
+    return new MigrationError(died ? 'SOURCE_DIED' : destDied ? 'DESTINATION_DIED' : first.code, message, {
       phase: failedPhase,
       cause: first.cause ?? err,
       userError: first.userError,
-      context: { ...first.context },
+      context: { ...first.context, ...(destExit ? { destinationExit: destExit } : {}), ...(ctx.keptDestinationLog ? { destinationLog: ctx.keptDestinationLog } : {}) },
       outcome: classifyFailure(first, { pastNoReturn: ctx.pastNoReturn, mode: ctx.opts.mode, source: where }),
       cleanupErrors: [...first.cleanupErrors, ...cleanupErrors],
     });

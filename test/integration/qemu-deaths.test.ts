@@ -54,4 +54,30 @@ describe('a QEMU dies during the mirror (issue 17)', () => {
     const report = await verifyDisk(spec.disks[0]!.path, { format: 'qcow2', diskId: 'root', ackedSeq: highestAcks(vm.serial.history()).get('root')! });
     expect(report.ok, JSON.stringify(report)).toBe(true);
   }, 120_000);
+
+  test("the destination QEMU: DESTINATION_DIED says why (QEMU's last lines, also in --json), and its log is kept where the operator is told", async () => {
+    const { vm, spec, hostB, run, watchdogPid, destPid, runDir } = await mirroring();
+    // SIGTERM: QEMU writes "terminating on signal 15 from pid ..." to its log, then exits.
+    killPid(destPid, 'SIGTERM');
+    const code = await run.exited;
+    const stderr = run.stderr();
+    expect(code, stderr).toBe(1);
+    expect(stderr).toMatch(/^migrate-vm: .*the destination QEMU (\(pid \d+\) )?exited during mirror \(exit code 0; QEMU said: .*terminating on signal 15/m);
+    const summary = summaryOf(run.events);
+    expect(summary).toMatchObject({ ok: false, code: 'DESTINATION_DIED', outcome: 'rolledBack', guestOn: 'source' });
+    expect(String(summary.destinationExit)).toMatch(/terminating on signal 15/);
+    const kept = join(hostB, `${runDir.split('/').at(-1)!.replace(/^run-/, 'failed-')}.qemu.log`);
+    expect(summary.destinationLog).toBe(kept);
+    expect(stderr).toContain(`the destination QEMU's log is kept at ${kept}`);
+    expect(await readFile(kept, 'utf8')).toMatch(/terminating on signal 15/);
+    // Nothing else of the run is left; the guest runs and writes on the source.
+    expect(await readdir(hostB)).toEqual([kept.split('/').at(-1)]);
+    expect(await waitPidGone(watchdogPid, 5_000)).toBe(true);
+    expect((await vm.qmp.execute('query-status')).status).toBe('running');
+    const before = highestAcks(vm.serial.history()).get('root')!;
+    await vm.serial.waitForLine((l) => l.text.startsWith('ack root ') && Number(l.text.split(' ')[2]) > before + 5, { timeoutMs: 20_000, what: 'acks after the rollback' });
+    await vm.quit();
+    const report = await verifyDisk(spec.disks[0]!.path, { format: 'qcow2', diskId: 'root', ackedSeq: highestAcks(vm.serial.history()).get('root')! });
+    expect(report.ok, JSON.stringify(report)).toBe(true);
+  }, 120_000);
 });
