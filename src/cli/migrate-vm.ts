@@ -131,9 +131,12 @@ async function run(args: CliArgs, io: Io): Promise<number> {
   try {
     const { spec, source, destination } = await endpointsOf(args, logger, closers);
     const migrationId = newMigrationId();
-    watchdog = args.dryRun ? undefined : watchdogFor(args, spec, destination, migrationId);
-    if (watchdog) emit({ event: 'watchdog', migrationId, pid: watchdog.pid ?? null });
     const onEvent = (e: MigrationEvent): void => {
+      // Started once preflight has passed, before the first change: until then nothing needs settling.
+      if (e.event === 'phase' && e.phase === 'prepare-destination' && !args.dryRun) {
+        watchdog = watchdogFor(args, spec, destination, migrationId);
+        if (watchdog) emit({ event: 'watchdog', migrationId, pid: watchdog.pid ?? null });
+      }
       emit(e as unknown as Record<string, unknown>);
       if (e.event === 'phase') watchdog?.send({ type: 'phase', phase: e.phase });
       if (e.event === 'source-saved') watchdog?.send({ type: 'saved', saved: e.saved });
