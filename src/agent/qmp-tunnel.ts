@@ -8,8 +8,10 @@ export type { QmpPolicyContext } from './qmp-policy.js';
 
 /** Counts for the agent's metrics: QEMU's lines (its error replies) and the policy's refusals. */
 export interface QmpTunnelObserver {
-  qemuLine(line: string): void;
-  qmpRefused(code: string): void;
+  qemuLine?(line: string): void;
+  qmpRefused?(code: string): void;
+  /** Each command that passed the policy and reached QEMU (issue 17: who started a migration). */
+  onForwarded?(command: string | undefined): void;
 }
 
 /**
@@ -19,12 +21,12 @@ export interface QmpTunnelObserver {
  * (desc starts with the stable code, QMP_REFUSED or QMP_BAD_MESSAGE), logged with the principal,
  * and never reaches QEMU.
  */
-export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger, observer?: QmpTunnelObserver): void {
+export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger, observer: QmpTunnelObserver = {}): void {
   const judge = policy instanceof QmpPolicy ? policy : new QmpPolicy(policy);
   const qemu: Socket = connect(qmpSocketPath);
   const decoder = new LineDecoder({ maxLineBytes: 1024 * 1024 });
   // QEMU's lines are read only to count its error replies; they go out as they came.
-  const qemuLines = observer ? new LineDecoder({ maxLineBytes: 16 * 1024 * 1024 }) : undefined;
+  const qemuLines = observer.qemuLine ? new LineDecoder({ maxLineBytes: 16 * 1024 * 1024 }) : undefined;
   const close = (): void => {
     qemu.destroy();
     if (ws.readyState === ws.OPEN || ws.readyState === ws.CONNECTING) ws.close();
@@ -32,7 +34,7 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolic
   qemu.on('data', (b: Buffer) => {
     ws.send(b);
     try {
-      qemuLines?.push(b, (line) => observer!.qemuLine(line));
+      qemuLines?.push(b, (line) => observer.qemuLine?.(line));
     } catch {
       // A line too long to count (the decoder drops it) was still delivered as it came.
     }
@@ -52,10 +54,11 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolic
         const verdict = judge.judge(line);
         if (verdict.ok) {
           qemu.write(`${verdict.line}\n`);
+          observer.onForwarded?.(verdict.command);
           return;
         }
         log.warn({ command: verdict.command, code: verdict.code, reason: verdict.reason }, 'QMP message refused by the policy');
-        observer?.qmpRefused(verdict.code);
+        observer.qmpRefused?.(verdict.code);
         const reply = { error: { class: 'GenericError', desc: `${verdict.code}: ${verdict.reason}` }, ...(verdict.id !== undefined ? { id: verdict.id } : {}) };
         ws.send(`${JSON.stringify(reply)}\n`);
       });

@@ -12,6 +12,8 @@ import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
 import { migrate } from '../engine/migrate.js';
+import { newMigrationId } from '../engine/names.js';
+import { lazyTargetSpec } from '../engine/source-preflight.js';
 import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outcome.js';
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
 import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
@@ -21,6 +23,8 @@ import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
+import { recoverLocal } from './recover.js';
+import { startWatchdog, type Watchdog } from './watchdog-spawn.js';
 import { renderHydration, renderMirrorConvergence, renderPlan, renderProgress, renderSummary } from './progress.js';
 
 export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, hydrationFailed: 4, sourceDied: 5, cancelled: 130 } as const;
@@ -65,6 +69,7 @@ async function loadSpec(path: string): Promise<unknown> {
 }
 
 async function run(args: CliArgs, io: Io): Promise<number> {
+  if (args.recover) return recover(args, io);
   // At the default levels the log of the preflight is held back: a refusal is one line of ours,
   // not the engine's "rolling back" (nothing was). Released as soon as anything happens.
   const held: string[] | undefined = ['fatal', 'error', 'warn', 'silent'].includes(args.logLevel) ? [] : undefined;
@@ -122,10 +127,19 @@ async function run(args: CliArgs, io: Io): Promise<number> {
   const started = performance.now();
   let lastPrint = 0;
   const closers: (() => void)[] = [];
+  let watchdog: Watchdog | undefined;
   try {
     const { spec, source, destination } = await endpointsOf(args, logger, closers);
+    const migrationId = newMigrationId();
     const onEvent = (e: MigrationEvent): void => {
+      // Started once preflight has passed, before the first change: until then nothing needs settling.
+      if (e.event === 'phase' && e.phase === 'prepare-destination' && !args.dryRun) {
+        watchdog = watchdogFor(args, spec, destination, migrationId);
+        if (watchdog) emit({ event: 'watchdog', migrationId, pid: watchdog.pid ?? null });
+      }
       emit(e as unknown as Record<string, unknown>);
+      if (e.event === 'phase') watchdog?.send({ type: 'phase', phase: e.phase });
+      if (e.event === 'source-saved') watchdog?.send({ type: 'saved', saved: e.saved });
       if (e.event === 'point-of-no-return') pastNoReturn = true;
       if (e.event === 'rollback') rolledBack = true;
       if ((e.event === 'phase' && e.phase !== 'preflight' && e.phase !== 'failed') || e.event === 'rollback') releaseLog(true);
@@ -149,7 +163,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
         if (!args.json) io.stderr.write(`${e.event}: ${'message' in e ? e.message : 'mirrors' in e ? `mirrors converged: ${renderMirrorConvergence(e.mirrors)}` : `${e.action}, downtime limit ${e.downtimeLimitMs} ms: ${e.detail}`}\n`);
       } else if (e.event === 'rollback' && !args.json) {
         endStatus();
-        io.stderr.write(`rollback: ${e.step}: ${e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);
+        io.stderr.write(`rollback: ${e.step}: ${e.skipped ? `skipped (${e.skipped})` : e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);
       }
     };
     const result = await migrate({
@@ -161,6 +175,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       logger,
       onEvent,
       dryRun: args.dryRun,
+      migrationId,
     });
     endStatus();
     releaseLog(true);
@@ -177,6 +192,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     endStatus();
     const outcome = outcomeOfError(err, ac.signal.aborted);
     const code = exitCodeOf(outcome);
+    const destinationDeath = err instanceof FerryError ? DestinationDeathSchema.safeParse(err.context) : undefined;
+    const death = destinationDeath?.success ? destinationDeath.data : {};
     emit({
       event: 'summary',
       ok: false,
@@ -185,6 +202,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       message: errorText(err),
       outcome: outcome.kind,
       ...(err instanceof MigrationError ? { phase: err.phase, guestOn: err.guestOn, cleanupErrors: err.cleanupErrors.map(errorText) } : {}),
+      ...death,
     });
     // A refusal (bad input, nothing created, nothing rolled back): one line, exit 2.
     const refused = err instanceof FerryError && err.userError && !rolledBack && !pastNoReturn && !(err instanceof MigrationError && err.cleanupErrors.length > 0);
@@ -192,20 +210,68 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     if (refused) {
       const problems = z.array(z.string()).min(1).safeParse(err.context.problems);
       io.stderr.write(`migrate-vm: ${problems.success ? `refused, nothing was changed: ${problems.data.join('; ')}` : errorText(err)}\n`);
+      const command = err.context.recover === true ? recoverCommand(args) : undefined;
+      if (command) io.stderr.write(`  to settle it: ${command}\n`);
     } else if (!args.json || code !== EXIT.ok) {
       const userFacing = err instanceof FerryError && (err.userError || err instanceof MigrationError);
       io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
       if (err instanceof MigrationError) {
         for (const c of err.cleanupErrors) io.stderr.write(`  cleanup problem: ${errorText(c)}\n`);
+        if (death.destinationLog) io.stderr.write(`  the destination QEMU's log is kept at ${death.destinationLog}: read it, then remove it\n`);
         io.stderr.write(`  ${whereIsTheGuest(outcome)}\n`);
       }
     }
     return code;
   } finally {
+    // The run ended on its own: the watchdog goes without touching anything.
+    await watchdog?.done();
     for (const close of closers) close();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** --recover: settles what a dead run left (./recover.ts). */
+async function recover(args: CliArgs, io: Io): Promise<number> {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return EXIT.badInput;
+  const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, pino.destination(2));
+  let spec: VmSpec;
+  try {
+    spec = parseVmSpec(await loadSpec(args.source.specPath));
+  } catch (err) {
+    io.stderr.write(`migrate-vm: ${errorText(err)}\n`);
+    return EXIT.badInput;
+  }
+  const sourceQmp = args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock');
+  return recoverLocal(
+    { spec, sourceQmp, toDir: args.destination.toDir, logger },
+    { out: (line) => void (args.json ? undefined : io.stdout.write(`${line}\n`)), json: args.json ? (obj) => void io.stdout.write(`${JSON.stringify(obj)}\n`) : undefined },
+  );
+}
+
+/** The command that settles what a dead run left, for the one an operator just ran. */
+function recoverCommand(args: CliArgs): string | undefined {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return undefined;
+  const qmp = args.source.sourceQmp ? ` --source-qmp ${args.source.sourceQmp}` : '';
+  return `migrate-vm --recover --spec ${args.source.specPath}${qmp} --to-dir ${args.destination.toDir}`;
+}
+
+/**
+ * Both QEMUs on this machine: a watchdog outlives this process and settles the migration if it
+ * dies (./watchdog.ts). Through an agent, the agents do (docs/migration.md).
+ */
+function watchdogFor(args: CliArgs, spec: VmSpec, destination: DestinationEndpoint, migrationId: string): Watchdog | undefined {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return undefined;
+  const target = destination.targetSpec(spec, migrationId);
+  const dspec = args.options.mode === 'lazy' ? lazyTargetSpec(target) : target;
+  return startWatchdog({
+    type: 'begin',
+    parentPid: process.pid,
+    migrationId,
+    sourceQmp: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'),
+    destination: { runDir: dspec.runDir, dir: args.destination.toDir, disks: dspec.disks.map((d) => d.path) },
+    tempDirs: throwawayDirs,
+  });
 }
 
 /** The agents' bearer token: --token-file, else FERRY_TOKEN. Never a flag (it would show in ps). */
@@ -260,6 +326,9 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
  * when the run ends. A local side next to an agent has none without --data-tls-dir: an agent
  * trusts no throwaway CA.
  */
+/** Temp folders this run made (the throwaway PKI): the watchdog removes them if this process dies. */
+const throwawayDirs: string[] = [];
+
 async function localDataTls(args: CliArgs, closers: (() => void)[]): Promise<{ source?: HostTlsMaterial; destination?: HostTlsMaterial }> {
   const sourceLocal = args.source.kind === 'local';
   const destLocal = args.destination.kind === 'dir';
@@ -271,10 +340,14 @@ async function localDataTls(args: CliArgs, closers: (() => void)[]): Promise<{ s
   }
   if (!sourceLocal || !destLocal || args.destination.kind !== 'dir') return {};
   const dir = await mkdtemp(join(tmpdir(), 'ferry-data-tls-'));
+  throwawayDirs.push(dir);
   closers.push(() => rmSync(dir, { recursive: true, force: true }));
   const [source, destination] = await throwawayPki(dir, { address: ['127.0.0.1', args.destination.migrationHost], names: ['ferry-source', 'ferry-destination'] });
   return { source: source!, destination: destination! };
 }
+
+/** What a failure says of a destination QEMU that died on its own (rollback.ts puts it in the context). */
+const DestinationDeathSchema = z.object({ destinationExit: z.string().optional(), destinationLog: z.string().optional() });
 
 export function exitCodeOf(outcome: FailedOutcome): number {
   switch (outcome.kind) {
@@ -300,7 +373,7 @@ export function whereIsTheGuest(outcome: FailedOutcome): string {
     case 'onDestinationNeedsSource':
       return 'the guest runs on the DESTINATION and still needs the source for blocks not yet hydrated: keep the source QEMU up';
     case 'sourceDied':
-      return 'the source QEMU died before the switchover and the destination was removed: no QEMU runs the guest; its disks on the source are whole, start it there';
+      return 'the source QEMU died before the switchover: the guest runs nowhere, and nothing of it started elsewhere (the destination never ran and was removed); its disks on the source hold every write it acknowledged: start it there';
     case 'uncertain':
       return 'OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything';
     default:
