@@ -10,7 +10,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Scheduler } from '../src/scheduler/scheduler.js';
-import { SchedulerStore } from '../src/scheduler/store.js';
+import { SqliteStore as SchedulerStore } from '../src/scheduler/sqlite-store.js';
 import type { HostInfo, Inventory, MigrationJob, MigrationRunner, Reconciler, RunContext, VmInfo } from '../src/scheduler/types.js';
 import type { MigrationOutcome } from '../src/engine/outcome.js';
 import type { MigrationResult } from '../src/engine/types.js';
@@ -76,9 +76,9 @@ async function measure(n: number): Promise<{ n: number; enqueueUs: number; dispa
   fleet.release();
   while (fleet.done < n) await new Promise((r) => setImmediate(r));
   // Let the last completions reach the store.
-  while (store.inState('running').length > 0) await new Promise((r) => setImmediate(r));
+  while ((await store.inState('running')).length > 0) await new Promise((r) => setImmediate(r));
   const dispatchUs = ((performance.now() - t1) / n) * 1000;
-  if (store.inState('succeeded').length !== n) throw new Error(`only ${store.inState('succeeded').length} of ${n} succeeded`);
+  if ((await store.inState('succeeded')).length !== n) throw new Error(`only ${(await store.inState('succeeded')).length} of ${n} succeeded`);
   await scheduler.stop(0);
   store.close();
   rmSync(dir, { recursive: true, force: true });

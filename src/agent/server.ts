@@ -30,7 +30,9 @@ import type { VmSpec } from '../qemu/spec.js';
 import type { QemuBuild } from '../qemu/versions.js';
 import { parseAgentConfig, type AgentConfig } from './config.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
-import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
+import { FENCE_EPOCH_HEADER, FENCE_VM_HEADER } from './client.js';
+import { Fences, fenceHeadersSchema, type SessionFence } from './fencing.js';
+import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, READ_ONLY_METHODS, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
 import { DiskClaims } from './claims.js';
 import { AgentError } from './errors.js';
 import { Placement } from './placement.js';
@@ -59,6 +61,8 @@ interface Session {
   ws: WebSocket;
   principal: string;
   subscribed: boolean;
+  /** The scheduler replica's claim this session acts under (fencing.ts), if it named one. */
+  fence: SessionFence | undefined;
 }
 
 export async function startAgent(input: unknown, logger: Logger = silentLogger): Promise<RunningAgent> {
@@ -126,6 +130,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const dataTls = await AgentDataTls.load(config);
   const claims = new DiskClaims(config.stateDir, log);
+  const fences = new Fences(config.stateDir, log);
   const placement = new Placement({
     storageRoot: config.storageRoot,
     bootRoots: config.bootRoots,
@@ -195,6 +200,12 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         dataTls: dataTls.info(),
       };
     },
+    'fence.advance': async (_p, _params, session) => {
+      if (!session.fence) throw new AgentError('NO_FENCE', `fence.advance needs the ${FENCE_VM_HEADER} and ${FENCE_EPOCH_HEADER} headers at the upgrade`, { userError: true });
+      // Raised at the upgrade already; a stale one was refused before this handler ran.
+      return { vm: session.fence.vm, epoch: session.fence.epoch };
+    },
+    'fence.status': async () => fences.status(),
     'events.subscribe': async (_p, _params, session) => {
       session.subscribed = true;
       return {};
@@ -417,6 +428,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       methods: methodParams,
       handle: async (method, params) => {
         try {
+          if (!READ_ONLY_METHODS.has(method)) fences.check(session.fence, method);
           return await (handlers[method] as (p: string, params: unknown, s: Session) => Promise<unknown>)(session.principal, params, session);
         } catch (err) {
           // Every refusal is logged with who asked: a probing token shows up in the agent's log.
@@ -445,6 +457,23 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
     };
     if (!principal) return reject('401 Unauthorized');
+    let fence: SessionFence | undefined;
+    const fenceVm = req.headers[FENCE_VM_HEADER];
+    const fenceEpoch = req.headers[FENCE_EPOCH_HEADER];
+    if (fenceVm !== undefined || fenceEpoch !== undefined) {
+      let vm: string | undefined;
+      try {
+        vm = typeof fenceVm === 'string' ? decodeURIComponent(fenceVm) : undefined;
+      } catch {
+        vm = undefined;
+      }
+      const parsed = fenceHeadersSchema.safeParse({ vm, epoch: fenceEpoch });
+      if (!parsed.success) {
+        log.warn({ principal, issue: parsed.error.issues[0]?.message }, 'refused an upgrade with a malformed fence');
+        return reject('400 Bad Request');
+      }
+      fence = fences.present(principal, parsed.data.vm, parsed.data.epoch);
+    }
     const url = req.url ?? '';
     const qmp = /^\/v1\/qmp\/([a-z0-9-]{1,64})$/.exec(url);
     if (url !== '/v1' && !qmp) return reject('404 Not Found');
@@ -452,7 +481,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     if (qmp && (!target || target.principal !== principal || target.state !== 'running')) return reject('404 Not Found');
     if ([...sessions].filter((s) => s.principal === principal).length >= config.limits.sessionsPerPrincipal) return reject('429 Too Many Requests');
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const session: Session = { ws, principal, subscribed: false };
+      const session: Session = { ws, principal, subscribed: false, fence };
       sessions.add(session);
       ws.once('close', () => sessions.delete(session));
       if (target) {
@@ -468,7 +497,13 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         };
         // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
         keepAlive(ws, { intervalMs: DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => log.warn({ principal, vmId, silentMs }, 'QMP tunnel caller answered no ping: dropped') });
-        tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }));
+        // Reads go through whatever the epoch; a stale tunnel changes nothing.
+        const admit = (command: string): { code: string; reason: string } | undefined => {
+          if (command.startsWith('query-') || command === 'qmp_capabilities') return undefined;
+          const reason = fences.staleReason(fence, `QMP ${command}`);
+          return reason === undefined ? undefined : { code: 'STALE_EPOCH', reason };
+        };
+        tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }), { admit });
       } else onRpc(session);
     });
   });
