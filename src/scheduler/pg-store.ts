@@ -96,18 +96,29 @@ export class PostgresStore implements SchedulerStore {
     const deadline = Date.now() + this.#retryMs;
     for (let attempt = 1; ; attempt++) {
       let client: pg.PoolClient | undefined;
+      // A connection the server ends while it is checked out (a restart between two statements)
+      // emits 'error' on the client: without a listener that is an uncaught exception. The
+      // statement in flight fails as well, and that failure is the one handled below.
+      const onError = (err: Error): void => this.#log.warn({ what, err: errorText(err) }, 'a database connection failed in a transaction');
       try {
         client = await this.#pool.connect();
+        client.on('error', onError);
         await client.query('BEGIN');
         const out = await fn(client);
         await client.query('COMMIT');
+        client.off('error', onError);
         client.release();
         return out;
       } catch (err) {
         if (client) {
           await client.query('ROLLBACK').catch(() => undefined);
-          // A broken connection goes out of the pool instead of back into it.
-          client.release(transient(err) ? true : undefined);
+          // A broken connection goes out of the pool instead of back into it (keeping the
+          // listener: it may still report its end); a sound one goes back without it.
+          if (transient(err)) client.release(true);
+          else {
+            client.off('error', onError);
+            client.release();
+          }
         }
         if (!transient(err) || Date.now() >= deadline) {
           if (err instanceof SchedulerError) throw err;
@@ -140,6 +151,7 @@ export class PostgresStore implements SchedulerStore {
         CREATE UNIQUE INDEX one_active_migration_per_vm ON migrations (vm) WHERE state IN ('queued', 'running');
         CREATE INDEX migrations_by_state ON migrations (state, priority DESC, seq);
         CREATE INDEX migrations_by_seq ON migrations (seq);
+        CREATE INDEX active_by_destination ON migrations (dst) INCLUDE (memory_mib, disk_bytes) WHERE state IN ('queued', 'running');
         CREATE TABLE journal (entry BIGSERIAL PRIMARY KEY, migration_id TEXT NOT NULL, at BIGINT NOT NULL, state TEXT NOT NULL, phase TEXT, detail TEXT);
         CREATE INDEX journal_by_migration ON journal (migration_id, entry);
         CREATE SEQUENCE migration_seq;
@@ -382,6 +394,14 @@ export class PostgresStore implements SchedulerStore {
 
   async requestCancel(id: string): Promise<void> {
     await this.#tx('cancel', (c) => c.query('UPDATE leases SET cancel_requested = true WHERE migration_id = $1', [id]));
+  }
+
+  async reservations(): Promise<Map<string, { memoryMiB: number; diskBytes: number }>> {
+    const res = await this.#tx('read', (c) =>
+      c.query("SELECT dst, sum(memory_mib) AS memory_mib, sum(disk_bytes) AS disk_bytes FROM migrations WHERE state IN ('queued', 'running') GROUP BY dst"),
+    );
+    const row = z.object({ dst: z.string(), memory_mib: z.union([z.number(), z.string()]).transform(Number), disk_bytes: z.union([z.number(), z.string()]).transform(Number) });
+    return new Map(res.rows.map((r) => row.parse(r)).map((r) => [r.dst, { memoryMiB: r.memory_mib, diskBytes: r.disk_bytes }]));
   }
 
   async close(): Promise<void> {

@@ -635,6 +635,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   }
 
   async #sharedReservations(): Promise<Map<string, { memoryMiB: number; diskBytes: number }>> {
+    if (this.#store.reservations) return this.#store.reservations();
     const out = new Map<string, { memoryMiB: number; diskBytes: number }>();
     for (const j of [...(await this.#store.inState('queued')), ...(await this.#store.inState('running'))]) {
       const r = out.get(j.to) ?? { memoryMiB: 0, diskBytes: 0 };

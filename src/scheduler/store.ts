@@ -160,6 +160,8 @@ export interface SchedulerStore {
   release?(id: string, claim: Claim, afterMs?: number): Promise<void>;
   /** Marks a running migration for cancelling by whichever replica runs it. */
   requestCancel?(id: string): Promise<void>;
+  /** Memory and disk that active (queued, running) migrations promise each destination, summed. */
+  reservations?(): Promise<Map<string, { memoryMiB: number; diskBytes: number }>>;
 }
 
 /** The store a config's database names: a PostgreSQL URL, or a SQLite file. */
