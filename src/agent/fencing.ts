@@ -7,7 +7,9 @@
  * on that session; a session whose epoch is below the remembered one is stale, and its mutating
  * calls are refused (STALE_EPOCH) and counted. Sessions without a fence (migrate-vm, a single
  * SQLite scheduler) are not fenced. Persisted beside the VM records (write + rename), so a
- * restarted agent still refuses what it refused before.
+ * restarted agent still refuses what it refused before. A raised epoch also cuts the QMP tunnels
+ * opened under an older one (server.ts): QEMU's monitor takes one client at a time, and a stale
+ * replica that holds it (paused, partitioned) would keep the new owner from settling the VM.
  */
 import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -55,8 +57,8 @@ export class Fences {
     }
   }
 
-  /** A session's fence: raises the remembered epoch if it is higher. */
-  present(principal: string, vm: string, epoch: number): SessionFence {
+  /** A session's fence: raises the remembered epoch if it is higher (`raised`). */
+  present(principal: string, vm: string, epoch: number): { fence: SessionFence; raised: boolean } {
     const key = `${principal}/${vm}`;
     const seen = this.#epochs.get(key) ?? 0;
     if (epoch > seen) {
@@ -64,7 +66,12 @@ export class Fences {
       this.#save();
       this.#log.info({ vm, epoch, was: seen }, 'fencing epoch raised');
     }
-    return { key, vm, epoch };
+    return { fence: { key, vm, epoch }, raised: epoch > seen };
+  }
+
+  /** True when a later epoch than the fence's is known. */
+  isStale(fence: SessionFence): boolean {
+    return fence.epoch < (this.#epochs.get(fence.key) ?? 0);
   }
 
   /** undefined if the session may mutate; otherwise why not (and the refusal is counted). */

@@ -131,6 +131,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   const dataTls = await AgentDataTls.load(config);
   const claims = new DiskClaims(config.stateDir, log);
   const fences = new Fences(config.stateDir, log);
+  /** QMP tunnels opened under a fence: cut when a later epoch for their VM arrives. */
+  const fencedTunnels = new Set<{ fence: SessionFence; ws: WebSocket }>();
   const placement = new Placement({
     storageRoot: config.storageRoot,
     bootRoots: config.bootRoots,
@@ -472,13 +474,26 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         log.warn({ principal, issue: parsed.error.issues[0]?.message }, 'refused an upgrade with a malformed fence');
         return reject('400 Bad Request');
       }
-      fence = fences.present(principal, parsed.data.vm, parsed.data.epoch);
+      const presented = fences.present(principal, parsed.data.vm, parsed.data.epoch);
+      fence = presented.fence;
+      if (presented.raised) {
+        // The monitor is the new owner's now: stale tunnels to this VM go (terminate, not close:
+        // a paused peer would never finish a close handshake, and the monitor waits with it).
+        for (const t of fencedTunnels) {
+          if (t.fence.key !== fence.key || !fences.isStale(t.fence)) continue;
+          log.warn({ principal, vm: fence.vm, epoch: t.fence.epoch, now: fence.epoch }, 'cut a QMP tunnel opened under an older fencing epoch');
+          fencedTunnels.delete(t);
+          t.ws.terminate();
+        }
+      }
     }
     const url = req.url ?? '';
     const qmp = /^\/v1\/qmp\/([a-z0-9-]{1,64})$/.exec(url);
     if (url !== '/v1' && !qmp) return reject('404 Not Found');
     const target = qmp ? registry.get(qmp[1]!) : undefined;
     if (qmp && (!target || target.principal !== principal || target.state !== 'running')) return reject('404 Not Found');
+    // A stale owner may not take the VM's one monitor from the current one.
+    if (qmp && fences.staleReason(fence, 'a QMP tunnel') !== undefined) return reject('409 Conflict');
     if ([...sessions].filter((s) => s.principal === principal).length >= config.limits.sessionsPerPrincipal) return reject('429 Too Many Requests');
     wss.handleUpgrade(req, socket, head, (ws) => {
       const session: Session = { ws, principal, subscribed: false, fence };
@@ -503,6 +518,11 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
           const reason = fences.staleReason(fence, `QMP ${command}`);
           return reason === undefined ? undefined : { code: 'STALE_EPOCH', reason };
         };
+        if (fence) {
+          const entry = { fence, ws };
+          fencedTunnels.add(entry);
+          ws.once('close', () => fencedTunnels.delete(entry));
+        }
         tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }), { admit });
       } else onRpc(session);
     });
