@@ -131,6 +131,22 @@ export class PostgresStore implements SchedulerStore {
     }
   }
 
+  /** One statement outside a transaction (a read), sent again while the database is unreachable. */
+  async #read(sql: string, params: unknown[]): Promise<pg.QueryResult> {
+    const deadline = Date.now() + this.#retryMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.#pool.query(sql, params);
+      } catch (err) {
+        if (!transient(err) || Date.now() >= deadline) {
+          if (transient(err)) throw new SchedulerError('DB_UNREACHABLE', `read: the database did not answer for ${this.#retryMs} ms: ${errorText(err)}`, { cause: err });
+          throw err;
+        }
+        await new Promise((r) => setTimeout(r, Math.min(1_000, 100 * attempt)));
+      }
+    }
+  }
+
   async #migrate(): Promise<void> {
     await this.#tx('schema', async (c) => {
       await c.query('SELECT pg_advisory_xact_lock($1)', [SCHEMA_LOCK]);
@@ -200,7 +216,7 @@ export class PostgresStore implements SchedulerStore {
   }
 
   async #one(sql: string, params: unknown[]): Promise<unknown> {
-    return (await this.#tx('read', (c) => c.query(sql, params))).rows[0];
+    return (await this.#read(sql, params)).rows[0];
   }
 
   async get(id: string): Promise<MigrationJob | undefined> {
@@ -214,15 +230,15 @@ export class PostgresStore implements SchedulerStore {
   }
 
   async inState(state: MigrationState): Promise<MigrationJob[]> {
-    return (await this.#tx('read', (c) => c.query('SELECT * FROM migrations WHERE state = $1 ORDER BY priority DESC, seq ASC', [state]))).rows.map(toJob);
+    return (await this.#read('SELECT * FROM migrations WHERE state = $1 ORDER BY priority DESC, seq ASC', [state])).rows.map(toJob);
   }
 
   async recent(limit = 1000): Promise<MigrationJob[]> {
-    return (await this.#tx('read', (c) => c.query('SELECT * FROM migrations ORDER BY seq DESC LIMIT $1', [limit]))).rows.map(toJob);
+    return (await this.#read('SELECT * FROM migrations ORDER BY seq DESC LIMIT $1', [limit])).rows.map(toJob);
   }
 
   async journal(id: string): Promise<JournalEntry[]> {
-    return (await this.#tx('read', (c) => c.query('SELECT migration_id, at, state, phase, detail FROM journal WHERE migration_id = $1 ORDER BY entry', [id]))).rows.map((r) => journalSchema.parse(r));
+    return (await this.#read('SELECT migration_id, at, state, phase, detail FROM journal WHERE migration_id = $1 ORDER BY entry', [id])).rows.map((r) => journalSchema.parse(r));
   }
 
   /** The migration's row, locked, after checking that `claim` (if any) is still its current one. */
@@ -315,26 +331,34 @@ export class PostgresStore implements SchedulerStore {
   async claimQueued(owner: string, leaseMs: number, limits: ClaimLimits): Promise<ClaimedJob | undefined> {
     return this.#tx('claim', async (c) => {
       await c.query('SELECT pg_advisory_xact_lock($1)', [CLAIM_LOCK]);
-      const running = `(SELECT count(*) FROM migrations r WHERE r.state = 'running'`;
-      const found = (
+      // What runs now, in every replica (a handful of rows): which hosts are full. Stable while
+      // the lock is held, since every claim takes it.
+      const running = z
+        .array(z.object({ src: z.string(), dst: z.string(), now_ms: intText }))
+        .parse((await c.query(`SELECT src, dst, ${NOW_MS} AS now_ms FROM migrations WHERE state = 'running'`)).rows);
+      if (running.length >= limits.cluster) return undefined;
+      const count = (key: 'src' | 'dst'): Map<string, number> => running.reduce((m, r) => m.set(r[key], (m.get(r[key]) ?? 0) + 1), new Map<string, number>());
+      const out = count('src');
+      const inc = count('dst');
+      const fullSrc = [...out].filter(([, n]) => n >= limits.outgoingPerHost).map(([h]) => h);
+      const fullDst = [...inc].filter(([, n]) => n >= limits.incomingPerHost).map(([h]) => h);
+      const nowMs = running[0]?.now_ms ?? z.object({ now_ms: intText }).parse((await c.query(`SELECT ${NOW_MS} AS now_ms`)).rows[0]).now_ms;
+      // Walks the queued rows in index order (state, priority DESC, seq) and stops at the first
+      // that fits: it does not grow with the queue unless most of it waits for full hosts.
+      const found: unknown = (
         await c.query(
-          `SELECT m.*, ${running} AND r.src = m.src) AS out_now, ${running} AND r.dst = m.dst) AS in_now
-           FROM migrations m
-           WHERE m.state = 'queued' AND m.not_before <= ${NOW_MS}
-             AND ${running}) < $1
-             AND ${running} AND r.src = m.src) < $2
-             AND ${running} AND r.dst = m.dst) < $3
-           ORDER BY m.priority DESC, m.seq ASC
+          `SELECT * FROM migrations
+           WHERE state = 'queued' AND not_before <= $1 AND NOT (src = ANY($2::text[])) AND NOT (dst = ANY($3::text[]))
+           ORDER BY priority DESC, seq ASC
            LIMIT 1
-           FOR UPDATE OF m SKIP LOCKED`,
-          [limits.cluster, limits.outgoingPerHost, limits.incomingPerHost],
+           FOR UPDATE SKIP LOCKED`,
+          [nowMs, fullSrc, fullDst],
         )
       ).rows[0];
       if (!found) return undefined;
-      const counts = z.object({ out_now: intText, in_now: intText }).parse(found);
       const queued = toJob(found);
       const now = Date.now();
-      const bandwidth = limits.bandwidth(counts.out_now + 1, counts.in_now + 1);
+      const bandwidth = limits.bandwidth((out.get(queued.from) ?? 0) + 1, (inc.get(queued.to) ?? 0) + 1);
       const row = (
         await c.query("UPDATE migrations SET state = 'running', attempts = attempts + 1, error = NULL, bandwidth = $2, updated_at = $3 WHERE id = $1 RETURNING *", [queued.id, bandwidth, now])
       ).rows[0];
@@ -397,9 +421,7 @@ export class PostgresStore implements SchedulerStore {
   }
 
   async reservations(): Promise<Map<string, { memoryMiB: number; diskBytes: number }>> {
-    const res = await this.#tx('read', (c) =>
-      c.query("SELECT dst, sum(memory_mib) AS memory_mib, sum(disk_bytes) AS disk_bytes FROM migrations WHERE state IN ('queued', 'running') GROUP BY dst"),
-    );
+    const res = await this.#read("SELECT dst, sum(memory_mib) AS memory_mib, sum(disk_bytes) AS disk_bytes FROM migrations WHERE state IN ('queued', 'running') GROUP BY dst", []);
     const row = z.object({ dst: z.string(), memory_mib: z.union([z.number(), z.string()]).transform(Number), disk_bytes: z.union([z.number(), z.string()]).transform(Number) });
     return new Map(res.rows.map((r) => row.parse(r)).map((r) => [r.dst, { memoryMiB: r.memory_mib, diskBytes: r.disk_bytes }]));
   }
