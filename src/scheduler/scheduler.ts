@@ -144,6 +144,9 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     this.#ready.catch(() => undefined);
   }
 
+  /** Shared stores: lease takeovers this replica made and leases it lost, since it started (for metrics). */
+  readonly counters = { takeovers: 0, leasesLost: 0 };
+
   /** This replica's name in the leases (shared stores). */
   get owner(): string {
     return this.#owner;
@@ -428,6 +431,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   }
 
   async #takeOver(c: ClaimedJob): Promise<void> {
+    this.counters.takeovers++;
     this.#log.warn({ id: c.job.id, vm: c.job.vm, phase: c.job.phase, state: c.job.state, epoch: c.claim.epoch }, 'took over a migration whose lease expired; settling it with the agents');
     await this.#settle(c.job, c.claim);
   }
@@ -462,6 +466,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
 
   #lose(id: string, h: Held, why: string): void {
     h.lost = true;
+    this.counters.leasesLost++;
     this.#log.warn({ id, epoch: h.claim.epoch, why }, 'lost the lease of a migration: its engine stops');
     h.controller.abort(new SchedulerError('LEASE_LOST', `the lease of migration ${id} (epoch ${h.claim.epoch}) was lost: ${why}`));
   }

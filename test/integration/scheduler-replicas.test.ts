@@ -20,6 +20,7 @@ import { startAgent, type RunningAgent } from '../../src/agent/server.js';
 import { IMAGE_DIR } from '../../src/guest/image.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
+import { main as ferryMain } from '../../src/scheduler/cli.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
 import type { MigrationJob } from '../../src/scheduler/types.js';
 import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
@@ -235,6 +236,11 @@ test('three replicas on PostgreSQL: a database restart, a replica paused past it
       c.close();
       expect(queue.map((j) => j.vm).sort()).toEqual(VMS);
     }
+    // The operator's CLI, against the third replica.
+    let out = '';
+    const sink = { write: (x: string) => ((out += x), true) } as unknown as NodeJS.WritableStream;
+    expect(await ferryMain(['--scheduler', replicas[2]!.url, '--json', 'queue'], { stdout: sink, stderr: sink }, { FERRY_SCHEDULER_TOKEN: API_TOKEN })).toBe(0);
+    expect((JSON.parse(out) as MigrationJob[]).map((j) => j.vm).sort()).toEqual(VMS);
     await postgres!.restart({ downMs: 500 });
     await db!.end().catch(() => undefined);
     db = new pg.Client({ connectionString: postgres!.url });
