@@ -1,16 +1,33 @@
 /**
  * The scheduler's own cost, with fake agents (no QEMU): 100 hosts, N queued requests for N in
- * 100, 1,000 and 10,000, on a real SQLite file (WAL, synchronous=FULL). Figures per operation:
+ * 100, 1,000 and 10,000, per store:
+ *   sqlite         a real SQLite file (WAL, synchronous=FULL), one scheduler
+ *   postgres x1    a real PostgreSQL, one replica
+ *   postgres x3    the same database, three replicas in this process (each its own pool), the
+ *                  requests spread over them and all three claiming work
+ * PostgreSQL: FERRY_BENCH_PG_URL names a server to use (its tables are dropped first!); without
+ * it the bench makes a throwaway cluster (test/helpers/postgres.ts: initdb as nobody, unix
+ * socket, fsync on as in production unless FERRY_BENCH_PG_FSYNC=off). Figures per operation:
  *   enqueue   one `migrate` request accepted, journalled and queued, with N-1 already queued
  *   dispatch  picking the next migration, starting it, and completing it (two transitions),
  *             measured over the whole queue draining through the limits
  * Flat means the per-operation cost does not grow with N. JSON on stdout, a table on stderr.
+ *   --runs R       each figure is the median of R runs (default 1)
+ *   --only S       sqlite | postgres (default both)
+ *   --sizes LIST   queue sizes (default 100,1000,10000)
+ * Each row goes to stderr as it is measured; the JSON at the end. On a slow disk PostgreSQL's
+ * fsync per commit dominates: the 10,000 rows take minutes.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import pg from 'pg';
+import { PostgresStore } from '../src/scheduler/pg-store.js';
 import { Scheduler } from '../src/scheduler/scheduler.js';
-import { SchedulerStore } from '../src/scheduler/store.js';
+import { SqliteStore } from '../src/scheduler/sqlite-store.js';
+import type { SchedulerStore } from '../src/scheduler/store.js';
+import { startPostgres, type TestPostgres } from '../test/helpers/postgres.js';
 import type { HostInfo, Inventory, MigrationJob, MigrationRunner, Reconciler, RunContext, VmInfo } from '../src/scheduler/types.js';
 import type { MigrationOutcome } from '../src/engine/outcome.js';
 import type { MigrationResult } from '../src/engine/types.js';
@@ -57,16 +74,57 @@ class FakeFleet implements Inventory, MigrationRunner, Reconciler {
   }
 }
 
-async function measure(n: number): Promise<{ n: number; enqueueUs: number; dispatchUs: number; enqueueLast10pctUs: number }> {
+type Variant = { name: string; kind: 'sqlite' } | { name: string; kind: 'postgres'; replicas: number };
+
+const { values: args } = parseArgs({ options: { runs: { type: 'string', default: '1' }, only: { type: 'string' }, sizes: { type: 'string', default: '100,1000,10000' } }, strict: true });
+const SIZES = args.sizes.split(',').map(Number);
+if (SIZES.length === 0 || !SIZES.every((n) => Number.isInteger(n) && n > 0)) throw new Error(`--sizes: expected positive integers separated by commas, got '${args.sizes}'`);
+const RUNS = Number(args.runs);
+if (!Number.isInteger(RUNS) || RUNS < 1) throw new Error(`--runs: expected a positive integer, got '${args.runs}'`);
+if (args.only !== undefined && args.only !== 'sqlite' && args.only !== 'postgres') throw new Error(`--only: expected sqlite or postgres, got '${args.only}'`);
+
+let server: TestPostgres | undefined;
+// Interrupted: the throwaway cluster (a postgres running as nobody, its dir) goes too.
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => {
+    void (server?.stop() ?? Promise.resolve()).finally(() => process.exit(130));
+  });
+}
+async function pgUrl(): Promise<string> {
+  if (process.env.FERRY_BENCH_PG_URL) return process.env.FERRY_BENCH_PG_URL;
+  server ??= await startPostgres({ fsync: process.env.FERRY_BENCH_PG_FSYNC !== 'off' });
+  return server.url;
+}
+
+/** An empty database for each run: the scheduler's tables dropped, the store makes them again. */
+async function emptyPg(url: string): Promise<void> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  try {
+    await c.query('DROP TABLE IF EXISTS leases, journal, migrations, ferry_schema; DROP SEQUENCE IF EXISTS migration_seq, fencing_epoch');
+  } finally {
+    await c.end();
+  }
+}
+
+async function measure(variant: Variant, n: number): Promise<{ n: number; enqueueUs: number; dispatchUs: number; enqueueLast10pctUs: number }> {
   const dir = mkdtempSync(join(tmpdir(), 'ferry-bench-sched-'));
-  const store = new SchedulerStore(join(dir, 'state.db'));
   const fleet = new FakeFleet(n);
-  const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: { outgoingPerHost: 2, incomingPerHost: 2, cluster: 5 } });
-  await scheduler.start();
+  const limits = { outgoingPerHost: 2, incomingPerHost: 2, cluster: 5 };
+  const stores: SchedulerStore[] = [];
+  if (variant.kind === 'sqlite') stores.push(new SqliteStore(join(dir, 'state.db')));
+  else {
+    const url = await pgUrl();
+    await emptyPg(url);
+    for (let i = 0; i < variant.replicas; i++) stores.push(await PostgresStore.open(url));
+  }
+  const schedulers = stores.map((store, i) => new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits, replica: { owner: `bench-${i}`, leaseMs: 60_000, pollMs: 100 } }));
+  for (const s of schedulers) await s.start();
+  const store = stores[0]!;
   const times: number[] = [];
   for (let i = 0; i < n; i++) {
     const t0 = performance.now();
-    await scheduler.migrate(`vm${i}`, { to: `h${(i + 1) % HOSTS}` });
+    await schedulers[i % schedulers.length]!.migrate(`vm${i}`, { to: `h${(i + 1) % HOSTS}` });
     times.push(performance.now() - t0);
   }
   const enqueueUs = (times.reduce((a, b) => a + b, 0) / n) * 1000;
@@ -74,22 +132,53 @@ async function measure(n: number): Promise<{ n: number; enqueueUs: number; dispa
   const enqueueLast10pctUs = (tail.reduce((a, b) => a + b, 0) / tail.length) * 1000;
   const t1 = performance.now();
   fleet.release();
-  while (fleet.done < n) await new Promise((r) => setImmediate(r));
+  const pause = (): Promise<void> => new Promise((r) => (variant.kind === 'sqlite' ? setImmediate(r) : setTimeout(r, 5)));
+  while (fleet.done < n) await pause();
   // Let the last completions reach the store.
-  while (store.inState('running').length > 0) await new Promise((r) => setImmediate(r));
+  while ((await store.inState('running')).length > 0) await pause();
   const dispatchUs = ((performance.now() - t1) / n) * 1000;
-  if (store.inState('succeeded').length !== n) throw new Error(`only ${store.inState('succeeded').length} of ${n} succeeded`);
-  await scheduler.stop(0);
-  store.close();
+  const succeeded = (await store.inState('succeeded')).length;
+  if (succeeded !== n) throw new Error(`${variant.name}: only ${succeeded} of ${n} succeeded`);
+  for (const s of schedulers) await s.stop(0);
+  for (const st of stores) await st.close();
   rmSync(dir, { recursive: true, force: true });
   return { n, enqueueUs: round(enqueueUs), enqueueLast10pctUs: round(enqueueLast10pctUs), dispatchUs: round(dispatchUs) };
 }
 
 const round = (x: number): number => Math.round(x * 10) / 10;
+const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
-const results = [];
-for (const n of [100, 1_000, 10_000]) results.push(await measure(n));
-const base = results[0]!;
-process.stdout.write(`${JSON.stringify({ bench: 'scheduler', hosts: HOSTS, results, ratio10kTo100: { enqueue: round(results[2]!.enqueueUs / base.enqueueUs), dispatch: round(results[2]!.dispatchUs / base.dispatchUs) } }, null, 2)}\n`);
-process.stderr.write(`\n${'queued'.padStart(8)}  ${'enqueue µs'.padStart(11)}  ${'enqueue (last 10%) µs'.padStart(22)}  ${'pick+run+complete µs'.padStart(21)}\n`);
-for (const r of results) process.stderr.write(`${String(r.n).padStart(8)}  ${String(r.enqueueUs).padStart(11)}  ${String(r.enqueueLast10pctUs).padStart(22)}  ${String(r.dispatchUs).padStart(21)}\n`);
+const variants: Variant[] = [
+  ...(args.only === 'postgres' ? [] : [{ name: 'sqlite', kind: 'sqlite' as const }]),
+  ...(args.only === 'sqlite' ? [] : [{ name: 'postgres x1', kind: 'postgres' as const, replicas: 1 }, { name: 'postgres x3', kind: 'postgres' as const, replicas: 3 }]),
+];
+const table: { store: string; results: Awaited<ReturnType<typeof measure>>[] }[] = [];
+try {
+  for (const v of variants) {
+    const results = [];
+    for (const n of SIZES) {
+      const runs = [];
+      for (let r = 0; r < RUNS; r++) runs.push(await measure(v, n));
+      const row = { n, enqueueUs: median(runs.map((x) => x.enqueueUs)), enqueueLast10pctUs: median(runs.map((x) => x.enqueueLast10pctUs)), dispatchUs: median(runs.map((x) => x.dispatchUs)) };
+      results.push(row);
+      process.stderr.write(`${v.name.padEnd(12)}  ${String(n).padStart(8)}  enqueue ${row.enqueueUs} µs (last 10%: ${row.enqueueLast10pctUs})  pick+run+complete ${row.dispatchUs} µs\n`);
+    }
+    table.push({ store: v.name, results });
+  }
+} finally {
+  await server?.stop();
+}
+process.stdout.write(
+  `${JSON.stringify(
+    {
+      bench: 'scheduler',
+      hosts: HOSTS,
+      runs: RUNS,
+      stores: table.map((t) => ({ ...t, ratioLargestToSmallest: { enqueue: round(t.results.at(-1)!.enqueueUs / t.results[0]!.enqueueUs), dispatch: round(t.results.at(-1)!.dispatchUs / t.results[0]!.dispatchUs) } })),
+    },
+    null,
+    2,
+  )}\n`,
+);
+process.stderr.write(`\n${'store'.padEnd(12)}  ${'queued'.padStart(8)}  ${'enqueue µs'.padStart(11)}  ${'enqueue (last 10%) µs'.padStart(22)}  ${'pick+run+complete µs'.padStart(21)}\n`);
+for (const t of table) for (const r of t.results) process.stderr.write(`${t.store.padEnd(12)}  ${String(r.n).padStart(8)}  ${String(r.enqueueUs).padStart(11)}  ${String(r.enqueueLast10pctUs).padStart(22)}  ${String(r.dispatchUs).padStart(21)}\n`);

@@ -20,7 +20,8 @@ import { ensureQemu10 } from './qemu10.mjs';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 /** Debian packages ferry and its guest image need. */
-const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils', 'openssl', 'tcpdump'];
+// postgresql: the scheduler-replicas test makes its own throwaway cluster with its initdb and pg_ctl.
+const packages = ['qemu-system-x86', 'qemu-utils', 'busybox-static', 'gcc', 'libc6-dev', 'iproute2', 'xz-utils', 'openssl', 'tcpdump', 'postgresql'];
 /** --browser: the web view's test drives Debian's chromium headless (puppeteer-core). */
 if (process.argv.includes('--browser')) packages.push('chromium');
 

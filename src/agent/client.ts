@@ -19,6 +19,23 @@ export class AgentCallError extends FerryError {
   override name = 'AgentCallError';
 }
 
+/**
+ * A scheduler replica's claim on the migration of one VM (fencing): sent at the upgrade of every
+ * session and QMP tunnel. The agent remembers the highest epoch it has seen per VM and refuses
+ * mutating calls (STALE_EPOCH) from sessions that carry a lower one.
+ */
+export interface AgentFence {
+  vm: string;
+  epoch: number;
+}
+
+export const FENCE_VM_HEADER = 'x-ferry-fence-vm';
+export const FENCE_EPOCH_HEADER = 'x-ferry-fence-epoch';
+
+function fenceHeaders(fence: AgentFence | undefined): Record<string, string> {
+  return fence ? { [FENCE_VM_HEADER]: encodeURIComponent(fence.vm), [FENCE_EPOCH_HEADER]: String(fence.epoch) } : {};
+}
+
 /** One authenticated RPC session with an agent. Every call has a deadline. */
 export class AgentClient {
   readonly #session: RpcSession;
@@ -26,8 +43,10 @@ export class AgentClient {
   readonly #token: string;
   readonly #tls: TlsMaterial | undefined;
   readonly #listeners = new Set<(e: AgentEvent) => void>();
+  readonly #fence: AgentFence | undefined;
 
-  private constructor(ws: WebSocket, url: string, token: string, tls: TlsMaterial | undefined) {
+  private constructor(ws: WebSocket, url: string, token: string, tls: TlsMaterial | undefined, fence: AgentFence | undefined) {
+    this.#fence = fence;
     this.#url = url;
     this.#token = token;
     this.#tls = tls;
@@ -42,11 +61,11 @@ export class AgentClient {
   }
 
   /** `wss://` needs `tls` (mutual TLS: this side's certificate and the CA of the agent's). */
-  static async connect(url: string, token: string, timeoutMs = 10_000, tls?: TlsMaterial): Promise<AgentClient> {
+  static async connect(url: string, token: string, timeoutMs = 10_000, tls?: TlsMaterial, fence?: AgentFence): Promise<AgentClient> {
     if (url.startsWith('wss://') && !tls) {
       throw new AgentCallError('AGENT_TLS', `${url} is TLS: give the client certificate, key and CA (--tls-cert, --tls-key, --tls-ca)`, { userError: true });
     }
-    return openSocket(`${url}/v1`, { token, timeoutMs, peer: agentPeer(url), tls: tlsOptions(url, tls) }, (ws) => new AgentClient(ws, url, token, tls));
+    return openSocket(`${url}/v1`, { token, timeoutMs, peer: agentPeer(url), tls: tlsOptions(url, tls), headers: fenceHeaders(fence) }, (ws) => new AgentClient(ws, url, token, tls, fence));
   }
 
   call(method: Method, params: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<unknown> {
@@ -63,7 +82,7 @@ export class AgentClient {
   /** A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. */
   async openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
     const peer = { ...agentPeer(this.#url), who: `the QMP tunnel to ${vmId} on agent ${this.#url}` };
-    const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false }, (ws) => createWebSocketStream(ws));
+    const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false, headers: fenceHeaders(this.#fence) }, (ws) => createWebSocketStream(ws));
     return QmpClient.connect({ stream }, { timeoutMs, name: `agent:${vmId}` });
   }
 
@@ -100,8 +119,8 @@ export class AgentSource implements SourceEndpoint {
    * Finds the running VM `vmName` of this principal on the agent; its spec comes from there.
    * `keepDisks`: leave the source's disk files in place after a successful migration.
    */
-  static async connect(url: string, token: string, vmName: string, opts: { keepDisks?: boolean; tls?: TlsMaterial } = {}): Promise<AgentSource> {
-    const client = await AgentClient.connect(url, token, 10_000, opts.tls);
+  static async connect(url: string, token: string, vmName: string, opts: { keepDisks?: boolean; tls?: TlsMaterial; fence?: AgentFence } = {}): Promise<AgentSource> {
+    const client = await AgentClient.connect(url, token, 10_000, opts.tls, opts.fence);
     try {
       const info = hostInfoSchema.parse(await client.call('host.info'));
       const found = vmGetSchema.parse(await client.call('vm.get', { name: vmName }));
@@ -188,8 +207,8 @@ export class AgentDestination implements DestinationEndpoint {
     this.migrationHost = info.migrationHost;
   }
 
-  static async connect(url: string, token: string, opts: { tls?: TlsMaterial } = {}): Promise<AgentDestination> {
-    const client = await AgentClient.connect(url, token, 10_000, opts.tls);
+  static async connect(url: string, token: string, opts: { tls?: TlsMaterial; fence?: AgentFence } = {}): Promise<AgentDestination> {
+    const client = await AgentClient.connect(url, token, 10_000, opts.tls, opts.fence);
     try {
       const info = hostInfoSchema.parse(await client.call('host.info'));
       return new AgentDestination(client, info);

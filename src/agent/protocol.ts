@@ -77,7 +77,20 @@ export const methodParams = {
   ]),
   /** After a migration: quits the source QEMU (refused unless it is postmigrate) and forgets it. */
   'vm.retire': z.object({ vmId: z.string(), timeoutMs: z.number().int().positive().max(600_000), removeDisks: z.boolean() }).strict(),
+  /**
+   * Fencing (fencing.ts): the session's own fence (headers x-ferry-fence-vm / -epoch) is raised
+   * here, or refused as stale; a scheduler replica calls it on both hosts before it settles a
+   * migration it took over.
+   */
+  'fence.advance': z.object({}).strict(),
+  /** Refused stale calls so far, and the highest epoch seen per VM. */
+  'fence.status': z.object({}).strict(),
 } as const;
+
+/** Methods that change nothing: a stale fence does not stop them. */
+export const READ_ONLY_METHODS: ReadonlySet<Method> = new Set<Method>(['host.info', 'vm.list', 'vm.get', 'dest.check', 'events.subscribe', 'vm.nbdBytesSent', 'fence.status']);
+
+export const fenceStatusSchema = z.object({ staleRefused: z.number().int().nonnegative(), epochs: z.record(z.string(), z.number().int()) }).strict();
 
 export type Method = keyof typeof methodParams;
 export const METHODS = Object.keys(methodParams) as Method[];

@@ -49,7 +49,7 @@ export interface QmpPolicyContext {
 }
 
 export type PolicyVerdict =
-  | { ok: true; command: string; line: string }
+  | { ok: true; command: string; line: string; id?: string | number }
   /** `id`: the refused message's own (a string or a number), so the caller's pending call ends. */
   | { ok: false; command: string | undefined; code: 'QMP_REFUSED' | 'QMP_BAD_MESSAGE'; reason: string; id?: string | number };
 
@@ -276,7 +276,7 @@ export class QmpPolicy {
     const out: Record<string, unknown> = { execute: command };
     if (args.data !== undefined) out.arguments = args.data;
     if (msg.data.id !== undefined) out.id = msg.data.id;
-    return { ok: true, command, line: JSON.stringify(out) };
+    return { ok: true, command, line: JSON.stringify(out), ...(msg.data.id !== undefined ? { id: msg.data.id } : {}) };
   }
 }
 

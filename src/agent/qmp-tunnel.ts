@@ -12,6 +12,8 @@ export interface QmpTunnelObserver {
   qmpRefused?(code: string): void;
   /** Each command that passed the policy and reached QEMU (issue 17: who started a migration). */
   onForwarded?(command: string | undefined): void;
+  /** Asked after the policy; may refuse a command the policy allows (fencing: STALE_EPOCH), undefined lets it through. */
+  admit?(command: string): { code: string; reason: string } | undefined;
 }
 
 /**
@@ -19,7 +21,8 @@ export interface QmpTunnelObserver {
  * caller's lines is judged by the VM's QmpPolicy (qmp-policy.ts): what passes reaches QEMU
  * re-serialised from the checked value, what does not is answered in QMP's own error format
  * (desc starts with the stable code, QMP_REFUSED or QMP_BAD_MESSAGE), logged with the principal,
- * and never reaches QEMU.
+ * and never reaches QEMU. `admit`, asked after the policy, may refuse a command the policy allows
+ * (fencing: STALE_EPOCH, a reason then, undefined to let it through).
  */
 export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger, observer: QmpTunnelObserver = {}): void {
   const judge = policy instanceof QmpPolicy ? policy : new QmpPolicy(policy);
@@ -53,6 +56,12 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolic
         if (line.trim() === '') return;
         const verdict = judge.judge(line);
         if (verdict.ok) {
+          const refused = observer.admit?.(verdict.command);
+          if (refused) {
+            const reply = { error: { class: 'GenericError', desc: `${refused.code}: ${refused.reason}` }, ...(verdict.id !== undefined ? { id: verdict.id } : {}) };
+            ws.send(`${JSON.stringify(reply)}\n`);
+            return;
+          }
           qemu.write(`${verdict.line}\n`);
           observer.onForwarded?.(verdict.command);
           return;

@@ -31,7 +31,9 @@ import type { VmSpec } from '../qemu/spec.js';
 import type { QemuBuild } from '../qemu/versions.js';
 import { parseAgentConfig, type AgentConfig } from './config.js';
 import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
-import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
+import { FENCE_EPOCH_HEADER, FENCE_VM_HEADER } from './client.js';
+import { Fences, fenceHeadersSchema, type SessionFence } from './fencing.js';
+import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, READ_ONLY_METHODS, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
 import { DiskClaims } from './claims.js';
 import { AgentMetrics } from './metrics.js';
 import { handleMetricsRequest, startMetricsListener } from '../host/metrics-http.js';
@@ -65,6 +67,8 @@ interface Session {
   ws: WebSocket;
   principal: string;
   subscribed: boolean;
+  /** The scheduler replica's claim this session acts under (fencing.ts), if it named one. */
+  fence: SessionFence | undefined;
 }
 
 export async function startAgent(input: unknown, logger: Logger = silentLogger): Promise<RunningAgent> {
@@ -136,6 +140,9 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const dataTls = await AgentDataTls.load(config);
   const claims = new DiskClaims(config.stateDir, log);
+  const fences = new Fences(config.stateDir, log, (what) => metrics.recordStaleCallRefused(what.split(' ')[0] ?? what));
+  /** QMP tunnels opened under a fence: cut when a later epoch for their VM arrives. */
+  const fencedTunnels = new Set<{ fence: SessionFence; ws: WebSocket; cut: () => void }>();
   const placement = new Placement({
     storageRoot: config.storageRoot,
     bootRoots: config.bootRoots,
@@ -205,6 +212,12 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         dataTls: dataTls.info(),
       };
     },
+    'fence.advance': async (_p, _params, session) => {
+      if (!session.fence) throw new AgentError('NO_FENCE', `fence.advance needs the ${FENCE_VM_HEADER} and ${FENCE_EPOCH_HEADER} headers at the upgrade`, { userError: true });
+      // Raised at the upgrade already; a stale one was refused before this handler ran.
+      return { vm: session.fence.vm, epoch: session.fence.epoch };
+    },
+    'fence.status': async () => fences.status(),
     'events.subscribe': async (_p, _params, session) => {
       session.subscribed = true;
       return {};
@@ -465,6 +478,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       methods: methodParams,
       handle: async (method, params) => {
         try {
+          if (!READ_ONLY_METHODS.has(method)) fences.check(session.fence, method);
           return await (handlers[method] as (p: string, params: unknown, s: Session) => Promise<unknown>)(session.principal, params, session);
         } catch (err) {
           // Every refusal is logged with who asked: a probing token shows up in the agent's log.
@@ -498,14 +512,45 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
     };
     if (!principal) return reject('401 Unauthorized');
+    let fence: SessionFence | undefined;
+    const fenceVm = req.headers[FENCE_VM_HEADER];
+    const fenceEpoch = req.headers[FENCE_EPOCH_HEADER];
+    if (fenceVm !== undefined || fenceEpoch !== undefined) {
+      let vm: string | undefined;
+      try {
+        vm = typeof fenceVm === 'string' ? decodeURIComponent(fenceVm) : undefined;
+      } catch {
+        vm = undefined;
+      }
+      const parsed = fenceHeadersSchema.safeParse({ vm, epoch: fenceEpoch });
+      if (!parsed.success) {
+        log.warn({ principal, issue: parsed.error.issues[0]?.message }, 'refused an upgrade with a malformed fence');
+        return reject('400 Bad Request');
+      }
+      const presented = fences.present(principal, parsed.data.vm, parsed.data.epoch);
+      fence = presented.fence;
+      if (presented.raised) {
+        // The monitor is the new owner's now: stale tunnels to this VM go (terminate, not close:
+        // a paused peer would never finish a close handshake, and the monitor waits with it).
+        for (const t of fencedTunnels) {
+          if (t.fence.key !== fence.key || !fences.isStale(t.fence)) continue;
+          log.warn({ principal, vm: fence.vm, epoch: t.fence.epoch, now: fence.epoch }, 'cut a QMP tunnel opened under an older fencing epoch');
+          fencedTunnels.delete(t);
+          t.cut();
+          t.ws.terminate();
+        }
+      }
+    }
     const url = req.url ?? '';
     const qmp = /^\/v1\/qmp\/([a-z0-9-]{1,64})$/.exec(url);
     if (url !== '/v1' && !qmp) return reject('404 Not Found');
     const target = qmp ? registry.get(qmp[1]!) : undefined;
     if (qmp && (!target || target.principal !== principal || target.state !== 'running')) return reject('404 Not Found');
+    // A stale owner may not take the VM's one monitor from the current one.
+    if (qmp && fences.staleReason(fence, 'a QMP tunnel') !== undefined) return reject('409 Conflict');
     if ([...sessions].filter((s) => s.principal === principal).length >= config.limits.sessionsPerPrincipal) return reject('429 Too Many Requests');
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const session: Session = { ws, principal, subscribed: false };
+      const session: Session = { ws, principal, subscribed: false, fence };
       sessions.add(session);
       ws.once('close', () => sessions.delete(session));
       if (target) {
@@ -521,18 +566,32 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         };
         // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
         keepAlive(ws, { intervalMs: DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => log.warn({ principal, vmId, silentMs }, 'QMP tunnel caller answered no ping: dropped') });
+        // Reads go through whatever the epoch; a stale tunnel changes nothing.
+        const admit = (command: string): { code: string; reason: string } | undefined => {
+          if (command.startsWith('query-') || command === 'qmp_capabilities') return undefined;
+          const reason = fences.staleReason(fence, `QMP ${command}`);
+          return reason === undefined ? undefined : { code: 'STALE_EPOCH', reason };
+        };
+        let cutByFence = false;
+        if (fence) {
+          const entry = { fence, ws, cut: () => (cutByFence = true) };
+          fencedTunnels.add(entry);
+          ws.once('close', () => fencedTunnels.delete(entry));
+        }
         // A migration started through this tunnel whose caller goes (killed, crashed, cut off)
-        // is settled here, from what QEMU reports, once the tunnel is gone (issue 17).
+        // is settled here, from what QEMU reports, once the tunnel is gone (issue 17). Not when a
+        // newer fencing epoch cut it: the replica that owns the migration now settles it.
         let migrated = false;
         tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }), {
           qemuLine: (line) => metrics.qemuLine(line),
           qmpRefused: (code) => metrics.qmpRefused(code),
+          admit,
           onForwarded: (command) => {
             if (command === 'migrate' || command === 'migrate-incoming') migrated = true;
           },
         });
         ws.once('close', () => {
-          if (!migrated) return;
+          if (!migrated || cutByFence) return;
           const settle = target.role === 'vm' ? settleOrphanedSource(target) : fenceOrphanedDestination(target);
           void settle.catch((err: unknown) => log.error({ vmId: target.vmId, err: errorText(err) }, 'could not settle a migration whose caller went'));
         });

@@ -26,6 +26,12 @@ export interface MigrateRequest {
   signal?: AbortSignal;
   logger?: Logger;
   onEvent?: (e: MigrationEvent) => void;
+  /**
+   * Persists a phase or the source's saved settings before the engine takes its next step (a
+   * scheduler's store): awaited. A failure before the point of no return fails the migration,
+   * which rolls back; during a rollback or past the point of no return it is only a warning.
+   */
+  durable?: (e: Extract<MigrationEvent, { event: 'phase' | 'source-saved' }>) => Promise<void>;
   /** Preflight only: return the plan, change nothing. */
   dryRun?: boolean;
   migrationId?: string;
@@ -93,8 +99,25 @@ export class MigrationContext {
     return this.phases.phase;
   }
 
-  enter(phase: Phase): void {
+  /** Enters `phase` and, with a durable hook, returns once it is persisted. */
+  async enter(phase: Phase): Promise<void> {
     this.phases.enter(phase);
+    await this.persist({ event: 'phase', migrationId: this.id, phase, at: performance.now() - this.started });
+  }
+
+  /** The durable hook (see MigrateRequest.durable); throws only for a forward step before the point of no return. */
+  async persist(e: Extract<MigrationEvent, { event: 'phase' | 'source-saved' }>): Promise<void> {
+    if (!this.req.durable) return;
+    try {
+      await this.req.durable(e);
+    } catch (err) {
+      const phase = this.phase;
+      if (this.#pastNoReturn || phase === 'rollback' || phase === 'failed') {
+        this.warn(`could not persist ${e.event === 'phase' ? `phase ${e.phase}` : 'the source settings'}: ${errorText(err)}`);
+        return;
+      }
+      throw new MigrationError('STATE_NOT_PERSISTED', `could not persist ${e.event === 'phase' ? `phase ${e.phase}` : 'the source settings'} before going on: ${errorText(err)}`, { phase, cause: err });
+    }
   }
 
   get pastNoReturn(): boolean {

@@ -67,7 +67,7 @@ async function runMigration(req: MigrateRequest): Promise<MigrationResult> {
   const ctx = new MigrationContext(req, parsed.data);
   let source: SourceState | undefined;
   try {
-    ctx.enter('preflight');
+    await ctx.enter('preflight');
     const destinationBuild = destinationProbe(ctx);
     source = await sourceBegin(ctx);
     const plan = await sourcePreflight(ctx, source, destinationBuild);
@@ -84,10 +84,10 @@ async function runMigration(req: MigrateRequest): Promise<MigrationResult> {
 /** Pre-copy: the disks, then RAM, then the guest moves and runs at full speed from its first instant. */
 async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: MigrationPlan): Promise<MigrationResult> {
   const progress = new ProgressTracker(plan, ctx.req.source, ctx.opts.progressIntervalMs);
-  ctx.enter('prepare-destination');
+  await ctx.enter('prepare-destination');
   await sourceBeginDataTls(ctx, { source, plan });
   const dest = await destinationPrepare(ctx, { plan, sourceExport: undefined, sourceCaps: source.caps });
-  ctx.enter('mirror');
+  await ctx.enter('mirror');
   const mirrorsSince = await sourceStartMirrors(ctx, { source, dest, plan });
   const { convergence: converged, watch } = await sourceWaitMirrorsReady(ctx, { source, dest, plan, progress, mirrorsSince });
   ctx.emit({ event: 'convergence', migrationId: ctx.id, action: 'mirrors-converged', mirrors: converged });
@@ -108,11 +108,11 @@ async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: Migr
   const syncedAtMs = await watch.syncedAtMs;
   const mirrorConvergence = syncedAtMs === undefined ? converged : { ...converged, syncedAtMs };
   // The guest runs on the destination: nothing below can fail the migration, only warn.
-  ctx.enter('cleanup');
+  await ctx.enter('cleanup');
   const diskBytes = await progress.finalDiskBytes().catch(() => 0);
   await cleanupPrecopy(ctx, { source, dest, plan });
   const bitmapsMigrated = await cleanupFinish(ctx, { source, dest, plan });
-  ctx.enter('done');
+  await ctx.enter('done');
   const result = resultOf(ctx, plan, { ...moved, diskBytes, ramBytes: progress.ramTransferred, bitmapsMigrated });
   return { ...result, convergence: { ...result.convergence, mirrors: mirrorConvergence } };
 }
@@ -121,7 +121,7 @@ async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: Migr
 async function runLazy(ctx: MigrationContext, source: SourceState, plan: MigrationPlan): Promise<MigrationResult> {
   // No disk is copied before the guest moves, so progress until then is RAM only.
   const progress = new ProgressTracker({ ...plan, disks: [] }, ctx.req.source, ctx.opts.progressIntervalMs);
-  ctx.enter('prepare-destination');
+  await ctx.enter('prepare-destination');
   await sourceBeginDataTls(ctx, { source, plan });
   const sourceExport = await sourceExportDisks(ctx, { source, plan });
   const dest = await destinationPrepare(ctx, { plan, sourceExport, sourceCaps: source.caps });
@@ -129,13 +129,13 @@ async function runLazy(ctx: MigrationContext, source: SourceState, plan: Migrati
   const destinationRunningMs = Math.round(performance.now() - ctx.started);
   // The guest runs on the destination and reads what it lacks from the source, which must
   // therefore stay up (paused, serving its export) until every overlay holds everything.
-  ctx.enter('hydrate');
+  await ctx.enter('hydrate');
   await ctx.tidy('activate the source disks again for its export', () => sourceReactivateDisks(ctx, { source, plan }));
   const hydration = await destinationHydrate(ctx, { dest, plan, sourceExport });
-  ctx.enter('cleanup');
+  await ctx.enter('cleanup');
   await cleanupLazy(ctx, { source, plan });
   const bitmapsMigrated = await cleanupFinish(ctx, { source, dest, plan });
-  ctx.enter('done');
+  await ctx.enter('done');
   const result = resultOf(ctx, plan, { ...moved, diskBytes: hydration.hydratedWireBytes ?? 0, ramBytes: progress.ramTransferred, bitmapsMigrated });
   return { ...result, lazy: { destinationRunningMs, ...hydration } };
 }
@@ -151,13 +151,13 @@ async function moveGuest(
   io: { source: SourceState; dest: DestinationState; plan: MigrationPlan; progress: ProgressTracker },
   mirrors: { checkMirrors: () => Promise<unknown>; completeMirrors: () => Promise<void>; beforeResume: () => Promise<void> },
 ): Promise<{ downtimeMs: number; qemuDowntimeMs: number | undefined; convergence: ConvergenceState }> {
-  ctx.enter('ram');
+  await ctx.enter('ram');
   const ram = await sourcePerformRam(ctx, io);
   const { convergence, seenAt } = await sourceWaitPreSwitchover(ctx, { ...io, ram, checkMirrors: mirrors.checkMirrors });
-  ctx.enter('switchover');
+  await ctx.enter('switchover');
   await mirrors.completeMirrors();
   await sourceContinue(ctx, { source: io.source, ram });
-  ctx.enter('confirm');
+  await ctx.enter('confirm');
   await destinationIncomingComplete(ctx, { dest: io.dest, ram });
   await mirrors.beforeResume();
   await destinationResume(ctx, io.dest);

@@ -38,12 +38,12 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   };
   if (ctx.pastNoReturn) {
     // Nothing to roll back: the undo stack was emptied at the point of no return.
-    ctx.enter('failed');
+    await ctx.enter('failed');
     await source?.qmp.close().catch(() => undefined);
     return verdict('other', []);
   }
   ctx.log.warn({ err: errorText(first), phase: failedPhase }, 'migration failed, rolling back');
-  if (ctx.undo.size > 0) ctx.enter('rollback');
+  if (ctx.undo.size > 0) await ctx.enter('rollback');
   const report = (step: string, stepErr: unknown, skipped?: string): void => {
     ctx.emit({ event: 'rollback', migrationId: ctx.id, step, ok: !stepErr, ...(stepErr ? { error: errorText(stepErr) } : {}), ...(skipped ? { skipped } : {}) });
     if (stepErr) ctx.log.error({ step, err: errorText(stepErr) }, 'rollback step failed');
@@ -75,7 +75,7 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
     }
     await source.qmp.close().catch(() => undefined);
   }
-  ctx.enter('failed');
+  await ctx.enter('failed');
   return verdict(where, cleanupErrors);
 }
 

@@ -54,7 +54,9 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
     parameters: { 'max-bandwidth': savedParams['max-bandwidth'], 'downtime-limit': savedParams['downtime-limit'] },
   };
   // Announced before the change: a scheduler persists it, so its recovery can put them back.
-  ctx.emit({ event: 'source-saved', migrationId: ctx.id, saved });
+  const savedEvent = { event: 'source-saved', migrationId: ctx.id, saved } as const;
+  ctx.emit(savedEvent);
+  await ctx.persist(savedEvent);
   ctx.undo.push('restore source migration settings', 'source', () => restoreSourceSettings(sq, saved));
   await sq.execute('migrate-set-capabilities', { capabilities: Object.entries(want).map(([capability, state]) => ({ capability, state })) }, ctx.call());
   await sq.execute('migrate-set-parameters', { 'max-bandwidth': ctx.opts.bandwidthBytesPerSec ?? UNLIMITED_BANDWIDTH, 'downtime-limit': ctx.opts.downtimeLimitMs }, ctx.call());

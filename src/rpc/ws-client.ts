@@ -37,13 +37,13 @@ const frameSchema = z.union([
  */
 export function openSocket<T>(
   url: string,
-  opts: { token: string; timeoutMs: number; peer: PeerLabel; tls?: Record<string, unknown>; userError?: boolean; heartbeatMs?: number },
+  opts: { token: string; timeoutMs: number; peer: PeerLabel; tls?: Record<string, unknown>; userError?: boolean; heartbeatMs?: number; headers?: Record<string, string> },
   onOpen: (ws: WebSocket) => T,
 ): Promise<T> {
   const { peer } = opts;
   const userError = opts.userError ?? true;
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { headers: { authorization: `Bearer ${opts.token}` }, handshakeTimeout: opts.timeoutMs, ...opts.tls });
+    const ws = new WebSocket(url, { headers: { ...opts.headers, authorization: `Bearer ${opts.token}` }, handshakeTimeout: opts.timeoutMs, ...opts.tls });
     ws.once('open', () => {
       keepAlive(ws, { intervalMs: opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS });
       resolve(onOpen(ws));

@@ -5,7 +5,7 @@
  */
 import type { DataTlsMode } from '../engine/data-tls-plan.js';
 import { z } from 'zod';
-import { AgentClient, AgentDestination, AgentSource } from '../agent/client.js';
+import { AgentClient, AgentDestination, AgentSource, type AgentFence } from '../agent/client.js';
 import type { TlsMaterial } from '../host/tls.js';
 import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
 import { migrateOutcome } from '../engine/migrate.js';
@@ -14,7 +14,7 @@ import { finishHydration, recoveryFor, rollBackSource, unexportSource } from '..
 import type { SavedSourceSettings } from '../engine/types.js';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
-import { SchedulerError, type HostInfo, type Inventory, type MigrationJob, type MigrationRunner, type Reconciler, type RunContext, type VmInfo, type WhereRuns } from './types.js';
+import { SchedulerError, type HostInfo, type Inventory, type MigrationJob, type MigrationRunner, type Reconciler, type RunContext, type VmInfo, type WhereRuns, type Fence } from './types.js';
 
 export const HostConfigSchema = z
   .object({
@@ -53,8 +53,8 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     return h;
   }
 
-  async #withClient<T>(host: HostConfig, fn: (c: AgentClient) => Promise<T>): Promise<T> {
-    const c = await AgentClient.connect(host.url, this.#token, 5_000, this.#tls);
+  async #withClient<T>(host: HostConfig, fn: (c: AgentClient) => Promise<T>, fence?: AgentFence): Promise<T> {
+    const c = await AgentClient.connect(host.url, this.#token, 5_000, this.#tls, fence);
     try {
       return await fn(c);
     } finally {
@@ -102,10 +102,15 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     return (await this.vms()).find((v) => v.name === name);
   }
 
+  #endpointOpts(fence: AgentFence | undefined): { tls?: TlsMaterial; fence?: AgentFence } {
+    return { ...(this.#tls ? { tls: this.#tls } : {}), ...(fence ? { fence } : {}) };
+  }
+
   async run(job: MigrationJob, ctx: RunContext): Promise<MigrationOutcome> {
-    const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
+    const fence = ctx.fence ? { vm: job.vm, epoch: ctx.fence.epoch } : undefined;
+    const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm, this.#endpointOpts(fence));
     try {
-      const destination = await AgentDestination.connect(this.#host(job.to).url, this.#token, this.#tls ? { tls: this.#tls } : {});
+      const destination = await AgentDestination.connect(this.#host(job.to).url, this.#token, this.#endpointOpts(fence));
       try {
         return await migrateOutcome({
           spec: source.spec,
@@ -120,10 +125,13 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
           },
           signal: ctx.signal,
           logger: this.#log,
+          // Persisted before the engine goes on: a phase, and the source's settings.
+          durable: async (e) => {
+            if (e.event === 'phase') await ctx.onPhase(e.phase);
+            else await ctx.onSourceSaved?.(e.saved);
+          },
           onEvent: (e) => {
-            if (e.event === 'phase') ctx.onPhase(e.phase);
-            else if (e.event === 'source-saved') ctx.onSourceSaved?.(e.saved);
-            else if (e.event === 'progress') {
+            if (e.event === 'progress') {
               const p = e.progress;
               const ram = p.ram ? { done: p.ram.transferredBytes, total: p.ram.transferredBytes + p.ram.remainingBytes } : { done: 0, total: 0 };
               ctx.onProgress?.({ phase: p.phase, doneBytes: p.diskCopiedBytes + ram.done, totalBytes: p.diskTotalBytes + ram.total, bytesPerSec: Math.round(p.rateBytesPerSec), etaMs: p.etaMs ?? null });
@@ -150,7 +158,24 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
    *   anything else (no answer, or a destination whose state contradicts the phase) -> touch
    *   nothing: 'unknown'. The source is resumed only if it ran before (its saved settings).
    */
-  async settle(job: MigrationJob, saved: SavedSourceSettings | undefined): Promise<{ runsOn: WhereRuns; detail: string }> {
+  async settle(job: MigrationJob, saved: SavedSourceSettings | undefined, claim?: Fence): Promise<{ runsOn: WhereRuns; detail: string }> {
+    const to = this.#host(job.to);
+    const fence = claim ? { vm: job.vm, epoch: claim.epoch } : undefined;
+    // A takeover first raises the epoch on both agents: from here on the replica that held the
+    // migration before cannot change anything there, whatever it still believes.
+    if (fence) {
+      for (const h of [this.#host(job.from), to]) {
+        try {
+          await this.#withClient(h, (c) => c.call('fence.advance', {}, 10_000), fence);
+        } catch (err) {
+          throw new SchedulerError('FENCE_UNCONFIRMED', `cannot raise the fencing epoch of ${job.vm} to ${fence.epoch} on ${h.name}: ${errorText(err)}`, { cause: err });
+        }
+      }
+    }
+    return this.#settleFenced(job, saved, fence);
+  }
+
+  async #settleFenced(job: MigrationJob, saved: SavedSourceSettings | undefined, fence: AgentFence | undefined): Promise<{ runsOn: WhereRuns; detail: string }> {
     const to = this.#host(job.to);
     let destList: VmSummary[];
     try {
@@ -174,8 +199,8 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     if (destStatus === undefined) return { runsOn: 'unknown', detail: `cannot ask the destination QEMU of ${job.vm} on ${to.name} whether it runs` };
     const action = recoveryFor(job.phase);
     const runs = destStatus === 'running';
-    if (runs && incoming && action !== 'roll-back') return this.#handOver(job, incoming.vmId);
-    if (!runs && action !== 'hand-over') return this.#rollBack(job, saved, incoming?.vmId, destStatus);
+    if (runs && incoming && action !== 'roll-back') return this.#handOver(job, incoming.vmId, fence);
+    if (!runs && action !== 'hand-over') return this.#rollBack(job, saved, incoming?.vmId, destStatus, fence);
     return {
       runsOn: 'unknown',
       detail: `the phase (${job.phase ?? 'none'}) and the destination (${destStatus}) disagree: ${runs ? 'it runs though cont was never sent' : 'the guest ran there but its QEMU is not running'}; nothing touched`,
@@ -186,7 +211,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
    * The guest moved. Lazy mode: the destination may still read from the source, so first every
    * overlay is hydrated to the end; then the source must be in postmigrate (vm.retire checks) and goes.
    */
-  async #handOver(job: MigrationJob, vmId: string): Promise<{ runsOn: WhereRuns; detail: string }> {
+  async #handOver(job: MigrationJob, vmId: string, fence: AgentFence | undefined): Promise<{ runsOn: WhereRuns; detail: string }> {
     const from = this.#host(job.from);
     const to = this.#host(job.to);
     const hydrated = await this.#withClient(to, async (c) => {
@@ -196,10 +221,10 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
       } finally {
         await q.close();
       }
-    });
+    }, fence);
     // A source already gone (retired before the crash) has nothing left to do.
     if ((await this.#list(from)).some((v) => v.name === job.vm && v.role === 'vm' && v.running)) {
-      const source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
+      const source = await AgentSource.connect(from.url, this.#token, job.vm, this.#endpointOpts(fence));
       try {
         const q = await source.connect({ timeoutMs: 10_000 });
         await unexportSource(q);
@@ -209,18 +234,18 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
         source.close();
       }
     }
-    await this.#withClient(to, (c) => c.call('dest.release', { vmId }));
+    await this.#withClient(to, (c) => c.call('dest.release', { vmId }), fence);
     return { runsOn: 'to', detail: `the destination ran ${job.vm}: hand-over finished${hydrated.length ? ` (${hydrated.join(', ')})` : ''}` };
   }
 
   /** The destination never ran the guest: it goes, and the source is made whole again. */
-  async #rollBack(job: MigrationJob, saved: SavedSourceSettings | undefined, vmId: string | undefined, destStatus: string): Promise<{ runsOn: WhereRuns; detail: string }> {
+  async #rollBack(job: MigrationJob, saved: SavedSourceSettings | undefined, vmId: string | undefined, destStatus: string, fence: AgentFence | undefined): Promise<{ runsOn: WhereRuns; detail: string }> {
     const from = this.#host(job.from);
     const to = this.#host(job.to);
-    if (vmId) await this.#withClient(to, (c) => c.call('dest.abandon', { vmId }, 40_000));
+    if (vmId) await this.#withClient(to, (c) => c.call('dest.abandon', { vmId }, 40_000), fence);
     let source: AgentSource;
     try {
-      source = await AgentSource.connect(from.url, this.#token, job.vm, this.#tls ? { tls: this.#tls } : {});
+      source = await AgentSource.connect(from.url, this.#token, job.vm, this.#endpointOpts(fence));
     } catch (err) {
       return { runsOn: 'unknown', detail: `${job.vm} runs on neither host (source: ${errorText(err)})` };
     }

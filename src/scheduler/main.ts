@@ -1,5 +1,5 @@
 /**
- * ferry-scheduler --config FILE [--listen HOST:PORT] [--database PATH]
+ * ferry-scheduler --config FILE [--listen HOST:PORT] [--database PATH|postgres://URL]
  * Tokens from the environment so no secret sits in a flag: FERRY_TOKEN is what the scheduler
  * presents to the agents, FERRY_SCHEDULER_TOKEN adds an API token for principal 'operator'.
  * SIGTERM/SIGINT: stop taking work, give running migrations 30 s, roll back the rest (queued
@@ -12,7 +12,7 @@ import { serveUntilSignal } from '../serve.js';
 import { createLogger } from '../log.js';
 import { startSchedulerService } from './service.js';
 
-export const SCHEDULER_USAGE = `usage: ferry-scheduler --config FILE [--listen HOST:PORT] [--database PATH]
+export const SCHEDULER_USAGE = `usage: ferry-scheduler --config FILE [--listen HOST:PORT] [--database PATH|postgres://URL]
 environment: FERRY_TOKEN (what the scheduler presents to the agents), FERRY_SCHEDULER_TOKEN
              (adds an API token for principal 'operator')
 `;

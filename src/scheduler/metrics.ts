@@ -137,9 +137,12 @@ export class SchedulerMetrics {
     scheduler.on('phase', this.#onPhase);
     scheduler.on('progress', this.#onProgress);
     scheduler.on('finished', this.#onFinished);
+    scheduler.on('takeover', this.#onTakeover);
   }
 
-  /** Called by the PostgreSQL store when this replica claims a migration whose lease expired. */
+  readonly #onTakeover = (): void => this.recordLeaseTakeover();
+
+  /** A migration this replica took over after another's lease expired (the scheduler's 'takeover'). */
   recordLeaseTakeover(count = 1): void {
     this.#takeovers.inc(count);
   }
@@ -159,6 +162,7 @@ export class SchedulerMetrics {
     this.#scheduler.off('phase', this.#onPhase);
     this.#scheduler.off('progress', this.#onProgress);
     this.#scheduler.off('finished', this.#onFinished);
+    this.#scheduler.off('takeover', this.#onTakeover);
   }
 
   #moved(host: string): void {

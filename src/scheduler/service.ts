@@ -1,6 +1,7 @@
 /**
- * ferry-scheduler: the Scheduler over real agents, its SQLite file, and an API for operators
- * (protocol.ts). One process; its state is the database, so it may be killed at any moment.
+ * ferry-scheduler: the Scheduler over real agents, its store (a SQLite file, or PostgreSQL shared
+ * by replicas), and an API for operators (protocol.ts). Its state is the database, so it may be
+ * killed at any moment; on PostgreSQL any replica answers any request.
  */
 import { createServer, type Server } from 'node:http';
 import { WebSocketServer } from 'ws';
@@ -14,7 +15,7 @@ import { AgentFleet, HostConfigSchema } from './agents.js';
 import { SCHEDULER_PROTOCOL_VERSION, schedulerMethods, type SchedulerMethod } from './protocol.js';
 import { Scheduler, type SchedulerEvents } from './scheduler.js';
 import { SchedulerMetrics } from './metrics.js';
-import { SchedulerStore } from './store.js';
+import { openStore, redactDatabase } from './store.js';
 import { crossOrigin, handleWebRequest } from './web.js';
 import { SchedulerError } from './types.js';
 
@@ -22,7 +23,16 @@ export const SchedulerConfigSchema = z
   .object({
     listenHost: z.string().default('127.0.0.1'),
     listenPort: z.number().int().min(0).max(65535).default(7430),
+    /** A SQLite file (one scheduler), or postgres://USER:PASS@HOST/DB (any number of replicas). */
     database: z.string().min(1),
+    /**
+     * PostgreSQL only: how long a replica's claim lasts without a heartbeat (renewed every third
+     * of it), and how often a replica looks for queued work and expired leases.
+     */
+    replica: z
+      .object({ leaseMs: z.number().int().min(500).max(600_000).default(15_000), pollMs: z.number().int().min(50).max(60_000).default(1_000) })
+      .strict()
+      .default({ leaseMs: 15_000, pollMs: 1_000 }),
     hosts: z
       .array(HostConfigSchema)
       .min(1, 'at least one host')
@@ -86,18 +96,33 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const config = parsed.data;
   const log = logger.child({ tool: 'ferry-scheduler' });
   const tls = config.agentTls ? await loadTls(config.agentTls) : undefined;
-  const store = new SchedulerStore(config.database);
+  const store = await openStore(config.database, { log });
   const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, { dataTls: config.dataTls, ...(config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {}) });
-  const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, mode: config.mode, logger: log });
+  const scheduler = new Scheduler({
+    store,
+    inventory: fleet,
+    runner: fleet,
+    reconciler: fleet,
+    limits: config.limits,
+    retry: config.retry,
+    mode: config.mode,
+    logger: log,
+    replica: { leaseMs: config.replica.leaseMs, pollMs: config.replica.pollMs },
+  });
   const metrics = new SchedulerMetrics(scheduler, { queued: () => store.inState('queued'), running: () => store.inState('running') }, config.hosts.map((h) => h.name));
-  await scheduler.start();
+  try {
+    await scheduler.start();
+  } catch (err) {
+    await store.close().catch(() => undefined);
+    throw err;
+  }
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
     switch (method) {
       case 'hosts': {
         const [hosts, vms] = await Promise.all([fleet.hosts(), fleet.vms()]);
-        const running = scheduler.running();
-        const queued = store.inState('queued').reduce<Record<string, number>>((m, j) => ({ ...m, [j.from]: (m[j.from] ?? 0) + 1 }), {});
+        const running = await scheduler.running();
+        const queued = (await store.inState('queued')).reduce<Record<string, number>>((m, j) => ({ ...m, [j.from]: (m[j.from] ?? 0) + 1 }), {});
         return config.hosts.map((h) => {
           const info = hosts.find((x) => x.name === h.name);
           return {
@@ -126,17 +151,17 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       }
       case 'queue': {
         const p = schedulerMethods.queue.parse(params);
-        const jobs = scheduler.list(p.limit);
+        const jobs = await scheduler.list(p.limit);
         return p.all ? jobs : jobs.filter((j) => j.state === 'queued' || j.state === 'running');
       }
       case 'get': {
         const id = schedulerMethods.get.parse(params).id;
-        const job = scheduler.get(id);
+        const job = await scheduler.get(id);
         if (!job) throw new SchedulerError('NO_SUCH_MIGRATION', `no migration '${id}'`, { userError: true });
         return job;
       }
       case 'journal':
-        return store.journal(schedulerMethods.journal.parse(params).id);
+        return scheduler.journal(schedulerMethods.journal.parse(params).id);
       case 'cancel':
         return scheduler.cancel(schedulerMethods.cancel.parse(params).id);
       case 'watch':
@@ -203,11 +228,11 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const address = http.address();
   if (address === null || typeof address === 'string') throw new SchedulerError('SCHEDULER_LISTEN', `the API has no TCP address (${String(address)})`);
   const port = address.port;
-  log.info({ port, hosts: config.hosts.length, database: config.database }, 'scheduler listening');
+  log.info({ port, hosts: config.hosts.length, database: redactDatabase(config.database), replica: store.shared ? scheduler.owner : undefined }, 'scheduler listening');
   const metricsListener = config.metricsListen ? await startMetricsListener(config.metricsListen, () => metrics.render(), log).catch(async (err: unknown) => {
     await new Promise<void>((r) => http.close(() => r()));
     await scheduler.stop(0);
-    store.close();
+    await store.close().catch(() => undefined);
     throw err;
   }) : undefined;
   return {
@@ -221,7 +246,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       await metricsListener?.close();
       metrics.close();
       await scheduler.stop(opts.graceMs).catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the scheduler'));
-      store.close();
+      await store.close().catch((err: unknown) => log.error({ err: errorText(err) }, 'closing the store'));
     },
   };
 }

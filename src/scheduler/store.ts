@@ -1,7 +1,11 @@
 /**
- * The scheduler's durable state: one SQLite file (WAL), migrations and their journal. Every
- * change is a transaction that updates the row and appends to the journal, and it is committed
- * before the scheduler acts on it, so a crash leaves a state a restart can reconcile.
+ * The scheduler's durable state, behind one interface with two stores:
+ *   SqliteStore    one file (WAL) beside one scheduler: the embedded default (sqlite-store.ts)
+ *   PostgresStore  one database shared by any number of scheduler replicas (pg-store.ts)
+ * chosen by the config's database: a `postgres://` / `postgresql://` URL, else a file path.
+ * Both keep the same tables at the same schema version (migrations and their journal); every
+ * change is a transaction that updates the row and appends to the journal, committed before the
+ * scheduler acts on it, so a crash leaves a state a restart (or another replica) can reconcile.
  *
  *   queued ──start──► running ──► succeeded | failed | cancelled | needs-source
  *     │                  └──retry / recovery──► queued
@@ -10,16 +14,17 @@
  * One active (queued or running) migration per VM is a UNIQUE partial index, not a check in
  * code: two schedulers racing, or a bug, cannot make a VM move twice at once.
  *
- * When one scheduler is not enough (several control-plane nodes), this is the module a shared
- * database (PostgreSQL, same schema, SELECT ... FOR UPDATE SKIP LOCKED to claim work) replaces.
+ * A shared store adds leases: a replica claims a migration (an owner, a lease expiry it renews
+ * by heartbeats, and an epoch from a sequence that only grows); every write about a claimed
+ * migration carries the claim and is refused once the claim is no longer the current one.
  */
-import Database from 'better-sqlite3';
-import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import { SavedSourceSettingsSchema, type SavedSourceSettings } from '../engine/types.js';
-import { MIGRATION_STATES, SchedulerError, type MigrationJob, type MigrationMode, type MigrationState, type Reason } from './types.js';
+import type { SavedSourceSettings } from '../engine/types.js';
+import { MIGRATION_STATES, type MigrationJob, type MigrationMode, type MigrationState, type Reason } from './types.js';
 
-const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
+export const SCHEMA_VERSION = 3;
+
+export const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   queued: ['running', 'cancelled', 'failed'],
   running: ['succeeded', 'failed', 'cancelled', 'queued', 'needs-source'],
   succeeded: [],
@@ -29,33 +34,35 @@ const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   'needs-source': ['succeeded'],
 };
 
-const rowSchema = z.object({
+/** PostgreSQL returns BIGINT as text (it may not fit a double); ours are ms and counters, which do. */
+const int = z.union([z.number().int(), z.string().regex(/^-?\d+$/).transform(Number)]);
+const num = z.union([z.number(), z.string().regex(/^-?\d+(\.\d+)?(e[+-]?\d+)?$/i).transform(Number)]);
+
+export const rowSchema = z.object({
   id: z.string(),
   vm: z.string(),
   src: z.string(),
   dst: z.string(),
   reason: z.enum(['drain', 'manual', 'rebalance']),
-  priority: z.number().int(),
+  priority: int,
   mode: z.enum(['precopy', 'lazy']),
   state: z.enum(MIGRATION_STATES),
-  attempts: z.number().int(),
+  attempts: int,
   phase: z.string().nullable(),
   error: z.string().nullable(),
-  bandwidth: z.number().nullable(),
-  memory_mib: z.number(),
-  disk_bytes: z.number(),
-  not_before: z.number(),
-  created_at: z.number(),
-  updated_at: z.number(),
-  seq: z.number().int(),
+  bandwidth: num.nullable(),
+  memory_mib: num,
+  disk_bytes: num,
+  not_before: num,
+  created_at: num,
+  updated_at: num,
+  seq: int,
 });
 
-const journalSchema = z.object({ migration_id: z.string(), at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
+export const journalSchema = z.object({ migration_id: z.string(), at: num, state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
 export type JournalEntry = z.infer<typeof journalSchema>;
 
-const SCHEMA_VERSION = 3;
-
-function toJob(raw: unknown): MigrationJob {
+export function toJob(raw: unknown): MigrationJob {
   const r = rowSchema.parse(raw);
   return {
     id: r.id,
@@ -79,161 +86,102 @@ function toJob(raw: unknown): MigrationJob {
   };
 }
 
-export class SchedulerStore {
-  readonly #db: Database.Database;
-  readonly #stmts;
+export interface EnqueueRequest {
+  vm: string;
+  from: string;
+  to: string;
+  reason: Reason;
+  priority: number;
+  mode?: MigrationMode;
+  memoryMiB: number;
+  diskBytes: number;
+}
 
-  constructor(path: string) {
-    this.#db = new Database(path);
-    this.#db.pragma('journal_mode = WAL');
-    // FULL: a committed transition survives a power cut, not only a process crash.
-    this.#db.pragma('synchronous = FULL');
-    this.#migrate();
-    this.#stmts = {
-      insert: this.#db.prepare(
-        `INSERT INTO migrations (id, vm, src, dst, reason, priority, mode, state, attempts, phase, error, bandwidth, memory_mib, disk_bytes, not_before, created_at, updated_at, seq)
-         VALUES (@id, @vm, @src, @dst, @reason, @priority, @mode, 'queued', 0, NULL, NULL, NULL, @memoryMiB, @diskBytes, 0, @now, @now, (SELECT COALESCE(MAX(seq), 0) + 1 FROM migrations))`,
-      ),
-      get: this.#db.prepare('SELECT * FROM migrations WHERE id = ?'),
-      activeForVm: this.#db.prepare("SELECT * FROM migrations WHERE vm = ? AND state IN ('queued', 'running')"),
-      byState: this.#db.prepare('SELECT * FROM migrations WHERE state = ? ORDER BY priority DESC, seq ASC'),
-      all: this.#db.prepare('SELECT * FROM migrations ORDER BY seq DESC LIMIT ?'),
-      update: this.#db.prepare(
-        'UPDATE migrations SET state = @state, attempts = @attempts, phase = @phase, error = @error, bandwidth = @bandwidth, not_before = @not_before, updated_at = @now WHERE id = @id',
-      ),
-      // Only a running migration has phases: a late report after the end changes nothing.
-      setPhase: this.#db.prepare("UPDATE migrations SET phase = ?, updated_at = ? WHERE id = ? AND state = 'running'"),
-      journal: this.#db.prepare('INSERT INTO journal (migration_id, at, state, phase, detail) VALUES (?, ?, ?, ?, ?)'),
-      journalOf: this.#db.prepare('SELECT * FROM journal WHERE migration_id = ? ORDER BY rowid'),
-      setSourceSaved: this.#db.prepare("UPDATE migrations SET source_saved = ?, updated_at = ? WHERE id = ? AND state = 'running'"),
-      sourceSaved: this.#db.prepare('SELECT source_saved FROM migrations WHERE id = ?'),
-    };
-  }
+export interface TransitionChange {
+  detail?: string;
+  error?: string | null;
+  attempts?: number;
+  bandwidthBytesPerSec?: number | null;
+  notBefore?: number;
+}
 
-  #migrate(): void {
-    const version = z.number().int().parse(this.#db.pragma('user_version', { simple: true }));
-    if (version > SCHEMA_VERSION) throw new SchedulerError('DB_TOO_NEW', `the database has schema ${version}; this scheduler knows ${SCHEMA_VERSION}`, { userError: true });
-    if (version < 1) {
-      this.#db.exec(`
-        CREATE TABLE migrations (
-          id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL,
-          reason TEXT NOT NULL, priority INTEGER NOT NULL, mode TEXT NOT NULL, state TEXT NOT NULL,
-          attempts INTEGER NOT NULL, phase TEXT, error TEXT, bandwidth REAL,
-          memory_mib INTEGER NOT NULL, disk_bytes INTEGER NOT NULL,
-          not_before INTEGER NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
-          seq INTEGER NOT NULL);
-        CREATE UNIQUE INDEX one_active_migration_per_vm ON migrations (vm) WHERE state IN ('queued', 'running');
-        CREATE INDEX migrations_by_state ON migrations (state, priority, seq);
-        CREATE TABLE journal (migration_id TEXT NOT NULL, at INTEGER NOT NULL, state TEXT NOT NULL, phase TEXT, detail TEXT);
-        CREATE INDEX journal_by_migration ON journal (migration_id);
-        PRAGMA user_version = 1;`);
-    }
-    if (version < 2) {
-      // The next seq and the recent list read MAX(seq) / ORDER BY seq: without an index both walk
-      // every migration ever stored, and enqueue slowed as history grew.
-      this.#db.exec(`CREATE INDEX migrations_by_seq ON migrations (seq); PRAGMA user_version = 2;`);
-    }
-    if (version < 3) {
-      // What the engine changed on the source and how to put it back: a recovery after a crash
-      // restores the capabilities and parameters, and resumes the guest only if it ran.
-      this.#db.exec(`ALTER TABLE migrations ADD COLUMN source_saved TEXT; PRAGMA user_version = 3;`);
-    }
-  }
+/** A replica's hold on one migration: written with every change it makes, refused once stale. */
+export interface Claim {
+  owner: string;
+  /** From a sequence: a later claim of the same migration always has a larger one. */
+  epoch: number;
+}
 
+export interface ClaimedJob {
+  job: MigrationJob;
+  claim: Claim;
+}
+
+/** Admission limits the claim enforces across every replica (running migrations in the database). */
+export interface ClaimLimits {
+  outgoingPerHost: number;
+  incomingPerHost: number;
+  cluster: number;
+  /** Bandwidth for the claimed migration from the counts its hosts have with it; null: no cap. */
+  bandwidth(outgoing: number, incoming: number): number | null;
+}
+
+export interface SchedulerStore {
+  /** Several schedulers may share it: work is claimed with leases (the methods below). */
+  readonly shared: boolean;
   /** New queued migrations, all or none. A VM that already has an active one keeps it. */
-  enqueue(requests: { vm: string; from: string; to: string; reason: Reason; priority: number; mode?: MigrationMode; memoryMiB: number; diskBytes: number }[]): { job: MigrationJob; existing: boolean }[] {
-    const now = Date.now();
-    return this.#db.transaction(() =>
-      requests.map((r) => {
-        const active = this.#stmts.activeForVm.get(r.vm);
-        if (active) return { job: toJob(active), existing: true };
-        const id = `m-${randomBytes(5).toString('hex')}`;
-        this.#stmts.insert.run({ id, vm: r.vm, src: r.from, dst: r.to, reason: r.reason, priority: r.priority, mode: r.mode ?? 'precopy', memoryMiB: r.memoryMiB, diskBytes: r.diskBytes, now });
-        this.#stmts.journal.run(id, now, 'queued', null, `${r.reason}: ${r.from} -> ${r.to}`);
-        return { job: toJob(this.#stmts.get.get(id)), existing: false };
-      }),
-    )();
-  }
-
-  get(id: string): MigrationJob | undefined {
-    const row = this.#stmts.get.get(id);
-    return row ? toJob(row) : undefined;
-  }
-
-  activeFor(vm: string): MigrationJob | undefined {
-    const row = this.#stmts.activeForVm.get(vm);
-    return row ? toJob(row) : undefined;
-  }
-
-  inState(state: MigrationState): MigrationJob[] {
-    return this.#stmts.byState.all(state).map(toJob);
-  }
-
-  recent(limit = 1000): MigrationJob[] {
-    return this.#stmts.all.all(limit).map(toJob);
-  }
-
-  journal(id: string): JournalEntry[] {
-    return this.#stmts.journalOf.all(id).map((r) => journalSchema.parse(r));
-  }
-
-  /** The one way a migration changes state: checked, written and journalled in one transaction. */
-  transition(
-    id: string,
-    to: MigrationState,
-    change: { detail?: string; error?: string | null; attempts?: number; bandwidthBytesPerSec?: number | null; notBefore?: number } = {},
-  ): MigrationJob {
-    return this.#db.transaction(() => {
-      const cur = this.get(id);
-      if (!cur) throw new SchedulerError('NO_SUCH_MIGRATION', `no migration '${id}'`, { userError: true });
-      if (!ALLOWED[cur.state].includes(to)) {
-        throw new SchedulerError('BAD_TRANSITION', `migration ${id} is ${cur.state} and cannot become ${to}`, { userError: true, context: { id, from: cur.state, to } });
-      }
-      const now = Date.now();
-      this.#stmts.update.run({
-        id,
-        state: to,
-        attempts: change.attempts ?? cur.attempts,
-        phase: to === 'queued' ? null : cur.phase,
-        error: change.error === undefined ? cur.error : change.error,
-        bandwidth: change.bandwidthBytesPerSec === undefined ? cur.bandwidthBytesPerSec : change.bandwidthBytesPerSec,
-        not_before: change.notBefore ?? cur.notBefore,
-        now,
-      });
-      this.#stmts.journal.run(id, now, to, cur.phase, change.detail ?? null);
-      return this.get(id)!;
-    })();
-  }
-
-  /** A phase reported by the engine: journalled, so a post-mortem reads the whole story. */
-  phase(id: string, phase: string): void {
-    const now = Date.now();
-    this.#db.transaction(() => {
-      if (this.#stmts.setPhase.run(phase, now, id).changes === 1) this.#stmts.journal.run(id, now, 'running', phase, null);
-    })();
-  }
-
+  enqueue(requests: EnqueueRequest[]): Promise<{ job: MigrationJob; existing: boolean }[]>;
+  get(id: string): Promise<MigrationJob | undefined>;
+  activeFor(vm: string): Promise<MigrationJob | undefined>;
+  inState(state: MigrationState): Promise<MigrationJob[]>;
+  recent(limit?: number): Promise<MigrationJob[]>;
+  journal(id: string): Promise<JournalEntry[]>;
   /**
-   * The source's settings before the engine changed them (its `source-saved` event), journalled
-   * and committed before the engine goes on: a recovery after a crash reads them back.
+   * The one way a migration changes state: checked, written and journalled in one transaction.
+   * With a claim: refused (LEASE_LOST) unless it is still the migration's current claim.
    */
-  saveSource(id: string, saved: SavedSourceSettings): void {
-    const now = Date.now();
-    this.#db.transaction(() => {
-      if (this.#stmts.setSourceSaved.run(JSON.stringify(saved), now, id).changes === 1) {
-        this.#stmts.journal.run(id, now, 'running', this.get(id)?.phase ?? null, `source saved: ${saved.wasRunning ? 'running' : 'paused'}, ${saved.capabilities.length} capabilities`);
-      }
-    })();
-  }
-
+  transition(id: string, to: MigrationState, change?: TransitionChange, claim?: Claim): Promise<MigrationJob>;
+  /** A phase reported by the engine: journalled, so a post-mortem reads the whole story. */
+  phase(id: string, phase: string, claim?: Claim): Promise<void>;
+  /** The source's settings before the engine changed them, committed before the engine goes on. */
+  saveSource(id: string, saved: SavedSourceSettings, claim?: Claim): Promise<void>;
   /** What saveSource stored, parsed; undefined if the engine never got that far. */
-  savedSource(id: string): SavedSourceSettings | undefined {
-    const row = z.object({ source_saved: z.string().nullable() }).optional().parse(this.#stmts.sourceSaved.get(id));
-    if (!row?.source_saved) return undefined;
-    return SavedSourceSettingsSchema.parse(JSON.parse(row.source_saved));
-  }
+  savedSource(id: string): Promise<SavedSourceSettings | undefined>;
+  close(): Promise<void>;
 
-  close(): void {
-    this.#db.close();
+  // Shared stores only (shared: true).
+  /** The next queued migration (priority, then arrival) that the limits admit, now running under a new claim. */
+  claimQueued?(owner: string, leaseMs: number, limits: ClaimLimits): Promise<ClaimedJob | undefined>;
+  /** In-flight migrations (running, needs-source) whose lease expired, each under a new claim. */
+  claimExpired?(owner: string, leaseMs: number, max: number): Promise<ClaimedJob[]>;
+  /** Extends the leases still held; answers which, and which of them an operator asked to cancel. */
+  renew?(claims: { id: string; claim: Claim }[], leaseMs: number): Promise<{ id: string; cancelRequested: boolean }[]>;
+  /** Lets a claim go at once, or at `untilMs` from now (a needs-source migration asked again later). */
+  release?(id: string, claim: Claim, afterMs?: number): Promise<void>;
+  /** Marks a running migration for cancelling by whichever replica runs it. */
+  requestCancel?(id: string): Promise<void>;
+  /** Memory and disk that active (queued, running) migrations promise each destination, summed. */
+  reservations?(): Promise<Map<string, { memoryMiB: number; diskBytes: number }>>;
+}
+
+/** The store a config's database names: a PostgreSQL URL, or a SQLite file. */
+export async function openStore(database: string, opts: { log?: import('../log.js').Logger } = {}): Promise<SchedulerStore> {
+  if (/^postgres(ql)?:\/\//.test(database)) {
+    const { PostgresStore } = await import('./pg-store.js');
+    return PostgresStore.open(database, opts);
+  }
+  const { SqliteStore } = await import('./sqlite-store.js');
+  return new SqliteStore(database);
+}
+
+/** A database name for logs and messages: a URL loses its password. */
+export function redactDatabase(database: string): string {
+  if (!/^postgres(ql)?:\/\//.test(database)) return database;
+  try {
+    const u = new URL(database);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return 'postgres://(unparsable URL)';
   }
 }

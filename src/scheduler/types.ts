@@ -76,12 +76,20 @@ export interface MigrationProgress {
   etaMs: number | null;
 }
 
+/** The fencing epoch of a claim (shared store), sent with every agent call made under it. */
+export interface Fence {
+  epoch: number;
+}
+
 export interface RunContext {
   signal: AbortSignal;
   bandwidthBytesPerSec: number;
-  onPhase(phase: string): void;
+  /** Shared store: the claim's epoch; the agents refuse calls once they have seen a later one. */
+  fence?: Fence;
+  /** Persisted before the engine takes the phase's first step (the engine awaits it). */
+  onPhase(phase: string): Promise<void> | void;
   /** The source's settings before the engine changed them: persisted before the engine goes on. */
-  onSourceSaved?(saved: SavedSourceSettings): void;
+  onSourceSaved?(saved: SavedSourceSettings): Promise<void> | void;
   /** Bytes moved so far of those to move (disk copy or hydration, and RAM), for `ferry watch`. */
   onProgress?(p: MigrationProgress): void;
 }
@@ -97,7 +105,7 @@ export interface Reconciler {
    * For a migration that was running when the scheduler died: finish it or roll it back, and say
    * which host runs the guest now. 'unknown' leaves everything as found, for an operator.
    */
-  settle(job: MigrationJob, saved: SavedSourceSettings | undefined): Promise<{ runsOn: WhereRuns; detail: string }>;
+  settle(job: MigrationJob, saved: SavedSourceSettings | undefined, fence?: Fence): Promise<{ runsOn: WhereRuns; detail: string }>;
 }
 
 export class SchedulerError extends FerryError {

@@ -2,7 +2,7 @@ import { describe, expect, test } from 'vitest';
 import { MigrationError } from '../../../src/engine/types.js';
 import { SchedulerMetrics } from '../../../src/scheduler/metrics.js';
 import { Scheduler } from '../../../src/scheduler/scheduler.js';
-import { SchedulerStore } from '../../../src/scheduler/store.js';
+import { SqliteStore } from '../../../src/scheduler/sqlite-store.js';
 import { FakeInventory, FakeReconciler, FakeRunner, tick } from './fakes.js';
 
 /** The value of one series in Prometheus' text format, or undefined when it is absent. */
@@ -13,7 +13,7 @@ function value(text: string, series: string): number | undefined {
 
 describe('scheduler metrics', () => {
   test('outcomes, durations, downtime, bytes, queue depth, in flight and phase age follow a drain', async () => {
-    const store = new SchedulerStore(':memory:');
+    const store = new SqliteStore(':memory:');
     const runner = new FakeRunner();
     const scheduler = new Scheduler({ store, inventory: new FakeInventory(['a', 'b', 'c'], [['v1', 'a'], ['v2', 'a'], ['v3', 'a']]), runner, reconciler: new FakeReconciler(), limits: { outgoingPerHost: 2 }, retry: { maxAttempts: 1 } });
     const metrics = new SchedulerMetrics(scheduler, { queued: () => store.inState('queued'), running: () => store.inState('running') }, ['a', 'b', 'c']);
@@ -28,7 +28,7 @@ describe('scheduler metrics', () => {
       await scheduler.drain('a');
       await runner.until(2);
       const [first] = [...runner.running.values()];
-      first!.ctx.onPhase('mirror');
+      await first!.ctx.onPhase('mirror');
       text = (await metrics.render()).body;
       expect(value(text, 'ferry_scheduler_queue_depth{host="a"}')).toBe(1);
       expect(value(text, 'ferry_scheduler_in_flight{host="a",direction="out"}')).toBe(2);
@@ -42,7 +42,7 @@ describe('scheduler metrics', () => {
       [...runner.running.values()][0]!.fail(new MigrationError('PREFLIGHT', 'no room', { phase: 'preflight', outcome: 'rolledBack' }));
       await runner.until(1);
       runner.finishAll();
-      for (let i = 0; i < 100 && store.inState('succeeded').length + store.inState('failed').length < 3; i++) await tick(5);
+      for (let i = 0; i < 100 && (await store.inState('succeeded')).length + (await store.inState('failed')).length < 3; i++) await tick(5);
       text = (await metrics.render()).body;
       expect(value(text, 'ferry_migrations_total{outcome="succeeded",mode="precopy"}')).toBe(2);
       expect(value(text, 'ferry_migrations_total{outcome="failed",mode="precopy"}')).toBe(1);

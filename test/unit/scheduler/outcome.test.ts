@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { MigrationError } from '../../../src/engine/types.js';
 import { Scheduler } from '../../../src/scheduler/scheduler.js';
-import { SchedulerStore } from '../../../src/scheduler/store.js';
+import { SqliteStore as SchedulerStore } from '../../../src/scheduler/sqlite-store.js';
 import { FakeInventory, FakeReconciler, FakeRunner, tick } from './fakes.js';
 
 function setup() {
@@ -26,7 +26,7 @@ describe('scheduler and the engine outcome', () => {
     );
     await tick(100); // several backoffs of 10 ms: a retry would have started by now
     expect(runner.started).toHaveLength(1);
-    expect(store.get(j.id)).toMatchObject({ state: 'needs-source', error: expect.stringMatching(/runs on b .*needs the source a/) });
+    expect((await store.get(j.id))).toMatchObject({ state: 'needs-source', error: expect.stringMatching(/runs on b .*needs the source a/) });
     await scheduler.stop(10);
   });
 
@@ -43,19 +43,19 @@ describe('scheduler and the engine outcome', () => {
       await s1.start();
       const j = (await s1.migrate('v1', { to: 'b', mode: 'lazy' })).job;
       await r1.until(1);
-      r1.running.get(j.id)!.ctx.onPhase('hydrate');
+      await r1.running.get(j.id)!.ctx.onPhase('hydrate');
       r1.running.get(j.id)!.fail(new MigrationError('HYDRATION_FAILED', 'x', { phase: 'hydrate', outcome: 'onDestinationNeedsSource' }));
       await tick(20);
-      expect(st1.get(j.id)!.state).toBe('needs-source');
-      st1.close();
+      expect((await st1.get(j.id))!.state).toBe('needs-source');
+      await st1.close();
       const st2 = new SchedulerStore(path);
       const reconciler = new FakeReconciler();
       reconciler.answer = answer;
       const s2 = new Scheduler({ store: st2, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), runner: new FakeRunner(), reconciler });
       await s2.start();
       expect(reconciler.asked).toEqual(['v1']);
-      expect(st2.get(j.id)).toMatchObject({ state: end, phase: 'hydrate' });
-      st2.close();
+      expect((await st2.get(j.id))).toMatchObject({ state: end, phase: 'hydrate' });
+      await st2.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

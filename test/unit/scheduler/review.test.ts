@@ -2,7 +2,7 @@
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { Scheduler } from '../../../src/scheduler/scheduler.js';
-import { SchedulerStore } from '../../../src/scheduler/store.js';
+import { SqliteStore as SchedulerStore } from '../../../src/scheduler/sqlite-store.js';
 import type { MigrationJob } from '../../../src/scheduler/types.js';
 import { tempDir } from '../../helpers/tmp.js';
 import { FakeInventory, FakeReconciler, FakeRunner, migrated, tick } from './fakes.js';
@@ -42,11 +42,11 @@ describe('scheduler review', () => {
     await s1.start();
     await s1.migrate('v1', { to: 'b' });
     await r1.until(1);
-    st1.close();
+    await st1.close();
     const st2 = new SchedulerStore(path);
     const s2 = new Scheduler({ store: st2, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), runner: new FakeRunner(), reconciler: { settle: () => new Promise<never>(() => {}) }, settleTimeoutMs: 200 });
     expect(await within(s2.start(), 3_000)).not.toBe('TIMEOUT');
-    expect(st2.inState('failed')[0]).toMatchObject({ vm: 'v1', error: expect.stringMatching(/^needs operator: settling .* took more than 200 ms/) });
+    expect((await st2.inState('failed'))[0]).toMatchObject({ vm: 'v1', error: expect.stringMatching(/^needs operator: settling .* took more than 200 ms/) });
   });
 
   test('D: recovery does not run again a migration that already used all its attempts', async () => {
@@ -57,32 +57,32 @@ describe('scheduler review', () => {
     await s1.start();
     const j = (await s1.migrate('v1', { to: 'b' })).job;
     await r1.until(1);
-    st1.close();
+    await st1.close();
     const st2 = new SchedulerStore(path);
     const r2 = new FakeRunner();
     r2.auto = 'finish';
     const s2 = new Scheduler({ store: st2, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), runner: r2, reconciler: new FakeReconciler(), retry: { maxAttempts: 1 } });
     await s2.start();
     await tick(30);
-    expect({ runs: r2.started.length, state: st2.get(j.id)!.state, attempts: st2.get(j.id)!.attempts }).toEqual({ runs: 0, state: 'failed', attempts: 1 });
+    expect({ runs: r2.started.length, state: (await st2.get(j.id))!.state, attempts: (await st2.get(j.id))!.attempts }).toEqual({ runs: 0, state: 'failed', attempts: 1 });
   });
 
   test('E: a phase reported after the migration ended does not journal "running" after a terminal state', async () => {
     const store = new SchedulerStore(':memory:');
-    let ctxOf: ((p: string) => void) | undefined;
+    let ctxOf: ((p: string) => Promise<void> | void) | undefined;
     const s = new Scheduler({ store, inventory: new FakeInventory(['a', 'b'], [['v1', 'a']]), reconciler: new FakeReconciler(), runner: { run: async (j: MigrationJob, ctx) => { ctxOf = ctx.onPhase; return migrated(j); } } });
     await s.start();
     const j = (await s.migrate('v1', { to: 'b' })).job;
     await tick(20);
-    ctxOf!('late-phase');
-    expect(store.journal(j.id).map((e) => e.state)).toEqual(['queued', 'running', 'succeeded']);
+    await ctxOf!('late-phase');
+    expect((await store.journal(j.id)).map((e) => e.state)).toEqual(['queued', 'running', 'succeeded']);
   });
 });
 
 test('F: the next seq and the recent list use an index, not a walk over all history', async () => {
   const { default: Database } = await import('better-sqlite3');
   const path = join(await tempDir('ferry-review-f-'), 'state.db');
-  new SchedulerStore(path).close();
+  await new SchedulerStore(path).close();
   const db = new Database(path, { readonly: true });
   const plan = (sql: string): string => (db.prepare(`EXPLAIN QUERY PLAN ${sql}`).all() as { detail: string }[]).map((r) => r.detail).join('; ');
   expect(db.pragma('user_version', { simple: true })).toBeGreaterThanOrEqual(2);

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { expect, test } from 'vitest';
 import type { SavedSourceSettings } from '../../../src/engine/types.js';
 import { Scheduler } from '../../../src/scheduler/scheduler.js';
-import { SchedulerStore } from '../../../src/scheduler/store.js';
+import { SqliteStore as SchedulerStore } from '../../../src/scheduler/sqlite-store.js';
 import type { MigrationJob } from '../../../src/scheduler/types.js';
 import { FakeInventory, FakeRunner, tick } from './fakes.js';
 
@@ -21,10 +21,10 @@ test('the saved settings reported by the engine survive a restart and reach the 
     const j = (await s1.migrate('v1', { to: 'b' })).job;
     await r1.until(1);
     const ctx = r1.running.get(j.id)!.ctx;
-    ctx.onPhase('ram');
-    ctx.onSourceSaved!(saved);
-    expect(st1.journal(j.id).at(-1)).toMatchObject({ state: 'running', phase: 'ram', detail: expect.stringMatching(/source saved: paused/) });
-    st1.close(); // the scheduler dies here
+    await ctx.onPhase('ram');
+    await ctx.onSourceSaved!(saved);
+    expect((await st1.journal(j.id)).at(-1)).toMatchObject({ state: 'running', phase: 'ram', detail: expect.stringMatching(/source saved: paused/) });
+    await st1.close(); // the scheduler dies here
 
     const st2 = new SchedulerStore(path);
     const asked: { job: MigrationJob; saved: SavedSourceSettings | undefined }[] = [];
@@ -42,7 +42,7 @@ test('the saved settings reported by the engine survive a restart and reach the 
     await s2.start();
     await tick(10);
     expect(asked).toEqual([{ job: expect.objectContaining({ id: j.id, phase: 'ram' }), saved }]);
-    st2.close();
+    await st2.close();
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

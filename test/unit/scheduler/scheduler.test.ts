@@ -3,7 +3,7 @@ import { describe, expect, test } from 'vitest';
 import { MigrationError } from '../../../src/engine/types.js';
 import { FerryError } from '../../../src/errors.js';
 import { Scheduler, type SchedulerLimits } from '../../../src/scheduler/scheduler.js';
-import { SchedulerStore } from '../../../src/scheduler/store.js';
+import { SqliteStore as SchedulerStore } from '../../../src/scheduler/sqlite-store.js';
 import { tempDir } from '../../helpers/tmp.js';
 import { FakeInventory, FakeReconciler, FakeRunner, tick } from './fakes.js';
 
@@ -26,7 +26,7 @@ describe('scheduler limits and order', () => {
     await runner.until(2);
     await tick(30);
     expect(runner.running.size).toBe(2);
-    while (store.inState('succeeded').length < 4) {
+    while ((await store.inState('succeeded')).length < 4) {
       runner.finishAll();
       await tick(5);
     }
@@ -43,7 +43,7 @@ describe('scheduler limits and order', () => {
     await runner.until(2);
     await tick(30);
     expect(runner.running.size).toBe(2); // incoming limit of e
-    while (store.inState('succeeded').length < vms.length) {
+    while ((await store.inState('succeeded')).length < vms.length) {
       runner.finishAll();
       await tick(5);
     }
@@ -54,7 +54,7 @@ describe('scheduler limits and order', () => {
     await r2.until(3);
     await tick(30);
     expect(r2.running.size).toBe(3);
-    while (st2.inState('succeeded').length < vms.length) {
+    while ((await st2.inState('succeeded')).length < vms.length) {
       r2.finishAll();
       await tick(5);
     }
@@ -104,7 +104,7 @@ describe('scheduler requests', () => {
     const first = await scheduler.migrate('v1', { to: 'b' });
     const again = await scheduler.migrate('v1', { to: 'c' });
     expect(again).toEqual({ job: expect.objectContaining({ id: first.job.id, to: 'b' }), existing: true });
-    expect(store.recent()).toHaveLength(1);
+    expect(await store.recent()).toHaveLength(1);
   });
 
   test('bad requests are refused by name and store nothing', async () => {
@@ -116,7 +116,7 @@ describe('scheduler requests', () => {
     await expect(scheduler.drain('zz')).rejects.toMatchObject({ code: 'HOST_NOT_FOUND' });
     // b has 1000 MiB: one 512 MiB VM fits, four do not.
     await expect(scheduler.drain('a')).rejects.toMatchObject({ code: 'NO_CAPACITY', message: expect.stringMatching(/no host can take v\d \(512 MiB\), v\d \(512 MiB\), v\d \(512 MiB\); nothing was queued/) });
-    expect(store.recent()).toEqual([]);
+    expect(await store.recent()).toEqual([]);
     await scheduler.migrate('v1');
     await expect(scheduler.migrate('v2')).rejects.toMatchObject({ code: 'NO_CAPACITY' }); // v1's reservation counts
   });
@@ -127,13 +127,13 @@ describe('scheduler requests', () => {
     const running = (await scheduler.migrate('v1', { to: 'b' })).job;
     await runner.until(1);
     const queued = (await scheduler.migrate('v2', { to: 'b' })).job;
-    expect(scheduler.cancel(queued.id).state).toBe('cancelled');
-    scheduler.cancel(running.id);
-    for (let i = 0; i < 50 && store.get(running.id)!.state === 'running'; i++) await tick(5);
-    expect(store.get(running.id)).toMatchObject({ state: 'cancelled' });
+    expect((await scheduler.cancel(queued.id)).state).toBe('cancelled');
+    await scheduler.cancel(running.id);
+    for (let i = 0; i < 50 && (await store.get(running.id))!.state === 'running'; i++) await tick(5);
+    expect((await store.get(running.id))).toMatchObject({ state: 'cancelled' });
     expect(runner.started.map((j) => j.vm)).toEqual(['v1']); // v2 never ran
-    expect(() => scheduler.cancel(running.id)).toThrow(/already cancelled/);
-    expect(store.journal(queued.id).map((e) => e.state)).toEqual(['queued', 'cancelled']);
+    await expect(scheduler.cancel(running.id)).rejects.toThrow(/already cancelled/);
+    expect((await store.journal(queued.id)).map((e) => e.state)).toEqual(['queued', 'cancelled']);
   });
 
   test('a transient failure is retried with backoff; a user error is not', async () => {
@@ -145,14 +145,14 @@ describe('scheduler requests', () => {
     runner.running.get(u.id)!.fail(new FerryError('PREFLIGHT', 'destination refused', { userError: true }));
     runner.running.get(t.id)!.fail(new FerryError('NBD', 'connection reset'));
     await tick(5);
-    expect(store.get(u.id)).toMatchObject({ state: 'failed', attempts: 1, error: 'destination refused' });
-    expect(store.get(t.id)).toMatchObject({ state: 'queued', attempts: 1, error: 'connection reset' });
+    expect((await store.get(u.id))).toMatchObject({ state: 'failed', attempts: 1, error: 'destination refused' });
+    expect((await store.get(t.id))).toMatchObject({ state: 'queued', attempts: 1, error: 'connection reset' });
     await runner.until(1);
     runner.running.get(t.id)!.fail(new FerryError('NBD', 'again'));
     await runner.until(1, 500); // 40 ms backoff this time
     runner.running.get(t.id)!.fail(new FerryError('NBD', 'and again'));
-    for (let i = 0; i < 50 && store.get(t.id)!.state !== 'failed'; i++) await tick(5);
-    expect(store.get(t.id)).toMatchObject({ state: 'failed', attempts: 3, error: 'and again' });
+    for (let i = 0; i < 50 && (await store.get(t.id))!.state !== 'failed'; i++) await tick(5);
+    expect((await store.get(t.id))).toMatchObject({ state: 'failed', attempts: 3, error: 'and again' });
     expect(runner.started.filter((j) => j.id === t.id)).toHaveLength(3);
   });
 
@@ -163,7 +163,7 @@ describe('scheduler requests', () => {
     await runner.until(1);
     runner.running.get(j.id)!.fail(new MigrationError('SWITCHOVER_UNCERTAIN', 'cont got no answer', { phase: 'confirm', outcome: 'uncertain' }));
     await tick(5);
-    expect(store.get(j.id)).toMatchObject({ state: 'failed', error: 'needs operator: cont got no answer' });
+    expect((await store.get(j.id))).toMatchObject({ state: 'failed', error: 'needs operator: cont got no answer' });
   });
 });
 
@@ -178,34 +178,34 @@ describe('scheduler restart', () => {
     await first.scheduler.start();
     const j = (await first.scheduler.migrate('v1', { to: 'b' })).job;
     const q = (await first.scheduler.migrate('v2', { to: 'c' })).job;
-    first.scheduler.cancel(q.id);
+    await first.scheduler.cancel(q.id);
     const k = (await first.scheduler.migrate('v3', { to: 'c' }, )).job;
     await first.runner.until(2);
     // "kill -9": the old scheduler never hears another word; a new one opens the same file.
-    first.store.close();
+    await first.store.close();
     const second = setup({ path });
     second.reconciler.answer = answer;
     second.runner.auto = 'finish';
     await second.scheduler.start();
     expect(second.reconciler.asked.sort()).toEqual(['v1', 'v3']);
-    for (let i = 0; i < 50 && second.store.get(j.id)!.state !== end; i++) await tick(5);
-    expect(second.store.get(j.id)).toMatchObject({ state: end });
-    expect(second.store.get(k.id)).toMatchObject({ state: end });
-    expect(second.store.get(q.id)).toMatchObject({ state: 'cancelled' }); // stays cancelled
+    for (let i = 0; i < 50 && (await second.store.get(j.id))!.state !== end; i++) await tick(5);
+    expect((await second.store.get(j.id))).toMatchObject({ state: end });
+    expect((await second.store.get(k.id))).toMatchObject({ state: end });
+    expect((await second.store.get(q.id))).toMatchObject({ state: 'cancelled' }); // stays cancelled
     expect(second.runner.started.map((x) => x.vm).sort()).toEqual(reruns ? ['v1', 'v3'] : []);
-    if (answer === 'unknown') expect(second.store.get(j.id)!.error).toMatch(/^needs operator/);
+    if (answer === 'unknown') expect((await second.store.get(j.id))!.error).toMatch(/^needs operator/);
   });
 
-  test('the store refuses a second active migration for a VM, whatever the code does', () => {
+  test('the store refuses a second active migration for a VM, whatever the code does', async () => {
     const store = new SchedulerStore(':memory:');
-    const [a] = store.enqueue([{ vm: 'v', from: 'a', to: 'b', reason: 'manual', priority: 10, memoryMiB: 1, diskBytes: 1 }]);
-    const [b] = store.enqueue([{ vm: 'v', from: 'a', to: 'c', reason: 'manual', priority: 10, memoryMiB: 1, diskBytes: 1 }]);
+    const [a] = (await store.enqueue([{ vm: 'v', from: 'a', to: 'b', reason: 'manual', priority: 10, memoryMiB: 1, diskBytes: 1 }]));
+    const [b] = (await store.enqueue([{ vm: 'v', from: 'a', to: 'c', reason: 'manual', priority: 10, memoryMiB: 1, diskBytes: 1 }]));
     expect(b).toEqual({ job: a!.job, existing: true });
-    store.transition(a!.job.id, 'running');
-    expect(() => store.transition(a!.job.id, 'running')).toThrow(/is running and cannot become running/);
-    store.transition(a!.job.id, 'succeeded');
-    expect(() => store.transition(a!.job.id, 'queued')).toThrow(/is succeeded and cannot become queued/);
-    const [c] = store.enqueue([{ vm: 'v', from: 'b', to: 'a', reason: 'manual', priority: 10, memoryMiB: 1, diskBytes: 1 }]);
+    await store.transition(a!.job.id, 'running');
+    await expect(store.transition(a!.job.id, 'running')).rejects.toThrow(/is running and cannot become running/);
+    await store.transition(a!.job.id, 'succeeded');
+    await expect(store.transition(a!.job.id, 'queued')).rejects.toThrow(/is succeeded and cannot become queued/);
+    const [c] = (await store.enqueue([{ vm: 'v', from: 'b', to: 'a', reason: 'manual', priority: 10, memoryMiB: 1, diskBytes: 1 }]));
     expect(c!.existing).toBe(false);
   });
 });
