@@ -11,6 +11,7 @@
  */
 import { isIP } from 'node:net';
 import { z } from 'zod';
+import { replicaMethodParams } from './replica-protocol.js';
 
 export const PROTOCOL_VERSION = 1;
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
@@ -77,6 +78,8 @@ export const methodParams = {
   ]),
   /** After a migration: quits the source QEMU (refused unless it is postmigrate) and forgets it. */
   'vm.retire': z.object({ vmId: z.string(), timeoutMs: z.number().int().positive().max(600_000), removeDisks: z.boolean() }).strict(),
+  /** Standby replicas (issue 12): replica-protocol.ts. */
+  ...replicaMethodParams,
 } as const;
 
 export type Method = keyof typeof methodParams;

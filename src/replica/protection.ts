@@ -28,6 +28,32 @@ export interface StandbySide {
   abortSync(seq: number): Promise<void>;
 }
 
+/** What the loop needs of the source: source-sync.ts over a QMP session (localSource), or an agent's RPC. */
+export interface SourceSide {
+  reconcile(consistentSeq: number | null): Promise<number | null>;
+  sync(input: { seq: number; previous: number | null; target: ReplicaTarget }): Promise<SyncOutcome>;
+  commit(seq: number): Promise<void>;
+  abort(seq: number): Promise<void>;
+}
+
+/** source-sync.ts on a fresh QMP session per call (the loop holds none between syncs). */
+export function localSource(connect: () => Promise<QmpClient>, disks: readonly { id: string }[], opts: { tlsHostname?: string } = {}): SourceSide {
+  const withQmp = async <T>(fn: (q: QmpClient) => Promise<T>): Promise<T> => {
+    const q = await connect();
+    try {
+      return await fn(q);
+    } finally {
+      await q.close();
+    }
+  };
+  return {
+    reconcile: (consistentSeq) => withQmp((q) => sourceReconcileBitmaps(q, { disks, consistentSeq })),
+    sync: (i) => withQmp((q) => sourceSync(q, { disks, ...i, timeoutMs: 600_000, ...(opts.tlsHostname ? { tlsHostname: opts.tlsHostname } : {}) })),
+    commit: (seq) => withQmp((q) => sourceCommitBitmaps(q, { disks, seq })),
+    abort: (seq) => withQmp((q) => sourceAbortSync(q, { disks, seq })),
+  };
+}
+
 export type ProtectionState = 'starting' | 'idle' | 'syncing' | 'failing' | 'stopped';
 
 export interface ProtectionStatus {
@@ -47,12 +73,10 @@ export interface ProtectionStatus {
 
 export class Protection {
   readonly vm: string;
-  readonly #disks: readonly { id: string }[];
-  readonly #connect: () => Promise<QmpClient>;
+  readonly #source: SourceSide;
   readonly #standby: StandbySide;
   readonly #intervalMs: number;
   readonly #log: Logger;
-  readonly #tlsHostname: string | undefined;
   #state: ProtectionState = 'starting';
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<void> | undefined;
@@ -65,13 +89,11 @@ export class Protection {
   #lastError: string | null = null;
   readonly #outcomes: ((o: SyncOutcome | Error) => void)[] = [];
 
-  constructor(opts: { vm: string; disks: readonly { id: string }[]; connectSource: () => Promise<QmpClient>; standby: StandbySide; intervalMs: number; tlsHostname?: string; log?: Logger }) {
+  constructor(opts: { vm: string; source: SourceSide; standby: StandbySide; intervalMs: number; log?: Logger }) {
     this.vm = opts.vm;
-    this.#disks = opts.disks;
-    this.#connect = opts.connectSource;
+    this.#source = opts.source;
     this.#standby = opts.standby;
     this.#intervalMs = opts.intervalMs;
-    this.#tlsHostname = opts.tlsHostname;
     this.#log = (opts.log ?? silentLogger).child({ protect: opts.vm });
   }
 
@@ -130,31 +152,26 @@ export class Protection {
     if (this.#state === 'stopped') throw new Error('protection stopped');
     const wasStarting = this.#state === 'starting';
     this.#enter('syncing');
-    let q: QmpClient | undefined;
     let seq = 0;
     let prepared = false;
+    let started = false;
     try {
-      q = await this.#connect();
       const point = await this.#standby.consistent();
       if (wasStarting || this.#consistentAt === null) {
-        this.#previous = await sourceReconcileBitmaps(q, { disks: this.#disks, consistentSeq: point?.seq ?? null });
+        this.#previous = await this.#source.reconcile(point?.seq ?? null);
         this.#consistentAt = point?.pointAt ?? null;
       }
       seq = (point?.seq ?? 0) + 1;
       const target = await this.#standby.prepareSync(seq);
       prepared = true;
-      const outcome = await sourceSync(q, {
-        disks: this.#disks,
-        seq,
-        previous: this.#previous,
-        target,
-        timeoutMs: 600_000,
-        ...(this.#tlsHostname ? { tlsHostname: this.#tlsHostname } : {}),
-      });
+      started = true;
+      const outcome = await this.#source.sync({ seq, previous: this.#previous, target });
       await this.#standby.completeSync(seq, { pointAt: outcome.pointAt, bytes: outcome.bytes, durationMs: outcome.durationMs });
       prepared = false;
-      // From here the standby's point is seq: the older bitmap may go.
-      await sourceCommitBitmaps(q, { disks: this.#disks, seq });
+      started = false;
+      // From here the standby's point is seq: the older bitmap may go (if this fails, the older
+      // one, a superset, serves the next sync: more bytes, never fewer).
+      await this.#source.commit(seq).catch((err: unknown) => this.#log.warn({ seq, err: errorText(err) }, 'dropping the older bitmap failed'));
       this.#previous = seq;
       this.#consistentAt = outcome.pointAt;
       this.#last = outcome;
@@ -168,14 +185,12 @@ export class Protection {
       this.#failed++;
       this.#lastError = errorText(err);
       this.#log.warn({ seq, err: this.#lastError }, 'sync failed; the previous point stands');
-      if (q && seq > 0) await sourceAbortSync(q, { disks: this.#disks, seq }).catch(() => undefined);
+      if (started) await this.#source.abort(seq).catch(() => undefined);
       if (prepared) await this.#standby.abortSync(seq).catch(() => undefined);
       this.#enter('failing');
       const e = err instanceof Error ? err : new Error(String(err));
       for (const f of this.#outcomes.splice(0)) f(e);
       throw e;
-    } finally {
-      await q?.close();
     }
   }
 }

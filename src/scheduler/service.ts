@@ -13,6 +13,7 @@ import { AgentFleet, HostConfigSchema } from './agents.js';
 import { SCHEDULER_PROTOCOL_VERSION, schedulerMethods, type SchedulerMethod } from './protocol.js';
 import { Scheduler, type SchedulerEvents } from './scheduler.js';
 import { SchedulerStore } from './store.js';
+import { ProtectionService } from './protections.js';
 import { SchedulerError } from './types.js';
 
 export const SchedulerConfigSchema = z
@@ -77,6 +78,8 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, { dataTls: config.dataTls, ...(config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {}) });
   const scheduler = new Scheduler({ store, inventory: fleet, runner: fleet, reconciler: fleet, limits: config.limits, retry: config.retry, mode: config.mode, logger: log });
   await scheduler.start();
+  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log });
+  protections.start();
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
     switch (method) {
@@ -124,6 +127,14 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
         return scheduler.cancel(schedulerMethods.cancel.parse(params).id);
       case 'watch':
         return {};
+      case 'protect':
+        return protections.protect(schedulerMethods.protect.parse(params));
+      case 'unprotect':
+        return protections.unprotect(schedulerMethods.unprotect.parse(params).vm);
+      case 'protect-status':
+        return protections.status();
+      case 'recover':
+        return protections.recover(schedulerMethods.recover.parse(params));
     }
   };
 
@@ -177,6 +188,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     close: async (opts = {}) => {
       for (const c of wss.clients) c.terminate();
       await new Promise<void>((r) => http.close(() => r()));
+      await protections.stop().catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the protections'));
       await scheduler.stop(opts.graceMs).catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the scheduler'));
       store.close();
     },

@@ -53,7 +53,52 @@ const rowSchema = z.object({
 const journalSchema = z.object({ migration_id: z.string(), at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
 export type JournalEntry = z.infer<typeof journalSchema>;
 
-const SCHEMA_VERSION = 3;
+const SCHEMA_VERSION = 4;
+
+export interface ProtectionRow {
+  vm: string;
+  source: string;
+  standby: string;
+  intervalMs: number;
+  spec: unknown;
+  createdAt: number;
+}
+
+export interface RecoveryRow {
+  id: string;
+  vm: string;
+  source: string;
+  standby: string;
+  state: 'succeeded' | 'failed';
+  seq: number | null;
+  pointAt: number | null;
+  rpoMs: number | null;
+  detail: string | null;
+  createdAt: number;
+}
+
+const protectionRowSchema = z.object({ vm: z.string(), src: z.string(), standby: z.string(), interval_ms: z.number().int(), spec: z.string(), created_at: z.number() });
+function toProtection(raw: unknown): ProtectionRow {
+  const r = protectionRowSchema.parse(raw);
+  return { vm: r.vm, source: r.src, standby: r.standby, intervalMs: r.interval_ms, spec: JSON.parse(r.spec) as unknown, createdAt: r.created_at };
+}
+
+const recoveryRowSchema = z.object({
+  id: z.string(),
+  vm: z.string(),
+  src: z.string(),
+  dst: z.string(),
+  state: z.enum(['succeeded', 'failed']),
+  seq: z.number().nullable(),
+  point_at: z.number().nullable(),
+  rpo_ms: z.number().nullable(),
+  detail: z.string().nullable(),
+  created_at: z.number(),
+});
+function toRecovery(raw: unknown): RecoveryRow {
+  const r = recoveryRowSchema.parse(raw);
+  return { id: r.id, vm: r.vm, source: r.src, standby: r.dst, state: r.state, seq: r.seq, pointAt: r.point_at, rpoMs: r.rpo_ms, detail: r.detail, createdAt: r.created_at };
+}
 
 function toJob(raw: unknown): MigrationJob {
   const r = rowSchema.parse(raw);
@@ -138,6 +183,44 @@ export class SchedulerStore {
       // restores the capabilities and parameters, and resumes the guest only if it ran.
       this.#db.exec(`ALTER TABLE migrations ADD COLUMN source_saved TEXT; PRAGMA user_version = 3;`);
     }
+    if (version < 4) {
+      // Standby replicas (issue 12): who is protected where, and every failover with its RPO.
+      this.#db.exec(`
+        CREATE TABLE protections (vm TEXT PRIMARY KEY, src TEXT NOT NULL, standby TEXT NOT NULL, interval_ms INTEGER NOT NULL,
+          spec TEXT NOT NULL, created_at INTEGER NOT NULL);
+        CREATE TABLE recoveries (id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL, state TEXT NOT NULL,
+          seq INTEGER, point_at INTEGER, rpo_ms INTEGER, detail TEXT, created_at INTEGER NOT NULL);
+        PRAGMA user_version = 4;`);
+    }
+  }
+
+  /** A VM protected by a standby replica (the spec is kept: a failover happens when its source is gone). */
+  addProtection(p: ProtectionRow): void {
+    this.#db.prepare('INSERT INTO protections (vm, src, standby, interval_ms, spec, created_at) VALUES (?, ?, ?, ?, ?, ?)').run(p.vm, p.source, p.standby, p.intervalMs, JSON.stringify(p.spec), p.createdAt);
+  }
+
+  protections(): ProtectionRow[] {
+    return this.#db.prepare('SELECT * FROM protections ORDER BY vm').all().map(toProtection);
+  }
+
+  protection(vm: string): ProtectionRow | undefined {
+    const row = this.#db.prepare('SELECT * FROM protections WHERE vm = ?').get(vm);
+    return row ? toProtection(row) : undefined;
+  }
+
+  removeProtection(vm: string): void {
+    this.#db.prepare('DELETE FROM protections WHERE vm = ?').run(vm);
+  }
+
+  /** A failover's record; `rpoMs` is the data-loss window it stated. */
+  addRecovery(r: RecoveryRow): void {
+    this.#db
+      .prepare('INSERT INTO recoveries (id, vm, src, dst, state, seq, point_at, rpo_ms, detail, created_at) VALUES (@id, @vm, @source, @standby, @state, @seq, @pointAt, @rpoMs, @detail, @createdAt)')
+      .run(r);
+  }
+
+  recoveries(limit = 100): RecoveryRow[] {
+    return this.#db.prepare('SELECT * FROM recoveries ORDER BY created_at DESC LIMIT ?').all(limit).map(toRecovery);
   }
 
   /** New queued migrations, all or none. A VM that already has an active one keeps it. */
