@@ -118,3 +118,31 @@ test('evacuation by delta of a writing guest to its standby: every acknowledged 
   const acked = ackedBefore([...g.vm.serial.history(), ...b.serial.history()], 'data', Infinity);
   await expectPrefixConsistent(result.plan.disks[0]!.destinationPath, { tmp: g.hostB, disk: 'data', mustHave: acked, upTo: acked });
 });
+
+test('the source killed in the middle of a sync: the standby still holds, and boots, the previous point', async () => {
+  const g = await protectedGuest({ intervalMs: 60_000 });
+  await g.protection.syncOnce();
+  const second = await g.protection.syncOnce();
+  const mustHave = ackedBefore(g.vm.serial.history(), 'data', second.pointAtMono);
+  // Something to copy, then the next sync slowed to 1 MiB/s and the source killed while it runs.
+  await g.vm.qmp.executeRaw('human-monitor-command', { 'command-line': 'qemu-io -d /machine/peripheral/dev-data/virtio-backend "write -P 0x77 8M 8M"' });
+  const since = g.vm.qmp.eventCursor();
+  const third = g.protection.syncOnce().catch((e: unknown) => e);
+  await g.vm.qmp.waitForEvent((e) => e.event === 'JOB_STATUS_CHANGE' && (e.data as { status?: string } | undefined)?.status === 'running', { since, timeoutMs: 30_000, what: 'the third sync to run' });
+  await g.vm.qmp.executeRaw('block-job-set-speed', { device: 'ferry-replica-data', speed: 1 << 20 });
+  expect(g.replica.manifest.pending?.seq).toBe(3);
+  await g.vm.kill();
+  expect(await third).toBeInstanceOf(Error);
+  await g.protection.stop();
+  expect(g.replica.manifest.consistent?.seq).toBe(2);
+  expect(g.replica.manifest.pending).toBeNull();
+  const upTo = ackedBefore(g.vm.serial.history(), 'data', Infinity);
+  const point = await prepareRecovery({ spec: g.spec, source: g.source, replica: g.replica, runDir: join(g.hostB, 'run') });
+  expect(point.seq).toBe(2);
+  const report = await expectPrefixConsistent(point.spec.disks[0]!.path, { tmp: g.hostB, disk: 'data', mustHave, upTo });
+  // Sync 3 left nothing: what the guest acknowledged after sync 2's instant is not all there.
+  expect(report.highestContiguous).toBeLessThan(upTo);
+  const recovered = await launchVm(point.spec, { timeoutMs: 30_000 });
+  await recovered.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready on the recovered VM' });
+  await recovered.quit({ timeoutMs: 10_000 });
+});
