@@ -2,6 +2,7 @@
  * Standby replicas (issue 12), with real QEMU guests writing sequence-numbered records and a real
  * qemu-storage-daemon holding the replica on "host B" (a temp folder, NBD over loopback).
  */
+import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, expect, test } from 'vitest';
@@ -145,4 +146,35 @@ test('the source killed in the middle of a sync: the standby still holds, and bo
   const recovered = await launchVm(point.spec, { timeoutMs: 30_000 });
   await recovered.serial.waitForLine((l) => l.text === 'ferry-ready', { timeoutMs: 60_000, what: 'ferry-ready on the recovered VM' });
   await recovered.quit({ timeoutMs: 10_000 });
+});
+
+test('an evacuation by delta cancelled mid-way rolls back: the guest stays on the source, the replica is served again and takes the next sync', async () => {
+  const g = await protectedGuest({ intervalMs: 60_000 });
+  await g.protection.syncOnce();
+  await g.protection.stop();
+  await mkdir(join(g.hostB, 'vm'));
+  const destination = new LocalDestination({ dir: join(g.hostB, 'vm') });
+  const cancel = new AbortController();
+  const err = await migrate({
+    spec: g.spec,
+    source: g.source,
+    destination,
+    delta: replicaDelta(g.replica),
+    signal: cancel.signal,
+    onEvent: (e) => {
+      if (e.event === 'phase' && e.phase === 'ram') cancel.abort();
+    },
+  }).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(Error);
+  expect(g.vm.running()).toBe(true);
+  expect((await g.vm.qmp.execute('query-status')).status).toBe('running');
+  expect(g.replica.manifest.state).toBe('active');
+  expect(existsSync(join(g.hostB, 'vm', 'data.qcow2'))).toBe(false);
+  // The passes' bitmaps are gone; the replica's own stays, so protection goes on incrementally.
+  const again = new Protection({ vm: g.spec.name, source: localSource(() => g.source.connect({ timeoutMs: 5_000 }), g.spec.disks), standby: localStandby(g.replica), intervalMs: 60_000 });
+  const next = await again.syncOnce();
+  expect(next.seq).toBe(2);
+  expect(next.bytes).toBeLessThan(DISK / 2);
+  await again.stop();
+  expect((await replicaBitmaps(g.vm.qmp, 'data')).map((b) => b.seq)).toEqual([2]);
 });
