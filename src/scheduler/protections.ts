@@ -148,7 +148,14 @@ export class ProtectionService {
     };
     const sourceSide: SourceSide = {
       reconcile: async (consistentSeq) => this.#call(source, 'vm.replicaReconcile', { vmId: await vmId(), consistentSeq }, (r) => z.object({ previous: z.number().nullable() }).parse(r).previous),
-      sync: async (i) => this.#call(source, 'vm.replicaSync', { vmId: await vmId(), ...i }, (r) => syncOutcomeSchema.parse(r), SYNC_CALL_MS),
+      sync: async (i) => {
+        // A backup job on the source would keep a migration from inactivating its disks: no sync
+        // starts while the scheduler moves the VM (one already running when it starts may fail it,
+        // which rolls back).
+        const moving = this.#store.activeFor(p.vm);
+        if (moving) throw new SchedulerError('VM_MOVING', `${p.vm} is being migrated (${moving.id}): sync skipped`);
+        return this.#call(source, 'vm.replicaSync', { vmId: await vmId(), ...i }, (r) => syncOutcomeSchema.parse(r), SYNC_CALL_MS);
+      },
       commit: async (seq) => this.#call(source, 'vm.replicaCommit', { vmId: await vmId(), seq }, () => undefined),
       abort: async (seq) => this.#call(source, 'vm.replicaAbort', { vmId: await vmId(), seq }, () => undefined),
     };
