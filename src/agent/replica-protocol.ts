@@ -35,6 +35,15 @@ export const replicaMethodParams = {
    * of a new VM of this host (spec: the source's, its disks replaced), started.
    */
   'replica.recover': z.object({ vm: vmName, spec: z.unknown() }).strict(),
+  /**
+   * Evacuation by delta onto this replica (src/engine/delta.ts): the daemon lets go, and at each
+   * path (confined, claimed for the caller as dest.createDisk would) a qcow2 overlay on the chain.
+   */
+  'replica.prepareOverlays': z
+    .object({ vm: vmName, disks: z.array(z.object({ id: z.string().regex(/^[a-z][a-z0-9-]{0,15}$/), path: z.string().min(1), virtualSize: z.number().int().positive() }).strict()).min(1) })
+    .strict(),
+  /** Undo of prepareOverlays: the overlays removed and released, the daemon serving again. */
+  'replica.restore': z.object({ vm: vmName, paths: z.array(z.string().min(1)) }).strict(),
   'vm.replicaReconcile': z.object({ vmId: vmRef, consistentSeq: seq.nullable() }).strict(),
   'vm.replicaSync': z.object({ vmId: vmRef, seq, previous: seq.nullable(), target: replicaTargetSchema }).strict(),
   'vm.replicaCommit': z.object({ vmId: vmRef, seq }).strict(),

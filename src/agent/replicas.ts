@@ -15,6 +15,7 @@ import type { QmpClient } from '../qmp/index.js';
 import { ReplicaError } from '../replica/errors.js';
 import { sourceAbortSync, sourceCommitBitmaps, sourceReconcileBitmaps, sourceRemoveReplicaBitmaps, sourceSync } from '../replica/source-sync.js';
 import { StandbyReplica } from '../replica/standby-daemon.js';
+import { replicaDelta } from '../replica/delta-replica.js';
 import { randomOrder } from '../host/ports.js';
 import { allocatedBytes } from '../host/disk-files.js';
 import { diskNodeName } from '../qemu/spec.js';
@@ -37,6 +38,12 @@ export interface AgentReplicaDeps {
   monitor(vmId: string): QmpClient | undefined;
   /** Is host an address this agent's VMs may send data to (a migration peer)? */
   peerAllowed(host: string): boolean;
+  /** A disk path of a caller's request, confined to the storage root and claimed for it (dest.createDisk's rules). */
+  claimDisk(principal: string, path: string): string;
+  /** A path this caller claimed, confined (dest.removeDisk's rules). */
+  ownedDisk(principal: string, path: string): string;
+  /** Undo of claimDisk (the file is gone). */
+  releaseDisk(path: string): void;
   /** Creates and starts a VM of this host from a spec (vm.create + vm.start, placement checked). */
   startVm(principal: string, spec: unknown): Promise<unknown>;
 }
@@ -138,6 +145,24 @@ export class AgentReplicas {
         const spec = { ...(withDisks(p.spec, tops) as object), runDir: join(r.dir, 'run') };
         const started = await this.#d.startVm(principal, spec);
         return { seq: consistent.seq, pointAt: consistent.pointAt, started };
+      },
+      'replica.prepareOverlays': async (principal, p) => {
+        const r = this.#get(principal, p.vm);
+        const disks = p.disks.map((d) => ({ ...d, path: this.#d.claimDisk(principal, d.path) }));
+        try {
+          await replicaDelta(r).prepareOverlays(disks, {});
+        } catch (err) {
+          for (const d of disks) this.#d.releaseDisk(d.path);
+          throw err;
+        }
+        return {};
+      },
+      'replica.restore': async (principal, p) => {
+        const r = this.#get(principal, p.vm);
+        const paths = p.paths.map((x) => this.#d.ownedDisk(principal, x));
+        await replicaDelta(r, { allowReleased: true }).restore(paths);
+        for (const x of paths) this.#d.releaseDisk(x);
+        return {};
       },
       'vm.replicaReconcile': async (principal, p) => {
         const q = this.#monitor(principal, p.vmId);

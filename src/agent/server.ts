@@ -179,6 +179,13 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     owned: (principal, vmId) => owned(principal, vmId),
     monitor: (vmId) => supervised.get(vmId)?.monitor,
     peerAllowed,
+    claimDisk: (principal, path) => {
+      const confined = placement.diskOp(principal, path, 'create');
+      claims.claim(confined, principal);
+      return confined;
+    },
+    ownedDisk: (principal, path) => placement.diskOp(principal, path, 'remove'),
+    releaseDisk: (path) => claims.release(path),
     startVm: async (principal, spec) => {
       const created = (await handlers['vm.create'](principal, { spec }, undefined as never)) as { vmId: string };
       const name = registry.get(created.vmId)!.name;

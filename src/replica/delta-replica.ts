@@ -6,7 +6,8 @@
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { promisify } from 'node:util';
 import type { DeltaReplica } from '../engine/delta.js';
 import { ReplicaError } from './errors.js';
@@ -14,9 +15,9 @@ import type { StandbyReplica } from './standby-daemon.js';
 
 const run = promisify(execFile);
 
-export function replicaDelta(replica: StandbyReplica): DeltaReplica {
+export function replicaDelta(replica: StandbyReplica, opts: { allowReleased?: boolean } = {}): DeltaReplica {
   const consistent = replica.manifest.consistent;
-  if (!consistent || replica.manifest.state !== 'active') {
+  if (!consistent || (replica.manifest.state !== 'active' && !opts.allowReleased)) {
     throw new ReplicaError('NO_REPLICA', `the replica of ${replica.manifest.vm} has no consistent point to evacuate onto`, { userError: true });
   }
   return {
@@ -27,6 +28,7 @@ export function replicaDelta(replica: StandbyReplica): DeltaReplica {
       for (const d of disks) {
         const top = tops[d.id];
         if (!top) throw new ReplicaError('NO_REPLICA', `the replica has no disk '${d.id}'`);
+        await mkdir(dirname(d.path), { recursive: true });
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', top, '-F', 'qcow2', d.path, String(d.virtualSize)]);
       }
     },

@@ -21,7 +21,9 @@ import type { ReplicaTarget } from '../replica/standby-daemon.js';
 import type { HostConfig } from './agents.js';
 import type { protectionMethods, ProtectionStatusRow } from './protection-protocol.js';
 import type { ProtectionRow, RecoveryRow, SchedulerStore } from './store.js';
-import { SchedulerError } from './types.js';
+import { SchedulerError, type MigrationJob } from './types.js';
+import type { DeltaReplica } from '../engine/delta.js';
+import type { MigrationOutcome } from '../engine/outcome.js';
 
 const CALL_MS = 30_000;
 const SYNC_CALL_MS = 600_000;
@@ -113,6 +115,38 @@ export class ProtectionService {
       this.#store.addRecovery({ id, vm: p.vm, source: row.source, standby: row.standby, state: 'failed', seq: null, pointAt: null, rpoMs: null, detail: errorText(err), createdAt: failedAt });
       throw err;
     }
+  }
+
+  /**
+   * A migration is about to start: onto the VM's standby, with a consistent replica, it goes by
+   * delta (the sync loop stopped first); anything else is a full migration (undefined).
+   */
+  async deltaBefore(job: MigrationJob): Promise<DeltaReplica | undefined> {
+    const row = this.#store.protection(job.vm);
+    if (!row || row.standby !== job.to || job.mode !== 'precopy') return undefined;
+    const standby = this.#host(row.standby);
+    const st = await this.#call(standby, 'replica.status', { vm: job.vm }, (r) => replicaStatusSchema.parse(r));
+    if (!st.consistent || st.state !== 'active') return undefined;
+    await this.#loops.get(job.vm)?.stop();
+    this.#loops.delete(job.vm);
+    const vm = job.vm;
+    return {
+      seq: st.consistent.seq,
+      prepareOverlays: async (disks) => this.#call(standby, 'replica.prepareOverlays', { vm, disks }, () => undefined, SYNC_CALL_MS),
+      restore: async (paths) => this.#call(standby, 'replica.restore', { vm, paths }, () => undefined, SYNC_CALL_MS),
+    };
+  }
+
+  /** After a delta evacuation: arrived, the replica is the VM's disk and protection ends; else the loop goes on. */
+  async deltaAfter(job: MigrationJob, outcome: MigrationOutcome): Promise<void> {
+    const row = this.#store.protection(job.vm);
+    if (!row) return;
+    if (outcome.kind === 'migrated') {
+      this.#store.removeProtection(job.vm);
+      this.#log.info({ vm: job.vm, standby: row.standby }, 'evacuated onto its replica: protection ends');
+      return;
+    }
+    if (!this.#loops.has(job.vm)) this.#startLoop(row);
   }
 
   #statusOf(p: ProtectionRow): ProtectionStatusRow {

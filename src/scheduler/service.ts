@@ -80,6 +80,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   await scheduler.start();
   const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log });
   protections.start();
+  fleet.delta = { before: (job) => protections.deltaBefore(job), after: (job, outcome) => protections.deltaAfter(job, outcome) };
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
     switch (method) {

@@ -166,3 +166,49 @@ test('protect through the scheduler; recover refused while the source runs; both
   expect(report.ok, JSON.stringify(report)).toBe(true);
   expect((await api!.call('protect-status', {})).length).toBe(0);
 }, 240_000);
+
+test('ferry migrate onto the standby goes by delta: every acknowledged write arrives, protection ends', async () => {
+  if (!api) await startScheduler(join(await makeTempDir('ferry-standby-db-'), 'state.db'));
+  const a = await AgentClient.connect(agents.A!.url, AGENT_TOKEN);
+  const { spec, serialLog } = await agentGuestSpec(roots.A!, 'vm2', { memoryMiB: 128, diskMiB: 32, rate: 30, tickMs: 100 });
+  await a.call('vm.create', { spec });
+  pids.push(((await a.call('vm.start', { name: 'vm2' })) as { pid: number }).pid);
+  a.close();
+  let ackedOnA = -1;
+  const tail = setInterval(() => void readFile(serialLog, 'utf8').then((t) => (ackedOnA = Math.max(ackedOnA, highestAcks(t.split('\n').map((text) => ({ text }))).get('data') ?? -1)), () => undefined), 100);
+  try {
+    for (let i = 0; i < 300 && ackedOnA < 5; i++) await sleep(100);
+    await api!.call('protect', { vm: 'vm2', standby: 'B', intervalMs: 1000 });
+    for (let i = 0; i < 300; i++) {
+      const s = (await api!.call('protect-status', {})).find((r) => r.vm === 'vm2');
+      if (s && s.syncs >= 2) break;
+      await sleep(200);
+    }
+    const r = await api!.call('migrate', { vm: 'vm2', to: 'B' });
+    let job = r.job;
+    for (let i = 0; i < 600 && (job.state === 'queued' || job.state === 'running'); i++) {
+      await sleep(200);
+      job = await api!.call('get', { id: job.id });
+    }
+    expect(job.state, job.error ?? '').toBe('succeeded');
+    expect((await api!.call('protect-status', {})).some((x) => x.vm === 'vm2')).toBe(false);
+    const b = await AgentClient.connect(agents.B!.url, AGENT_TOKEN);
+    const onB = (await b.call('vm.get', { name: 'vm2' })) as { state: string; pid: number; spec: { disks: { path: string }[]; runDir: string } };
+    expect(onB.state).toBe('running');
+    pids.push(onB.pid);
+    await sleep(500);
+    await b.call('vm.stop', { name: 'vm2', timeoutMs: 10_000 });
+    b.close();
+    // By delta: the disk on B is an overlay on the replica's chain, not a full copy.
+    const info = JSON.parse((await run('qemu-img', ['info', '--output=json', '-U', onB.spec.disks[0]!.path])).stdout) as { 'backing-filename'?: string };
+    expect(info['backing-filename']).toContain(join(roots.B!, 'replicas'));
+    const onBLog = await readFile(join(onB.spec.runDir, 'serial.log'), 'utf8').catch(() => '');
+    const acked = Math.max(ackedOnA, highestAcks(onBLog.split('\n').map((text) => ({ text }))).get('data') ?? -1);
+    const flat = join(await makeTempDir('ferry-standby-flat-'), 'data.raw');
+    await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', onB.spec.disks[0]!.path, flat]);
+    const report = await verifyDisk(flat, { format: 'raw', diskId: 'data', ackedSeq: acked });
+    expect(report.ok, JSON.stringify(report)).toBe(true);
+  } finally {
+    clearInterval(tail);
+  }
+}, 240_000);
