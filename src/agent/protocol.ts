@@ -11,6 +11,7 @@
  */
 import { isIP } from 'node:net';
 import { z } from 'zod';
+import { replicaMethodParams } from './replica-protocol.js';
 
 export const PROTOCOL_VERSION = 1;
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
@@ -85,6 +86,8 @@ export const methodParams = {
   'fence.advance': z.object({}).strict(),
   /** Refused stale calls so far, and the highest epoch seen per VM. */
   'fence.status': z.object({}).strict(),
+  /** Standby replicas (issue 12): replica-protocol.ts. */
+  ...replicaMethodParams,
 } as const;
 
 /** Methods that change nothing: a stale fence does not stop them. */

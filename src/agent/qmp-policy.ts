@@ -22,6 +22,7 @@ import { isIP } from 'node:net';
 import { z } from 'zod';
 import { EXPORT_PREFIX, MIRROR_JOB_PREFIX, STREAM_JOB_PREFIX, TARGET_NODE_PREFIX } from '../engine/names.js';
 import { DATA_TLS_IDS } from '../host/data-tls.js';
+import { deltaJobId } from '../engine/delta.js';
 import { diskNodeName } from '../qemu/spec.js';
 
 export type TunnelRole = 'source' | 'destination';
@@ -66,7 +67,11 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
   const targetNode = oneOf(ids.map((id) => `${TARGET_NODE_PREFIX}${id}`), `a ferry NBD node of this VM (${TARGET_NODE_PREFIX}<disk id>)`);
   const mirrorJob = oneOf(ids.map((id) => `${MIRROR_JOB_PREFIX}${id}`), `a ferry mirror job of this VM`);
   const streamJob = oneOf(ids.map((id) => `${STREAM_JOB_PREFIX}${id}`), `a ferry stream job of this VM`);
-  const ferryJob = ctx.role === 'source' ? mirrorJob : streamJob;
+  // Evacuation by delta (src/engine/source-delta.ts): backup passes over ferry's own bitmaps.
+  const deltaJob = oneOf(ids.map(deltaJobId), 'a ferry delta pass job of this VM');
+  const deltaBitmap = z.string().regex(/^ferry-delta-\d{1,6}$/, 'must be a ferry delta pass bitmap');
+  const passBitmap = z.string().regex(/^ferry-(delta|replica)-\d{1,9}$/, 'must be a ferry replica or delta pass bitmap');
+  const ferryJob = ctx.role === 'source' ? z.union([mirrorJob, deltaJob]) : streamJob;
   const exportId = z.string().regex(new RegExp(`^${EXPORT_PREFIX}[a-z0-9]{1,16}-[a-z][a-z0-9-]{0,15}$`), 'must be a ferry export name');
   const [lo, hi] = ctx.portRange;
   const ownPort = z
@@ -191,6 +196,28 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
           .strict(),
       ],
       ['block-job-change', z.object({ id: mirrorJob, type: z.literal('mirror'), 'copy-mode': z.literal('write-blocking') }).strict()],
+      [
+        'transaction',
+        z
+          .object({
+            actions: z
+              .array(
+                z.union([
+                  z.object({ type: z.literal('block-dirty-bitmap-add'), data: z.object({ node: diskNode, name: deltaBitmap, persistent: z.literal(false) }).strict() }).strict(),
+                  z
+                    .object({
+                      type: z.literal('blockdev-backup'),
+                      data: z.object({ 'job-id': deltaJob, device: diskNode, target: targetNode, sync: z.literal('bitmap'), bitmap: passBitmap, 'bitmap-mode': z.literal('never') }).strict(),
+                    })
+                    .strict(),
+                ]),
+              )
+              .min(1)
+              .max(64),
+          })
+          .strict(),
+      ],
+      ['block-dirty-bitmap-remove', z.object({ node: diskNode, name: deltaBitmap }).strict()],
       ['migrate', streamNeedsTls(z.object({ uri: migrationUri(peerHost, anyPort) }).strict())],
       ['migrate_cancel', noArgs],
       ['migrate-continue', z.object({ state: z.literal('pre-switchover') }).strict()],

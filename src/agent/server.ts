@@ -48,6 +48,7 @@ import { TokenBucket } from './rate-limit.js';
 import { loadTls } from '../host/tls.js';
 import { processStartTime, VmRegistry, type VmRecord } from './registry.js';
 import { attachMonitor, supervise, type Supervised } from './supervisor.js';
+import { AgentReplicas } from './replicas.js';
 
 export { AgentConfigSchema, type AgentConfig } from './config.js';
 
@@ -187,8 +188,33 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     }
   };
 
+  const replicas = new AgentReplicas({
+    storageRoot: config.storageRoot,
+    migrationHost: config.migrationHost,
+    portRange: config.portRange,
+    log,
+    owned: (principal, vmId) => owned(principal, vmId),
+    monitor: (vmId) => supervised.get(vmId)?.monitor,
+    peerAllowed,
+    claimDisk: (principal, path) => {
+      const confined = placement.diskOp(principal, path, 'create');
+      claims.claim(confined, principal);
+      return confined;
+    },
+    ownedDisk: (principal, path) => placement.diskOp(principal, path, 'remove'),
+    releaseDisk: (path) => claims.release(path),
+    startVm: async (principal, spec) => {
+      const created = (await handlers['vm.create'](principal, { spec }, undefined as never)) as { vmId: string };
+      const name = registry.get(created.vmId)!.name;
+      await handlers['vm.start'](principal, { name }, undefined as never);
+      return { vmId: created.vmId, name };
+    },
+  });
+  await replicas.load();
+
   type Handlers = { [M in Method]: (principal: string, params: z.infer<(typeof methodParams)[M]>, session: Session) => Promise<unknown> };
   const handlers: Handlers = {
+    ...replicas.handlers(),
     'host.info': async (): Promise<HostInfo> => {
       qemuInfo ??= probeQemu(qemuBinary);
       const q = await qemuInfo;
@@ -621,6 +647,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       await metricsListener?.close();
       for (const sup of supervised.values()) await sup.detach();
       supervised.clear();
+      await replicas.detach();
     },
   };
 }

@@ -10,6 +10,7 @@ import { silentLogger } from '../log.js';
 import { QmpCommandError, QmpTimeoutError, type QmpCapabilities, type QmpClient, type QmpEvent } from '../qmp/index.js';
 import type { VmSpec } from '../qemu/spec.js';
 import type { ConvergencePlan } from './convergence/index.js';
+import type { DeltaReplica } from './delta.js';
 import type { DestinationEndpoint, IncomingVm, NbdRelayHandle, SourceEndpoint } from './endpoint.js';
 import { newMigrationId } from './names.js';
 import { PhaseClock } from './phase.js';
@@ -35,6 +36,11 @@ export interface MigrateRequest {
   /** Preflight only: return the plan, change nothing. */
   dryRun?: boolean;
   migrationId?: string;
+  /**
+   * Evacuation by delta (delta.ts): the destination holds this VM's standby replica; its disks
+   * become overlays on it and only the blocks changed since its consistent point are copied.
+   */
+  delta?: DeltaReplica;
 }
 
 /** Deadline of the QMP commands the undo steps and tidy steps send, ms. */

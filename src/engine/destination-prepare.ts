@@ -12,6 +12,7 @@ import { missingDataTls } from '../host/data-tls.js';
 import type { QmpCapabilities, VersionInfo } from '../qmp/index.js';
 import { planConvergence, type ConvergencePlan } from './convergence/index.js';
 import { destinationTlsPeer, MAX_UNIX_SOCKET_PATH, nbdRelaySocketPath, nbdServerArguments, nbdServerUnixArguments } from './data-path.js';
+import { destinationDeltaDisks } from './destination-delta.js';
 import { exportName } from './names.js';
 import { stopNbdServer } from './primitives.js';
 import { targetSpec } from './source-preflight.js';
@@ -24,7 +25,8 @@ export async function destinationPrepare(
   const { plan, sourceExport } = input;
   const d = ctx.req.destination;
   const spec = targetSpec(ctx, input.plan.destinationMachine);
-  for (const [i, disk] of plan.disks.entries()) {
+  if (ctx.req.delta) await destinationDeltaDisks(ctx, { plan, delta: ctx.req.delta });
+  for (const [i, disk] of (ctx.req.delta ? [] : plan.disks).entries()) {
     const backingNbd = sourceExport
       ? {
           host: ctx.req.source.exportHost,

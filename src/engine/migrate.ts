@@ -7,7 +7,8 @@
  *   prepare-destination  destinationPrepare: sparse target disks, QEMU -incoming defer -S, NBD exports
  *                        (lazy: sourceExportDisks first, and the targets are overlays backed by them)
  *   mirror               sourceStartMirrors, sourceWaitMirrorsReady (pre-copy only; copy mode
- *                        auto converges them: convergence/)
+ *                        auto converges them: convergence/); delta: SourceDeltaPasses (source-delta.ts)
+ *                        into overlays on the standby replica (destination-delta.ts)
  *   ram                  sourcePerformRam, sourceWaitPreSwitchover (convergence.ts steers)
  *   switchover           sourceCompleteMirrors (pre-copy), sourceContinue
  *   confirm              destinationIncomingComplete, destinationStopNbdServer (pre-copy),
@@ -25,7 +26,9 @@ import { cleanupFinish, cleanupLazy, cleanupPrecopy } from './cleanup.js';
 import { sourceBeginDataTls } from './data-path.js';
 import { MigrationContext, type DestinationState, type MigrateRequest, type SourceState } from './context.js';
 import { destinationIncomingComplete, destinationResume } from './destination-finish.js';
-import { destinationPrepare, destinationStopNbdServer } from './destination-prepare.js';
+import { isFerryReplicationBitmap, type DeltaReplica } from './delta.js';
+import { destinationCloseRelay, destinationPrepare, destinationStopNbdServer } from './destination-prepare.js';
+import { SourceDeltaPasses } from './source-delta.js';
 import { destinationHydrate, sourceExportDisks, sourceReactivateDisks } from './lazy.js';
 import { outcomeOfError, type MigrationOutcome } from './outcome.js';
 import { ProgressTracker } from './progress.js';
@@ -75,6 +78,7 @@ async function runMigration(req: MigrateRequest): Promise<MigrationResult> {
       await source.qmp.close();
       return resultOf(ctx, plan, { downtimeMs: 0, qemuDowntimeMs: undefined, diskBytes: 0, ramBytes: 0, bitmapsMigrated: [], convergence: undefined });
     }
+    if (req.delta) return await runDelta(ctx, source, plan, req.delta);
     return plan.mode === 'lazy' ? await runLazy(ctx, source, plan) : await runPrecopy(ctx, source, plan);
   } catch (err) {
     throw await fail(ctx, err, source);
@@ -115,6 +119,40 @@ async function runPrecopy(ctx: MigrationContext, source: SourceState, plan: Migr
   await ctx.enter('done');
   const result = resultOf(ctx, plan, { ...moved, diskBytes, ramBytes: progress.ramTransferred, bitmapsMigrated });
   return { ...result, convergence: { ...result.convergence, mirrors: mirrorConvergence } };
+}
+
+/**
+ * Delta (delta.ts): the destination's disks are overlays on the VM's standby replica; backup
+ * passes copy what changed since its point while the guest runs, the last one in the pause.
+ */
+async function runDelta(ctx: MigrationContext, source: SourceState, fullPlan: MigrationPlan, delta: DeltaReplica): Promise<MigrationResult> {
+  // The replica's and the passes' bitmaps stay behind: migrating them would make them busy.
+  const plan = { ...fullPlan, bitmaps: fullPlan.bitmaps.filter((b) => !isFerryReplicationBitmap(b.name)) };
+  if (plan.bitmaps.length > 0) {
+    throw new MigrationError('DELTA_BITMAPS', `evacuation by delta does not move other dirty bitmaps yet (found ${plan.bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')})`, { phase: 'preflight', userError: true });
+  }
+  const progress = new ProgressTracker({ ...plan, disks: [] }, ctx.req.source, ctx.opts.progressIntervalMs);
+  ctx.enter('prepare-destination');
+  await sourceBeginDataTls(ctx, { source, plan });
+  const dest = await destinationPrepare(ctx, { plan, sourceExport: undefined, sourceCaps: source.caps });
+  ctx.enter('mirror');
+  const passes = new SourceDeltaPasses(ctx, { source, plan, delta });
+  await passes.attach(dest);
+  await passes.converge();
+  passes.startBackground();
+  const moved = await moveGuest(ctx, { source, dest, plan, progress }, {
+    checkMirrors: async () => passes.check(),
+    completeMirrors: () => passes.finish(),
+    beforeResume: () => destinationStopNbdServer(ctx, dest),
+  });
+  ctx.enter('cleanup');
+  await ctx.tidy('detach the delta passes', () => passes.detach());
+  await ctx.tidy('close the NBD relay', () => destinationCloseRelay(ctx, dest));
+  await cleanupFinish(ctx, { source, dest, plan });
+  ctx.enter('done');
+  const figures = passes.figures();
+  const result = resultOf(ctx, plan, { ...moved, diskBytes: figures.bytes, ramBytes: progress.ramTransferred, bitmapsMigrated: [] });
+  return { ...result, delta: figures };
 }
 
 /** Lazy: RAM only, the guest moves, and the disks hydrate behind it from the source's export. */

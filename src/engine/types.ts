@@ -203,6 +203,8 @@ export interface MigrationResult {
   bitmapsMigrated: { disk: string; name: string }[];
   /** lazy mode: when the destination ran (ms after the start), how long hydration took, and its bytes on the wire. */
   lazy?: { destinationRunningMs: number; hydrationMs: number; hydratedWireBytes: number | undefined };
+  /** delta evacuation (delta.ts): the backup passes, the pause's last one apart (it is in the downtime). */
+  delta?: { passes: number; bytes: number; finalBytes: number; finalMs: number };
 }
 
 /**

@@ -10,6 +10,7 @@ import type { TlsMaterial } from '../host/tls.js';
 import { hostInfoSchema, vmSummarySchema, type VmSummary } from '../agent/protocol.js';
 import { migrateOutcome } from '../engine/migrate.js';
 import type { MigrationOutcome } from '../engine/outcome.js';
+import type { DeltaReplica } from '../engine/delta.js';
 import { finishHydration, recoveryFor, rollBackSource, unexportSource } from '../engine/recover.js';
 import type { SavedSourceSettings } from '../engine/types.js';
 import { errorText } from '../errors.js';
@@ -106,7 +107,23 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
     return { ...(this.#tls ? { tls: this.#tls } : {}), ...(fence ? { fence } : {}) };
   }
 
+  /**
+   * Standby replicas (src/scheduler/protections.ts): a migration onto a VM's standby goes by
+   * delta; `before` says so (and pauses the VM's syncs), `after` learns how it ended.
+   */
+  delta: { before(job: MigrationJob): Promise<DeltaReplica | undefined>; after(job: MigrationJob, outcome: MigrationOutcome): Promise<void> } | undefined;
+
   async run(job: MigrationJob, ctx: RunContext): Promise<MigrationOutcome> {
+    const delta = await this.delta?.before(job).catch((err: unknown) => {
+      this.#log.warn({ vm: job.vm, err: String(err) }, 'no delta evacuation: a full migration instead');
+      return undefined;
+    });
+    const outcome = await this.#run(job, ctx, delta);
+    if (delta) await this.delta?.after(job, outcome).catch((err: unknown) => this.#log.warn({ vm: job.vm, err: String(err) }, 'after the delta evacuation'));
+    return outcome;
+  }
+
+  async #run(job: MigrationJob, ctx: RunContext, delta: DeltaReplica | undefined): Promise<MigrationOutcome> {
     const fence = ctx.fence ? { vm: job.vm, epoch: ctx.fence.epoch } : undefined;
     const source = await AgentSource.connect(this.#host(job.from).url, this.#token, job.vm, this.#endpointOpts(fence));
     try {
@@ -130,6 +147,7 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
             if (e.event === 'phase') await ctx.onPhase(e.phase);
             else await ctx.onSourceSaved?.(e.saved);
           },
+          ...(delta ? { delta } : {}),
           onEvent: (e) => {
             if (e.event === 'progress') {
               const p = e.progress;

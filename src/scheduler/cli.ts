@@ -12,6 +12,7 @@ import { errorText, FerryError } from '../errors.js';
 import type { SchedulerClient, SchedulerReply } from './client.js';
 import type { SchedulerMethod } from './protocol.js';
 import type { MigrationJob } from './types.js';
+import { PROTECT_USAGE, protectCommand } from './protect-cli.js';
 
 export const FERRY_USAGE = `usage: ferry [--scheduler URL] [--token-file FILE] [--json] COMMAND
   hosts                 hosts, free memory and disk, migrations in and out
@@ -24,7 +25,7 @@ export const FERRY_USAGE = `usage: ferry [--scheduler URL] [--token-file FILE] [
   cancel ID             cancel a queued or running migration
   show ID               a migration and its journal
   watch                 live changes, phases and progress of every migration (Ctrl-C to stop)
-`;
+${PROTECT_USAGE}`;
 
 interface Io {
   stdout: NodeJS.WritableStream;
@@ -39,7 +40,8 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
       args: argv,
       allowPositionals: true,
       strict: true,
-      options: { scheduler: { type: 'string' }, 'token-file': { type: 'string' }, json: { type: 'boolean' }, to: { type: 'string' }, mode: { type: 'string' }, all: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+      options: { scheduler: { type: 'string' }, 'token-file': { type: 'string' }, json: { type: 'boolean' }, to: { type: 'string' }, mode: { type: 'string' }, all: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
+        standby: { type: 'string' }, interval: { type: 'string' }, 'from-replica': { type: 'boolean' }, 'source-fenced': { type: 'boolean' } },
     }));
   } catch (err) {
     io.stderr.write(`ferry: ${errorText(err).split('\n')[0]}\n${FERRY_USAGE}`);
@@ -128,6 +130,11 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
         }).finally(() => stop.abort());
         break;
       }
+      case 'protect':
+      case 'unprotect':
+      case 'recover':
+        await protectCommand(command, rest, values, call, print);
+        break;
       default:
         throw new FerryError('USAGE', command ? `unknown command '${command}'` : 'a command is required', { userError: true });
     }

@@ -9,6 +9,7 @@ import { z } from 'zod';
 import { FerryError } from '../errors.js';
 import { openSocket, RpcSession, type PeerLabel } from '../rpc/ws-client.js';
 import { SCHEDULER_PROTOCOL_VERSION, type SchedulerMethod } from './protocol.js';
+import { protectionReplies } from './protection-protocol.js';
 import { MIGRATION_STATES, type MigrationJob } from './types.js';
 
 export class SchedulerCallError extends FerryError {
@@ -61,6 +62,7 @@ export const schedulerReplies = {
   journal: z.array(z.looseObject({ at: z.number(), state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() })),
   cancel: migrationJobSchema,
   watch: z.looseObject({}),
+  ...protectionReplies,
 } as const satisfies Record<SchedulerMethod, z.ZodType>;
 export type SchedulerReply<M extends SchedulerMethod> = z.infer<(typeof schedulerReplies)[M]>;
 const replyParsers: { [M in SchedulerMethod]: z.ZodType<SchedulerReply<M>> } = schedulerReplies;

@@ -32,11 +32,15 @@ import {
   journalSchema,
   SCHEMA_VERSION,
   toJob,
+  toProtection,
+  toRecovery,
   type Claim,
   type ClaimedJob,
   type ClaimLimits,
   type EnqueueRequest,
   type JournalEntry,
+  type ProtectionRow,
+  type RecoveryRow,
   type SchedulerStore,
   type TransitionChange,
   redactDatabase as redact,
@@ -156,7 +160,7 @@ export class PostgresStore implements SchedulerStore {
       if (version > SCHEMA_VERSION) throw new SchedulerError('DB_TOO_NEW', `the database has schema ${version}; this scheduler knows ${SCHEMA_VERSION}`, { userError: true });
       if (version === SCHEMA_VERSION) return;
       // Schema 3 at once: the SQLite store's versions 1-3 (its tables, indexes and source_saved).
-      await c.query(`
+      if (version < 3) await c.query(`
         CREATE TABLE migrations (
           id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL,
           reason TEXT NOT NULL, priority INTEGER NOT NULL, mode TEXT NOT NULL, state TEXT NOT NULL,
@@ -176,8 +180,17 @@ export class PostgresStore implements SchedulerStore {
           migration_id TEXT PRIMARY KEY REFERENCES migrations (id),
           owner TEXT NOT NULL, epoch BIGINT NOT NULL, lease_until BIGINT NOT NULL,
           cancel_requested BOOLEAN NOT NULL DEFAULT false);
-        CREATE INDEX leases_by_expiry ON leases (lease_until);
-        INSERT INTO ferry_schema (version) VALUES (${SCHEMA_VERSION});`);
+        CREATE INDEX leases_by_expiry ON leases (lease_until);`);
+      // Schema 4: standby replicas (issue 12), who is protected where, and every failover with its RPO.
+      if (version < 4) {
+        await c.query(`
+          CREATE TABLE protections (vm TEXT PRIMARY KEY, src TEXT NOT NULL, standby TEXT NOT NULL, interval_ms INTEGER NOT NULL,
+            spec TEXT NOT NULL, created_at BIGINT NOT NULL);
+          CREATE TABLE recoveries (id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL, state TEXT NOT NULL,
+            seq BIGINT, point_at BIGINT, rpo_ms BIGINT, detail TEXT, created_at BIGINT NOT NULL);`);
+      }
+      await c.query('DELETE FROM ferry_schema');
+      await c.query('INSERT INTO ferry_schema (version) VALUES ($1)', [SCHEMA_VERSION]);
     });
   }
 
@@ -428,5 +441,36 @@ export class PostgresStore implements SchedulerStore {
 
   async close(): Promise<void> {
     await this.#pool.end();
+  }
+
+  async addProtection(p: ProtectionRow): Promise<void> {
+    await this.#tx('addProtection', (c) =>
+      c.query('INSERT INTO protections (vm, src, standby, interval_ms, spec, created_at) VALUES ($1, $2, $3, $4, $5, $6)', [p.vm, p.source, p.standby, p.intervalMs, JSON.stringify(p.spec), p.createdAt]),
+    );
+  }
+
+  async protections(): Promise<ProtectionRow[]> {
+    return (await this.#read('SELECT * FROM protections ORDER BY vm', [])).rows.map(toProtection);
+  }
+
+  async protection(vm: string): Promise<ProtectionRow | undefined> {
+    const row = await this.#one('SELECT * FROM protections WHERE vm = $1', [vm]);
+    return row ? toProtection(row) : undefined;
+  }
+
+  async removeProtection(vm: string): Promise<void> {
+    await this.#tx('removeProtection', (c) => c.query('DELETE FROM protections WHERE vm = $1', [vm]));
+  }
+
+  async addRecovery(r: RecoveryRow): Promise<void> {
+    await this.#tx('addRecovery', (c) =>
+      c.query('INSERT INTO recoveries (id, vm, src, dst, state, seq, point_at, rpo_ms, detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)', [
+        r.id, r.vm, r.source, r.standby, r.state, r.seq, r.pointAt, r.rpoMs, r.detail, r.createdAt,
+      ]),
+    );
+  }
+
+  async recoveries(limit = 100): Promise<RecoveryRow[]> {
+    return (await this.#read('SELECT * FROM recoveries ORDER BY created_at DESC LIMIT $1', [limit])).rows.map(toRecovery);
   }
 }

@@ -4,6 +4,7 @@
  * token at the upgrade, and `watch` turning the session into a stream of `{ v, event }` frames.
  */
 import { z } from 'zod';
+import { protectionMethods } from './protection-protocol.js';
 
 export const SCHEDULER_PROTOCOL_VERSION = 1;
 
@@ -17,5 +18,7 @@ export const schedulerMethods = {
   journal: z.object({ id: z.string().min(1) }).strict(),
   cancel: z.object({ id: z.string().min(1) }).strict(),
   watch: z.object({}).strict(),
+  /** Standby replicas (issue 12): protection-protocol.ts. */
+  ...protectionMethods,
 } as const;
 export type SchedulerMethod = keyof typeof schedulerMethods;

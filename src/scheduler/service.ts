@@ -17,6 +17,7 @@ import { Scheduler, type SchedulerEvents } from './scheduler.js';
 import { SchedulerMetrics } from './metrics.js';
 import { openStore, redactDatabase } from './store.js';
 import { crossOrigin, handleWebRequest } from './web.js';
+import { ProtectionService } from './protections.js';
 import { SchedulerError } from './types.js';
 
 export const SchedulerConfigSchema = z
@@ -116,6 +117,12 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     await store.close().catch(() => undefined);
     throw err;
   }
+  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log });
+  // With replicas on PostgreSQL every replica would run every sync loop: until the loops are
+  // leased like migrations, they run only where the scheduler is alone (docs/standby.md).
+  if (store.shared) log.warn('standby replicas: sync loops are not started again by a scheduler replica on a shared store (protect starts one on the replica asked)');
+  else await protections.start();
+  fleet.delta = { before: (job) => protections.deltaBefore(job), after: (job, outcome) => protections.deltaAfter(job, outcome) };
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
     switch (method) {
@@ -166,6 +173,14 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
         return scheduler.cancel(schedulerMethods.cancel.parse(params).id);
       case 'watch':
         return {};
+      case 'protect':
+        return protections.protect(schedulerMethods.protect.parse(params));
+      case 'unprotect':
+        return protections.unprotect(schedulerMethods.unprotect.parse(params).vm);
+      case 'protect-status':
+        return protections.status();
+      case 'recover':
+        return protections.recover(schedulerMethods.recover.parse(params));
     }
   };
 
@@ -245,6 +260,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       await new Promise<void>((r) => http.close(() => r()));
       await metricsListener?.close();
       metrics.close();
+      await protections.stop().catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the protections'));
       await scheduler.stop(opts.graceMs).catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the scheduler'));
       await store.close().catch((err: unknown) => log.error({ err: errorText(err) }, 'closing the store'));
     },

@@ -19,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { SavedSourceSettingsSchema, type SavedSourceSettings } from '../engine/types.js';
 import { SchedulerError, type MigrationJob, type MigrationState } from './types.js';
-import { ALLOWED, journalSchema, rowSchema, SCHEMA_VERSION, toJob, type EnqueueRequest, type JournalEntry, type SchedulerStore, type TransitionChange } from './store.js';
+import { ALLOWED, journalSchema, rowSchema, SCHEMA_VERSION, toJob, toProtection, toRecovery, type EnqueueRequest, type JournalEntry, type ProtectionRow, type RecoveryRow, type SchedulerStore, type TransitionChange } from './store.js';
 
 export class SqliteStore implements SchedulerStore {
   readonly shared = false;
@@ -80,6 +80,15 @@ export class SqliteStore implements SchedulerStore {
       // What the engine changed on the source and how to put it back: a recovery after a crash
       // restores the capabilities and parameters, and resumes the guest only if it ran.
       this.#db.exec(`ALTER TABLE migrations ADD COLUMN source_saved TEXT; PRAGMA user_version = 3;`);
+    }
+    if (version < 4) {
+      // Standby replicas (issue 12): who is protected where, and every failover with its RPO.
+      this.#db.exec(`
+        CREATE TABLE protections (vm TEXT PRIMARY KEY, src TEXT NOT NULL, standby TEXT NOT NULL, interval_ms INTEGER NOT NULL,
+          spec TEXT NOT NULL, created_at INTEGER NOT NULL);
+        CREATE TABLE recoveries (id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL, state TEXT NOT NULL,
+          seq INTEGER, point_at INTEGER, rpo_ms INTEGER, detail TEXT, created_at INTEGER NOT NULL);
+        PRAGMA user_version = 4;`);
     }
   }
 
@@ -178,5 +187,32 @@ export class SqliteStore implements SchedulerStore {
 
   async close(): Promise<void> {
     this.#db.close();
+  }
+
+  async addProtection(p: ProtectionRow): Promise<void> {
+    this.#db.prepare('INSERT INTO protections (vm, src, standby, interval_ms, spec, created_at) VALUES (?, ?, ?, ?, ?, ?)').run(p.vm, p.source, p.standby, p.intervalMs, JSON.stringify(p.spec), p.createdAt);
+  }
+
+  async protections(): Promise<ProtectionRow[]> {
+    return this.#db.prepare('SELECT * FROM protections ORDER BY vm').all().map(toProtection);
+  }
+
+  async protection(vm: string): Promise<ProtectionRow | undefined> {
+    const row = this.#db.prepare('SELECT * FROM protections WHERE vm = ?').get(vm);
+    return row ? toProtection(row) : undefined;
+  }
+
+  async removeProtection(vm: string): Promise<void> {
+    this.#db.prepare('DELETE FROM protections WHERE vm = ?').run(vm);
+  }
+
+  async addRecovery(r: RecoveryRow): Promise<void> {
+    this.#db
+      .prepare('INSERT INTO recoveries (id, vm, src, dst, state, seq, point_at, rpo_ms, detail, created_at) VALUES (@id, @vm, @source, @standby, @state, @seq, @pointAt, @rpoMs, @detail, @createdAt)')
+      .run(r);
+  }
+
+  async recoveries(limit = 100): Promise<RecoveryRow[]> {
+    return this.#db.prepare('SELECT * FROM recoveries ORDER BY created_at DESC LIMIT ?').all(limit).map(toRecovery);
   }
 }

@@ -22,7 +22,7 @@ import { z } from 'zod';
 import type { SavedSourceSettings } from '../engine/types.js';
 import { MIGRATION_STATES, type MigrationJob, type MigrationMode, type MigrationState, type Reason } from './types.js';
 
-export const SCHEMA_VERSION = 3;
+export const SCHEMA_VERSION = 4;
 
 export const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   queued: ['running', 'cancelled', 'failed'],
@@ -61,6 +61,53 @@ export const rowSchema = z.object({
 
 export const journalSchema = z.object({ migration_id: z.string(), at: num, state: z.enum(MIGRATION_STATES), phase: z.string().nullable(), detail: z.string().nullable() });
 export type JournalEntry = z.infer<typeof journalSchema>;
+
+/** A VM protected by a standby replica (issue 12); the spec is kept, as a failover happens when its source is gone. */
+export interface ProtectionRow {
+  vm: string;
+  source: string;
+  standby: string;
+  intervalMs: number;
+  spec: unknown;
+  createdAt: number;
+}
+
+/** A failover from a replica; `rpoMs` is the data-loss window it stated. */
+export interface RecoveryRow {
+  id: string;
+  vm: string;
+  source: string;
+  standby: string;
+  state: 'succeeded' | 'failed';
+  seq: number | null;
+  pointAt: number | null;
+  rpoMs: number | null;
+  detail: string | null;
+  createdAt: number;
+}
+
+const protectionRowSchema = z.object({ vm: z.string(), src: z.string(), standby: z.string(), interval_ms: int, spec: z.string(), created_at: num });
+export function toProtection(raw: unknown): ProtectionRow {
+  const r = protectionRowSchema.parse(raw);
+  return { vm: r.vm, source: r.src, standby: r.standby, intervalMs: r.interval_ms, spec: z.unknown().parse(JSON.parse(r.spec)), createdAt: r.created_at };
+}
+
+const recoveryRowSchema = z.object({
+  id: z.string(),
+  vm: z.string(),
+  src: z.string(),
+  dst: z.string(),
+  state: z.enum(['succeeded', 'failed']),
+  seq: int.nullable(),
+  point_at: num.nullable(),
+  rpo_ms: num.nullable(),
+  detail: z.string().nullable(),
+  created_at: num,
+});
+export function toRecovery(raw: unknown): RecoveryRow {
+  const r = recoveryRowSchema.parse(raw);
+  return { id: r.id, vm: r.vm, source: r.src, standby: r.dst, state: r.state, seq: r.seq, pointAt: r.point_at, rpoMs: r.rpo_ms, detail: r.detail, createdAt: r.created_at };
+}
 
 export function toJob(raw: unknown): MigrationJob {
   const r = rowSchema.parse(raw);
@@ -148,6 +195,14 @@ export interface SchedulerStore {
   /** What saveSource stored, parsed; undefined if the engine never got that far. */
   savedSource(id: string): Promise<SavedSourceSettings | undefined>;
   close(): Promise<void>;
+
+  // Standby replicas (issue 12): who is protected where, and every failover with its RPO.
+  addProtection(p: ProtectionRow): Promise<void>;
+  protections(): Promise<ProtectionRow[]>;
+  protection(vm: string): Promise<ProtectionRow | undefined>;
+  removeProtection(vm: string): Promise<void>;
+  addRecovery(r: RecoveryRow): Promise<void>;
+  recoveries(limit?: number): Promise<RecoveryRow[]>;
 
   // Shared stores only (shared: true).
   /** The next queued migration (priority, then arrival) that the limits admit, now running under a new claim. */

@@ -317,3 +317,29 @@ describe('data-path TLS in the policy', () => {
     }
   });
 });
+
+describe('evacuation by delta in the policy (issue 12)', () => {
+  const policy = new QmpPolicy(ctx('source'));
+  const tx = (actions: unknown[]): string => JSON.stringify({ execute: 'transaction', arguments: { actions } });
+  const add = (data: Record<string, unknown>) => ({ type: 'block-dirty-bitmap-add', data: { node: 'disk-data', name: 'ferry-delta-2', persistent: false, ...data } });
+  const backup = (data: Record<string, unknown>) => ({
+    type: 'blockdev-backup',
+    data: { 'job-id': 'ferry-delta-data', device: 'disk-data', target: 'ferry-nbd-data', sync: 'bitmap', bitmap: 'ferry-replica-7', 'bitmap-mode': 'never', ...data },
+  });
+  test("the passes' transaction, bitmap removal and cancel pass", () => {
+    expect(policy.judge(tx([add({}), backup({})])).ok).toBe(true);
+    expect(policy.judge(JSON.stringify({ execute: 'block-dirty-bitmap-remove', arguments: { node: 'disk-data', name: 'ferry-delta-2' } })).ok).toBe(true);
+    expect(policy.judge(JSON.stringify({ execute: 'block-job-cancel', arguments: { device: 'ferry-delta-data', force: true } })).ok).toBe(true);
+  });
+  test('anything else in a transaction is refused', () => {
+    expect(policy.judge(tx([add({ persistent: true })])).ok).toBe(false);
+    expect(policy.judge(tx([add({ name: 'backup0' })])).ok).toBe(false);
+    expect(policy.judge(tx([backup({ target: 'disk-root' })])).ok).toBe(false);
+    expect(policy.judge(tx([backup({ sync: 'full' })])).ok).toBe(false);
+    expect(policy.judge(tx([backup({ 'bitmap-mode': 'always' })])).ok).toBe(false);
+    expect(policy.judge(tx([{ type: 'blockdev-snapshot-sync', data: { device: 'disk-data', 'snapshot-file': '/etc/x' } }])).ok).toBe(false);
+    expect(policy.judge(tx([])).ok).toBe(false);
+    // The replica's own bitmap is the source agent's (vm.replica*): never removed through the tunnel.
+    expect(policy.judge(JSON.stringify({ execute: 'block-dirty-bitmap-remove', arguments: { node: 'disk-data', name: 'ferry-replica-7' } })).ok).toBe(false);
+  });
+});

@@ -1,0 +1,230 @@
+/**
+ * Standby replicas through the scheduler (issue 12): one Protection loop (src/replica/
+ * protection.ts) per protected VM, its rows in the store, its two sides spoken through the
+ * agents: the source agent runs each sync's steps on the VM's own QEMU (vm.replica*), the standby
+ * agent owns the replica's qemu-storage-daemon (replica.*). A connection per call, so an agent
+ * that restarts between two syncs is simply there again at the next one (its replica re-attached).
+ *
+ * A restarted scheduler starts every stored loop again; the first sync reconciles the source's
+ * bitmaps with the standby's consistent seq, so replication resumes without a full resync.
+ */
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+import { errorText } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { TlsMaterial } from '../host/tls.js';
+import { AgentClient } from '../agent/client.js';
+import { replicaDisksSchema, replicaStatusSchema, syncOutcomeSchema } from '../agent/replica-protocol.js';
+import { vmSummarySchema, type Method } from '../agent/protocol.js';
+import { Protection, type SourceSide, type StandbySide } from '../replica/protection.js';
+import type { ReplicaTarget } from '../replica/standby-daemon.js';
+import type { HostConfig } from './agents.js';
+import type { protectionMethods, ProtectionStatusRow } from './protection-protocol.js';
+import type { ProtectionRow, RecoveryRow, SchedulerStore } from './store.js';
+import { SchedulerError, type MigrationJob } from './types.js';
+import type { DeltaReplica } from '../engine/delta.js';
+import type { MigrationOutcome } from '../engine/outcome.js';
+
+const CALL_MS = 30_000;
+const SYNC_CALL_MS = 600_000;
+const targetSchema = z.object({ seq: z.number(), host: z.string(), port: z.number(), exports: z.record(z.string(), z.string()) });
+const vmGetSchema = z.looseObject({ vmId: z.string(), name: z.string(), state: z.string(), spec: z.unknown() });
+
+export class ProtectionService {
+  readonly #store: SchedulerStore;
+  readonly #hosts: HostConfig[];
+  readonly #token: string;
+  readonly #tls: TlsMaterial | undefined;
+  readonly #log: Logger;
+  readonly #loops = new Map<string, Protection>();
+
+  constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; log: Logger }) {
+    this.#store = opts.store;
+    this.#hosts = opts.hosts;
+    this.#token = opts.token;
+    this.#tls = opts.tls;
+    this.#log = opts.log.child({ component: 'protections' });
+  }
+
+  /** Every stored protection's loop, started again. */
+  async start(): Promise<void> {
+    for (const p of await this.#store.protections()) this.#startLoop(p);
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([...this.#loops.values()].map((l) => l.stop()));
+    this.#loops.clear();
+  }
+
+  async protect(p: z.infer<(typeof protectionMethods)['protect']>): Promise<ProtectionStatusRow> {
+    if (await this.#store.protection(p.vm)) throw new SchedulerError('ALREADY_PROTECTED', `${p.vm} is already protected`, { userError: true });
+    const standby = this.#host(p.standby);
+    const found = await this.#find(p.vm);
+    if (!found) throw new SchedulerError('VM_NOT_FOUND', `no running VM named '${p.vm}' on any host`, { userError: true });
+    if (found.host.name === standby.name) throw new SchedulerError('STANDBY_IS_SOURCE', `${p.vm} runs on ${standby.name}: its standby must be another host`, { userError: true });
+    const disks = await this.#call(found.host, 'vm.replicaDisks', { vmId: found.vmId }, (r) => replicaDisksSchema.parse(r));
+    const needBytes = disks.reduce((s, d) => s + d.allocatedBytes, 0);
+    // The standby checks its room before anything is made, and refuses with what it has.
+    await this.#call(standby, 'replica.create', { vm: p.vm, disks: disks.map((d) => ({ id: d.id, virtualSize: d.virtualSize })), needBytes }, (r) => replicaStatusSchema.parse(r));
+    const row: ProtectionRow = { vm: p.vm, source: found.host.name, standby: standby.name, intervalMs: p.intervalMs, spec: found.spec, createdAt: Date.now() };
+    await this.#store.addProtection(row);
+    this.#startLoop(row);
+    return this.#statusOf(row);
+  }
+
+  async unprotect(vm: string): Promise<{ vm: string }> {
+    const row = await this.#row(vm);
+    await this.#loops.get(vm)?.stop();
+    this.#loops.delete(vm);
+    const found = await this.#find(vm).catch(() => undefined);
+    if (found) await this.#call(found.host, 'vm.replicaRemove', { vmId: found.vmId }, () => undefined).catch((err: unknown) => this.#log.warn({ vm, err: errorText(err) }, 'removing the source bitmaps failed'));
+    await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined);
+    await this.#store.removeProtection(vm);
+    return { vm };
+  }
+
+  async status(): Promise<ProtectionStatusRow[]> {
+    return (await this.#store.protections()).map((p) => this.#statusOf(p));
+  }
+
+  async recover(p: z.infer<(typeof protectionMethods)['recover']>): Promise<RecoveryRow> {
+    const row = await this.#row(p.vm);
+    const source = this.#host(row.source);
+    // Never two copies: the source agent must say the VM does not run there; an unreachable
+    // one proves nothing, unless the operator states the host is fenced.
+    const onSource = await this.#call(source, 'vm.list', {}, (r) => z.array(vmSummarySchema).parse(r)).then(
+      (vms) => ({ reachable: true, running: vms.some((v) => v.name === p.vm && v.running) }),
+      () => ({ reachable: false, running: false }),
+    );
+    if (onSource.running) throw new SchedulerError('SOURCE_RUNNING', `refusing to recover ${p.vm}: ${source.name} still runs it (migrate it instead)`, { userError: true });
+    if (!onSource.reachable && !p.sourceFenced) {
+      throw new SchedulerError('SOURCE_UNKNOWN', `refusing to recover ${p.vm}: ${source.name} cannot be reached, so it may still run the guest; make sure the host is off, then pass --source-fenced`, { userError: true });
+    }
+    await this.#loops.get(p.vm)?.stop();
+    this.#loops.delete(p.vm);
+    const failedAt = Date.now();
+    const id = `r-${randomBytes(5).toString('hex')}`;
+    try {
+      const r = await this.#call(this.#host(row.standby), 'replica.recover', { vm: p.vm, spec: row.spec }, (x) => z.looseObject({ seq: z.number(), pointAt: z.number() }).parse(x), SYNC_CALL_MS);
+      const rec: RecoveryRow = { id, vm: p.vm, source: row.source, standby: row.standby, state: 'succeeded', seq: r.seq, pointAt: r.pointAt, rpoMs: Math.max(0, failedAt - r.pointAt), detail: `booted on ${row.standby} from sync ${r.seq}`, createdAt: failedAt };
+      await this.#store.addRecovery(rec);
+      // The replica is the VM's disk now: nothing is protected any more.
+      await this.#store.removeProtection(p.vm);
+      return rec;
+    } catch (err) {
+      await this.#store.addRecovery({ id, vm: p.vm, source: row.source, standby: row.standby, state: 'failed', seq: null, pointAt: null, rpoMs: null, detail: errorText(err), createdAt: failedAt });
+      throw err;
+    }
+  }
+
+  /**
+   * A migration is about to start: onto the VM's standby, with a consistent replica, it goes by
+   * delta (the sync loop stopped first); anything else is a full migration (undefined).
+   */
+  async deltaBefore(job: MigrationJob): Promise<DeltaReplica | undefined> {
+    const row = await this.#store.protection(job.vm);
+    if (!row || row.standby !== job.to || job.mode !== 'precopy') return undefined;
+    const standby = this.#host(row.standby);
+    const st = await this.#call(standby, 'replica.status', { vm: job.vm }, (r) => replicaStatusSchema.parse(r));
+    if (!st.consistent || st.state !== 'active') return undefined;
+    await this.#loops.get(job.vm)?.stop();
+    this.#loops.delete(job.vm);
+    const vm = job.vm;
+    return {
+      seq: st.consistent.seq,
+      prepareOverlays: async (disks) => this.#call(standby, 'replica.prepareOverlays', { vm, disks }, () => undefined, SYNC_CALL_MS),
+      restore: async (paths) => this.#call(standby, 'replica.restore', { vm, paths }, () => undefined, SYNC_CALL_MS),
+    };
+  }
+
+  /** After a delta evacuation: arrived, the replica is the VM's disk and protection ends; else the loop goes on. */
+  async deltaAfter(job: MigrationJob, outcome: MigrationOutcome): Promise<void> {
+    const row = await this.#store.protection(job.vm);
+    if (!row) return;
+    if (outcome.kind === 'migrated') {
+      await this.#store.removeProtection(job.vm);
+      this.#log.info({ vm: job.vm, standby: row.standby }, 'evacuated onto its replica: protection ends');
+      return;
+    }
+    if (!this.#loops.has(job.vm)) this.#startLoop(row);
+  }
+
+  #statusOf(p: ProtectionRow): ProtectionStatusRow {
+    const s = this.#loops.get(p.vm)?.status();
+    return {
+      vm: p.vm,
+      source: p.source,
+      standby: p.standby,
+      intervalMs: p.intervalMs,
+      state: s?.state ?? 'stopped',
+      consistentAt: s?.consistentAt ?? null,
+      rpoMs: s?.rpoMs ?? null,
+      lastBytes: s?.lastBytes ?? null,
+      lastDurationMs: s?.lastDurationMs ?? null,
+      syncs: s?.syncs ?? 0,
+      failedSyncs: s?.failedSyncs ?? 0,
+      lastError: s?.lastError ?? null,
+    };
+  }
+
+  #startLoop(p: ProtectionRow): void {
+    const standby = this.#host(p.standby);
+    const source = this.#host(p.source);
+    const vmId = async (): Promise<string> => {
+      const found = await this.#call(source, 'vm.get', { name: p.vm }, (r) => vmGetSchema.parse(r));
+      return found.vmId;
+    };
+    const standbySide: StandbySide = {
+      consistent: () => this.#call(standby, 'replica.status', { vm: p.vm }, (r) => replicaStatusSchema.parse(r).consistent),
+      prepareSync: (seq) => this.#call(standby, 'replica.prepareSync', { vm: p.vm, seq }, (r): ReplicaTarget => targetSchema.parse(r)),
+      completeSync: (seq, f) => this.#call(standby, 'replica.completeSync', { vm: p.vm, seq, ...f }, () => undefined, SYNC_CALL_MS),
+      abortSync: (seq) => this.#call(standby, 'replica.abortSync', { vm: p.vm, seq }, () => undefined),
+    };
+    const sourceSide: SourceSide = {
+      reconcile: async (consistentSeq) => this.#call(source, 'vm.replicaReconcile', { vmId: await vmId(), consistentSeq }, (r) => z.object({ previous: z.number().nullable() }).parse(r).previous),
+      sync: async (i) => {
+        // A backup job on the source would keep a migration from inactivating its disks: no sync
+        // starts while the scheduler moves the VM (one already running when it starts may fail it,
+        // which rolls back).
+        const moving = await this.#store.activeFor(p.vm);
+        if (moving) throw new SchedulerError('VM_MOVING', `${p.vm} is being migrated (${moving.id}): sync skipped`);
+        return this.#call(source, 'vm.replicaSync', { vmId: await vmId(), ...i }, (r) => syncOutcomeSchema.parse(r), SYNC_CALL_MS);
+      },
+      commit: async (seq) => this.#call(source, 'vm.replicaCommit', { vmId: await vmId(), seq }, () => undefined),
+      abort: async (seq) => this.#call(source, 'vm.replicaAbort', { vmId: await vmId(), seq }, () => undefined),
+    };
+    const loop = new Protection({ vm: p.vm, source: sourceSide, standby: standbySide, intervalMs: p.intervalMs, log: this.#log });
+    this.#loops.set(p.vm, loop);
+    loop.start();
+  }
+
+  /** Where a VM runs now (vm.list of every host) and its id and spec there. */
+  async #find(vm: string): Promise<{ host: HostConfig; vmId: string; spec: unknown } | undefined> {
+    for (const h of this.#hosts) {
+      const got = await this.#call(h, 'vm.get', { name: vm }, (r) => vmGetSchema.parse(r)).catch(() => undefined);
+      if (got && got.state === 'running') return { host: h, vmId: got.vmId, spec: got.spec };
+    }
+    return undefined;
+  }
+
+  async #row(vm: string): Promise<ProtectionRow> {
+    const row = await this.#store.protection(vm);
+    if (!row) throw new SchedulerError('NOT_PROTECTED', `${vm} is not protected`, { userError: true });
+    return row;
+  }
+
+  #host(name: string): HostConfig {
+    const h = this.#hosts.find((x) => x.name === name);
+    if (!h) throw new SchedulerError('HOST_NOT_FOUND', `no host named '${name}'`, { userError: true });
+    return h;
+  }
+
+  async #call<T>(host: HostConfig, method: Method, params: Record<string, unknown>, parse: (r: unknown) => T, timeoutMs = CALL_MS): Promise<T> {
+    const c = await AgentClient.connect(host.url, this.#token, 5_000, this.#tls);
+    try {
+      return parse(await c.call(method, params, timeoutMs));
+    } finally {
+      c.close();
+    }
+  }
+}
