@@ -1,0 +1,77 @@
+/**
+ * The one verifier every cell goes through. It gets what the harness saw (the sampler, the exit
+ * code, the settled state of both sides) and says pass or fail with the reasons:
+ *   - exactly one running copy at every instant (no sample with both running, no tick twice);
+ *   - the outcome the exit code claims is true, and it is one the matrix expects for the phase;
+ *   - no acknowledged write lost (verifyDisk on the disks of the side the guest ended on);
+ *   - no debris (what the rig lists: QEMUs, jobs, nodes, exports, migrations, files, mounts).
+ */
+import type { Outcome } from './cells.js';
+import type { Sampler } from './sampler.js';
+
+/** What an exit code of migrate-vm claims about where the guest is. */
+export function claimOf(code: number | null): Outcome | 'refused' | 'no-exit' {
+  switch (code) {
+    case 0:
+      return 'destination';
+    case 1:
+    case 130:
+      return 'source';
+    case 2:
+      return 'refused';
+    case 3:
+      return 'uncertain';
+    case 4:
+      return 'needs-source';
+    case 5:
+      return 'nowhere';
+    default:
+      return 'no-exit';
+  }
+}
+
+export interface Settled {
+  /** The source QEMU's state once settled ('gone' when it exited). */
+  source: string;
+  /** The destination QEMU's state ('gone' when none is left). */
+  destination: string;
+  /** The fault itself killed the destination QEMU after the guest ran there. */
+  destinationKilledByFault: boolean;
+}
+
+/** Where the guest really is, from the settled state of both sides. */
+export function actualOutcome(s: Settled, ranOnDestination: boolean): Outcome {
+  if (s.destination === 'running' && s.source === 'gone') return 'destination';
+  if (s.destination === 'running' && s.source !== 'running') return 'needs-source';
+  if (s.source === 'running' && s.destination === 'gone') return 'source';
+  if (s.destination === 'gone' && ranOnDestination) return 'killed';
+  if (s.source === 'gone' && s.destination === 'gone') return 'nowhere';
+  return 'uncertain';
+}
+
+export function judge(input: {
+  sampler: Sampler;
+  claimed: Outcome | 'refused' | 'no-exit';
+  actual: Outcome;
+  expected: readonly Outcome[];
+  /** A killed orchestrator claims nothing: then only `actual` counts (after the watchdog / recover). */
+  orchestratorKilled: boolean;
+  writes: { ok: boolean; detail: string };
+  debris: string[];
+}): string[] {
+  const problems: string[] = [];
+  const both = input.sampler.bothRunning();
+  if (both) problems.push(`two copies ran at once: source and destination both 'running' at ${Math.round(both.at)} ms`);
+  const twice = input.sampler.doubleTicks();
+  if (twice.length) problems.push(`the guest ran twice: tick(s) ${twice.join(', ')} printed on both consoles`);
+  const claimed = input.claimed === 'refused' ? 'source' : input.claimed;
+  if (!input.orchestratorKilled) {
+    // A destination killed by the fault after the exit said "destination" is the claim, made true then.
+    const claimHolds = claimed === input.actual || (claimed === 'destination' && input.actual === 'killed');
+    if (!claimHolds) problems.push(`exit code says '${input.claimed}' but the guest is '${input.actual}'`);
+  }
+  if (!input.expected.includes(input.actual)) problems.push(`outcome '${input.actual}', the matrix expects ${input.expected.map((e) => `'${e}'`).join(' or ')}`);
+  if (!input.writes.ok) problems.push(`acknowledged writes lost: ${input.writes.detail}`);
+  for (const d of input.debris) problems.push(`debris: ${d}`);
+  return problems;
+}
