@@ -139,7 +139,7 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
   let expected: readonly Outcome[] = [];
   try {
     if (cell.fault === 'disk-full') {
-      await run('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', hostB]);
+      await run('mount', ['-t', 'tmpfs', '-o', 'size=128m', 'tmpfs', hostB]);
       mounted = true;
     }
     const image = await loadGuestImage();

@@ -29,6 +29,8 @@ export class Sampler {
   /** Tick numbers per side, and the acks each console printed (disk → highest seq). */
   readonly ticks = { source: new Set<number>(), destination: new Set<number>() };
   readonly acks = new Map<string, number>();
+  /** Host time the last new tick of each side was read. */
+  readonly lastTickAt = { source: -Infinity, destination: -Infinity };
   /** The destination run dirs seen (each one's serial.log is kept even after the dir goes). */
   readonly destinationRunDirs = new Set<string>();
   readonly #qmp = new Map<string, QmpClient | 'connecting' | 'dead'>();
@@ -103,7 +105,10 @@ export class Sampler {
 
   noteLine(side: 'source' | 'destination', line: string): void {
     const m = parseSerialLine(line);
-    if (m.kind === 'tick') this.ticks[side].add(m.n);
+    if (m.kind === 'tick' && !this.ticks[side].has(m.n)) {
+      this.ticks[side].add(m.n);
+      this.lastTickAt[side] = performance.now();
+    }
     if (m.kind === 'ack') this.acks.set(m.disk, Math.max(this.acks.get(m.disk) ?? -1, m.seq));
   }
 
