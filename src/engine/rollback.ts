@@ -53,6 +53,11 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
       cleanupErrors.push(new MigrationError('SOURCE_STATE', `after rollback the source is '${seen}', expected ${expected}`, { phase: failedPhase }));
     }
     await source.qmp.close().catch(() => undefined);
+  } else if (!first.userError && (await ctx.req.source.sourceGone().catch(() => false))) {
+    // The source died while preflight was still connecting to or probing it (a socket that was
+    // never there is a userError, a refusal): "runs as before" would be false (issue 17's matrix,
+    // cell preflight/kill-source-qemu).
+    where = 'gone';
   }
   ctx.enter('failed');
   return verdict(where, cleanupErrors);

@@ -162,10 +162,8 @@ export function allCells(): Cell[] {
  */
 export const CI_CELLS: readonly string[] = [
   'preflight/kill-source-qemu',
-  'preflight/sigterm-orchestrator',
   'preflight/disk-full',
   'prepare-destination/kill-destination-qemu',
-  'prepare-destination/sigterm-orchestrator',
   'prepare-destination/disk-io-error',
   'mirror/kill-source-qemu',
   'mirror/kill-destination-qemu',
@@ -177,7 +175,6 @@ export const CI_CELLS: readonly string[] = [
   'mirror/slow-link',
   'ram/kill-orchestrator',
   'ram/kill-destination-qemu',
-  'ram/sigterm-orchestrator',
   'ram/kill-source-agent',
   'ram/link-cut-forever',
   'switchover/kill-source-qemu',
@@ -185,7 +182,6 @@ export const CI_CELLS: readonly string[] = [
   'switchover/kill-destination-agent',
   'confirm/kill-destination-qemu',
   'confirm/sigterm-orchestrator',
-  'cleanup/kill-orchestrator',
   'cleanup/sigterm-orchestrator',
   'hydrate/sigterm-orchestrator',
   'hydrate/kill-source-qemu',

@@ -64,10 +64,14 @@ export function judge(input: {
   if (both) problems.push(`two copies ran at once: source and destination both 'running' at ${Math.round(both.at)} ms`);
   const twice = input.sampler.doubleTicks();
   if (twice.length) problems.push(`the guest ran twice: tick(s) ${twice.join(', ')} printed on both consoles`);
-  const claimed = input.claimed === 'refused' ? 'source' : input.claimed;
   if (!input.orchestratorKilled) {
-    // A destination killed by the fault after the exit said "destination" is the claim, made true then.
-    const claimHolds = claimed === input.actual || (claimed === 'destination' && input.actual === 'killed');
+    // A destination killed by the fault after the exit said "destination" is the claim, made true
+    // then; a refusal (exit 2) claims only that ferry changed nothing: the guest is where it was.
+    const claimed = input.claimed;
+    const claimHolds =
+      claimed === input.actual ||
+      (claimed === 'destination' && input.actual === 'killed') ||
+      (claimed === 'refused' && (input.actual === 'source' || input.actual === 'nowhere'));
     if (!claimHolds) problems.push(`exit code says '${input.claimed}' but the guest is '${input.actual}'`);
   }
   if (!input.expected.includes(input.actual)) problems.push(`outcome '${input.actual}', the matrix expects ${input.expected.map((e) => `'${e}'`).join(' or ')}`);
