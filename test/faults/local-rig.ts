@@ -313,6 +313,7 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     const mounts = await readFile('/proc/mounts', 'utf8');
     if (mounts.includes(root)) problems.push(`debris: a mount under ${root} is left`);
   }
+  if (problems.length && orch) notes.push(`migrate-vm stderr (last lines): ${orch.stderr().trim().split('\n').slice(-6).join(' | ')}`);
   return {
     id: cellId(cell),
     phase: cell.phase,

@@ -277,6 +277,7 @@ export class NetnsRig {
       await rm(dirA, { recursive: true, force: true });
       await rm(dirB, { recursive: true, force: true });
     }
+    if (problems.length && orch) notes.push(`migrate-vm stderr (last lines): ${orch.stderr().trim().split('\n').slice(-6).join(' | ')}`);
     return {
       id: cellId(cell),
       phase: cell.phase,
