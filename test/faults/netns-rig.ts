@@ -224,11 +224,13 @@ export class NetnsRig {
         const l = sampler!.last();
         return !!l && ((l.source === 'running' && l.destination === 'gone') || (l.destination === 'running' && l.source === 'gone') || (l.source === 'gone' && l.destination === 'gone'));
       };
-      for (let i = 0; i < 150 && !settled(); i++) await sleep(100);
+      // After a cut, agent B learns the orchestrator is gone from its heartbeat (20 s without a pong).
+      const cut = cell.fault.startsWith('link-cut');
+      for (let i = 0; i < (cut ? 300 : 150) && !settled(); i++) await sleep(100);
       await sleep(800);
       await sampler.stop();
       const last = sampler.last()!;
-      outcome = actualOutcome({ source: last.source, destination: last.destination, destinationKilledByFault: false }, sampler.ticks.destination.size > 0);
+      outcome = actualOutcome({ source: last.source, destination: last.destination }, sampler.ticks.destination.size > 0);
       expected = expectedFor(cell, hitPhase);
 
       const debris: string[] = [];

@@ -35,18 +35,14 @@ export interface Settled {
   source: string;
   /** The destination QEMU's state ('gone' when none is left). */
   destination: string;
-  /** The fault itself killed the destination QEMU after the guest ran there. */
-  destinationKilledByFault: boolean;
 }
 
-/** Where the guest really is, from the settled state of both sides. */
+/** Where the guest really is, from the settled state of both sides (a QEMU left over is debris, judged apart). */
 export function actualOutcome(s: Settled, ranOnDestination: boolean): Outcome {
-  if (s.destination === 'running' && s.source === 'gone') return 'destination';
-  if (s.destination === 'running' && s.source !== 'running') return 'needs-source';
-  if (s.source === 'running' && s.destination === 'gone') return 'source';
-  if (s.destination === 'gone' && ranOnDestination) return 'killed';
-  if (s.source === 'gone' && s.destination === 'gone') return 'nowhere';
-  return 'uncertain';
+  if (s.destination === 'running') return s.source === 'gone' ? 'destination' : s.source === 'running' ? 'uncertain' : 'needs-source';
+  if (s.source === 'running') return 'source';
+  if (ranOnDestination) return 'killed';
+  return s.source === 'gone' ? 'nowhere' : 'uncertain';
 }
 
 export function judge(input: {
