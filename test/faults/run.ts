@@ -12,11 +12,12 @@ import { runLocalCell, type CellResult } from './local-rig.js';
 import { REPO } from './orchestrator.js';
 import { NetnsRig } from './netns-rig.js';
 
-export async function runCells(cells: Cell[], seed: number, log: (line: string) => void): Promise<CellResult[]> {
+export async function runCells(cells: Cell[], seed: number, log: (line: string) => void, stop: AbortSignal = new AbortController().signal): Promise<CellResult[]> {
   const results: CellResult[] = [];
   let netns: NetnsRig | undefined;
   try {
     for (const [i, cell] of cells.entries()) {
+      if (stop.aborted) break;
       log(`[${i + 1}/${cells.length}] ${cellId(cell)} (seed ${seed}) ...`);
       let r: CellResult;
       if (rigOf(cell.fault) === 'netns') {
@@ -56,7 +57,16 @@ async function main(): Promise<number> {
   const cells = selectCells(values.cells);
   process.stderr.write(`fault matrix: ${cells.length} cell(s), seed ${seed}\n`);
   const t0 = performance.now();
-  const results = await runCells(cells, seed, (l) => process.stderr.write(`${l}\n`));
+  // Ctrl-C: the cell under way ends (and cleans up after itself), no other starts; twice: now.
+  const stop = new AbortController();
+  const onSignal = (): void => {
+    if (stop.signal.aborted) process.exit(130);
+    stop.abort();
+    process.stderr.write('faults: stopping after this cell (again to quit at once, leaving its QEMUs, mounts and namespaces)\n');
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const results = await runCells(cells, seed, (l) => process.stderr.write(`${l}\n`), stop.signal);
   const failed = results.filter((r) => !r.pass);
   process.stdout.write(`\n${renderTable(results)}\n\n${results.length - failed.length}/${results.length} passed, seed ${seed}, ${Math.round((performance.now() - t0) / 1000)} s\n`);
   for (const f of failed) process.stdout.write(`FAIL ${f.id} (seed ${f.seed}): ${f.problems.join('; ')}\n  replay: ${f.replay}\n`);
