@@ -12,6 +12,7 @@
 
 export const PHASES = ['preflight', 'prepare-destination', 'mirror', 'ram', 'switchover', 'confirm', 'cleanup', 'hydrate'] as const;
 export type FaultPhase = (typeof PHASES)[number];
+export const isFaultPhase = (p: string | undefined): p is FaultPhase => (PHASES as readonly (string | undefined)[]).includes(p);
 
 export const FAULTS = [
   'kill-source-qemu',

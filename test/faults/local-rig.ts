@@ -16,7 +16,7 @@ import { launchVm, type VmProcess } from '../../src/qemu/launcher.js';
 import { parseVmSpec } from '../../src/qemu/spec.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import { makeDisk } from '../helpers/guest.js';
-import { cellId, EXPECTED, PHASE_WINDOW_MS, rng, type Cell, type FaultPhase, type Outcome } from './cells.js';
+import { cellId, EXPECTED, isFaultPhase, PHASE_WINDOW_MS, rng, type Cell, type FaultPhase, type Outcome } from './cells.js';
 import { REPO, startOrchestrator, type Orchestrator } from './orchestrator.js';
 import { runDirsUnder, Sampler } from './sampler.js';
 import { actualOutcome, claimOf, judge } from './verdict.js';
@@ -48,7 +48,7 @@ export const replayCommand = (c: Cell, seed: number): string => `npm run faults 
 
 export function expectedFor(c: Cell, hitPhase: string | undefined): readonly Outcome[] {
   const row = EXPECTED[c.fault];
-  return (hitPhase ? row[hitPhase as FaultPhase] : undefined) ?? row[c.phase] ?? [];
+  return (isFaultPhase(hitPhase) ? row[hitPhase] : undefined) ?? row[c.phase] ?? [];
 }
 
 /** Pids of every process whose command line names `root` (the QEMUs of this cell). */

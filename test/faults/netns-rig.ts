@@ -14,6 +14,7 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { z } from 'zod';
 import { IMAGE_DIR } from '../../src/guest/image.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { QmpClient } from '../../src/qmp/index.js';
@@ -250,7 +251,8 @@ export class NetnsRig {
       }
       const bFiles = await readdir(dirB).catch(() => [] as string[]);
       if ((outcome === 'source' || outcome === 'nowhere') && bFiles.length) debris.push(`host B still holds ${name}/${bFiles.join(`, ${name}/`)}`);
-      const listedB = ((await call(nsA, urlB, TOKEN, 'vm.list').catch(() => [])) as { name: string; role?: string }[]).filter((v) => v.name === name);
+      const listed = z.array(z.looseObject({ name: z.string(), role: z.string().optional() })).safeParse(await call(nsA, urlB, TOKEN, 'vm.list').catch(() => []));
+      const listedB = (listed.success ? listed.data : []).filter((v) => v.name === name);
       if ((outcome === 'source' || outcome === 'nowhere') && listedB.length) debris.push(`agent B still lists ${name} (${listedB.map((v) => v.role ?? '?').join(', ')})`);
 
       for (const p of qemus) kill(p);

@@ -5,8 +5,12 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { resolve } from 'node:path';
+import { z } from 'zod';
 
 export const REPO = resolve(import.meta.dirname, '../..');
+
+/** One line of migrate-vm --json: what the harness reads of it, the rest kept as it came. */
+const EventLine = z.looseObject({ event: z.string(), phase: z.string().optional() });
 
 export interface Orchestrator {
   child: ChildProcess;
@@ -38,20 +42,22 @@ export function startOrchestrator(argv: string[], opts: { env?: NodeJS.ProcessEn
     while ((nl = buf.indexOf('\n')) >= 0) {
       const line = buf.slice(0, nl);
       buf = buf.slice(nl + 1);
-      let e: unknown;
+      let parsed: unknown;
       try {
-        e = JSON.parse(line);
+        parsed = JSON.parse(line);
       } catch {
         continue;
       }
-      if (typeof e !== 'object' || e === null) continue;
-      const ev = e as Record<string, unknown>;
+      const line_ = EventLine.safeParse(parsed);
+      if (!line_.success) continue;
+      const ev = line_.data;
       events.push(ev);
       if (ev.event === 'point-of-no-return') noReturn = true;
-      if (ev.event === 'phase' && typeof ev.phase === 'string') {
-        phases.push({ phase: ev.phase, at: performance.now() });
+      if (ev.event === 'phase' && ev.phase !== undefined) {
+        const phase = ev.phase;
+        phases.push({ phase, at: performance.now() });
         for (const w of waiters.splice(0)) {
-          if (w.phase === ev.phase) w.fn();
+          if (w.phase === phase) w.fn();
           else waiters.push(w);
         }
       }
