@@ -191,8 +191,14 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
           kill(src.pid);
           break;
         case 'kill-destination-qemu': {
-          const pid = await destPid();
-          if (pid === undefined) notes.push('no destination QEMU yet when the fault struck');
+          // Early in prepare-destination its QEMU may not be there yet: the fault waits for it.
+          let pid = await destPid();
+          for (let i = 0; i < 200 && pid === undefined && o.child.exitCode === null; i++) {
+            await new Promise((r) => setTimeout(r, 50));
+            pid = await destPid();
+          }
+          hitPhase = o.phases.at(-1)?.phase;
+          if (pid === undefined) notes.push('no destination QEMU appeared');
           kill(pid);
           break;
         }
