@@ -14,6 +14,7 @@ export class UsageError extends FerryError {
 export const USAGE = `usage: migrate-vm --spec VM.json --to-dir DIR [options]          this machine, into a folder
        migrate-vm --spec VM.json --to ws://HOST_B:7420 [options]  this machine, into an agent
        migrate-vm --from ws://HOST_A:7420 --to ws://HOST_B:7420 VM [options]   agent to agent
+       migrate-vm --recover --spec VM.json --to-dir DIR [--json]  settle what a dead run left
 
 Live-migrates a running QEMU VM together with its local disks, QEMU to QEMU: NBD mirrors for the
 disks, the migration stream for RAM. Through agents (ferry-agent), the agents carry control only.
@@ -50,6 +51,9 @@ disks, the migration stream for RAM. Through agents (ferry-agent), the agents ca
   --timeout S              give up after S seconds in all (default 3600)
   --progress-timeout S     give up after S seconds without progress (default 60)
   --dry-run                check everything and print the plan; change nothing
+  --recover                settle what a migrate-vm that died (kill -9, a crash) left on both
+                           sides, from what the QEMUs report; the same --spec and --to-dir as
+                           the run (docs/migration.md, "After a crash")
   --json                   one JSON event per line on stdout, ending with a summary line
   --log-level LEVEL        pino level for the log on stderr (default warn)
   -h, --help               this text
@@ -82,6 +86,8 @@ export interface CliArgs {
   dataTlsDir: string | undefined;
   options: MigrationOptionsInput;
   dryRun: boolean;
+  /** Settle what a dead run left instead of migrating (local source and --to-dir only). */
+  recover: boolean;
   json: boolean;
   logLevel: string;
 }
@@ -151,6 +157,7 @@ export function parseCli(argv: string[]): Parsed {
         timeout: { type: 'string' },
         'progress-timeout': { type: 'string' },
         'dry-run': { type: 'boolean' },
+        recover: { type: 'boolean' },
         json: { type: 'boolean' },
         'log-level': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
@@ -200,6 +207,11 @@ export function parseCli(argv: string[]): Parsed {
   if (values['token-file'] !== undefined && values.to === undefined) throw new UsageError('--token-file goes with --from/--to (agents)');
   if (tls && values.to === undefined) throw new UsageError('--tls-* go with --from/--to (agents)');
 
+  if (values.recover) {
+    if (values.from !== undefined || values.to !== undefined) throw new UsageError('--recover is for a local run (--spec and --to-dir); between agents the agents settle a dead run themselves');
+    if (values['dry-run']) throw new UsageError('--recover and --dry-run exclude each other');
+  }
+
   const options: MigrationOptionsInput = {};
   if (values.bandwidth !== undefined) options.bandwidthBytesPerSec = parseSize('--bandwidth', values.bandwidth);
   if (values['downtime-limit'] !== undefined) options.downtimeLimitMs = parseIntIn('--downtime-limit', values['downtime-limit'], 1, 60_000);
@@ -246,6 +258,7 @@ export function parseCli(argv: string[]): Parsed {
       dataTlsDir: values['data-tls-dir'],
       options,
       dryRun: values['dry-run'] ?? false,
+      recover: values.recover ?? false,
       json: values.json ?? false,
       logLevel: level,
     },

@@ -12,6 +12,8 @@ import { z } from 'zod';
 import { errorText, FerryError } from '../errors.js';
 import { LocalDestination, LocalSource } from '../engine/local-endpoint.js';
 import { migrate } from '../engine/migrate.js';
+import { newMigrationId } from '../engine/names.js';
+import { lazyTargetSpec } from '../engine/source-preflight.js';
 import { assertNever, outcomeOfError, type FailedOutcome } from '../engine/outcome.js';
 import { MigrationError, type MigrationEvent, type MigrationResult } from '../engine/types.js';
 import { parseVmSpec, type VmSpec } from '../qemu/spec.js';
@@ -21,6 +23,8 @@ import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
+import { recoverLocal } from './recover.js';
+import { startWatchdog, type Watchdog } from './watchdog-spawn.js';
 import { renderHydration, renderMirrorConvergence, renderPlan, renderProgress, renderSummary } from './progress.js';
 
 export const EXIT = { ok: 0, rolledBack: 1, badInput: 2, uncertain: 3, hydrationFailed: 4, sourceDied: 5, cancelled: 130 } as const;
@@ -65,6 +69,7 @@ async function loadSpec(path: string): Promise<unknown> {
 }
 
 async function run(args: CliArgs, io: Io): Promise<number> {
+  if (args.recover) return recover(args, io);
   // At the default levels the log of the preflight is held back: a refusal is one line of ours,
   // not the engine's "rolling back" (nothing was). Released as soon as anything happens.
   const held: string[] | undefined = ['fatal', 'error', 'warn', 'silent'].includes(args.logLevel) ? [] : undefined;
@@ -122,10 +127,16 @@ async function run(args: CliArgs, io: Io): Promise<number> {
   const started = performance.now();
   let lastPrint = 0;
   const closers: (() => void)[] = [];
+  let watchdog: Watchdog | undefined;
   try {
     const { spec, source, destination } = await endpointsOf(args, logger, closers);
+    const migrationId = newMigrationId();
+    watchdog = args.dryRun ? undefined : watchdogFor(args, spec, destination, migrationId);
+    if (watchdog) emit({ event: 'watchdog', migrationId, pid: watchdog.pid ?? null });
     const onEvent = (e: MigrationEvent): void => {
       emit(e as unknown as Record<string, unknown>);
+      if (e.event === 'phase') watchdog?.send({ type: 'phase', phase: e.phase });
+      if (e.event === 'source-saved') watchdog?.send({ type: 'saved', saved: e.saved });
       if (e.event === 'point-of-no-return') pastNoReturn = true;
       if (e.event === 'rollback') rolledBack = true;
       if ((e.event === 'phase' && e.phase !== 'preflight' && e.phase !== 'failed') || e.event === 'rollback') releaseLog(true);
@@ -161,6 +172,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       logger,
       onEvent,
       dryRun: args.dryRun,
+      migrationId,
     });
     endStatus();
     releaseLog(true);
@@ -192,6 +204,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     if (refused) {
       const problems = z.array(z.string()).min(1).safeParse(err.context.problems);
       io.stderr.write(`migrate-vm: ${problems.success ? `refused, nothing was changed: ${problems.data.join('; ')}` : errorText(err)}\n`);
+      const command = err.context.recover === true ? recoverCommand(args) : undefined;
+      if (command) io.stderr.write(`  to settle it: ${command}\n`);
     } else if (!args.json || code !== EXIT.ok) {
       const userFacing = err instanceof FerryError && (err.userError || err instanceof MigrationError);
       io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
@@ -202,10 +216,54 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     }
     return code;
   } finally {
+    // The run ended on its own: the watchdog goes without touching anything.
+    await watchdog?.done();
     for (const close of closers) close();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** --recover: settles what a dead run left (./recover.ts). */
+async function recover(args: CliArgs, io: Io): Promise<number> {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return EXIT.badInput;
+  const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, pino.destination(2));
+  let spec: VmSpec;
+  try {
+    spec = parseVmSpec(await loadSpec(args.source.specPath));
+  } catch (err) {
+    io.stderr.write(`migrate-vm: ${errorText(err)}\n`);
+    return EXIT.badInput;
+  }
+  const sourceQmp = args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock');
+  return recoverLocal(
+    { spec, sourceQmp, toDir: args.destination.toDir, logger },
+    { out: (line) => void (args.json ? undefined : io.stdout.write(`${line}\n`)), json: args.json ? (obj) => void io.stdout.write(`${JSON.stringify(obj)}\n`) : undefined },
+  );
+}
+
+/** The command that settles what a dead run left, for the one an operator just ran. */
+function recoverCommand(args: CliArgs): string | undefined {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return undefined;
+  const qmp = args.source.sourceQmp ? ` --source-qmp ${args.source.sourceQmp}` : '';
+  return `migrate-vm --recover --spec ${args.source.specPath}${qmp} --to-dir ${args.destination.toDir}`;
+}
+
+/**
+ * Both QEMUs on this machine: a watchdog outlives this process and settles the migration if it
+ * dies (./watchdog.ts). Through an agent, the agents do (docs/migration.md).
+ */
+function watchdogFor(args: CliArgs, spec: VmSpec, destination: DestinationEndpoint, migrationId: string): Watchdog | undefined {
+  if (args.source.kind !== 'local' || args.destination.kind !== 'dir') return undefined;
+  const target = destination.targetSpec(spec, migrationId);
+  const dspec = args.options.mode === 'lazy' ? lazyTargetSpec(target) : target;
+  return startWatchdog({
+    type: 'begin',
+    parentPid: process.pid,
+    migrationId,
+    sourceQmp: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'),
+    destination: { runDir: dspec.runDir, dir: args.destination.toDir, disks: dspec.disks.map((d) => d.path) },
+  });
 }
 
 /** The agents' bearer token: --token-file, else FERRY_TOKEN. Never a flag (it would show in ps). */

@@ -41,6 +41,8 @@ export interface SourceState {
   qmp: QmpClient;
   caps: QmpCapabilities;
   wasRunning: boolean;
+  /** Its run state at begin (query-status): a rollback that ends in another one says so. Absent: 'running' or 'paused' as wasRunning says. */
+  statusAtBegin?: string;
 }
 
 /** lazy mode: the source's read-only NBD server, on its exportHost. */

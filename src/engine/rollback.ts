@@ -44,7 +44,8 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   let where: SourceAfter = 'not-connected';
   if (source) {
     const status = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
-    const expected = source.wasRunning ? 'running' : 'paused';
+    // The state it was found in: a refusal of a source paused by someone else's migration leaves it so.
+    const expected = source.statusAtBegin ?? (source.wasRunning ? 'running' : 'paused');
     if (status?.status === expected) where = 'as-before';
     else if (status) where = 'other';
     else where = (await ctx.req.source.sourceGone().catch(() => false)) ? 'gone' : 'unreachable';

@@ -11,6 +11,8 @@ import { checkQemuPair, type QemuBuild } from '../qemu/versions.js';
 import { missingDataTls } from '../host/data-tls.js';
 import { planDataTls, type DataTlsPlan } from './data-tls-plan.js';
 import type { HostDataTls } from './endpoint.js';
+import { MIRROR_JOB_PREFIX } from './names.js';
+import { ferryLeftovers } from './settle-local.js';
 import { MigrationError, type MigrationPlan } from './types.js';
 
 /**
@@ -44,7 +46,7 @@ export async function sourceBegin(ctx: MigrationContext): Promise<SourceState> {
   }
   const caps = await qmp.probeCapabilities({ timeoutMs: QMP_TIMEOUT_MS, signal: ctx.signal });
   const status = await qmp.execute('query-status', undefined, ctx.call());
-  return { qmp, caps, wasRunning: status.status === 'running' };
+  return { qmp, caps, wasRunning: status.status === 'running', statusAtBegin: status.status };
 }
 
 /**
@@ -54,13 +56,18 @@ export async function sourceBegin(ctx: MigrationContext): Promise<SourceState> {
 export function targetSpec(ctx: MigrationContext, machine: string | undefined): VmSpec {
   // The destination runs exactly the machine type the source runs (never an alias such as q35).
   const spec = { ...ctx.req.destination.targetSpec(ctx.req.spec, ctx.id), ...(machine ? { machine } : {}) };
-  if (ctx.opts.mode !== 'lazy') return spec;
+  return ctx.opts.mode === 'lazy' ? lazyTargetSpec(spec) : spec;
+}
+
+/** Lazy mode's destination disks: qcow2 overlays, named .qcow2. */
+export function lazyTargetSpec(spec: VmSpec): VmSpec {
   return { ...spec, disks: spec.disks.map((d) => ({ ...d, format: 'qcow2' as const, path: d.path.replace(/(\.(raw|img|qcow2))?$/, '.qcow2') })) };
 }
 
 export async function sourcePreflight(ctx: MigrationContext, source: SourceState): Promise<MigrationPlan> {
   const { spec } = ctx.req;
-  const problems = [...(await sourceStateProblems(ctx, source))];
+  const state = await sourceStateProblems(ctx, source);
+  const problems = [...state.problems];
   // QEMU versions and machine type: forward only, the destination pinned to the source's type.
   const pair = await checkQemuPair(source.qmp, ctx.req.destination, ctx.call());
   problems.push(...pair.problems);
@@ -97,7 +104,8 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     throw new MigrationError('PREFLIGHT_REFUSED', `cannot migrate ${spec.name}:\n  - ${problems.join('\n  - ')}`, {
       phase: 'preflight',
       userError: true,
-      context: { problems },
+      // recover: what is wrong is a dead run's leftovers; migrate-vm --recover settles them.
+      context: { problems, recover: state.recover },
     });
   }
   const gib = (needed + ramBytes) / 2 ** 30;
@@ -120,7 +128,7 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
 }
 
 /** Commands and capabilities the source needs, and a state it can migrate from. */
-async function sourceStateProblems(ctx: MigrationContext, source: SourceState): Promise<string[]> {
+async function sourceStateProblems(ctx: MigrationContext, source: SourceState): Promise<{ problems: string[]; recover: boolean }> {
   const problems: string[] = [];
   for (const cmd of ['blockdev-add', 'blockdev-mirror', 'block-job-cancel', 'migrate', 'migrate-continue']) {
     if (!source.caps.hasCommand(cmd)) problems.push(`source QEMU lacks the command ${cmd}`);
@@ -134,15 +142,27 @@ async function sourceStateProblems(ctx: MigrationContext, source: SourceState): 
     }
   }
   const status = await source.qmp.execute('query-status', undefined, ctx.call());
-  if (!['running', 'paused'].includes(status.status)) problems.push(`source VM is in state '${status.status}', not running or paused`);
   const mig = await source.qmp.execute('query-migrate', undefined, ctx.call());
-  if (mig.status && !['none', 'completed', 'failed', 'cancelled'].includes(mig.status)) {
-    problems.push(`a migration is already in progress on the source (status ${mig.status})`);
+  const leftovers = await ferryLeftovers(source.qmp, ctx.opts.commandTimeoutMs);
+  const migrating = mig.status !== undefined && !['none', 'completed', 'failed', 'cancelled'].includes(mig.status);
+  if (PAUSED_BY_MIGRATION.has(status.status) && (migrating || mig.status === 'completed' || leftovers.length > 0)) {
+    // Never "the guest runs on the source": paused by a migration, it runs nowhere until settled.
+    problems.push(
+      `the source VM is paused in '${status.status}' by a migration (status ${mig.status ?? 'none'}) that nobody drives any more: the guest runs NOWHERE until it is settled. ${RECOVER_HINT}`,
+    );
+  } else {
+    if (!['running', 'paused'].includes(status.status)) problems.push(`source VM is in state '${status.status}', not running or paused`);
+    if (migrating) problems.push(`a migration is already in progress on the source (status ${mig.status})`);
+    if (leftovers.length > 0) problems.push(`a ferry run that died left ${leftovers.join(', ')} on the source. ${RECOVER_HINT}`);
   }
-  const blockJobs = await source.qmp.execute('query-block-jobs', undefined, ctx.call());
+  const blockJobs = (await source.qmp.execute('query-block-jobs', undefined, ctx.call())).filter((j) => !j.device.startsWith(MIRROR_JOB_PREFIX));
   if (blockJobs.length > 0) problems.push(`the source has block jobs running: ${blockJobs.map((j) => j.device).join(', ')}`);
-  return problems;
+  return { problems, recover: leftovers.length > 0 || PAUSED_BY_MIGRATION.has(status.status) };
 }
+
+/** Run states a migration leaves a source in: paused by it, not by anyone's `stop`. */
+const PAUSED_BY_MIGRATION = new Set(['finish-migrate', 'postmigrate']);
+const RECOVER_HINT = 'Settle it with migrate-vm --recover (the same --spec and --to-dir), then migrate again';
 
 /** The spec must describe the running VM, disk for disk: the destination is started from it. */
 async function readDisks(
