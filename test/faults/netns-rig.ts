@@ -154,7 +154,7 @@ export class NetnsRig {
       };
       const srcDirs = async (): Promise<string[]> => [runA];
       const dstDirs = (): Promise<string[]> => runDirsUnder(dirB);
-      sampler = new Sampler({ runDirs: srcDirs, status: state('source', srcDirs) }, { runDirs: dstDirs, status: state('destination', dstDirs) });
+      sampler = new Sampler({ runDirs: srcDirs, status: state('source', srcDirs) }, { runDirs: dstDirs, status: state('destination', dstDirs) }, false);
       sampler.start();
       for (let i = 0; i < 300 && (sampler.acks.get('data') ?? -1) < 5; i++) await sleep(100);
       if ((sampler.acks.get('data') ?? -1) < 5) throw new Error(`guest ${name} acked no writes on host A`);

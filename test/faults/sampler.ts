@@ -38,9 +38,14 @@ export class Sampler {
   #timer: NodeJS.Timeout | undefined;
   #busy = false;
 
+  /**
+   * exactRunState false: the states come from tick arrival (the netns rig), so right after a
+   * switchover both look 'running' for a moment; then only the tick numbers judge two copies.
+   */
   constructor(
     readonly source: SideWatch,
     readonly destination: SideWatch,
+    readonly exactRunState = true,
   ) {}
 
   start(): void {
@@ -57,6 +62,7 @@ export class Sampler {
 
   /** Both running in one sample: two copies at once. */
   bothRunning(): RunSample | undefined {
+    if (!this.exactRunState) return undefined;
     return this.samples.find((s) => s.source === 'running' && s.destination === 'running');
   }
 
