@@ -48,13 +48,13 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
     const expected = source.statusAtBegin ?? (source.wasRunning ? 'running' : 'paused');
     if (status?.status === expected) where = 'as-before';
     else if (status) where = 'other';
-    else where = (await ctx.req.source.sourceGone().catch(() => false)) ? 'gone' : 'unreachable';
+    else where = (await sourceGoneSettled(ctx)) ? 'gone' : 'unreachable';
     if (where !== 'as-before') {
       const seen = status?.status ?? (where === 'gone' ? 'gone (its QEMU exited)' : 'unreachable');
       cleanupErrors.push(new MigrationError('SOURCE_STATE', `after rollback the source is '${seen}', expected ${expected}`, { phase: failedPhase }));
     }
     await source.qmp.close().catch(() => undefined);
-  } else if (!first.userError && (await ctx.req.source.sourceGone().catch(() => false))) {
+  } else if (!first.userError && (await sourceGoneSettled(ctx))) {
     // The source died while preflight was still connecting to or probing it (a socket that was
     // never there is a userError, a refusal): "runs as before" would be false (issue 17's matrix,
     // cell preflight/kill-source-qemu).
@@ -62,6 +62,19 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   }
   ctx.enter('failed');
   return verdict(where, cleanupErrors);
+}
+
+/**
+ * Whether the source QEMU exited, asked a few times over a second: a QEMU killed a moment ago may
+ * still be tearing down (its monitor's listening socket not closed yet) when its QMP session
+ * already broke, and a busy machine stretches that moment (fault matrix, preflight/kill-source-qemu).
+ */
+async function sourceGoneSettled(ctx: MigrationContext): Promise<boolean> {
+  for (let attempt = 0; attempt < 4; attempt++) {
+    if (await ctx.req.source.sourceGone().catch(() => false)) return true;
+    if (attempt < 3) await new Promise((r) => setTimeout(r, 300));
+  }
+  return false;
 }
 
 function asMigrationError(ctx: MigrationContext, err: unknown, phase: Phase): MigrationError {
