@@ -258,7 +258,7 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     await sampler.stop();
     const last = sampler.last()!;
     const ranOnDestination = sampler.ticks.destination.size > 0;
-    outcome = actualOutcome({ source: last.source, destination: last.destination }, ranOnDestination);
+    outcome = actualOutcome({ source: last.source, destination: last.destination }, ranOnDestination, lazy);
     expected = expectedFor(cell, hitPhase);
 
     // Debris, while everything that is left is still there.

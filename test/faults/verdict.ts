@@ -38,8 +38,11 @@ export interface Settled {
 }
 
 /** Where the guest really is, from the settled state of both sides (a QEMU left over is debris, judged apart). */
-export function actualOutcome(s: Settled, ranOnDestination: boolean): Outcome {
+export function actualOutcome(s: Settled, ranOnDestination: boolean, lazy = false): Outcome {
   if (s.destination === 'running') return s.source === 'gone' ? 'destination' : s.source === 'running' ? 'uncertain' : 'needs-source';
+  // A destination that ran and now stands still (QEMU stopped it on a disk error): the guest is
+  // there; lazy, it waits on reads only the source can serve.
+  if (ranOnDestination && s.destination !== 'gone' && s.source !== 'running') return lazy ? 'needs-source' : s.source === 'gone' ? 'destination' : 'uncertain';
   if (s.source === 'running') return 'source';
   if (ranOnDestination) return 'killed';
   return s.source === 'gone' ? 'nowhere' : 'uncertain';

@@ -55,4 +55,7 @@ test('where the guest is, from the settled run states', () => {
   expect(actualOutcome({ source: 'gone', destination: 'gone' }, false)).toBe('nowhere');
   expect(actualOutcome({ source: 'paused', destination: 'gone' }, false)).toBe('uncertain');
   expect(actualOutcome({ source: 'running', destination: 'running' }, true)).toBe('uncertain');
+  // lazy: the source died mid-hydration, the destination stands on a read it cannot serve
+  expect(actualOutcome({ source: 'gone', destination: 'io-error' }, true, true)).toBe('needs-source');
+  expect(actualOutcome({ source: 'gone', destination: 'io-error' }, true)).toBe('destination');
 });
