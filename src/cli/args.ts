@@ -67,8 +67,9 @@ Exit codes:
        before resuming anything (the message says which QEMU to check)
   4    (lazy) the guest runs on the destination but hydration failed: keep the source QEMU
        up, it still serves the blocks the destination lacks (docs/migration.md)
-  5    the source QEMU died before the switchover; the destination was removed: no QEMU runs
-       the guest, start it again from its disks on the source
+  5    the source QEMU died before the switchover; the destination never ran and was removed:
+       no QEMU runs the guest, start it again from its disks on the source
+  (--recover: 0 settled, the guest runs where it says; 3 uncertain; 5 no QEMU runs it)
   130  cancelled by SIGINT/SIGTERM and rolled back: the guest runs on the source
 `;
 

@@ -131,9 +131,12 @@ async function run(args: CliArgs, io: Io): Promise<number> {
   try {
     const { spec, source, destination } = await endpointsOf(args, logger, closers);
     const migrationId = newMigrationId();
-    watchdog = args.dryRun ? undefined : watchdogFor(args, spec, destination, migrationId);
-    if (watchdog) emit({ event: 'watchdog', migrationId, pid: watchdog.pid ?? null });
     const onEvent = (e: MigrationEvent): void => {
+      // Started once preflight has passed, before the first change: until then nothing needs settling.
+      if (e.event === 'phase' && e.phase === 'prepare-destination' && !args.dryRun) {
+        watchdog = watchdogFor(args, spec, destination, migrationId);
+        if (watchdog) emit({ event: 'watchdog', migrationId, pid: watchdog.pid ?? null });
+      }
       emit(e as unknown as Record<string, unknown>);
       if (e.event === 'phase') watchdog?.send({ type: 'phase', phase: e.phase });
       if (e.event === 'source-saved') watchdog?.send({ type: 'saved', saved: e.saved });
@@ -160,7 +163,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
         if (!args.json) io.stderr.write(`${e.event}: ${'message' in e ? e.message : 'mirrors' in e ? `mirrors converged: ${renderMirrorConvergence(e.mirrors)}` : `${e.action}, downtime limit ${e.downtimeLimitMs} ms: ${e.detail}`}\n`);
       } else if (e.event === 'rollback' && !args.json) {
         endStatus();
-        io.stderr.write(`rollback: ${e.step}: ${e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);
+        io.stderr.write(`rollback: ${e.step}: ${e.skipped ? `skipped (${e.skipped})` : e.ok ? 'done' : `FAILED: ${e.error ?? ''}`}\n`);
       }
     };
     const result = await migrate({
@@ -189,6 +192,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     endStatus();
     const outcome = outcomeOfError(err, ac.signal.aborted);
     const code = exitCodeOf(outcome);
+    const destinationDeath = err instanceof FerryError ? DestinationDeathSchema.safeParse(err.context) : undefined;
+    const death = destinationDeath?.success ? destinationDeath.data : {};
     emit({
       event: 'summary',
       ok: false,
@@ -197,6 +202,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       message: errorText(err),
       outcome: outcome.kind,
       ...(err instanceof MigrationError ? { phase: err.phase, guestOn: err.guestOn, cleanupErrors: err.cleanupErrors.map(errorText) } : {}),
+      ...death,
     });
     // A refusal (bad input, nothing created, nothing rolled back): one line, exit 2.
     const refused = err instanceof FerryError && err.userError && !rolledBack && !pastNoReturn && !(err instanceof MigrationError && err.cleanupErrors.length > 0);
@@ -211,6 +217,7 @@ async function run(args: CliArgs, io: Io): Promise<number> {
       io.stderr.write(`migrate-vm: ${userFacing ? errorText(err) : (err as Error).stack ?? errorText(err)}\n`);
       if (err instanceof MigrationError) {
         for (const c of err.cleanupErrors) io.stderr.write(`  cleanup problem: ${errorText(c)}\n`);
+        if (death.destinationLog) io.stderr.write(`  the destination QEMU's log is kept at ${death.destinationLog}: read it, then remove it\n`);
         io.stderr.write(`  ${whereIsTheGuest(outcome)}\n`);
       }
     }
@@ -340,6 +347,9 @@ async function localDataTls(args: CliArgs): Promise<{ source?: HostTlsMaterial; 
   }
 }
 
+/** What a failure says of a destination QEMU that died on its own (rollback.ts puts it in the context). */
+const DestinationDeathSchema = z.object({ destinationExit: z.string().optional(), destinationLog: z.string().optional() });
+
 export function exitCodeOf(outcome: FailedOutcome): number {
   switch (outcome.kind) {
     case 'rolledBack':
@@ -364,7 +374,7 @@ export function whereIsTheGuest(outcome: FailedOutcome): string {
     case 'onDestinationNeedsSource':
       return 'the guest runs on the DESTINATION and still needs the source for blocks not yet hydrated: keep the source QEMU up';
     case 'sourceDied':
-      return 'the source QEMU died before the switchover and the destination was removed: no QEMU runs the guest; its disks on the source are whole, start it there';
+      return 'the source QEMU died before the switchover: the guest runs nowhere, and nothing of it started elsewhere (the destination never ran and was removed); its disks on the source hold every write it acknowledged: start it there';
     case 'uncertain':
       return 'OUTCOME UNCERTAIN: check which QEMU runs the guest before resuming anything';
     default:

@@ -142,10 +142,22 @@ export class MigrationContext {
     if (this.signal.aborted) throw new FerryError('MIGRATION_CANCELLED', 'cancelled', { cause: this.signal.reason });
   }
 
-  throwIfDestinationDied(dest: DestinationState): void {
-    if (!dest.vm.running()) {
-      throw new MigrationError('DESTINATION_DIED', `the destination QEMU (pid ${dest.vm.pid}) exited during ${this.phase}`, { phase: this.phase });
-    }
+  /** The destination QEMU died on its own (not killed by the rollback): its log is kept. */
+  destinationDied = false;
+  /** Where the rollback kept the dead destination's log, when it did. */
+  keptDestinationLog: string | undefined;
+  /** How the destination QEMU died and its last lines, when it died on its own. */
+  destinationExit: string | undefined;
+
+  async throwIfDestinationDied(dest: DestinationState): Promise<void> {
+    if (dest.vm.running()) return;
+    this.destinationDied = true;
+    const reason = await dest.vm.exitReason?.().catch(() => undefined);
+    this.destinationExit = reason;
+    throw new MigrationError('DESTINATION_DIED', `the destination QEMU (pid ${dest.vm.pid}) exited during ${this.phase}${reason ? ` (${reason})` : ''}`, {
+      phase: this.phase,
+      context: reason ? { destinationExit: reason } : {},
+    });
   }
 
   checkStalled(progress: ProgressTracker): void {

@@ -42,13 +42,25 @@ export async function destinationPrepare(
       throw err;
     });
   }
-  ctx.undo.push('remove destination run dir', 'destination', () => d.removeRunDir(spec));
+  ctx.undo.push('remove destination run dir', 'destination', async () => {
+    // A QEMU that died on its own wrote why in its log: that is kept for the operator.
+    const kept = await d.removeRunDir(spec, { keepLog: ctx.destinationDied });
+    if (typeof kept === 'string') ctx.keptDestinationLog = kept;
+  });
   // Registered before the start: a start whose reply is lost may still have left a QEMU running.
   let started: IncomingVm | undefined;
   ctx.undo.push(STOP_DESTINATION, 'destination', async () => {
     if (!started) return d.abandonIncoming(spec);
+    // A QEMU that ended its QMP session may be on its way out by itself: a moment to exit, so
+    // its death (and what it said) is told apart from the kill below.
+    const sessionEnded = await Promise.race([started.qmp.closed.then(() => true), new Promise<false>((r) => setTimeout(r, 0, false))]);
+    if (sessionEnded && started.running()) await Promise.race([started.exited, new Promise((r) => setTimeout(r, 2_000).unref())]);
     await started.qmp.close().catch(() => undefined);
     if (started.running()) await started.kill();
+    else {
+      ctx.destinationDied = true;
+      ctx.destinationExit ??= await started.exitReason?.().catch(() => undefined);
+    }
   });
   const tlsPeer = destinationTlsPeer(plan);
   const vm = await d.startIncoming(spec, { timeoutMs: 30_000, signal: ctx.signal, ...(tlsPeer ? { dataTls: tlsPeer } : {}) });

@@ -72,6 +72,11 @@ export interface IncomingVm {
   kill(): Promise<void>;
   /** The migration succeeded: the engine lets go, the VM lives on under its host's care. */
   release(): Promise<void>;
+  /**
+   * After it exited on its own: how (exit code or signal) and the last lines it wrote (its log),
+   * for the error that reports its death. Optional: a host that cannot tell says nothing.
+   */
+  exitReason?(): Promise<string | undefined>;
 }
 
 /** What the engine needs of the host the guest goes to. */
@@ -111,8 +116,12 @@ export interface DestinationEndpoint {
    * cannot tell (the engine then counts on the source's side, every reader of its export).
    */
   nbdBytesReceived(peer: { host: string; port: number }, pid: number): Promise<number | undefined>;
-  /** Removes what startIncoming left behind besides disks (run dir, sockets). */
-  removeRunDir(spec: VmSpec): Promise<void>;
+  /**
+   * Removes what startIncoming left behind besides disks (run dir, sockets). `keepLog`: the
+   * destination QEMU died on its own, and its log says why: moved out of the run dir first, kept
+   * for the operator; resolves to where it went (undefined where this host keeps none).
+   */
+  removeRunDir(spec: VmSpec, opts?: { keepLog?: boolean }): Promise<string | undefined | void>;
   /**
    * The QEMU startIncoming would start: version and machine types, for preflight to check the
    * pair (src/qemu/versions.ts). Optional: without it the destination still gets the source's

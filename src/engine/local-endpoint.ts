@@ -1,5 +1,5 @@
-import { rm } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { rename, rm, stat } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import { FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
@@ -215,6 +215,13 @@ export class LocalDestination implements DestinationEndpoint {
       release: async () => {
         if (this.#outlive) vm.release();
       },
+      exitReason: async () => {
+        const info = await Promise.race([vm.exited, new Promise<undefined>((r) => setTimeout(r, 2_000, undefined).unref())]);
+        if (!info) return undefined;
+        const how = info.signal ? `killed by ${info.signal}` : `exit code ${info.code}`;
+        const last = info.stderr.trim().split('\n').slice(-LAST_LINES).join(' | ');
+        return last ? `${how}; QEMU said: ${last}` : `${how}, QEMU said nothing`;
+      },
     };
     return this.incoming;
   }
@@ -249,10 +256,29 @@ export class LocalDestination implements DestinationEndpoint {
     return await probeQemuBinary(this.#qemuBinary ?? defaultQemuBinary(), opts);
   }
 
-  async removeRunDir(spec: VmSpec): Promise<void> {
+  async removeRunDir(spec: VmSpec, opts: { keepLog?: boolean } = {}): Promise<string | undefined> {
+    let kept: string | undefined;
+    const log = join(spec.runDir, 'qemu.log');
+    // An empty log (a QEMU killed by SIGKILL says nothing) is not worth keeping.
+    if (opts.keepLog && ((await stat(log).catch(() => undefined))?.size ?? 0) > 0) {
+      const to = keptLogPath(this.#dir, spec.runDir);
+      kept = await rename(log, to).then(() => to, () => undefined);
+    }
     await rm(spec.runDir, { recursive: true, force: true });
     await removeEmptyParent(spec.runDir, this.#dir);
+    return kept;
   }
+}
+
+/** Lines of a dead destination QEMU's log that go into the error that reports its death. */
+const LAST_LINES = 5;
+
+/**
+ * Where a destination that died keeps its log after the rollback: beside the run dirs, named for
+ * the run (`failed-<vm>-<migration id>.qemu.log`), until the operator removes it.
+ */
+export function keptLogPath(dir: string, runDir: string): string {
+  return join(dir, `${basename(runDir).replace(/^run-/, 'failed-')}.qemu.log`);
 }
 
 /** The errno code of an error or of one of its causes. */

@@ -4,6 +4,7 @@
  * undone. The first error survives its cleanup; the outcome is decided here (outcome.ts).
  */
 import { FerryError, errorText } from '../errors.js';
+import { QmpDisconnectedError } from '../qmp/index.js';
 import { STOP_DESTINATION, type MigrationContext, type SourceState } from './context.js';
 import { classifyFailure } from './outcome.js';
 import { MigrationError, type Phase } from './types.js';
@@ -13,15 +14,28 @@ type SourceAfter = Parameters<typeof classifyFailure>[1]['source'];
 export async function fail(ctx: MigrationContext, err: unknown, source: SourceState | undefined): Promise<MigrationError> {
   const failedPhase = ctx.phase;
   const first = asMigrationError(ctx, err, failedPhase);
-  const verdict = (where: SourceAfter, cleanupErrors: unknown[]): MigrationError =>
-    new MigrationError(first.code, first.message, {
+  const verdict = (where: SourceAfter, cleanupErrors: unknown[]): MigrationError => {
+    // The source's death ended its session: that, not the session's end, is what happened.
+    const died = where === 'gone' && causedBy(first.cause ?? err, (e) => e instanceof QmpDisconnectedError);
+    // A destination that died on its own said why in its log: the reason goes into the error,
+    // and where its log was kept (the rollback removes the rest of its run dir).
+    const destExit = ctx.destinationExit;
+    // Its death is what happened; what the source saw of it (a mirror's I/O error) came after.
+    const destDied = !died && destExit !== undefined && first.code !== 'DESTINATION_DIED';
+    const message = died
+      ? `the source QEMU died during ${failedPhase} (${first.message})`
+      : destDied
+        ? `the destination QEMU exited during ${failedPhase} (${destExit}); ${first.message}`
+        : first.message;
+    return new MigrationError(died ? 'SOURCE_DIED' : destDied ? 'DESTINATION_DIED' : first.code, message, {
       phase: failedPhase,
       cause: first.cause ?? err,
       userError: first.userError,
-      context: { ...first.context },
+      context: { ...first.context, ...(destExit ? { destinationExit: destExit } : {}), ...(ctx.keptDestinationLog ? { destinationLog: ctx.keptDestinationLog } : {}) },
       outcome: classifyFailure(first, { pastNoReturn: ctx.pastNoReturn, mode: ctx.opts.mode, source: where }),
       cleanupErrors: [...first.cleanupErrors, ...cleanupErrors],
     });
+  };
   if (ctx.pastNoReturn) {
     // Nothing to roll back: the undo stack was emptied at the point of no return.
     ctx.enter('failed');
@@ -30,17 +44,22 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   }
   ctx.log.warn({ err: errorText(first), phase: failedPhase }, 'migration failed, rolling back');
   if (ctx.undo.size > 0) ctx.enter('rollback');
-  const report = (step: string, stepErr: unknown): void => {
-    ctx.emit({ event: 'rollback', migrationId: ctx.id, step, ok: !stepErr, ...(stepErr ? { error: errorText(stepErr) } : {}) });
+  const report = (step: string, stepErr: unknown, skipped?: string): void => {
+    ctx.emit({ event: 'rollback', migrationId: ctx.id, step, ok: !stepErr, ...(stepErr ? { error: errorText(stepErr) } : {}), ...(skipped ? { skipped } : {}) });
     if (stepErr) ctx.log.error({ step, err: errorText(stepErr) }, 'rollback step failed');
   };
+  // A source QEMU that died took its migration, mirrors and NBD nodes with it: the steps that
+  // would undo them there have nothing left to undo, and saying they failed would be false.
+  const sourceDied = source !== undefined && (await sourceQemuGone(ctx, source));
+  const moot = (side: 'source' | 'destination', stepErr: unknown): string | undefined =>
+    sourceDied && side === 'source' && causedBy(stepErr, (e) => e instanceof QmpDisconnectedError) ? 'the source QEMU is gone' : undefined;
   // The destination QEMU goes first. It never ran the guest, so killing it is always safe
   // here, and a destination that is alive but silent (frozen, partitioned) would otherwise
   // block the source's QEMU: its NBD client waits forever for replies on an open connection,
   // and every block operation on the source (blockdev-del, the reactivation inside `cont`)
   // waits with it. A dead peer makes them fail at once.
   const cleanupErrors = await ctx.undo.runNow(STOP_DESTINATION, report);
-  cleanupErrors.push(...(await ctx.undo.runAll(report)));
+  cleanupErrors.push(...(await ctx.undo.runAll(report, { moot })));
   let where: SourceAfter = 'not-connected';
   if (source) {
     const status = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
@@ -48,13 +67,14 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
     const expected = source.statusAtBegin ?? (source.wasRunning ? 'running' : 'paused');
     if (status?.status === expected) where = 'as-before';
     else if (status) where = 'other';
-    else where = (await sourceGoneSettled(ctx)) ? 'gone' : 'unreachable';
-    if (where !== 'as-before') {
-      const seen = status?.status ?? (where === 'gone' ? 'gone (its QEMU exited)' : 'unreachable');
+    else where = sourceDied || (await ctx.req.source.sourceGone().catch(() => false)) ? 'gone' : 'unreachable';
+    // 'gone' is the verdict itself (outcome sourceDied), not a problem of the cleanup.
+    if (where !== 'as-before' && where !== 'gone') {
+      const seen = status?.status ?? 'unreachable';
       cleanupErrors.push(new MigrationError('SOURCE_STATE', `after rollback the source is '${seen}', expected ${expected}`, { phase: failedPhase }));
     }
     await source.qmp.close().catch(() => undefined);
-  } else if (!first.userError && (await sourceGoneSettled(ctx))) {
+  } else if (!first.userError && (await sourceGoneAskedAgain(ctx))) {
     // The source died while preflight was still connecting to or probing it (a socket that was
     // never there is a userError, a refusal): "runs as before" would be false (issue 17's matrix,
     // cell preflight/kill-source-qemu).
@@ -65,15 +85,29 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
 }
 
 /**
- * Whether the source QEMU exited, asked a few times over a second: a QEMU killed a moment ago may
- * still be tearing down (its monitor's listening socket not closed yet) when its QMP session
- * already broke, and a busy machine stretches that moment (fault matrix, preflight/kill-source-qemu).
+ * The source's QMP session ended and its host says its QEMU exited: proof it is gone. A QEMU
+ * killed a moment ago may still be on its way out, so a "not sure" is asked again, briefly.
  */
-async function sourceGoneSettled(ctx: MigrationContext): Promise<boolean> {
-  for (let attempt = 0; attempt < 4; attempt++) {
+async function sourceQemuGone(ctx: MigrationContext, source: SourceState): Promise<boolean> {
+  const answered = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).then(
+    () => true,
+    (err: unknown) => !(err instanceof QmpDisconnectedError),
+  );
+  if (answered) return false;
+  return sourceGoneAskedAgain(ctx);
+}
+
+/** The host's word that the source QEMU exited, asked up to three times 300 ms apart. */
+async function sourceGoneAskedAgain(ctx: MigrationContext): Promise<boolean> {
+  for (let attempt = 0; attempt < 3; attempt++) {
     if (await ctx.req.source.sourceGone().catch(() => false)) return true;
-    if (attempt < 3) await new Promise((r) => setTimeout(r, 300));
+    await new Promise((r) => setTimeout(r, 300));
   }
+  return false;
+}
+
+function causedBy(err: unknown, is: (e: Error) => boolean): boolean {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) if (is(e)) return true;
   return false;
 }
 

@@ -14,12 +14,15 @@
  *   cancelled                                        for), remove its files, then roll the source back
  *   completed                   running              the guest runs there: retire the source (quit),
  *                                                    never resume it
- *   completed                   answers, not running fence (SIGKILL) it, then roll the source back
+ *   completed                   answers, not running `fresh` (the watchdog: nobody but the dead migrate-vm
+ *                                                    sends `cont`) or `inmigrate`: fence (SIGKILL) it, then
+ *                                                    roll the source back; else UNCERTAIN
  *   completed                   gone or silent       UNCERTAIN: touch nothing, say so
  *   (source QEMU gone)          running              the guest runs there: nothing to do
  *   (source QEMU gone)          not running          the source died: fence the destination, remove it
  *   (source QEMU gone)          gone                 neither runs; nothing removed (nobody can tell which
  *                                                    disk is newer)
+ *   (source QMP busy)           -                    someone holds it (a migrate-vm still at work?): hands off
  *
  * "Roll the source back" is recover.ts's rollBackSource: cancel the migration (QEMU resumes a
  * guest that ran before it), ferry's mirrors and NBD nodes, ferry's TLS objects, the saved

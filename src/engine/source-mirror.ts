@@ -83,7 +83,7 @@ export async function sourceWaitMirrorsReady(
   let allReady = false;
   for (;;) {
     ctx.throwIfAborted();
-    ctx.throwIfDestinationDied(dest);
+    await ctx.throwIfDestinationDied(dest);
     const jobs = await sourceMirrorStates(ctx, source, plan);
     const snapshot = await progress.sample(source.qmp, { nbdPort: dest.nbdPort ?? 0 }, ctx.phase, ctx.opts.downtimeLimitMs, undefined);
     ctx.emit({ event: 'progress', migrationId: ctx.id, progress: snapshot });

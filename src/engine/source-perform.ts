@@ -131,7 +131,7 @@ async function sourcePollRam(
   for (;;) {
     if (stop.aborted) return;
     ctx.throwIfAborted();
-    ctx.throwIfDestinationDied(dest);
+    await ctx.throwIfDestinationDied(dest);
     const mig = await source.qmp.execute('query-migrate', undefined, ctx.call());
     if (stop.aborted || ['pre-switchover', 'failed', 'cancelled'].includes(mig.status ?? '')) return;
     await input.checkMirrors();

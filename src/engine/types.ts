@@ -119,7 +119,8 @@ export type MigrationEvent =
   | { event: 'source-saved'; migrationId: string; saved: SavedSourceSettings }
   /** Sent just before the destination's `cont`: from here on the source is never resumed. */
   | { event: 'point-of-no-return'; migrationId: string; destinationPid: number }
-  | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string }
+  /** skipped: the step had nothing left to undo (its side's QEMU is gone), and says why. */
+  | { event: 'rollback'; migrationId: string; step: string; ok: boolean; error?: string; skipped?: string }
   /** lazy: background hydration after the destination runs. */
   | { event: 'hydration'; migrationId: string; disks: { id: string; doneBytes: number; totalBytes: number }[]; wireBytes: number | undefined; elapsedMs: number };
 

@@ -46,7 +46,11 @@ export class UndoStack {
     return this.#steps.length;
   }
 
-  async runAll(report: (step: string, err: unknown) => void): Promise<unknown[]> {
+  /**
+   * `moot`: a failure that means there was nothing left to undo (the side's QEMU is gone, and
+   * with it what the step would remove) is reported as skipped, not as a cleanup error.
+   */
+  async runAll(report: (step: string, err: unknown, skipped?: string) => void, opts: { moot?: (side: UndoStep['side'], err: unknown) => string | undefined } = {}): Promise<unknown[]> {
     const errors: unknown[] = [];
     while (this.#steps.length > 0) {
       const step = this.#steps.pop()!;
@@ -54,6 +58,11 @@ export class UndoStack {
         await step.run();
         report(step.name, undefined);
       } catch (err) {
+        const skipped = opts.moot?.(step.side, err);
+        if (skipped !== undefined) {
+          report(step.name, undefined, skipped);
+          continue;
+        }
         errors.push(new Error(`${step.name}: ${errorText(err)}`, { cause: err }));
         report(step.name, err);
       }
