@@ -2,7 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { expect, test } from 'vitest';
-import { allCells, CI_CELLS, EXPECTED, FAULTS, PHASES, rng, selectCells } from '../../faults/cells.js';
+import { allCells, CI_CELLS, EXPECTED, FAULTS, OPEN_FINDINGS, PHASES, rng, selectCells } from '../../faults/cells.js';
 
 test('the CI subset: at least 24 cells of the matrix, every phase and every fault kind at least once', () => {
   const ci = selectCells(CI_CELLS.join(','));
@@ -10,6 +10,7 @@ test('the CI subset: at least 24 cells of the matrix, every phase and every faul
   expect(ci.length).toBeGreaterThanOrEqual(24);
   for (const p of PHASES) expect(ci.some((c) => c.phase === p), p).toBe(true);
   for (const f of FAULTS) expect(ci.some((c) => c.fault === f), f).toBe(true);
+  for (const id of Object.keys(OPEN_FINDINGS)) expect(CI_CELLS, id).toContain(id);
 });
 
 test('--cells: exact cells, a phase, a fault across phases; a name outside the matrix is one clear error', () => {
