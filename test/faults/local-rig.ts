@@ -23,6 +23,7 @@ import { actualOutcome, claimOf, judge } from './verdict.js';
 
 const run = promisify(execFile);
 const BALLAST = 'fault-ballast';
+export const KEPT_LOG = /^failed-.+\.qemu\.log$/;
 const DISK = { id: 'data', size: 32 << 20, fillMiB: 8 };
 
 export interface CellResult {
@@ -271,7 +272,8 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     const stray = qemus.filter((p) => !allowed.has(p));
     if (stray.length) debris.push(`QEMU process(es) ${stray.join(', ')} left running`);
     if (vm.running() && outcome !== 'needs-source') debris.push(...(await qemuLeftovers(vm.qmp, 'source')));
-    const bFiles = (await readdir(hostB)).filter((f) => f !== BALLAST && f !== 'lost+found');
+    // A dead destination's log is kept on purpose until the operator read it (DESTINATION_DIED names it).
+    const bFiles = (await readdir(hostB)).filter((f) => f !== BALLAST && f !== 'lost+found' && !KEPT_LOG.test(f));
     if (outcome === 'source' || outcome === 'nowhere') {
       if (bFiles.length) debris.push(`host B still holds ${bFiles.join(', ')}`);
     } else {

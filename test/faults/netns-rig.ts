@@ -22,7 +22,7 @@ import { agentGuestSpec } from '../helpers/guest.js';
 import { createNetnsPair, type NetnsPair } from '../helpers/netns.js';
 import { call, startAgentIn } from '../helpers/netns-agents.js';
 import { cellId, PHASE_WINDOW_MS, rng, type Cell, type Outcome } from './cells.js';
-import { expectedFor, pidsNaming, qemuLeftovers, replayCommand, type CellResult } from './local-rig.js';
+import { expectedFor, KEPT_LOG, pidsNaming, qemuLeftovers, replayCommand, type CellResult } from './local-rig.js';
 import { startOrchestrator, type Orchestrator } from './orchestrator.js';
 import { runDirsUnder, Sampler } from './sampler.js';
 import { actualOutcome, claimOf, judge } from './verdict.js';
@@ -249,7 +249,7 @@ export class NetnsRig {
           await q.close();
         } else debris.push("source: its QMP socket does not answer (someone still holds it)");
       }
-      const bFiles = await readdir(dirB).catch(() => [] as string[]);
+      const bFiles = (await readdir(dirB).catch(() => [] as string[])).filter((f) => !KEPT_LOG.test(f));
       if ((outcome === 'source' || outcome === 'nowhere') && bFiles.length) debris.push(`host B still holds ${name}/${bFiles.join(`, ${name}/`)}`);
       const listed = z.array(z.looseObject({ name: z.string(), role: z.string().optional() })).safeParse(await call(nsA, urlB, TOKEN, 'vm.list').catch(() => []));
       const listedB = (listed.success ? listed.data : []).filter((v) => v.name === name);
