@@ -258,7 +258,9 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     await new Promise((r) => setTimeout(r, 800));
     await sampler.stop();
     const last = sampler.last()!;
-    const ranOnDestination = sampler.ticks.destination.size > 0;
+    // Ticks on B, or a `cont` there that succeeded (exit 0 past the point of no return) and a fault
+    // that struck before B's first tick was read.
+    const ranOnDestination = sampler.ticks.destination.size > 0 || (o.pastNoReturn() && ended.code === 0);
     outcome = actualOutcome({ source: last.source, destination: last.destination }, ranOnDestination, lazy);
     expected = expectedFor(cell, hitPhase);
 
@@ -293,8 +295,8 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     await waitFor(() => false, 200);
     const acked = sampler.acks.get(DISK.id) ?? -1;
     let writes = { ok: true, detail: '' };
-    if (outcome === 'needs-source') {
-      notes.push('disks not verified: the overlay reads the rest from the source');
+    if (outcome === 'needs-source' || lazy) {
+      notes.push('disks not verified: a lazy overlay reads the rest from the source export');
     } else {
       const side = outcome === 'destination' || outcome === 'killed' ? join(hostB, `${DISK.id}.qcow2`) : diskPath;
       const rep = await verifyDisk(side, { format: 'qcow2', diskId: DISK.id, ackedSeq: acked }).catch((e: unknown) => ({ ok: false, missingCount: -1, corruptCount: -1, highestContiguous: -1, error: String(e) }));
