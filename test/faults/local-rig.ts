@@ -320,6 +320,10 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     await waitFor(() => false, 300);
     if (mounted) await run('umount', ['-l', hostB]).catch((e: unknown) => problems.push(`harness: umount ${hostB}: ${String(e)}`));
     await rm(root, { recursive: true, force: true });
+    // migrate-vm's detached watchdog may still be on its way out (and tsx writes its cache into
+    // the cell's TMPDIR): a second sweep a moment later.
+    await waitFor(() => false, 1_000);
+    await rm(root, { recursive: true, force: true });
     const mounts = await readFile('/proc/mounts', 'utf8');
     if (mounts.includes(root)) problems.push(`debris: a mount under ${root} is left`);
   }
