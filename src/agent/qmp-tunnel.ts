@@ -13,7 +13,7 @@ export type { QmpPolicyContext } from './qmp-policy.js';
  * (desc starts with the stable code, QMP_REFUSED or QMP_BAD_MESSAGE), logged with the principal,
  * and never reaches QEMU.
  */
-export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger): void {
+export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolicy | QmpPolicyContext, log: Logger, opts: { onForwarded?: (command: string | undefined) => void } = {}): void {
   const judge = policy instanceof QmpPolicy ? policy : new QmpPolicy(policy);
   const qemu: Socket = connect(qmpSocketPath);
   const decoder = new LineDecoder({ maxLineBytes: 1024 * 1024 });
@@ -37,6 +37,7 @@ export function tunnelQmp(ws: WebSocket, qmpSocketPath: string, policy: QmpPolic
         const verdict = judge.judge(line);
         if (verdict.ok) {
           qemu.write(`${verdict.line}\n`);
+          opts.onForwarded?.(verdict.command);
           return;
         }
         log.warn({ command: verdict.command, code: verdict.code, reason: verdict.reason }, 'QMP message refused by the policy');

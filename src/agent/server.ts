@@ -16,7 +16,8 @@ import type { AddressInfo } from 'node:net';
 import { freemem, totalmem, availableParallelism } from 'node:os';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { z } from 'zod';
-import { FerryError } from '../errors.js';
+import { errorText, FerryError } from '../errors.js';
+import { rollBackSource } from '../engine/recover.js';
 import { nbdRelaySocketPath } from '../engine/data-path.js';
 import type { NbdRelayHandle } from '../engine/endpoint.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
@@ -404,6 +405,44 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   const incomingHandles = new Map<string, { release(): Promise<void> }>();
   /** NBD relays of incoming VMs (dest.startNbdRelay), by vmId. */
   const nbdRelays = new Map<string, NbdRelayHandle>();
+  /**
+   * The source side of a migration whose orchestrator's tunnel closed. Until the source's
+   * migration completes the destination lacks the guest's device state and can never run it:
+   * `migrate_cancel` then is itself the fence (the stream ends, the destination's incoming
+   * fails), and QEMU resumes a guest that ran before. Once completed, the destination may run
+   * it: the source is left as it is (paused) for the destination's agent and the orchestrator's
+   * recovery to decide. Nothing is done while the migration ends by itself (a clean end).
+   */
+  const settleOrphanedSource = async (r: VmRecord): Promise<void> => {
+    const q = supervised.get(r.vmId)?.monitor;
+    if (!q || r.state !== 'running') return;
+    const status = async (): Promise<string> => (await q.execute('query-migrate', undefined, { timeoutMs: 10_000 })).status ?? 'none';
+    let mig = await status();
+    for (let i = 0; i < 300 && mig === 'device'; i++) {
+      await new Promise((res) => setTimeout(res, 50));
+      mig = await status();
+    }
+    if (!['setup', 'active', 'pre-switchover'].includes(mig)) return;
+    log.warn({ vmId: r.vmId, vm: r.name, migration: mig }, "a migration's orchestrator went before the switchover: cancelling it, resuming the source");
+    const did = await rollBackSource(q, log, { timeoutMs: 30_000 });
+    await dataTls.end(r.vmId, r.spec, q).catch(() => undefined);
+    log.info({ vmId: r.vmId, vm: r.name, did }, 'settled the source of a migration whose orchestrator went');
+  };
+  /**
+   * The destination side: an incoming QEMU whose orchestrator's tunnel closed and that has not
+   * run is killed, so nothing can `cont` it any more (the fence). One that runs is left alone.
+   */
+  const fenceOrphanedDestination = async (r: VmRecord): Promise<void> => {
+    const sup = supervised.get(r.vmId);
+    if (!sup || r.role !== 'incoming' || r.state !== 'running') return;
+    const status = await sup.status();
+    if (status === undefined || status === 'running') return;
+    log.warn({ vmId: r.vmId, vm: r.name, status }, "a migration's orchestrator went before the destination ran: killing the destination QEMU (fence)");
+    await closeRelay(r.vmId);
+    expectingExit.add(r.vmId);
+    await sup.kill();
+  };
+
   const closeRelay = async (vmId: string): Promise<void> => {
     const relay = nbdRelays.get(vmId);
     nbdRelays.delete(vmId);
@@ -468,7 +507,19 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         };
         // A half-open tunnel must not hold the VM's free monitor (QEMU greets one client per socket).
         keepAlive(ws, { intervalMs: DEFAULT_HEARTBEAT_MS, onDrop: (silentMs) => log.warn({ principal, vmId, silentMs }, 'QMP tunnel caller answered no ping: dropped') });
-        tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }));
+        // A migration started through this tunnel whose caller goes (killed, crashed, cut off)
+        // is settled here, from what QEMU reports, once the tunnel is gone (issue 17).
+        let migrated = false;
+        tunnelQmp(ws, qmpSocketPath(target.spec), policy, log.child({ principal, vmId: target.vmId }), {
+          onForwarded: (command) => {
+            if (command === 'migrate' || command === 'migrate-incoming') migrated = true;
+          },
+        });
+        ws.once('close', () => {
+          if (!migrated) return;
+          const settle = target.role === 'vm' ? settleOrphanedSource(target) : fenceOrphanedDestination(target);
+          void settle.catch((err: unknown) => log.error({ vmId: target.vmId, err: errorText(err) }, 'could not settle a migration whose caller went'));
+        });
       } else onRpc(session);
     });
   });

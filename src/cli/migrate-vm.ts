@@ -270,6 +270,7 @@ function watchdogFor(args: CliArgs, spec: VmSpec, destination: DestinationEndpoi
     migrationId,
     sourceQmp: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'),
     destination: { runDir: dspec.runDir, dir: args.destination.toDir, disks: dspec.disks.map((d) => d.path) },
+    tempDirs: throwawayDirs,
   });
 }
 
@@ -325,6 +326,9 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
  * when the run ends. A local side next to an agent has none without --data-tls-dir: an agent
  * trusts no throwaway CA.
  */
+/** Temp folders this run made (the throwaway PKI): the watchdog removes them if this process dies. */
+const throwawayDirs: string[] = [];
+
 async function localDataTls(args: CliArgs): Promise<{ source?: HostTlsMaterial; destination?: HostTlsMaterial }> {
   const sourceLocal = args.source.kind === 'local';
   const destLocal = args.destination.kind === 'dir';
@@ -339,6 +343,7 @@ async function localDataTls(args: CliArgs): Promise<{ source?: HostTlsMaterial; 
   // at once: a migrate-vm killed with -9 later on leaves no keys behind (issue 17's fault matrix,
   // cells */kill-orchestrator).
   const dir = await mkdtemp(join(tmpdir(), 'ferry-data-tls-'));
+  throwawayDirs.push(dir);
   try {
     const [source, destination] = await throwawayPki(dir, { address: ['127.0.0.1', args.destination.migrationHost], names: ['ferry-source', 'ferry-destination'] });
     return { source: source!, destination: destination! };

@@ -7,6 +7,8 @@
  * (src/engine/settle-local.ts), so a dead orchestrator costs the guest a bounded pause, not an
  * endless one. It speaks on migrate-vm's stderr, which it inherits.
  */
+import { rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { z } from 'zod';
 import { pino } from 'pino';
 import { errorText } from '../errors.js';
@@ -14,7 +16,7 @@ import { settleLocalMigration, type LocalDestinationLeft } from '../engine/settl
 import { SavedSourceSettingsSchema, type SavedSourceSettings } from '../engine/types.js';
 
 export const WatchdogMessageSchema = z.discriminatedUnion('type', [
-  z.object({ type: z.literal('begin'), parentPid: z.number().int(), migrationId: z.string(), sourceQmp: z.string(), destination: z.object({ runDir: z.string(), dir: z.string(), disks: z.array(z.string()) }).strict() }).strict(),
+  z.object({ type: z.literal('begin'), parentPid: z.number().int(), migrationId: z.string(), sourceQmp: z.string(), destination: z.object({ runDir: z.string(), dir: z.string(), disks: z.array(z.string()) }).strict(), tempDirs: z.array(z.string().startsWith(tmpdir())) }).strict(),
   z.object({ type: z.literal('phase'), phase: z.string() }).strict(),
   z.object({ type: z.literal('saved'), saved: SavedSourceSettingsSchema }).strict(),
   z.object({ type: z.literal('done') }).strict(),
@@ -60,6 +62,8 @@ export async function main(): Promise<number> {
   const log = pino({ level: process.env.FERRY_WATCHDOG_LOG ?? 'silent' }, pino.destination(2));
   try {
     const report = await settleLocalMigration({ sourceQmp: begin.sourceQmp, destinations, saved, fresh: true, log });
+    // migrate-vm's throwaway PKI: QEMU read it when the objects were made; nobody needs it now.
+    for (const dir of begin.tempDirs) await rm(dir, { recursive: true, force: true });
     for (const d of report.did) say(d);
     say(`${WHERE[report.where]}${report.advice ? `: ${report.advice}` : ''}`);
     return report.where === 'uncertain' ? 1 : 0;

@@ -5,6 +5,7 @@
  * write on that side's disk, nothing of the run left behind.
  */
 import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
 import { ferryLeftovers } from '../../src/engine/settle-local.js';
@@ -24,7 +25,7 @@ async function guestAndRun(extra: string[] = []) {
   const g = await bootWorkloadGuest({ disks: [{ id: 'root', format: 'qcow2', size: 64 << 20 }], workload: { write: { rate: 50 }, tickMs: 50 } });
   const specPath = join(g.hostA, 'vm.json');
   await writeFile(specPath, JSON.stringify(g.spec));
-  const run = startMigrateVm(['--spec', specPath, '--to-dir', g.hostB, '--data-tls', 'off', ...extra]);
+  const run = startMigrateVm(['--spec', specPath, '--to-dir', g.hostB, ...extra]);
   strays.push(run.pid);
   const wd = await run.waitForEvent((e) => e.event === 'watchdog');
   const watchdogPid = wd.pid as number;
@@ -66,6 +67,8 @@ describe('a dead migrate-vm costs the guest a bounded pause (issue 17)', () => {
       await new Promise((r) => setTimeout(r, 100));
     }
     expect(await waitPidGone(watchdogPid)).toBe(true);
+    // migrate-vm's throwaway PKI (data TLS between two folders) went with the settle.
+    expect((await readdir(tmpdir())).filter((n) => n.startsWith('ferry-data-tls-'))).toEqual([]);
     expect(run.stderr()).toMatch(/migrate-vm watchdog: migrate-vm \(pid \d+\) died during ram/);
     expect(run.stderr()).toMatch(/settled: the guest runs on the source/);
     expect(await waitPidGone(destPid, 1_000)).toBe(true);
