@@ -305,7 +305,7 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
   } else {
     spec = parseVmSpec(await loadSpec(args.source.specPath));
   }
-  const local = await localDataTls(args, closers);
+  const local = await localDataTls(args);
   if (args.source.kind !== 'agent') {
     source = new LocalSource({ qmpSocket: args.source.sourceQmp ?? join(spec.runDir, 'qmp.sock'), logger, ...(local.source ? { dataTls: local.source } : {}) });
   }
@@ -329,7 +329,7 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
 /** Temp folders this run made (the throwaway PKI): the watchdog removes them if this process dies. */
 const throwawayDirs: string[] = [];
 
-async function localDataTls(args: CliArgs, closers: (() => void)[]): Promise<{ source?: HostTlsMaterial; destination?: HostTlsMaterial }> {
+async function localDataTls(args: CliArgs): Promise<{ source?: HostTlsMaterial; destination?: HostTlsMaterial }> {
   const sourceLocal = args.source.kind === 'local';
   const destLocal = args.destination.kind === 'dir';
   if (args.options.dataTls === 'off' || (!sourceLocal && !destLocal)) return {};
@@ -339,11 +339,17 @@ async function localDataTls(args: CliArgs, closers: (() => void)[]): Promise<{ s
     return { ...(sourceLocal ? { source: await side('source') } : {}), ...(destLocal ? { destination: await side('destination') } : {}) };
   }
   if (!sourceLocal || !destLocal || args.destination.kind !== 'dir') return {};
+  // The material is read into memory, so the folder (a throwaway CA's certificates and keys) goes
+  // at once: a migrate-vm killed with -9 later on leaves no keys behind (issue 17's fault matrix,
+  // cells */kill-orchestrator).
   const dir = await mkdtemp(join(tmpdir(), 'ferry-data-tls-'));
   throwawayDirs.push(dir);
-  closers.push(() => rmSync(dir, { recursive: true, force: true }));
-  const [source, destination] = await throwawayPki(dir, { address: ['127.0.0.1', args.destination.migrationHost], names: ['ferry-source', 'ferry-destination'] });
-  return { source: source!, destination: destination! };
+  try {
+    const [source, destination] = await throwawayPki(dir, { address: ['127.0.0.1', args.destination.migrationHost], names: ['ferry-source', 'ferry-destination'] });
+    return { source: source!, destination: destination! };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 /** What a failure says of a destination QEMU that died on its own (rollback.ts puts it in the context). */

@@ -74,6 +74,11 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
       cleanupErrors.push(new MigrationError('SOURCE_STATE', `after rollback the source is '${seen}', expected ${expected}`, { phase: failedPhase }));
     }
     await source.qmp.close().catch(() => undefined);
+  } else if (!first.userError && (await sourceGoneAskedAgain(ctx))) {
+    // The source died while preflight was still connecting to or probing it (a socket that was
+    // never there is a userError, a refusal): "runs as before" would be false (issue 17's matrix,
+    // cell preflight/kill-source-qemu).
+    where = 'gone';
   }
   await ctx.enter('failed');
   return verdict(where, cleanupErrors);
@@ -89,6 +94,11 @@ async function sourceQemuGone(ctx: MigrationContext, source: SourceState): Promi
     (err: unknown) => !(err instanceof QmpDisconnectedError),
   );
   if (answered) return false;
+  return sourceGoneAskedAgain(ctx);
+}
+
+/** The host's word that the source QEMU exited, asked up to three times 300 ms apart. */
+async function sourceGoneAskedAgain(ctx: MigrationContext): Promise<boolean> {
   for (let attempt = 0; attempt < 3; attempt++) {
     if (await ctx.req.source.sourceGone().catch(() => false)) return true;
     await new Promise((r) => setTimeout(r, 300));

@@ -1,0 +1,249 @@
+/**
+ * The fault matrix of issue 17: every fault at every phase, each cell's expected outcome written
+ * down here (and in docs/faults.md's recovery table, which a unit test holds to this one).
+ *
+ * A cell is `phase/fault`. The harness waits for the phase's event on migrate-vm's --json stream,
+ * then injects the fault at a random offset inside the phase (seeded; the seed is printed), and
+ * one verifier (verdict.ts) judges every cell the same way.
+ *
+ * Standby replicas (sync, evacuate) do not exist yet: their phases go into PHASES and their
+ * expectations into EXPECTED when they do; nothing else changes.
+ */
+
+export const PHASES = ['preflight', 'prepare-destination', 'mirror', 'ram', 'switchover', 'confirm', 'cleanup', 'hydrate'] as const;
+export type FaultPhase = (typeof PHASES)[number];
+export const isFaultPhase = (p: string | undefined): p is FaultPhase => (PHASES as readonly (string | undefined)[]).includes(p);
+
+export const FAULTS = [
+  'kill-source-qemu',
+  'kill-destination-qemu',
+  'kill-orchestrator',
+  'sigterm-orchestrator',
+  'kill-source-agent',
+  'kill-destination-agent',
+  'link-cut-restore',
+  'link-cut-forever',
+  'disk-full',
+  'disk-io-error',
+  'slow-link',
+] as const;
+export type Fault = (typeof FAULTS)[number];
+
+/**
+ * Where the guest is once the dust settles, as the verifier establishes it (and as the exit code
+ * must say):
+ *   source       runs on the source as before (exit 1, 130, or 2 for a refusal; after a killed
+ *                orchestrator: once the watchdog / `migrate-vm --recover` settled it)
+ *   destination  runs on the destination, the source QEMU is gone (exit 0)
+ *   killed       it ran on the destination and the fault killed it there (exit 0): its writes
+ *                are on the destination's disks, nothing of it runs anywhere
+ *   nowhere      the source died before the switchover and nothing of it started elsewhere (exit 5)
+ *   needs-source (lazy) runs on the destination, the source must stay up (exit 4)
+ *   uncertain    the source is left paused and nobody can know (exit 3): only where no one can
+ */
+export type Outcome = 'source' | 'destination' | 'killed' | 'nowhere' | 'needs-source' | 'uncertain';
+
+/** Which rig runs a fault: two local folders under one migrate-vm, or two agents in network namespaces. */
+export function rigOf(fault: Fault): 'local' | 'netns' {
+  return fault === 'kill-source-agent' || fault === 'kill-destination-agent' || fault.startsWith('link-') || fault === 'slow-link' ? 'netns' : 'local';
+}
+
+type Row = Partial<Record<FaultPhase, readonly Outcome[]>>;
+
+/**
+ * Expected outcomes per fault and phase; a phase a fault has no cell in is absent. Where the
+ * fault can land on either side of the point of no return (`cont` on the destination, inside
+ * confirm), both outcomes are allowed and the verifier checks the one that happened is true.
+ */
+export const EXPECTED: Record<Fault, Row> = {
+  'kill-source-qemu': {
+    preflight: ['nowhere'],
+    'prepare-destination': ['nowhere'],
+    mirror: ['nowhere'],
+    ram: ['nowhere'],
+    switchover: ['nowhere'],
+    confirm: ['nowhere', 'destination'],
+    cleanup: ['destination'],
+    hydrate: ['needs-source'],
+  },
+  'kill-destination-qemu': {
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+    ram: ['source'],
+    switchover: ['source'],
+    confirm: ['source', 'killed'],
+    cleanup: ['killed'],
+  },
+  'kill-orchestrator': {
+    preflight: ['source'],
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+    ram: ['source'],
+    switchover: ['source'],
+    confirm: ['source', 'destination'],
+    cleanup: ['destination'],
+  },
+  'sigterm-orchestrator': {
+    preflight: ['source'],
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+    ram: ['source'],
+    switchover: ['source'],
+    confirm: ['source', 'destination'],
+    cleanup: ['destination'],
+    hydrate: ['destination'],
+  },
+  'kill-source-agent': {
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+    ram: ['source'],
+    switchover: ['source'],
+    confirm: ['source', 'destination'],
+    cleanup: ['destination'],
+  },
+  'kill-destination-agent': {
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+    ram: ['source'],
+    switchover: ['source'],
+    confirm: ['source', 'destination'],
+    cleanup: ['destination'],
+  },
+  'link-cut-restore': {
+    'prepare-destination': ['source', 'destination'],
+    mirror: ['source', 'destination'],
+    ram: ['source', 'destination'],
+    switchover: ['source', 'destination'],
+    confirm: ['source', 'destination'],
+    cleanup: ['destination'],
+  },
+  'link-cut-forever': {
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+    ram: ['source'],
+    switchover: ['source'],
+    confirm: ['source', 'uncertain', 'destination'],
+    cleanup: ['destination'],
+  },
+  'disk-full': {
+    preflight: ['source'],
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+    ram: ['source'],
+    switchover: ['source', 'destination'],
+    confirm: ['source', 'destination'],
+    cleanup: ['destination'],
+  },
+  'disk-io-error': {
+    'prepare-destination': ['source'],
+    mirror: ['source'],
+  },
+  'slow-link': {
+    mirror: ['source'],
+    ram: ['source'],
+  },
+};
+
+export interface Cell {
+  phase: FaultPhase;
+  fault: Fault;
+}
+
+export const cellId = (c: Cell): string => `${c.phase}/${c.fault}`;
+
+export function allCells(): Cell[] {
+  const out: Cell[] = [];
+  for (const phase of PHASES) for (const fault of FAULTS) if (EXPECTED[fault][phase]) out.push({ phase, fault });
+  return out;
+}
+
+/**
+ * The CI subset (test/integration/faults.test.ts): every phase and every fault kind at least
+ * once, the four defects of issue 17 among them, on the cheapest rig that shows each.
+ */
+export const CI_CELLS: readonly string[] = [
+  'preflight/kill-source-qemu',
+  'preflight/disk-full',
+  'prepare-destination/kill-destination-qemu',
+  'prepare-destination/disk-io-error',
+  'mirror/kill-source-qemu',
+  'mirror/kill-destination-qemu',
+  'mirror/kill-orchestrator',
+  'mirror/sigterm-orchestrator',
+  'mirror/disk-full',
+  'mirror/disk-io-error',
+  'mirror/link-cut-restore',
+  'ram/kill-orchestrator',
+  'ram/kill-destination-qemu',
+  'ram/kill-source-agent',
+  'ram/slow-link',
+  'ram/link-cut-forever',
+  'switchover/kill-source-qemu',
+  'switchover/sigterm-orchestrator',
+  'switchover/kill-destination-agent',
+  'confirm/kill-destination-qemu',
+  'confirm/sigterm-orchestrator',
+  'cleanup/sigterm-orchestrator',
+  'hydrate/sigterm-orchestrator',
+  'hydrate/kill-source-qemu',
+];
+
+/**
+ * Cells of the CI subset that fail today for a defect not fixed yet (docs/faults.md, "Open"):
+ * CI holds them to exactly these problems, so a fix (the cell passes) or a new problem (one that
+ * matches none of these) fails the test until this list is updated.
+ */
+export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {
+  // The engine loses the source's QMP with its agent and says "uncertain"; ferry's mirror and NBD node stay.
+  'ram/kill-source-agent': [/exit code says 'uncertain' but the guest is 'source'/, /^debris: source: block (jobs|nodes) ferry-/],
+  // The rollback cannot reach agent B; agent B keeps the incoming VM's record, disk and run dir.
+  'switchover/kill-destination-agent': [/^debris: host B still holds /, /^debris: agent B still lists /, /^debris: QEMU process/],
+  // Cut for good: the source's NBD client hangs on the silent destination, every source step times out.
+  'ram/link-cut-forever': [/exit code says 'uncertain' but the guest is '(source|uncertain)'/, /outcome 'uncertain', the matrix expects 'source'/, /^debris: /],
+  // Lazy, the source dead: its TLS credentials folder beside the source's QMP socket stays.
+  // The sampler finds B's QEMU gone although exit 4 says the guest runs there.
+  'hydrate/kill-source-qemu': [/^debris: host A has new files run\/ferry-tls-/, /exit code says 'needs-source' but the guest is 'killed'/, /outcome 'killed', the matrix expects 'needs-source'/],
+};
+
+/** Parses `--cells a/b,c/*,*` against the matrix; an unknown cell is an error naming it. */
+export function selectCells(spec: string | undefined): Cell[] {
+  const all = allCells();
+  if (!spec) return all;
+  const out: Cell[] = [];
+  for (const pattern of spec.split(',').map((s) => s.trim()).filter(Boolean)) {
+    const [p, f] = pattern.includes('/') ? pattern.split('/', 2) : [pattern, '*'];
+    const hits = all.filter((c) => (p === '*' || c.phase === p) && (f === '*' || c.fault === f));
+    if (hits.length === 0) throw new Error(`--cells: '${pattern}' names no cell of the matrix (phases: ${PHASES.join(', ')}; faults: ${FAULTS.join(', ')})`);
+    for (const h of hits) if (!out.some((o) => cellId(o) === cellId(h))) out.push(h);
+  }
+  return out;
+}
+
+/** A small seeded PRNG (mulberry32): a cell's offsets and durations replay from its seed. */
+export function rng(seed: number, salt: string): () => number {
+  let a = seed >>> 0;
+  for (const ch of salt) a = Math.imul(a ^ ch.charCodeAt(0), 0x9e3779b1) >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * How long each phase usually lasts with the harness's small guest (ms): the injection lands at
+ * a random offset in [0, window). A phase that ends sooner gets the fault in a later one; the
+ * result says which phase it really hit, and the expectation is the one of that phase.
+ */
+export const PHASE_WINDOW_MS: Record<FaultPhase, number> = {
+  preflight: 60,
+  'prepare-destination': 150,
+  mirror: 800,
+  ram: 300,
+  switchover: 5,
+  confirm: 5,
+  cleanup: 30,
+  hydrate: 600,
+};
