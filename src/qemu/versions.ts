@@ -98,10 +98,13 @@ export async function probeRunningQemu(qmp: Pick<QmpClient, 'executeRaw'>, opts:
 
 /**
  * Asks a QEMU binary what it is: started with no machine and QMP on its stdio, it answers
- * query-version and query-machines, then quits. Killed by PID if it does not within the timeout.
+ * query-version and query-machines, then quits. Ended (SIGTERM, then by timeout(1)) if it does not within the timeout.
  */
 export async function probeQemuBinary(binary: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild> {
-  const child = spawn(binary, ['-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', 'stdio'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  // Under coreutils' timeout: a QEMU on a QMP stdio does not quit when its stdin closes, so an
+  // orchestrator killed -9 mid-preflight would leave it running for ever; this one ends by itself.
+  const limitS = String(Math.max(1, Math.ceil(opts.timeoutMs / 1000)));
+  const child = spawn('timeout', ['--kill-after=1', limitS, binary, '-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', 'stdio'], { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.setEncoding('utf8').on('data', (s: string) => {
     if (stderr.length < 4096) stderr += s;
@@ -125,7 +128,8 @@ export async function probeQemuBinary(binary: string, opts: { timeoutMs: number;
       context: { binary },
     });
   } finally {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    // SIGTERM, which timeout passes on to QEMU (a SIGKILL would kill timeout alone).
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
   }
 }
 
