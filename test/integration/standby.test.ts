@@ -129,7 +129,8 @@ test('the source killed in the middle of a sync: the standby still holds, and bo
   await g.vm.qmp.executeRaw('human-monitor-command', { 'command-line': 'qemu-io -d /machine/peripheral/dev-data/virtio-backend "write -P 0x77 8M 8M"' });
   const since = g.vm.qmp.eventCursor();
   const third = g.protection.syncOnce().catch((e: unknown) => e);
-  await g.vm.qmp.waitForEvent((e) => e.event === 'JOB_STATUS_CHANGE' && (e.data as { status?: string } | undefined)?.status === 'running', { since, timeoutMs: 30_000, what: 'the third sync to run' });
+  // Slowed as soon as the job exists ('created'): by 'running' it may already have copied its 8 MiB.
+  await g.vm.qmp.waitForEvent((e) => e.event === 'JOB_STATUS_CHANGE' && (e.data as { status?: string } | undefined)?.status === 'created', { since, timeoutMs: 30_000, what: 'the third sync to start' });
   await g.vm.qmp.executeRaw('block-job-set-speed', { device: 'ferry-replica-data', speed: 1 << 20 });
   expect(g.replica.manifest.pending?.seq).toBe(3);
   await g.vm.kill();
