@@ -47,6 +47,31 @@ export interface CellResult {
 
 export const replayCommand = (c: Cell, seed: number): string => `npm run faults -- --cells ${cellId(c)} --seed ${seed}`;
 
+/** A cell's result, as both rigs report it; a failed cell carries migrate-vm's last stderr lines. */
+export function cellResult(
+  cell: Cell,
+  seed: number,
+  r: Pick<CellResult, 'hitPhase' | 'offsetMs' | 'exit' | 'outcome' | 'expected' | 'problems' | 'notes'> & { t0: number; orch: Pick<Orchestrator, 'stderr'> | undefined },
+): CellResult {
+  if (r.problems.length && r.orch) r.notes.push(`migrate-vm stderr (last lines): ${r.orch.stderr().trim().split('\n').slice(-6).join(' | ')}`);
+  return {
+    id: cellId(cell),
+    phase: cell.phase,
+    fault: cell.fault,
+    seed,
+    hitPhase: r.hitPhase,
+    offsetMs: r.offsetMs,
+    exit: r.exit,
+    outcome: r.outcome,
+    expected: r.expected,
+    pass: r.problems.length === 0,
+    problems: r.problems,
+    seconds: Math.round((performance.now() - r.t0) / 100) / 10,
+    notes: r.notes,
+    replay: replayCommand(cell, seed),
+  };
+}
+
 export function expectedFor(c: Cell, hitPhase: string | undefined): readonly Outcome[] {
   const row = EXPECTED[c.fault];
   return (isFaultPhase(hitPhase) ? row[hitPhase] : undefined) ?? row[c.phase] ?? [];
@@ -327,21 +352,5 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     const mounts = await readFile('/proc/mounts', 'utf8');
     if (mounts.includes(root)) problems.push(`debris: a mount under ${root} is left`);
   }
-  if (problems.length && orch) notes.push(`migrate-vm stderr (last lines): ${orch.stderr().trim().split('\n').slice(-6).join(' | ')}`);
-  return {
-    id: cellId(cell),
-    phase: cell.phase,
-    fault: cell.fault,
-    seed,
-    hitPhase,
-    offsetMs,
-    exit,
-    outcome,
-    expected,
-    pass: problems.length === 0,
-    problems,
-    seconds: Math.round((performance.now() - t0) / 100) / 10,
-    notes,
-    replay: replayCommand(cell, seed),
-  };
+  return cellResult(cell, seed, { t0, orch, hitPhase, offsetMs, exit, outcome, expected, problems, notes });
 }

@@ -22,7 +22,7 @@ import { agentGuestSpec } from '../helpers/guest.js';
 import { createNetnsPair, type NetnsPair } from '../helpers/netns.js';
 import { call, startAgentIn } from '../helpers/netns-agents.js';
 import { cellId, PHASE_WINDOW_MS, rng, type Cell, type Outcome } from './cells.js';
-import { expectedFor, KEPT_LOG, pidsNaming, qemuLeftovers, replayCommand, type CellResult } from './local-rig.js';
+import { cellResult, expectedFor, KEPT_LOG, pidsNaming, qemuLeftovers, type CellResult } from './local-rig.js';
 import { startOrchestrator, type Orchestrator } from './orchestrator.js';
 import { runDirsUnder, Sampler } from './sampler.js';
 import { actualOutcome, claimOf, judge } from './verdict.js';
@@ -281,22 +281,6 @@ export class NetnsRig {
       await rm(dirA, { recursive: true, force: true });
       await rm(dirB, { recursive: true, force: true });
     }
-    if (problems.length && orch) notes.push(`migrate-vm stderr (last lines): ${orch.stderr().trim().split('\n').slice(-6).join(' | ')}`);
-    return {
-      id: cellId(cell),
-      phase: cell.phase,
-      fault: cell.fault,
-      seed,
-      hitPhase,
-      offsetMs,
-      exit,
-      outcome,
-      expected,
-      pass: problems.length === 0,
-      problems,
-      seconds: Math.round((performance.now() - t0) / 100) / 10,
-      notes,
-      replay: replayCommand(cell, seed),
-    };
+    return cellResult(cell, seed, { t0, orch, hitPhase, offsetMs, exit, outcome, expected, problems, notes });
   }
 }
