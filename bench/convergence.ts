@@ -31,6 +31,7 @@ import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
 import { parseVmSpec } from '../src/qemu/spec.js';
 import { fillDisk } from './scenario.js';
+import { flag, list, QEMUS, stat } from './suite-args.js';
 
 const run = promisify(execFile);
 const ROOT = join(import.meta.dirname, '..');
@@ -44,24 +45,9 @@ const SCENARIOS: Record<string, { workload: Workload; floor: string }> = {
   'write-max': { workload: { tickMs: 20, probeMs: 50, write: { rate: 0 } }, floor: 'write-max' },
 };
 const MODES: CopyMode[] = ['auto', 'background', 'write-blocking'];
-const QEMUS: Record<string, string> = {
-  '7.2': 'qemu-system-x86_64',
-  '10.0': join(ROOT, '.cache', 'qemu-10.0', 'bin', 'qemu-system-x86_64'),
-};
 /** Measured seconds per run, for the estimate: boot + settle + migration + tidy (TCG, 2 cores; the --runs 1 smoke run: 240 s for 18 + 6). */
 const SECONDS_PER_RUN = { ferry: 10, floor: 9, startup: 0.5 };
 
-function flag(name: string): string | undefined {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
-function list<T extends string>(name: string, all: readonly T[]): T[] {
-  const v = flag(name);
-  if (v === undefined) return [...all];
-  const chosen = v.split(',').map((s) => s.trim()).filter(Boolean);
-  for (const c of chosen) if (!all.includes(c as T)) throw new Error(`--${name}: unknown '${c}'; known: ${all.join(', ')}`);
-  return chosen as T[];
-}
 
 interface Row {
   qemu: string;
@@ -103,12 +89,6 @@ function percentile(xs: number[], p: number): number | undefined {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 }
 
-function stat(xs: (number | undefined)[]): string {
-  const v = xs.filter((x): x is number => typeof x === 'number').sort((a, b) => a - b);
-  if (v.length === 0) return '-';
-  const med = v[Math.floor(v.length / 2)]!;
-  return v.length === 1 ? String(Math.round(med)) : `${Math.round(med)} [${Math.round(v[0]!)}..${Math.round(v[v.length - 1]!)}]`;
-}
 
 
 async function ferryOnce(qemu: string, scenario: string, mode: CopyMode, i: number, image: { kernel: string; initrd: string }): Promise<Row> {

@@ -14,7 +14,6 @@ import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { LocalDestination, LocalSource, type LocalIncomingVm } from '../src/engine/local-endpoint.js';
 import { migrate } from '../src/engine/migrate.js';
 import { loadGuestImage } from '../src/guest/image.js';
@@ -24,12 +23,8 @@ import { reapAll } from '../src/qemu/reaper.js';
 import { parseVmSpec, type VmSpec } from '../src/qemu/spec.js';
 import { lazyFloorOnce, type LazyFloorRow } from './floor-lazy.js';
 import { fillDisk, GiB } from './scenario.js';
+import { flag, list, median, QEMUS, stat } from './suite-args.js';
 
-const ROOT = join(fileURLToPath(import.meta.url), '..', '..');
-const QEMUS: Record<string, string> = {
-  '7.2': 'qemu-system-x86_64',
-  '10.0': join(ROOT, '.cache', 'qemu-10.0', 'bin', 'qemu-system-x86_64'),
-};
 const SCENARIOS: Record<string, Workload> = {
   idle: { tickMs: 20 },
   'write-200': { tickMs: 20, write: { rate: 200 } },
@@ -47,31 +42,6 @@ interface Row {
   qemuDowntimeMs?: number | undefined;
   /** ferry: its phases until the destination ran; floor: its steps. */
   parts?: Record<string, number>;
-}
-
-function flag(name: string): string | undefined {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
-
-function list(name: string, known: string[]): string[] {
-  const v = flag(name);
-  if (v === undefined) return known;
-  const xs = v.split(',').filter(Boolean);
-  for (const x of xs) if (!known.includes(x)) throw new Error(`--${name}: unknown '${x}'; known: ${known.join(', ')}`);
-  return xs;
-}
-
-function median(xs: number[]): number | undefined {
-  if (xs.length === 0) return undefined;
-  const v = [...xs].sort((a, b) => a - b);
-  return v[Math.floor(v.length / 2)];
-}
-
-function stat(xs: (number | undefined)[]): string {
-  const v = xs.filter((x): x is number => typeof x === 'number').sort((a, b) => a - b);
-  if (v.length === 0) return '-';
-  return v.length === 1 ? String(v[0]) : `${v[Math.floor(v.length / 2)]} [${v[0]}..${v[v.length - 1]}]`;
 }
 
 /** A fresh source of the scenario, booted and in its steady state; `use` runs one migration of it. */
