@@ -3,6 +3,7 @@
  * it runs, and refuse what cannot work before anything changes anywhere. The plan it returns is
  * the input of every later phase.
  */
+import { isFerryReplicationBitmap } from './delta.js';
 import { errorText } from '../errors.js';
 import type { QmpClient } from '../qmp/index.js';
 import { diskNodeName, type VmSpec } from '../qemu/spec.js';
@@ -98,8 +99,12 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
   for (const p of [reading, target]) p.catch(() => undefined);
   const state = await stateProblems;
   const problems = [...state.problems, ...pair.problems];
-  const { disks, bitmaps, problems: diskProblems } = await reading;
+  const { disks, bitmaps: found, problems: diskProblems } = await reading;
   problems.push(...diskProblems);
+  // Lazy leaves a standby replica's bitmaps behind (they would land on an overlay whose data is
+  // still on the source): the protection that follows the VM reconciles, finds none, and its next
+  // sync is full. Never a wrong sync, only a longer one.
+  const bitmaps = ctx.opts.mode === 'lazy' ? found.filter((b) => !isFerryReplicationBitmap(b.name)) : found;
   if (bitmaps.length > 0 && !source.caps.migrationCapabilities.has('dirty-bitmaps')) {
     // Without the capability the destination would come up without them, and the next
     // incremental backup there would silently miss every block written before the move.

@@ -108,19 +108,25 @@ export class AgentFleet implements Inventory, MigrationRunner, Reconciler {
   }
 
   /**
-   * Standby replicas (src/scheduler/protections.ts): a migration onto a VM's standby goes by
-   * delta; `before` says so (and pauses the VM's syncs), `after` learns how it ended.
+   * Standby replicas (src/scheduler/protections.ts): `before` pauses a protected VM's syncs and
+   * says whether the migration goes by delta (onto its standby); `after` learns how it ended and
+   * where the VM runs, so the protection ends, follows the VM, or goes on (outcome undefined: the
+   * run rejected, which changed nothing).
    */
-  delta: { before(job: MigrationJob): Promise<DeltaReplica | undefined>; after(job: MigrationJob, outcome: MigrationOutcome): Promise<void> } | undefined;
+  replicas: { before(job: MigrationJob): Promise<DeltaReplica | undefined>; after(job: MigrationJob, outcome: MigrationOutcome | undefined, byDelta: boolean): Promise<void> } | undefined;
 
   async run(job: MigrationJob, ctx: RunContext): Promise<MigrationOutcome> {
-    const delta = await this.delta?.before(job).catch((err: unknown) => {
+    const delta = await this.replicas?.before(job).catch((err: unknown) => {
       this.#log.warn({ vm: job.vm, err: String(err) }, 'no delta evacuation: a full migration instead');
       return undefined;
     });
-    const outcome = await this.#run(job, ctx, delta);
-    if (delta) await this.delta?.after(job, outcome).catch((err: unknown) => this.#log.warn({ vm: job.vm, err: String(err) }, 'after the delta evacuation'));
-    return outcome;
+    let outcome: MigrationOutcome | undefined;
+    try {
+      outcome = await this.#run(job, ctx, delta);
+      return outcome;
+    } finally {
+      await this.replicas?.after(job, outcome, delta !== undefined).catch((err: unknown) => this.#log.warn({ vm: job.vm, err: String(err) }, 'after the migration of a protected VM'));
+    }
   }
 
   async #run(job: MigrationJob, ctx: RunContext, delta: DeltaReplica | undefined): Promise<MigrationOutcome> {

@@ -458,6 +458,10 @@ export class PostgresStore implements SchedulerStore {
     return row ? toProtection(row) : undefined;
   }
 
+  async retargetProtection(vm: string, source: string, spec: unknown): Promise<void> {
+    await this.#tx('retargetProtection', (c) => c.query('UPDATE protections SET src = $1, spec = $2 WHERE vm = $3', [source, JSON.stringify(spec), vm]));
+  }
+
   async removeProtection(vm: string): Promise<void> {
     await this.#tx('removeProtection', (c) => c.query('DELETE FROM protections WHERE vm = $1', [vm]));
   }

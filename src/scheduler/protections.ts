@@ -21,7 +21,7 @@ import type { ReplicaTarget } from '../replica/standby-daemon.js';
 import type { HostConfig } from './agents.js';
 import type { protectionMethods, ProtectionStatusRow } from './protection-protocol.js';
 import type { ProtectionRow, RecoveryRow, SchedulerStore } from './store.js';
-import { SchedulerError, type MigrationJob } from './types.js';
+import { SchedulerError, type MigrationJob, type MigrationMode } from './types.js';
 import type { DeltaReplica } from '../engine/delta.js';
 import type { MigrationOutcome } from '../engine/outcome.js';
 
@@ -37,6 +37,8 @@ export class ProtectionService {
   readonly #tls: TlsMaterial | undefined;
   readonly #log: Logger;
   readonly #loops = new Map<string, Protection>();
+  /** Protections whose loop is held (the VM's whereabouts in doubt), and why: `protect status` says so. */
+  readonly #suspended = new Map<string, string>();
 
   constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; log: Logger }) {
     this.#store = opts.store;
@@ -46,9 +48,16 @@ export class ProtectionService {
     this.#log = opts.log.child({ component: 'protections' });
   }
 
-  /** Every stored protection's loop, started again. */
+  /**
+   * Every stored protection's loop, started again; one whose VM now runs elsewhere (moved while
+   * the scheduler was down) follows it first, as afterMigration would have.
+   */
   async start(): Promise<void> {
-    for (const p of await this.#store.protections()) this.#startLoop(p);
+    for (const p of await this.#store.protections()) {
+      const found = await this.#find(p.vm).catch(() => undefined);
+      if (found && found.host.name !== p.source) await this.#follow(p, found.host.name, found.spec, false);
+      else this.#startLoop(p);
+    }
   }
 
   async stop(): Promise<void> {
@@ -74,8 +83,8 @@ export class ProtectionService {
 
   async unprotect(vm: string): Promise<{ vm: string }> {
     const row = await this.#row(vm);
-    await this.#loops.get(vm)?.stop();
-    this.#loops.delete(vm);
+    await this.#stopLoop(vm);
+    this.#suspended.delete(vm);
     const found = await this.#find(vm).catch(() => undefined);
     if (found) await this.#call(found.host, 'vm.replicaRemove', { vmId: found.vmId }, () => undefined).catch((err: unknown) => this.#log.warn({ vm, err: errorText(err) }, 'removing the source bitmaps failed'));
     await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined);
@@ -100,8 +109,8 @@ export class ProtectionService {
     if (!onSource.reachable && !p.sourceFenced) {
       throw new SchedulerError('SOURCE_UNKNOWN', `refusing to recover ${p.vm}: ${source.name} cannot be reached, so it may still run the guest; make sure the host is off, then pass --source-fenced`, { userError: true });
     }
-    await this.#loops.get(p.vm)?.stop();
-    this.#loops.delete(p.vm);
+    await this.#stopLoop(p.vm);
+    this.#suspended.delete(p.vm);
     const failedAt = Date.now();
     const id = `r-${randomBytes(5).toString('hex')}`;
     try {
@@ -118,35 +127,100 @@ export class ProtectionService {
   }
 
   /**
-   * A migration is about to start: onto the VM's standby, with a consistent replica, it goes by
-   * delta (the sync loop stopped first); anything else is a full migration (undefined).
+   * For a drain, or a migration that names no host: the VM's standby, when a migration there
+   * would go by delta (precopy, the replica active with a consistent point); else undefined.
    */
-  async deltaBefore(job: MigrationJob): Promise<DeltaReplica | undefined> {
+  async preferredFor(vm: string, mode: MigrationMode): Promise<string | undefined> {
+    const row = await this.#store.protection(vm);
+    if (!row || mode !== 'precopy') return undefined;
+    return (await this.#deltaReady(row)) ? row.standby : undefined;
+  }
+
+  /**
+   * A migration of a VM is about to start. A protected VM's loop stops first, whatever the
+   * destination: a backup job on the source would keep the migration from inactivating its disks,
+   * and where the loop goes on depends on where the VM ends up (afterMigration). Onto the VM's
+   * standby, with a consistent replica, it goes by delta; anything else is a full migration
+   * (undefined).
+   */
+  async beforeMigration(job: MigrationJob): Promise<DeltaReplica | undefined> {
     const row = await this.#store.protection(job.vm);
-    if (!row || row.standby !== job.to || job.mode !== 'precopy') return undefined;
+    if (!row) return undefined;
+    await this.#stopLoop(job.vm);
+    if (row.standby !== job.to || job.mode !== 'precopy') return undefined;
+    const st = await this.#deltaReady(row);
+    if (!st) return undefined;
     const standby = this.#host(row.standby);
-    const st = await this.#call(standby, 'replica.status', { vm: job.vm }, (r) => replicaStatusSchema.parse(r));
-    if (!st.consistent || st.state !== 'active') return undefined;
-    await this.#loops.get(job.vm)?.stop();
-    this.#loops.delete(job.vm);
     const vm = job.vm;
     return {
-      seq: st.consistent.seq,
+      seq: st.seq,
       prepareOverlays: async (disks) => this.#call(standby, 'replica.prepareOverlays', { vm, disks }, () => undefined, SYNC_CALL_MS),
       restore: async (paths) => this.#call(standby, 'replica.restore', { vm, paths }, () => undefined, SYNC_CALL_MS),
     };
   }
 
-  /** After a delta evacuation: arrived, the replica is the VM's disk and protection ends; else the loop goes on. */
-  async deltaAfter(job: MigrationJob, outcome: MigrationOutcome): Promise<void> {
+  /**
+   * A migration of a VM ended (`byDelta`: it went onto the replica). Where the guest runs decides:
+   *   its source still (rolled back,       the loop goes on
+   *   or the run never started)
+   *   its standby, by delta                the replica is the VM's disk: protection ends
+   *   its standby, by a full migration     the VM runs from its own copy; the replica is stale and
+   *                                        a host cannot be its own VM's standby: replica removed,
+   *                                        protection ends
+   *   another host                         the protection follows the VM (follow())
+   *   in doubt (uncertain, source died,    the loop stays stopped, `protect status` says
+   *   lazy needing its source)             'suspended' and why
+   */
+  async afterMigration(job: MigrationJob, outcome: MigrationOutcome | undefined, byDelta: boolean): Promise<void> {
     const row = await this.#store.protection(job.vm);
     if (!row) return;
-    if (outcome.kind === 'migrated') {
-      await this.#store.removeProtection(job.vm);
-      this.#log.info({ vm: job.vm, standby: row.standby }, 'evacuated onto its replica: protection ends');
+    // undefined: the run rejected before it changed anything (MigrationRunner's contract).
+    if (!outcome || outcome.kind === 'rolledBack') {
+      if (!this.#loops.has(job.vm)) this.#startLoop(row);
       return;
     }
-    if (!this.#loops.has(job.vm)) this.#startLoop(row);
+    if (outcome.kind !== 'migrated') {
+      this.#suspend(job.vm, `migration ${job.id} ended ${outcome.kind}: where ${job.vm} runs is not settled; syncs held (unprotect, or migrate it again once it runs)`);
+      return;
+    }
+    const spec = await this.#call(this.#host(job.to), 'vm.get', { name: job.vm }, (r) => vmGetSchema.parse(r).spec).catch(() => row.spec);
+    await this.#follow(row, job.to, spec, byDelta);
+  }
+
+  /** The VM runs on `host` now, not on the row's source: see afterMigration's table. */
+  async #follow(row: ProtectionRow, host: string, spec: unknown, byDelta: boolean): Promise<void> {
+    const vm = row.vm;
+    if (host === row.standby) {
+      if (!byDelta) {
+        // A released replica (a delta evacuation, a recovery) is the VM's disk: destroy keeps its files.
+        await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined).catch((err: unknown) => this.#log.warn({ vm, err: errorText(err) }, 'removing the stale replica failed; unprotect removes it'));
+      }
+      await this.#store.removeProtection(vm);
+      this.#suspended.delete(vm);
+      this.#log.info({ vm, standby: row.standby, byDelta }, byDelta ? 'evacuated onto its replica: protection ends' : 'runs on its standby now (a full migration): the stale replica removed, protection ends');
+      return;
+    }
+    // The replica stays: the next sync reconciles with the new source's bitmaps (a persistent
+    // bitmap that migrated with the VM keeps it incremental; without it, a full sync).
+    await this.#store.retargetProtection(vm, host, spec);
+    this.#suspended.delete(vm);
+    this.#log.info({ vm, from: row.source, to: host, standby: row.standby }, 'the protected VM moved: its protection follows it');
+    this.#startLoop({ ...row, source: host, spec });
+  }
+
+  async #deltaReady(row: ProtectionRow): Promise<{ seq: number } | undefined> {
+    const st = await this.#call(this.#host(row.standby), 'replica.status', { vm: row.vm }, (r) => replicaStatusSchema.parse(r));
+    return st.consistent && st.state === 'active' ? { seq: st.consistent.seq } : undefined;
+  }
+
+  async #stopLoop(vm: string): Promise<void> {
+    await this.#loops.get(vm)?.stop();
+    this.#loops.delete(vm);
+  }
+
+  #suspend(vm: string, why: string): void {
+    this.#suspended.set(vm, why);
+    this.#log.warn({ vm, why }, 'protection suspended');
   }
 
   #statusOf(p: ProtectionRow): ProtectionStatusRow {
@@ -156,14 +230,14 @@ export class ProtectionService {
       source: p.source,
       standby: p.standby,
       intervalMs: p.intervalMs,
-      state: s?.state ?? 'stopped',
+      state: this.#suspended.has(p.vm) ? 'suspended' : (s?.state ?? 'stopped'),
       consistentAt: s?.consistentAt ?? null,
       rpoMs: s?.rpoMs ?? null,
       lastBytes: s?.lastBytes ?? null,
       lastDurationMs: s?.lastDurationMs ?? null,
       syncs: s?.syncs ?? 0,
       failedSyncs: s?.failedSyncs ?? 0,
-      lastError: s?.lastError ?? null,
+      lastError: this.#suspended.get(p.vm) ?? s?.lastError ?? null,
     };
   }
 

@@ -57,6 +57,17 @@ export interface SchedulerOptions {
   logger?: Logger;
   /** Shared stores: this replica's name in the leases, lease length, and how often it looks for work. */
   replica?: { owner?: string; leaseMs?: number; pollMs?: number };
+  /** Where a VM had better go when a request names no host (its standby replica). */
+  placement?: PlacementHint;
+}
+
+/**
+ * A destination preferred over `pick`'s choice (src/scheduler/protections.ts: the VM's standby,
+ * where it goes by delta). Taken only if that host is in the fleet and has room; undefined, or
+ * a hint that fails, leaves the usual placement.
+ */
+export interface PlacementHint {
+  preferredFor(vm: string, mode: MigrationMode): Promise<string | undefined>;
 }
 
 /** A migration this replica holds on a shared store, and what stops its engine. */
@@ -106,6 +117,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   readonly #runs = new Set<Promise<void>>();
   readonly #settleTimeoutMs: number;
   readonly #mode: MigrationMode;
+  readonly #placement: PlacementHint | undefined;
   #stopping = false;
   #started = false;
   /** Reservations read back from the store (the constructor's only store read). */
@@ -133,6 +145,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       if (v !== undefined && !(Number.isFinite(v) && v > 0)) throw new SchedulerError('BAD_LIMIT', `limit ${k} must be a positive number, got ${String(v)}`, { userError: true });
     }
     this.#mode = opts.mode ?? 'precopy';
+    this.#placement = opts.placement;
     this.#maxAttempts = opts.retry?.maxAttempts ?? 3;
     this.#baseDelayMs = opts.retry?.baseDelayMs ?? 5_000;
     this.#settleTimeoutMs = opts.settleTimeoutMs ?? 30 * 60_000;
@@ -239,7 +252,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
         throw new SchedulerError('NO_CAPACITY', `${to} cannot take '${vm}': it needs ${info.memoryMiB} MiB and ${info.diskBytes} bytes of disk, ${to} has ${r.memoryMiB} MiB and ${r.diskBytes} bytes left`, { userError: true });
       }
     } else {
-      to = pick(room, info, new Set([info.host]));
+      to = (await this.#preferred(room, info, opts.mode ?? this.#mode)) ?? pick(room, info, new Set([info.host]));
       if (!to) throw new SchedulerError('NO_CAPACITY', `no other host can take '${vm}' (${info.memoryMiB} MiB, ${info.diskBytes} bytes of disk)`, { userError: true });
     }
     const reason = opts.reason ?? 'manual';
@@ -266,7 +279,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
         plan.push({ vm: v.name, from: host, to: '', reason: 'drain', priority: PRIORITY.drain, memoryMiB: 0, diskBytes: 0 });
         continue;
       }
-      const to = pick(room, v, new Set([host]));
+      const to = (await this.#preferred(room, v, opts.mode ?? this.#mode)) ?? pick(room, v, new Set([host]));
       if (!to) {
         unplaced.push(`${v.name} (${v.memoryMiB} MiB)`);
         continue;
@@ -286,6 +299,21 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       this.#queued(r.job);
     }
     return results;
+  }
+
+  /** The hint's host for this VM, if it is another host of the fleet with room for it. */
+  async #preferred(room: Map<string, { memoryMiB: number; diskBytes: number }>, vm: VmInfo, mode: MigrationMode): Promise<string | undefined> {
+    const to = await this.#placement?.preferredFor(vm.name, mode).catch((err: unknown) => {
+      this.#log.warn({ vm: vm.name, err: errorText(err) }, 'no placement hint: the usual placement');
+      return undefined;
+    });
+    if (to === undefined || to === vm.host) return undefined;
+    const r = room.get(to);
+    if (!r || r.memoryMiB < vm.memoryMiB || r.diskBytes < vm.diskBytes) {
+      this.#log.info({ vm: vm.name, preferred: to, room: r ?? null }, 'the preferred host is not in the fleet or has no room: the usual placement');
+      return undefined;
+    }
+    return to;
   }
 
   /** Cancels a queued migration at once; a running one is rolled back by the engine (if still possible). */
@@ -575,7 +603,9 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       if (outcome.kind === 'migrated') {
         const tls = outcome.result.plan.dataTls;
         const dataPath = tls.encrypted ? `data over TLS, admitted ${tls.source.identity} on ${job.to} and ${tls.destination.identity} on ${job.from}` : `data in plain text (${tls.reason})`;
-        const done = await this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}; ${dataPath}; downtime ${outcome.result.downtimeMs} ms` }, claim);
+        const d = outcome.result.delta;
+        const disks = d ? `; disks by delta onto its standby replica (${d.passes} passes, ${d.bytes} bytes)` : '';
+        const done = await this.#store.transition(id, 'succeeded', { detail: `${job.vm} runs on ${job.to}${disks}; ${dataPath}; downtime ${outcome.result.downtimeMs} ms` }, claim);
         this.#changed(done);
         const { downtimeMs, diskBytes, ramBytes } = outcome.result;
         this.emit('finished', { job: done, durationMs: performance.now() - startedAt, result: { downtimeMs, diskBytes, ramBytes } });

@@ -98,6 +98,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const log = logger.child({ tool: 'ferry-scheduler' });
   const tls = config.agentTls ? await loadTls(config.agentTls) : undefined;
   const store = await openStore(config.database, { log });
+  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log });
   const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, { dataTls: config.dataTls, ...(config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {}) });
   const scheduler = new Scheduler({
     store,
@@ -109,6 +110,8 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     mode: config.mode,
     logger: log,
     replica: { leaseMs: config.replica.leaseMs, pollMs: config.replica.pollMs },
+    // A drain (or a migration naming no host) sends a protected VM to its standby: by delta.
+    placement: { preferredFor: (vm, mode) => protections.preferredFor(vm, mode) },
   });
   const metrics = new SchedulerMetrics(scheduler, { queued: () => store.inState('queued'), running: () => store.inState('running') }, config.hosts.map((h) => h.name));
   try {
@@ -117,12 +120,11 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     await store.close().catch(() => undefined);
     throw err;
   }
-  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log });
   // With replicas on PostgreSQL every replica would run every sync loop: until the loops are
   // leased like migrations, they run only where the scheduler is alone (docs/standby.md).
   if (store.shared) log.warn('standby replicas: sync loops are not started again by a scheduler replica on a shared store (protect starts one on the replica asked)');
   else await protections.start();
-  fleet.delta = { before: (job) => protections.deltaBefore(job), after: (job, outcome) => protections.deltaAfter(job, outcome) };
+  fleet.replicas = { before: (job) => protections.beforeMigration(job), after: (job, outcome, byDelta) => protections.afterMigration(job, outcome, byDelta) };
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
     switch (method) {

@@ -202,6 +202,10 @@ export class SqliteStore implements SchedulerStore {
     return row ? toProtection(row) : undefined;
   }
 
+  async retargetProtection(vm: string, source: string, spec: unknown): Promise<void> {
+    this.#db.prepare('UPDATE protections SET src = ?, spec = ? WHERE vm = ?').run(source, JSON.stringify(spec), vm);
+  }
+
   async removeProtection(vm: string): Promise<void> {
     this.#db.prepare('DELETE FROM protections WHERE vm = ?').run(vm);
   }

@@ -201,6 +201,8 @@ export interface SchedulerStore {
   protections(): Promise<ProtectionRow[]>;
   protection(vm: string): Promise<ProtectionRow | undefined>;
   removeProtection(vm: string): Promise<void>;
+  /** The VM moved to another host (not its standby): the protection follows it there, with its spec there. */
+  retargetProtection(vm: string, source: string, spec: unknown): Promise<void>;
   addRecovery(r: RecoveryRow): Promise<void>;
   recoveries(limit?: number): Promise<RecoveryRow[]>;
 

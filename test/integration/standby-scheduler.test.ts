@@ -1,8 +1,13 @@
 /**
- * Standby replicas through the scheduler and two real agents on loopback (issue 12): protect,
+ * Standby replicas through the scheduler and real agents on loopback (issue 12): protect,
  * `protect status`, recover refused while the source runs, both agents restarted while protection
  * runs (replication resumes incrementally, the replica daemon re-attached), then kill -9 of the
- * source QEMU and recover from the replica on the standby, its RPO in the record.
+ * source QEMU and recover from the replica on the standby, its RPO in the record. Then a migration
+ * onto the standby by delta, a drain that prefers each protected VM's standby, and a protected VM
+ * moved elsewhere (its protection follows it) and then fully onto its standby (protection ends).
+ *
+ * Host C is given more memory than B in the scheduler's config, so the usual placement (most
+ * memory left) would pick C: a drain that sends a VM to B did so because B is its standby.
  */
 import { execFile } from 'node:child_process';
 import { readdir, readFile } from 'node:fs/promises';
@@ -41,7 +46,7 @@ const agentConfig = (h: string) => ({
 });
 
 beforeAll(async () => {
-  for (const h of ['A', 'B']) {
+  for (const h of ['A', 'B', 'C']) {
     roots[h] = await makeTempDir(`ferry-standby-${h}-`);
     agents[h] = await startAgent(agentConfig(h));
   }
@@ -102,7 +107,8 @@ async function waitSyncs(n: number, timeoutMs = 60_000) {
 }
 
 async function startScheduler(db: string): Promise<void> {
-  svc = await startSchedulerService({ listenPort: 0, database: db, hosts: ['A', 'B'].map((h) => ({ name: h, url: agents[h]!.url })), agentToken: AGENT_TOKEN, tokens: { [API_TOKEN]: 'operator' } });
+  const memoryMiB: Record<string, number> = { A: 8192, B: 4096, C: 8192 };
+  svc = await startSchedulerService({ listenPort: 0, database: db, hosts: ['A', 'B', 'C'].map((h) => ({ name: h, url: agents[h]!.url, memoryMiB: memoryMiB[h]! })), agentToken: AGENT_TOKEN, tokens: { [API_TOKEN]: 'operator' } });
   api = await SchedulerClient.connect(svc.url, API_TOKEN);
 }
 
@@ -212,3 +218,116 @@ test('ferry migrate onto the standby goes by delta: every acknowledged write arr
     clearInterval(tail);
   }
 }, 240_000);
+
+async function startGuest(name: string): Promise<{ acked: () => number; stop: () => void }> {
+  const a = await AgentClient.connect(agents.A!.url, AGENT_TOKEN);
+  const { spec, serialLog } = await agentGuestSpec(roots.A!, name, { memoryMiB: 128, diskMiB: 32, rate: 30, tickMs: 100 });
+  await a.call('vm.create', { spec });
+  pids.push(((await a.call('vm.start', { name })) as { pid: number }).pid);
+  a.close();
+  let acked = -1;
+  const tail = setInterval(() => void readFile(serialLog, 'utf8').then((t) => (acked = Math.max(acked, highestAcks(t.split('\n').map((text) => ({ text }))).get('data') ?? -1)), () => undefined), 100);
+  for (let i = 0; i < 300 && acked < 5; i++) await sleep(100);
+  return { acked: () => acked, stop: () => clearInterval(tail) };
+}
+
+async function waitVmSyncs(vm: string, n: number, timeoutMs = 90_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const s = (await api!.call('protect-status', {})).find((r) => r.vm === vm);
+    if (s && s.syncs >= n) return s;
+    if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for ${n} syncs of ${vm}; last status ${JSON.stringify(s)}`);
+    await sleep(200);
+  }
+}
+
+async function settled(id: string) {
+  let job = await api!.call('get', { id });
+  for (let i = 0; i < 900 && (job.state === 'queued' || job.state === 'running'); i++) {
+    await sleep(200);
+    job = await api!.call('get', { id });
+  }
+  return job;
+}
+
+async function onHost(h: string, vm: string) {
+  const c = await AgentClient.connect(agents[h]!.url, AGENT_TOKEN);
+  try {
+    return (await c.call('vm.get', { name: vm })) as { state: string; pid: number; spec: { disks: { path: string }[]; runDir: string } };
+  } finally {
+    c.close();
+  }
+}
+
+async function backingOf(path: string): Promise<string | undefined> {
+  return (JSON.parse((await run('qemu-img', ['info', '--output=json', '-U', path])).stdout) as { 'backing-filename'?: string })['backing-filename'];
+}
+
+test('ferry drain sends a protected VM to its standby by delta, and an unprotected one where the usual placement says', async () => {
+  if (!api) await startScheduler(join(await makeTempDir('ferry-standby-db-'), 'state.db'));
+  const vm3 = await startGuest('vm3');
+  const vm4 = await startGuest('vm4');
+  try {
+    await api!.call('protect', { vm: 'vm3', standby: 'B', intervalMs: 1000 });
+    await waitVmSyncs('vm3', 2);
+    const jobs = await api!.call('drain', { host: 'A' });
+    const byVm = new Map(jobs.map((r) => [r.job.vm, r.job]));
+    // C has the most memory left: only the standby preference sends vm3 to B.
+    expect(byVm.get('vm3')?.to).toBe('B');
+    expect(byVm.get('vm4')?.to).toBe('C');
+    const j3 = await settled(byVm.get('vm3')!.id);
+    const j4 = await settled(byVm.get('vm4')!.id);
+    expect(j3.state, j3.error ?? '').toBe('succeeded');
+    expect(j4.state, j4.error ?? '').toBe('succeeded');
+    const detail3 = (await api!.call('journal', { id: j3.id })).map((e) => e.detail ?? '').join(' | ');
+    expect(detail3).toContain('by delta onto its standby replica');
+    const detail4 = (await api!.call('journal', { id: j4.id })).map((e) => e.detail ?? '').join(' | ');
+    expect(detail4).not.toContain('by delta');
+    // Arrived on its replica: protection ends; the disk on B is an overlay on the replica's chain.
+    expect((await api!.call('protect-status', {})).some((x) => x.vm === 'vm3')).toBe(false);
+    const on3 = await onHost('B', 'vm3');
+    expect(on3.state).toBe('running');
+    pids.push(on3.pid, (await onHost('C', 'vm4')).pid);
+    expect(await backingOf(on3.spec.disks[0]!.path)).toContain(join(roots.B!, 'replicas'));
+    const c = await AgentClient.connect(agents.B!.url, AGENT_TOKEN);
+    await c.call('vm.stop', { name: 'vm3', timeoutMs: 10_000 });
+    c.close();
+  } finally {
+    vm3.stop();
+    vm4.stop();
+  }
+}, 300_000);
+
+test('a protected VM migrated to another host: its protection follows it (incrementally); migrated fully onto its standby: protection ends, stale replica removed', async () => {
+  if (!api) await startScheduler(join(await makeTempDir('ferry-standby-db-'), 'state.db'));
+  // vm4 runs on C after the drain; started there fresh if that test did not run.
+  if ((await onHost('C', 'vm4').catch(() => undefined))?.state !== 'running') {
+    await startGuest('vm4');
+    const j = await settled((await api!.call('migrate', { vm: 'vm4', to: 'C' })).job.id);
+    expect(j.state, j.error ?? '').toBe('succeeded');
+  }
+  await api!.call('protect', { vm: 'vm4', standby: 'B', intervalMs: 1000 });
+  await waitVmSyncs('vm4', 2);
+  const replicas = async () => (await readdir(join(roots.B!, 'replicas')).catch(() => [] as string[])).filter((d) => d.endsWith('-vm4'));
+  expect((await replicas()).length).toBe(1);
+
+  const toA = await settled((await api!.call('migrate', { vm: 'vm4', to: 'A' })).job.id);
+  expect(toA.state, toA.error ?? '').toBe('succeeded');
+  pids.push((await onHost('A', 'vm4')).pid);
+  const row = (await api!.call('protect-status', {})).find((r) => r.vm === 'vm4');
+  expect(row).toMatchObject({ source: 'A', standby: 'B' });
+  // The loop starts again from A; its replica bitmap came along with the VM: incremental.
+  const after = await waitVmSyncs('vm4', 2);
+  expect(after.state).not.toBe('suspended');
+  expect(after.lastBytes!).toBeLessThan(8 << 20);
+
+  // Lazy never goes by delta: a full migration onto the standby.
+  const toB = await settled((await api!.call('migrate', { vm: 'vm4', to: 'B', mode: 'lazy' })).job.id);
+  expect(toB.state, toB.error ?? '').toBe('succeeded');
+  const onB = await onHost('B', 'vm4');
+  pids.push(onB.pid);
+  expect(onB.state).toBe('running');
+  expect((await api!.call('protect-status', {})).some((x) => x.vm === 'vm4')).toBe(false);
+  expect(await replicas()).toEqual([]);
+  expect(await backingOf(onB.spec.disks[0]!.path).catch(() => undefined) ?? '').not.toContain(join(roots.B!, 'replicas'));
+}, 300_000);
