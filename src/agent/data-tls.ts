@@ -67,6 +67,11 @@ export class AgentDataTls {
     this.#active.delete(vmId);
   }
 
+  /** This host's certificate, key and CA, for the QEMUs that replicate a standby (src/agent/replicas.ts). */
+  material(): HostTlsMaterial {
+    return this.#need();
+  }
+
   #need(): HostTlsMaterial {
     if (!this.#material) throw new AgentError('DATA_TLS_OFF', 'this agent has no data-path TLS (dataTls mode off)', { userError: true });
     return this.#material;

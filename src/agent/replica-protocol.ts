@@ -25,7 +25,12 @@ export const replicaMethodParams = {
     .object({ vm: vmName, disks: z.array(z.object({ id: z.string().regex(/^[a-z][a-z0-9-]{0,15}$/), virtualSize: z.number().int().positive() }).strict()).min(1), needBytes: z.number().int().nonnegative() })
     .strict(),
   'replica.status': z.object({ vm: vmName }).strict(),
-  'replica.prepareSync': z.object({ vm: vmName, seq }).strict(),
+  /**
+   * tls: the sync's NBD server over TLS, admitting only the source host's certificate name
+   * (peerIdentity, as QEMU's authz compares it). Refused without it by an agent whose dataTls is
+   * required.
+   */
+  'replica.prepareSync': z.object({ vm: vmName, seq, tls: z.object({ peerIdentity: z.string().min(1).max(1024) }).strict().optional() }).strict(),
   'replica.completeSync': z.object({ vm: vmName, seq, pointAt: z.number(), bytes: z.number().nonnegative(), durationMs: z.number().nonnegative() }).strict(),
   'replica.abortSync': z.object({ vm: vmName, seq }).strict(),
   /** Unprotect: the daemon quits and the replica's files go. */
@@ -45,7 +50,8 @@ export const replicaMethodParams = {
   /** Undo of prepareOverlays: the overlays removed and released, the daemon serving again. */
   'replica.restore': z.object({ vm: vmName, paths: z.array(z.string().min(1)) }).strict(),
   'vm.replicaReconcile': z.object({ vmId: vmRef, consistentSeq: seq.nullable() }).strict(),
-  'vm.replicaSync': z.object({ vmId: vmRef, seq, previous: seq.nullable(), target: replicaTargetSchema }).strict(),
+  /** tlsHostname: the NBD client nodes over TLS, the standby's certificate checked for that name. */
+  'vm.replicaSync': z.object({ vmId: vmRef, seq, previous: seq.nullable(), target: replicaTargetSchema, tlsHostname: z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/).optional() }).strict(),
   'vm.replicaCommit': z.object({ vmId: vmRef, seq }).strict(),
   'vm.replicaAbort': z.object({ vmId: vmRef, seq }).strict(),
   'vm.replicaRemove': z.object({ vmId: vmRef }).strict(),

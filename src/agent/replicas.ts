@@ -22,6 +22,7 @@ import { diskNodeName } from '../qemu/spec.js';
 import { AgentError } from './errors.js';
 import type { replicaMethodParams, ReplicaStatus } from './replica-protocol.js';
 import type { VmRecord } from './registry.js';
+import type { HostTlsMaterial } from '../host/data-tls.js';
 
 type P = typeof replicaMethodParams;
 type Handler<M extends keyof P> = (principal: string, params: z.infer<P[M]>) => Promise<unknown>;
@@ -46,6 +47,8 @@ export interface AgentReplicaDeps {
   releaseDisk(path: string): void;
   /** Creates and starts a VM of this host from a spec (vm.create + vm.start, placement checked). */
   startVm(principal: string, spec: unknown): Promise<unknown>;
+  /** The agent's data-path TLS: `required` refuses a plain sync on either side. */
+  dataTls: { mode: 'required' | 'preferred' | 'off'; material(): HostTlsMaterial };
 }
 
 export class AgentReplicas {
@@ -115,7 +118,9 @@ export class AgentReplicas {
       'replica.status': async (principal, p) => this.#status(this.#get(principal, p.vm), this.#key(principal, p.vm)),
       'replica.prepareSync': async (principal, p) => {
         const key = this.#key(principal, p.vm);
-        const target = await this.#get(principal, p.vm).prepareSync(p.seq);
+        const r = this.#get(principal, p.vm);
+        if (!p.tls && this.#d.dataTls.mode === 'required') throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: replica.prepareSync needs tls', { userError: true });
+        const target = await r.prepareSync(p.seq, { tls: p.tls ? { material: this.#d.dataTls.material(), peerIdentity: p.tls.peerIdentity } : undefined });
         this.#syncing.add(key);
         return target;
       },
@@ -173,7 +178,9 @@ export class AgentReplicas {
         if (!this.#d.peerAllowed(p.target.host)) throw new AgentError('PEER_REFUSED', `${p.target.host} is not a migration peer this agent allows`, { userError: true });
         const disks = this.#d.owned(principal, p.vmId).spec.disks;
         for (const d of disks) if (!p.target.exports[d.id]) throw new AgentError('BAD_TARGET', `the sync target has no export for disk '${d.id}'`, { userError: true });
-        return sourceSync(q, { disks, seq: p.seq, previous: p.previous, target: p.target, timeoutMs: 600_000 });
+        if (!p.tlsHostname && this.#d.dataTls.mode === 'required') throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: vm.replicaSync needs tlsHostname', { userError: true });
+        const tls = p.tlsHostname ? { material: this.#d.dataTls.material(), runDir: this.#d.owned(principal, p.vmId).spec.runDir, hostname: p.tlsHostname } : undefined;
+        return sourceSync(q, { disks, seq: p.seq, previous: p.previous, target: p.target, tls, timeoutMs: 600_000 });
       },
       'vm.replicaCommit': async (principal, p) => {
         await sourceCommitBitmaps(this.#monitor(principal, p.vmId), { disks: this.#d.owned(principal, p.vmId).spec.disks, seq: p.seq });

@@ -203,6 +203,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     },
     ownedDisk: (principal, path) => placement.diskOp(principal, path, 'remove'),
     releaseDisk: (path) => claims.release(path),
+    dataTls: { mode: dataTls.mode, material: () => dataTls.material() },
     startVm: async (principal, spec) => {
       const created = (await handlers['vm.create'](principal, { spec }, undefined as never)) as { vmId: string };
       const name = registry.get(created.vmId)!.name;

@@ -17,7 +17,7 @@ import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpClient } from '../qmp/index.js';
 import type { SyncFigures } from './manifest.js';
-import { sourceAbortSync, sourceCommitBitmaps, sourceReconcileBitmaps, sourceSync, type SyncOutcome } from './source-sync.js';
+import { sourceAbortSync, sourceCommitBitmaps, sourceReconcileBitmaps, sourceSync, type SyncOutcome, type SyncTls } from './source-sync.js';
 import type { ReplicaTarget } from './standby-daemon.js';
 
 /** What the loop needs of the standby: StandbyReplica itself, or an agent's replica RPC. */
@@ -37,7 +37,7 @@ export interface SourceSide {
 }
 
 /** source-sync.ts on a fresh QMP session per call (the loop holds none between syncs). */
-export function localSource(connect: () => Promise<QmpClient>, disks: readonly { id: string }[], opts: { tlsHostname?: string } = {}): SourceSide {
+export function localSource(connect: () => Promise<QmpClient>, disks: readonly { id: string }[], opts: { tls?: SyncTls } = {}): SourceSide {
   const withQmp = async <T>(fn: (q: QmpClient) => Promise<T>): Promise<T> => {
     const q = await connect();
     try {
@@ -48,7 +48,7 @@ export function localSource(connect: () => Promise<QmpClient>, disks: readonly {
   };
   return {
     reconcile: (consistentSeq) => withQmp((q) => sourceReconcileBitmaps(q, { disks, consistentSeq })),
-    sync: (i) => withQmp((q) => sourceSync(q, { disks, ...i, timeoutMs: 600_000, ...(opts.tlsHostname ? { tlsHostname: opts.tlsHostname } : {}) })),
+    sync: (i) => withQmp((q) => sourceSync(q, { disks, ...i, timeoutMs: 600_000, tls: opts.tls })),
     commit: (seq) => withQmp((q) => sourceCommitBitmaps(q, { disks, seq })),
     abort: (seq) => withQmp((q) => sourceAbortSync(q, { disks, seq })),
   };

@@ -13,13 +13,15 @@
  * The first sync has no bitmap to read: sync `full`.
  */
 import { z } from 'zod';
-import { clientTls } from '../host/data-tls.js';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
 import { diskNodeName } from '../qemu/spec.js';
 import { eventIs, type QmpClient } from '../qmp/index.js';
 import { cancelJob, deleteNode } from '../engine/primitives.js';
 import { errorText } from '../errors.js';
 import { ReplicaError } from './errors.js';
-import { SYNC_BITMAP_RE, syncBitmapName, syncJobId, syncTargetNode } from './names.js';
+import { SYNC_BITMAP_RE, SYNC_TLS_CREDS, SYNC_TLS_DIR, syncBitmapName, syncJobId, syncTargetNode } from './names.js';
 import type { ReplicaTarget } from './standby-daemon.js';
 
 const CMD = { timeoutMs: 30_000 };
@@ -35,15 +37,39 @@ export interface SyncOutcome {
   durationMs: number;
 }
 
-/** The NBD client node a backup of `diskId` writes to; TLS when `tlsHostname` is given. */
+/** The NBD client node a backup of `diskId` writes to; over TLS when `tlsHostname` is given (the standby's name its certificate must hold). */
 export function syncTargetArguments(diskId: string, target: ReplicaTarget, tlsHostname?: string): Record<string, unknown> {
   return {
     driver: 'nbd',
     'node-name': syncTargetNode(diskId),
     server: { type: 'inet', host: target.host, port: String(target.port) },
     export: target.exports[diskId],
-    ...(tlsHostname ? clientTls(tlsHostname) : {}),
+    ...(tlsHostname ? { 'tls-creds': SYNC_TLS_CREDS, 'tls-hostname': tlsHostname } : {}),
   };
+}
+
+/**
+ * TLS for one sync: the host's certificate written into `<runDir>/replica-tls` (0700) and a
+ * tls-creds-x509 client object (verify-peer: the standby's certificate must chain to the fleet CA
+ * and name `hostname`). Whatever an earlier sync left is replaced; syncEndTls undoes it.
+ */
+export interface SyncTls {
+  material: HostTlsMaterial;
+  runDir: string;
+  hostname: string;
+}
+
+async function syncBeginTls(q: QmpClient, tls: SyncTls): Promise<void> {
+  await syncEndTls(q, tls.runDir);
+  const { clientDir } = await writeCredentialDirs(join(tls.runDir, SYNC_TLS_DIR), tls.material);
+  await q.executeRaw('object-add', { 'qom-type': 'tls-creds-x509', id: SYNC_TLS_CREDS, dir: clientDir, endpoint: 'client', 'verify-peer': true }, CMD);
+}
+
+/** The sync's TLS object (once no NBD node uses it) and its files go. Idempotent. */
+export async function syncEndTls(q: QmpClient, runDir: string): Promise<void> {
+  const objects = z.array(z.object({ name: z.string() }).passthrough()).parse(await q.executeRaw('qom-list', { path: '/objects' }, CMD));
+  if (objects.some((o) => o.name === SYNC_TLS_CREDS)) await q.executeRaw('object-del', { id: SYNC_TLS_CREDS }, CMD);
+  await rm(join(runDir, SYNC_TLS_DIR), { recursive: true, force: true });
 }
 
 /**
@@ -53,15 +79,14 @@ export function syncTargetArguments(diskId: string, target: ReplicaTarget, tlsHo
  */
 export async function sourceSync(
   q: QmpClient,
-  input: { disks: readonly { id: string }[]; seq: number; previous: number | null; target: ReplicaTarget; tlsHostname?: string; timeoutMs: number; signal?: AbortSignal },
+  input: { disks: readonly { id: string }[]; seq: number; previous: number | null; target: ReplicaTarget; tls?: SyncTls | undefined; timeoutMs: number; signal?: AbortSignal },
 ): Promise<SyncOutcome> {
-  const { disks, seq, previous, target } = input;
+  const { disks, seq, previous, target, tls } = input;
   const started = performance.now();
   try {
-    for (const d of disks) {
-      await deleteNode(q, syncTargetNode(d.id), CMD.timeoutMs);
-      await q.executeRaw('blockdev-add', syncTargetArguments(d.id, target, input.tlsHostname), CMD);
-    }
+    for (const d of disks) await deleteNode(q, syncTargetNode(d.id), CMD.timeoutMs);
+    if (tls) await syncBeginTls(q, tls);
+    for (const d of disks) await q.executeRaw('blockdev-add', syncTargetArguments(d.id, target, tls?.hostname), CMD);
     const actions = disks.flatMap((d) => [
       { type: 'block-dirty-bitmap-add', data: { node: diskNodeName(d.id), name: syncBitmapName(seq), persistent: true } },
       {
@@ -96,9 +121,11 @@ export async function sourceSync(
       }),
     );
     for (const d of disks) await deleteNode(q, syncTargetNode(d.id), CMD.timeoutMs);
+    if (tls) await syncEndTls(q, tls.runDir);
     return { seq, pointAt, pointAtMono, bytes, durationMs: Math.round(performance.now() - started) };
   } catch (err) {
     await sourceAbortSync(q, { disks, seq }).catch(() => undefined);
+    if (tls) await syncEndTls(q, tls.runDir).catch(() => undefined);
     if (err instanceof ReplicaError) throw err;
     throw new ReplicaError('SYNC_FAILED', `sync ${seq} failed on the source: ${errorText(err)}`, { cause: err });
   }

@@ -24,6 +24,7 @@ import { eventIs, QmpClient } from '../qmp/index.js';
 import { ReplicaError } from './errors.js';
 import { readManifest, writeManifest, type Manifest, type SyncFigures } from './manifest.js';
 import { layerNode, syncExportName } from './names.js';
+import { DATA_TLS_IDS, SERVER_TLS, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
 
 const run = promisify(execFile);
 const CMD = { timeoutMs: 30_000 };
@@ -36,6 +37,16 @@ export interface ReplicaTarget {
   host: string;
   port: number;
   exports: Record<string, string>;
+}
+
+/**
+ * A sync over TLS: the daemon's NBD server takes this host's certificate (tls-creds-x509, server,
+ * verify-peer) and an authz-simple that admits exactly `peerIdentity`, the source host's
+ * certificate name. Anyone else, a plain client included, is refused before any export is seen.
+ */
+export interface ReplicaServerTls {
+  material: HostTlsMaterial;
+  peerIdentity: string;
 }
 
 export interface StandbyOptions {
@@ -54,6 +65,13 @@ export class StandbyReplica {
   readonly #log: Logger;
   #m: Manifest;
   #qmp: QmpClient | undefined;
+  /**
+   * What the daemon's NBD server runs with now: the admitted peer's identity, null for plain
+   * text, undefined when not known (not started yet, or a daemon this process re-attached to).
+   * The server starts at the first sync, with that sync's TLS, never before: nothing listens
+   * that a sync did not ask for.
+   */
+  #serving: string | null | undefined;
 
   private constructor(opts: StandbyOptions, m: Manifest) {
     this.dir = opts.dir;
@@ -121,11 +139,15 @@ export class StandbyReplica {
     return this.#m.daemon?.pid;
   }
 
-  /** The overlays of sync `seq`, opened on the chain tops and exported for writing. */
-  async prepareSync(seq: number): Promise<ReplicaTarget> {
+  /**
+   * The overlays of sync `seq`, opened on the chain tops and exported for writing, by an NBD
+   * server over TLS that admits only `tls.peerIdentity` (or plain, without `tls`).
+   */
+  async prepareSync(seq: number, opts: { tls?: ReplicaServerTls | undefined } = {}): Promise<ReplicaTarget> {
     const q = this.#daemon();
     if (this.#m.pending) await this.abortSync(this.#m.pending.seq);
     if (this.#m.consistent && seq <= this.#m.consistent.seq) throw new ReplicaError('SEQ', `sync ${seq} is not after the consistent sync ${this.#m.consistent.seq}`);
+    await this.#serve(q, opts.tls);
     const overlays: Record<string, string> = {};
     for (const d of this.#m.disks) overlays[d.id] = join(this.dir, `${d.id}.${seq}.qcow2`);
     // Recorded before the files exist: a crash from here on leaves files the next start removes.
@@ -184,6 +206,7 @@ export class StandbyReplica {
       if (this.#m.pending) await this.abortSync(this.#m.pending.seq);
       await this.#commitAll();
       await this.#stopDaemon();
+      rmSync(this.#tlsDir, { recursive: true, force: true });
       this.#save({ state: 'released', daemon: null });
     }
     return { tops: Object.fromEntries(this.#m.disks.map((d) => [d.id, d.chain.at(-1)!.file])), consistent: this.#m.consistent };
@@ -196,6 +219,38 @@ export class StandbyReplica {
     await this.#startDaemon();
   }
 
+  /**
+   * The NBD server as this sync wants it. Changed only between syncs (no export is open then):
+   * the server stops, the TLS objects are replaced, it starts again. A protection that follows
+   * its VM to another host thus admits the new source's certificate from its next sync on.
+   */
+  async #serve(q: QmpClient, tls: ReplicaServerTls | undefined): Promise<void> {
+    const want = tls?.peerIdentity ?? null;
+    if (this.#serving === want) return;
+    this.#serving = undefined;
+    await q.executeRaw('nbd-server-stop', undefined, CMD).catch(() => undefined);
+    // qemu-storage-daemon has no /objects until the first object-add (qom-list fails there):
+    // each is deleted blind; one that could not go makes the object-add below fail loudly.
+    for (const id of [DATA_TLS_IDS.authz, DATA_TLS_IDS.server]) await q.executeRaw('object-del', { id }, CMD).catch(() => undefined);
+    rmSync(this.#tlsDir, { recursive: true, force: true });
+    const addr = { type: 'inet', data: { host: this.#host, port: String(this.#m.daemon!.port) } };
+    if (tls) {
+      const { serverDir } = await writeCredentialDirs(this.#tlsDir, tls.material);
+      await q.executeRaw('object-add', { 'qom-type': 'tls-creds-x509', id: DATA_TLS_IDS.server, dir: serverDir, endpoint: 'server', 'verify-peer': true }, CMD);
+      await q.executeRaw('object-add', { 'qom-type': 'authz-simple', id: DATA_TLS_IDS.authz, identity: tls.peerIdentity }, CMD);
+      await q.executeRaw('nbd-server-start', { addr, ...SERVER_TLS }, CMD);
+    } else {
+      await q.executeRaw('nbd-server-start', { addr }, CMD);
+    }
+    this.#serving = want;
+    this.#log.info({ port: this.#m.daemon!.port, tls: tls ? { admits: tls.peerIdentity } : false }, 'replica NBD server started');
+  }
+
+  /** The daemon's TLS files (0700), there while its NBD server runs over TLS. */
+  get #tlsDir(): string {
+    return join(this.dir, 'tls');
+  }
+
   /** This owner lets go; the daemon keeps the replica. */
   async detach(): Promise<void> {
     await this.#qmp?.close();
@@ -205,6 +260,7 @@ export class StandbyReplica {
   /** Unprotect: the daemon quits and the replica's files go (unless released into a VM's use). */
   async destroy(opts: { keepFiles?: boolean } = {}): Promise<void> {
     await this.#stopDaemon();
+    rmSync(this.#tlsDir, { recursive: true, force: true });
     if (!opts.keepFiles && this.#m.state === 'active') rmSync(this.dir, { recursive: true, force: true });
   }
 
@@ -237,7 +293,9 @@ export class StandbyReplica {
     if (pidStart === undefined) throw new ReplicaError('DAEMON', `${this.#binary} exited at start (see ${join(this.dir, 'qsd.log')})`);
     this.#save({ daemon: { pid, pidStart, port: this.#port, host: this.#host } });
     const q = this.#qmp;
-    await q.executeRaw('nbd-server-start', { addr: { type: 'inet', data: { host: this.#host, port: String(this.#port) } } }, CMD);
+    // No NBD server yet: the first sync starts it, with its TLS (#serve).
+    this.#serving = undefined;
+    rmSync(this.#tlsDir, { recursive: true, force: true });
     for (const d of this.#m.disks) {
       for (const [i, layer] of d.chain.entries()) {
         const backing = i === 0 ? null : layerNode(d.id, d.chain[i - 1]!.seq);

@@ -15,7 +15,9 @@ import type { Logger } from '../log.js';
 import type { TlsMaterial } from '../host/tls.js';
 import { AgentClient } from '../agent/client.js';
 import { replicaDisksSchema, replicaStatusSchema, syncOutcomeSchema } from '../agent/replica-protocol.js';
-import { vmSummarySchema, type Method } from '../agent/protocol.js';
+import { hostInfoSchema, vmSummarySchema, type Method } from '../agent/protocol.js';
+import { planDataTls, type DataTlsMode, type DataTlsPlan, type SideDataTls } from '../engine/data-tls-plan.js';
+import { MigrationError } from '../engine/types.js';
 import { Protection, type SourceSide, type StandbySide } from '../replica/protection.js';
 import type { ReplicaTarget } from '../replica/standby-daemon.js';
 import type { HostConfig } from './agents.js';
@@ -40,7 +42,10 @@ export class ProtectionService {
   /** Protections whose loop is held (the VM's whereabouts in doubt), and why: `protect status` says so. */
   readonly #suspended = new Map<string, string>();
 
-  constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; log: Logger }) {
+  readonly #dataTls: DataTlsMode;
+
+  constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; dataTls?: DataTlsMode | undefined; log: Logger }) {
+    this.#dataTls = opts.dataTls ?? 'preferred';
     this.#store = opts.store;
     this.#hosts = opts.hosts;
     this.#token = opts.token;
@@ -71,6 +76,8 @@ export class ProtectionService {
     const found = await this.#find(p.vm);
     if (!found) throw new SchedulerError('VM_NOT_FOUND', `no running VM named '${p.vm}' on any host`, { userError: true });
     if (found.host.name === standby.name) throw new SchedulerError('STANDBY_IS_SOURCE', `${p.vm} runs on ${standby.name}: its standby must be another host`, { userError: true });
+    // Refused here, before anything is made, when a side requires TLS the other cannot give.
+    await this.#planTls(found.host, standby);
     const disks = await this.#call(found.host, 'vm.replicaDisks', { vmId: found.vmId }, (r) => replicaDisksSchema.parse(r));
     const needBytes = disks.reduce((s, d) => s + d.allocatedBytes, 0);
     // The standby checks its room before anything is made, and refuses with what it has.
@@ -241,16 +248,46 @@ export class ProtectionService {
     };
   }
 
+  /**
+   * TLS on the sync's data path, as a migration's (engine/data-tls-plan.ts) between the same two
+   * hosts: the source QEMU is the NBD client and checks the standby's name (its migration
+   * address, where the daemon listens), the daemon admits only the source's certificate name.
+   */
+  async #planTls(source: HostConfig, standby: HostConfig): Promise<DataTlsPlan> {
+    const side = async (h: HostConfig): Promise<SideDataTls> => {
+      const info = await this.#call(h, 'host.info', {}, (r) => hostInfoSchema.parse(r));
+      // The QEMU pieces are not probed here: one that lacks them fails the sync loudly, never plain.
+      return { ...info.dataTls, qemuMissing: [], address: info.migrationHost };
+    };
+    const [src, dst] = await Promise.all([side(source), side(standby)]);
+    try {
+      return planDataTls(this.#dataTls, src, dst);
+    } catch (err) {
+      if (!(err instanceof MigrationError)) throw err;
+      throw new SchedulerError(err.code, `cannot replicate from ${source.name} to ${standby.name}: ${err.message}`, { userError: true, cause: err });
+    }
+  }
+
   #startLoop(p: ProtectionRow): void {
     const standby = this.#host(p.standby);
     const source = this.#host(p.source);
+    // Planned once per loop (a failure is planned again at the next sync).
+    let planned: Promise<DataTlsPlan> | undefined;
+    const tls = (): Promise<DataTlsPlan> =>
+      (planned ??= this.#planTls(source, standby).catch((err: unknown) => {
+        planned = undefined;
+        throw err;
+      }));
     const vmId = async (): Promise<string> => {
       const found = await this.#call(source, 'vm.get', { name: p.vm }, (r) => vmGetSchema.parse(r));
       return found.vmId;
     };
     const standbySide: StandbySide = {
       consistent: () => this.#call(standby, 'replica.status', { vm: p.vm }, (r) => replicaStatusSchema.parse(r).consistent),
-      prepareSync: (seq) => this.#call(standby, 'replica.prepareSync', { vm: p.vm, seq }, (r): ReplicaTarget => targetSchema.parse(r)),
+      prepareSync: async (seq) => {
+        const t = await tls();
+        return this.#call(standby, 'replica.prepareSync', { vm: p.vm, seq, ...(t.encrypted ? { tls: { peerIdentity: t.source.identity } } : {}) }, (r): ReplicaTarget => targetSchema.parse(r));
+      },
       completeSync: (seq, f) => this.#call(standby, 'replica.completeSync', { vm: p.vm, seq, ...f }, () => undefined, SYNC_CALL_MS),
       abortSync: (seq) => this.#call(standby, 'replica.abortSync', { vm: p.vm, seq }, () => undefined),
     };
@@ -262,7 +299,8 @@ export class ProtectionService {
         // which rolls back).
         const moving = await this.#store.activeFor(p.vm);
         if (moving) throw new SchedulerError('VM_MOVING', `${p.vm} is being migrated (${moving.id}): sync skipped`);
-        return this.#call(source, 'vm.replicaSync', { vmId: await vmId(), ...i }, (r) => syncOutcomeSchema.parse(r), SYNC_CALL_MS);
+        const t = await tls();
+        return this.#call(source, 'vm.replicaSync', { vmId: await vmId(), ...i, ...(t.encrypted ? { tlsHostname: t.destination.hostname } : {}) }, (r) => syncOutcomeSchema.parse(r), SYNC_CALL_MS);
       },
       commit: async (seq) => this.#call(source, 'vm.replicaCommit', { vmId: await vmId(), seq }, () => undefined),
       abort: async (seq) => this.#call(source, 'vm.replicaAbort', { vmId: await vmId(), seq }, () => undefined),

@@ -98,7 +98,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const log = logger.child({ tool: 'ferry-scheduler' });
   const tls = config.agentTls ? await loadTls(config.agentTls) : undefined;
   const store = await openStore(config.database, { log });
-  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log });
+  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, dataTls: config.dataTls, log });
   const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, { dataTls: config.dataTls, ...(config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {}) });
   const scheduler = new Scheduler({
     store,
