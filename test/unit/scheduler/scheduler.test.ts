@@ -209,3 +209,40 @@ describe('scheduler restart', () => {
     expect(c!.existing).toBe(false);
   });
 });
+
+describe('placement hint (a protected VM prefers its standby)', () => {
+  function withHint(preferredFor: (vm: string, mode: string) => Promise<string | undefined>) {
+    const store = new SchedulerStore(':memory:');
+    const inventory = new FakeInventory(['a', 'b', 'c'], [['v1', 'a'], ['v2', 'a']]);
+    // b has less memory left than c: the usual placement picks c.
+    inventory.hostList.find((h) => h.name === 'b')!.freeMemoryMiB = 4_096;
+    const scheduler = new Scheduler({ store, inventory, runner: new FakeRunner(), reconciler: new FakeReconciler(), placement: { preferredFor } });
+    return { scheduler, inventory };
+  }
+
+  test('a drain sends the hinted VM to its host, the others by free memory; a migrate naming no host too', async () => {
+    const asked: string[] = [];
+    const { scheduler } = withHint(async (vm, mode) => (asked.push(`${vm}:${mode}`), vm === 'v1' ? 'b' : undefined));
+    const jobs = await scheduler.drain('a');
+    expect(Object.fromEntries(jobs.map((r) => [r.job.vm, r.job.to]))).toEqual({ v1: 'b', v2: 'c' });
+    expect(asked.sort()).toEqual(['v1:precopy', 'v2:precopy']);
+    await scheduler.stop(0);
+  });
+
+  test('a hinted host without room, not in the fleet, or a hint that fails: the usual placement', async () => {
+    for (const hint of [async () => 'b', async () => 'zz', async () => Promise.reject(new Error('standby agent down'))]) {
+      const { scheduler, inventory } = withHint(hint);
+      inventory.hostList.find((h) => h.name === 'b')!.freeMemoryMiB = 100; // v1 needs 512
+      const jobs = await scheduler.drain('a');
+      expect(jobs.every((r) => r.job.to === 'c')).toBe(true);
+      await scheduler.stop(0);
+    }
+  });
+
+  test('an explicit destination is never second-guessed', async () => {
+    const { scheduler } = withHint(async () => 'b');
+    const { job } = await scheduler.migrate('v1', { to: 'c' });
+    expect(job.to).toBe('c');
+    await scheduler.stop(0);
+  });
+});
