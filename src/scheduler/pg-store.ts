@@ -38,6 +38,7 @@ import {
   type ClaimedJob,
   type ClaimLimits,
   type EnqueueRequest,
+  type FleetMessage,
   type JournalEntry,
   type ProtectionRow,
   type RecoveryRow,
@@ -66,6 +67,79 @@ function transient(err: unknown): boolean {
   return /Connection terminated|connection timeout|Client has encountered a connection error/i.test(message);
 }
 
+/** The NOTIFY channel replicas publish their watch events on (fleet-events.ts). */
+const EVENT_CHANNEL = 'ferry_events';
+const fleetMessageSchema = z.object({ origin: z.string(), event: z.unknown() });
+
+/**
+ * LISTEN on a connection of its own (a pooled one goes back to others, and its LISTEN with it),
+ * dialled again a second after it drops: a database restart costs watchers the events published
+ * while it was down, never the stream.
+ */
+class EventListener {
+  readonly #url: string;
+  readonly #log: Logger;
+  readonly #onMessage: (m: FleetMessage) => void;
+  #client: pg.Client | undefined;
+  #timer: NodeJS.Timeout | undefined;
+  #closed = false;
+
+  constructor(url: string, log: Logger, onMessage: (m: FleetMessage) => void) {
+    this.#url = url;
+    this.#log = log;
+    this.#onMessage = onMessage;
+  }
+
+  /** One attempt; a failed one is tried again later, so this never throws. */
+  async connect(): Promise<void> {
+    if (this.#closed) return;
+    const client = new pg.Client({ connectionString: this.#url, connectionTimeoutMillis: 5_000 });
+    client.on('notification', (n) => {
+      if (n.channel !== EVENT_CHANNEL || n.payload === undefined) return;
+      let raw: unknown;
+      try {
+        raw = JSON.parse(n.payload);
+      } catch {
+        return void this.#log.warn('a NOTIFY on the events channel was not JSON; skipped');
+      }
+      const m = fleetMessageSchema.safeParse(raw);
+      if (m.success) this.#onMessage(m.data);
+      else this.#log.warn('a NOTIFY on the events channel had no origin; skipped');
+    });
+    client.on('error', (err) => this.#log.warn({ err: errorText(err) }, 'the events connection failed; dialling again'));
+    client.on('end', () => {
+      if (this.#client === client) this.#client = undefined;
+      this.#again();
+    });
+    try {
+      await client.connect();
+      await client.query(`LISTEN ${EVENT_CHANNEL}`);
+      if (this.#closed) return void (await client.end().catch(() => undefined));
+      this.#client = client;
+    } catch (err) {
+      this.#log.warn({ err: errorText(err) }, 'cannot listen for the other replicas\' events yet; trying again');
+      await client.end().catch(() => undefined);
+      this.#again();
+    }
+  }
+
+  #again(): void {
+    if (this.#closed || this.#timer) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      void this.connect();
+    }, 1_000);
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    const c = this.#client;
+    this.#client = undefined;
+    await c?.end().catch(() => undefined);
+  }
+}
+
 export class PostgresStore implements SchedulerStore {
   readonly shared = true;
   readonly #pool: pg.Pool;
@@ -73,7 +147,10 @@ export class PostgresStore implements SchedulerStore {
   /** How long a statement keeps being retried while the database is unreachable. */
   readonly #retryMs: number;
 
-  private constructor(pool: pg.Pool, log: Logger, retryMs: number) {
+  readonly #url: string;
+
+  private constructor(url: string, pool: pg.Pool, log: Logger, retryMs: number) {
+    this.#url = url;
     this.#pool = pool;
     this.#log = log;
     this.#retryMs = retryMs;
@@ -84,7 +161,7 @@ export class PostgresStore implements SchedulerStore {
     const pool = new pg.Pool({ connectionString: url, max: 8, connectionTimeoutMillis: 5_000, idleTimeoutMillis: 30_000 });
     // An idle connection the server closed (a restart) must not become an uncaught error.
     pool.on('error', (err) => log.warn({ err: errorText(err) }, 'an idle database connection failed; the pool dials again'));
-    const store = new PostgresStore(pool, log, opts.retryMs ?? 10_000);
+    const store = new PostgresStore(url, pool, log, opts.retryMs ?? 10_000);
     try {
       await store.#migrate();
     } catch (err) {
@@ -441,6 +518,19 @@ export class PostgresStore implements SchedulerStore {
 
   async close(): Promise<void> {
     await this.#pool.end();
+  }
+
+  async publish(m: FleetMessage): Promise<void> {
+    const payload = JSON.stringify(m);
+    // NOTIFY refuses a payload of 8000 bytes or more; events are small by design (fleet-events.ts).
+    if (Buffer.byteLength(payload) >= 8000) throw new SchedulerError('EVENT_TOO_LARGE', `an event of ${Buffer.byteLength(payload)} bytes does not fit a NOTIFY`);
+    await this.#pool.query('SELECT pg_notify($1, $2)', [EVENT_CHANNEL, payload]);
+  }
+
+  async listen(listener: (m: FleetMessage) => void): Promise<() => Promise<void>> {
+    const l = new EventListener(this.#url, this.#log, listener);
+    await l.connect();
+    return () => l.close();
   }
 
   async addProtection(p: ProtectionRow): Promise<void> {

@@ -173,6 +173,12 @@ export interface ClaimLimits {
   bandwidth(outgoing: number, incoming: number): number | null;
 }
 
+/** An event one replica hands to the others (shared stores): who sent it, and the event. */
+export interface FleetMessage {
+  origin: string;
+  event: unknown;
+}
+
 export interface SchedulerStore {
   /** Several schedulers may share it: work is claimed with leases (the methods below). */
   readonly shared: boolean;
@@ -217,6 +223,10 @@ export interface SchedulerStore {
   requestCancel?(id: string): Promise<void>;
   /** Memory and disk that active (queued, running) migrations promise each destination, summed. */
   reservations?(): Promise<Map<string, { memoryMiB: number; diskBytes: number }>>;
+  /** Hands an event to every replica listening, this one included (best effort, not durable). */
+  publish?(m: FleetMessage): Promise<void>;
+  /** Calls `listener` with every published event until the returned stop is called; keeps listening across database restarts. */
+  listen?(listener: (m: FleetMessage) => void): Promise<() => Promise<void>>;
 }
 
 /** The store a config's database names: a PostgreSQL URL, or a SQLite file. */
