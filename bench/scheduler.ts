@@ -101,7 +101,7 @@ async function emptyPg(url: string): Promise<void> {
   const c = new pg.Client({ connectionString: url });
   await c.connect();
   try {
-    await c.query('DROP TABLE IF EXISTS leases, journal, migrations, protections, recoveries, ferry_schema; DROP SEQUENCE IF EXISTS migration_seq, fencing_epoch');
+    await c.query('DROP TABLE IF EXISTS leases, protection_leases, journal, migrations, protections, recoveries, ferry_schema; DROP SEQUENCE IF EXISTS migration_seq, fencing_epoch');
   } finally {
     await c.end();
   }

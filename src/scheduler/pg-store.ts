@@ -266,6 +266,13 @@ export class PostgresStore implements SchedulerStore {
           CREATE TABLE recoveries (id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL, state TEXT NOT NULL,
             seq BIGINT, point_at BIGINT, rpo_ms BIGINT, detail TEXT, created_at BIGINT NOT NULL);`);
       }
+      // Schema 5: the standby sync loops are leased (one replica runs each protection's loop).
+      // `op`: taken for an operation (unprotect, recover, evacuation), no loop runs under it.
+      if (version < 5) {
+        await c.query(`
+          CREATE TABLE protection_leases (vm TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until BIGINT NOT NULL,
+            op BOOLEAN NOT NULL DEFAULT false, hand_over BOOLEAN NOT NULL DEFAULT false);`);
+      }
       await c.query('DELETE FROM ferry_schema');
       await c.query('INSERT INTO ferry_schema (version) VALUES ($1)', [SCHEMA_VERSION]);
     });
@@ -504,6 +511,43 @@ export class PostgresStore implements SchedulerStore {
 
   async release(id: string, claim: Claim, afterMs = 0): Promise<void> {
     await this.#tx('release', (c) => c.query(`UPDATE leases SET lease_until = ${NOW_MS} + $4 WHERE migration_id = $1 AND owner = $2 AND epoch = $3`, [id, claim.owner, claim.epoch, afterMs]));
+  }
+
+  async claimProtections(owner: string, leaseMs: number): Promise<{ held: string[]; handOver: string[] }> {
+    return this.#tx('claimProtections', async (c) => {
+      await c.query('DELETE FROM protection_leases l WHERE NOT EXISTS (SELECT 1 FROM protections p WHERE p.vm = l.vm)');
+      await c.query(
+        `INSERT INTO protection_leases (vm, owner, lease_until)
+         SELECT p.vm, $1, ${NOW_MS} + $2 FROM protections p
+         ON CONFLICT (vm) DO UPDATE SET owner = $1, lease_until = EXCLUDED.lease_until, op = false, hand_over = false
+         WHERE protection_leases.lease_until < ${NOW_MS}`,
+        [owner, leaseMs],
+      );
+      const rows = (await c.query(`UPDATE protection_leases SET lease_until = ${NOW_MS} + $2 WHERE owner = $1 AND NOT op RETURNING vm, hand_over`, [owner, leaseMs])).rows;
+      // An operation's lease is renewed too, but never runs a loop.
+      await c.query(`UPDATE protection_leases SET lease_until = ${NOW_MS} + $2 WHERE owner = $1 AND op`, [owner, leaseMs]);
+      const parsed = rows.map((r) => z.object({ vm: z.string(), hand_over: z.boolean() }).parse(r));
+      return { held: parsed.filter((r) => !r.hand_over).map((r) => r.vm), handOver: parsed.filter((r) => r.hand_over).map((r) => r.vm) };
+    });
+  }
+
+  async takeProtection(vm: string, owner: string, leaseMs: number): Promise<boolean> {
+    return this.#tx('takeProtection', async (c) => {
+      const taken = await c.query(
+        `INSERT INTO protection_leases (vm, owner, lease_until, op) VALUES ($1, $2, ${NOW_MS} + $3, true)
+         ON CONFLICT (vm) DO UPDATE SET owner = $2, lease_until = EXCLUDED.lease_until, op = true, hand_over = false
+         WHERE protection_leases.owner = $2 OR protection_leases.lease_until < ${NOW_MS}
+         RETURNING vm`,
+        [vm, owner, leaseMs],
+      );
+      if (taken.rows.length > 0) return true;
+      await c.query('UPDATE protection_leases SET hand_over = true WHERE vm = $1', [vm]);
+      return false;
+    });
+  }
+
+  async releaseProtection(vm: string, owner: string): Promise<void> {
+    await this.#tx('releaseProtection', (c) => c.query('DELETE FROM protection_leases WHERE vm = $1 AND owner = $2', [vm, owner]));
   }
 
   async requestCancel(id: string): Promise<void> {

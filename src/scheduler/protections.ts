@@ -7,6 +7,13 @@
  *
  * A restarted scheduler starts every stored loop again; the first sync reconciles the source's
  * bitmaps with the standby's consistent seq, so replication resumes without a full resync.
+ *
+ * Scheduler replicas on PostgreSQL lease the loops (store.claimProtections): each protection's
+ * loop runs on the one replica holding its lease, renewed every third of it; a replica that dies
+ * loses its loops to whoever claims next, which resumes them the same incremental way. An
+ * operation on a protection (unprotect, recover, a delta evacuation) first takes its lease on
+ * the replica that was asked: the holder is asked to hand it over (its loop stopped, the sync in
+ * flight ended), or it expires.
  */
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
@@ -37,23 +44,106 @@ export class ProtectionService {
   readonly #tls: TlsMaterial | undefined;
   readonly #log: Logger;
   readonly #loops = new Map<string, Protection>();
+  /** Shared store: this replica's name in the leases, and their length. */
+  readonly #lease: { owner: string; leaseMs: number } | undefined;
+  /** Shared store: protections whose lease this replica took for an operation (no loop under it). */
+  readonly #ops = new Set<string>();
+  #ticker: NodeJS.Timeout | undefined;
+  #ticking: Promise<void> | undefined;
+  #renewedAt = 0;
 
-  constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; log: Logger }) {
+  constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; log: Logger; lease?: { owner: string; leaseMs: number } }) {
     this.#store = opts.store;
+    this.#lease = opts.store.claimProtections ? opts.lease : undefined;
     this.#hosts = opts.hosts;
     this.#token = opts.token;
     this.#tls = opts.tls;
     this.#log = opts.log.child({ component: 'protections' });
   }
 
-  /** Every stored protection's loop, started again. */
+  /** Every stored protection's loop, started again (on a shared store: those this replica claims). */
   async start(): Promise<void> {
-    for (const p of await this.#store.protections()) this.#startLoop(p);
+    if (!this.#lease) {
+      for (const p of await this.#store.protections()) this.#startLoop(p);
+      return;
+    }
+    await this.#claim();
+    const every = Math.max(200, Math.floor(this.#lease.leaseMs / 3));
+    this.#ticker = setInterval(() => void this.#claim(), every);
   }
 
   async stop(): Promise<void> {
+    clearInterval(this.#ticker);
+    this.#ticker = undefined;
+    await this.#ticking;
+    const ran = [...this.#loops.keys()];
     await Promise.all([...this.#loops.values()].map((l) => l.stop()));
     this.#loops.clear();
+    // Handed back at once, so another replica resumes the loops without waiting out the leases.
+    if (this.#lease) for (const vm of ran) await this.#store.releaseProtection!(vm, this.#lease.owner).catch(() => undefined);
+  }
+
+  /** One round of the leases: claim and renew, hand over what was asked, run what is held. */
+  #claim(): Promise<void> {
+    this.#ticking ??= (async () => {
+      const lease = this.#lease!;
+      try {
+        const { held, handOver } = await this.#store.claimProtections!(lease.owner, lease.leaseMs);
+        this.#renewedAt = performance.now();
+        for (const vm of handOver) {
+          await this.#stopLoop(vm);
+          await this.#store.releaseProtection!(vm, lease.owner);
+          this.#log.info({ vm }, 'handed a sync loop over to the replica that asked');
+        }
+        const keep = new Set([...held, ...this.#ops]);
+        for (const vm of [...this.#loops.keys()]) if (!keep.has(vm)) await this.#stopLoop(vm);
+        for (const vm of held) {
+          if (this.#loops.has(vm) || this.#ops.has(vm)) continue;
+          const row = await this.#store.protection(vm);
+          if (row && !this.#loops.has(vm) && !this.#ops.has(vm)) this.#startLoop(row);
+        }
+      } catch (err) {
+        // Past most of a lease without renewing, another replica may take the loops at any moment.
+        if (performance.now() - this.#renewedAt > 0.75 * lease.leaseMs && this.#loops.size > 0) {
+          this.#log.warn({ err: errorText(err) }, 'cannot renew the sync loops\' leases: stopping them (another replica resumes them)');
+          for (const vm of [...this.#loops.keys()]) await this.#stopLoop(vm);
+        } else this.#log.warn({ err: errorText(err) }, 'cannot renew the sync loops\' leases; trying again');
+      } finally {
+        this.#ticking = undefined;
+      }
+    })();
+    return this.#ticking;
+  }
+
+  async #stopLoop(vm: string): Promise<void> {
+    const loop = this.#loops.get(vm);
+    this.#loops.delete(vm);
+    await loop?.stop();
+  }
+
+  /**
+   * Before an operation on a protection: no loop may sync under it. On a shared store its lease
+   * is taken for the operation (the holder hands it over, or the lease runs out); here, the
+   * local loop stops.
+   */
+  async #acquire(vm: string): Promise<void> {
+    if (this.#lease) {
+      const { owner, leaseMs } = this.#lease;
+      const deadline = performance.now() + 2 * leaseMs + 10_000;
+      while (!(await this.#store.takeProtection!(vm, owner, leaseMs))) {
+        if (performance.now() > deadline) throw new SchedulerError('PROTECTION_BUSY', `another scheduler replica runs the sync loop of ${vm} and did not hand it over within ${Math.round((2 * leaseMs + 10_000) / 1000)} s`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      this.#ops.add(vm);
+    }
+    await this.#stopLoop(vm);
+  }
+
+  /** After an operation: the loop may run again (wherever its lease is claimed next). */
+  async #release(vm: string): Promise<void> {
+    if (!this.#lease) return;
+    this.#ops.delete(vm);
+    await this.#store.releaseProtection!(vm, this.#lease.owner);
   }
 
   async protect(p: z.infer<(typeof protectionMethods)['protect']>): Promise<ProtectionStatusRow> {
@@ -68,23 +158,43 @@ export class ProtectionService {
     await this.#call(standby, 'replica.create', { vm: p.vm, disks: disks.map((d) => ({ id: d.id, virtualSize: d.virtualSize })), needBytes }, (r) => replicaStatusSchema.parse(r));
     const row: ProtectionRow = { vm: p.vm, source: found.host.name, standby: standby.name, intervalMs: p.intervalMs, spec: found.spec, createdAt: Date.now() };
     await this.#store.addProtection(row);
-    this.#startLoop(row);
+    if (this.#lease) await this.#claim();
+    else this.#startLoop(row);
     return this.#statusOf(row);
   }
 
   async unprotect(vm: string): Promise<{ vm: string }> {
     const row = await this.#row(vm);
-    await this.#loops.get(vm)?.stop();
-    this.#loops.delete(vm);
+    await this.#acquire(vm);
     const found = await this.#find(vm).catch(() => undefined);
     if (found) await this.#call(found.host, 'vm.replicaRemove', { vmId: found.vmId }, () => undefined).catch((err: unknown) => this.#log.warn({ vm, err: errorText(err) }, 'removing the source bitmaps failed'));
-    await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined);
-    await this.#store.removeProtection(vm);
+    try {
+      await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined);
+      await this.#store.removeProtection(vm);
+    } finally {
+      await this.#release(vm);
+    }
     return { vm };
   }
 
   async status(): Promise<ProtectionStatusRow[]> {
-    return (await this.#store.protections()).map((p) => this.#statusOf(p));
+    return Promise.all((await this.#store.protections()).map((p) => (this.#lease && !this.#loops.has(p.vm) ? this.#remoteStatusOf(p) : this.#statusOf(p))));
+  }
+
+  /** A loop another replica runs: what the standby's agent holds is the truth (its counters start at the replica's). */
+  async #remoteStatusOf(p: ProtectionRow): Promise<ProtectionStatusRow> {
+    const st = await this.#call(this.#host(p.standby), 'replica.status', { vm: p.vm }, (r) => replicaStatusSchema.parse(r)).catch(() => undefined);
+    if (!st) return this.#statusOf(p);
+    return {
+      ...this.#statusOf(p),
+      state: this.#ops.has(p.vm) ? 'paused' : st.syncing ? 'syncing' : 'idle',
+      consistentAt: st.consistent?.pointAt ?? null,
+      rpoMs: st.consistent ? Math.max(0, Date.now() - st.consistent.pointAt) : null,
+      lastBytes: st.lastSync?.bytes ?? null,
+      lastDurationMs: st.lastSync?.durationMs ?? null,
+      syncs: st.lastSync?.seq ?? 0,
+      failedSyncs: st.failedSyncs,
+    };
   }
 
   async recover(p: z.infer<(typeof protectionMethods)['recover']>): Promise<RecoveryRow> {
@@ -100,8 +210,7 @@ export class ProtectionService {
     if (!onSource.reachable && !p.sourceFenced) {
       throw new SchedulerError('SOURCE_UNKNOWN', `refusing to recover ${p.vm}: ${source.name} cannot be reached, so it may still run the guest; make sure the host is off, then pass --source-fenced`, { userError: true });
     }
-    await this.#loops.get(p.vm)?.stop();
-    this.#loops.delete(p.vm);
+    await this.#acquire(p.vm);
     const failedAt = Date.now();
     const id = `r-${randomBytes(5).toString('hex')}`;
     try {
@@ -114,6 +223,8 @@ export class ProtectionService {
     } catch (err) {
       await this.#store.addRecovery({ id, vm: p.vm, source: row.source, standby: row.standby, state: 'failed', seq: null, pointAt: null, rpoMs: null, detail: errorText(err), createdAt: failedAt });
       throw err;
+    } finally {
+      await this.#release(p.vm);
     }
   }
 
@@ -127,8 +238,7 @@ export class ProtectionService {
     const standby = this.#host(row.standby);
     const st = await this.#call(standby, 'replica.status', { vm: job.vm }, (r) => replicaStatusSchema.parse(r));
     if (!st.consistent || st.state !== 'active') return undefined;
-    await this.#loops.get(job.vm)?.stop();
-    this.#loops.delete(job.vm);
+    await this.#acquire(job.vm);
     const vm = job.vm;
     return {
       seq: st.consistent.seq,
@@ -140,13 +250,15 @@ export class ProtectionService {
   /** After a delta evacuation: arrived, the replica is the VM's disk and protection ends; else the loop goes on. */
   async deltaAfter(job: MigrationJob, outcome: MigrationOutcome): Promise<void> {
     const row = await this.#store.protection(job.vm);
-    if (!row) return;
+    if (!row) return void (await this.#release(job.vm));
     if (outcome.kind === 'migrated') {
       await this.#store.removeProtection(job.vm);
+      await this.#release(job.vm);
       this.#log.info({ vm: job.vm, standby: row.standby }, 'evacuated onto its replica: protection ends');
       return;
     }
-    if (!this.#loops.has(job.vm)) this.#startLoop(row);
+    if (this.#lease) await this.#release(job.vm);
+    else if (!this.#loops.has(job.vm)) this.#startLoop(row);
   }
 
   #statusOf(p: ProtectionRow): ProtectionStatusRow {

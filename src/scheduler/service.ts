@@ -121,11 +121,9 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     await store.close().catch(() => undefined);
     throw err;
   }
-  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log });
-  // With replicas on PostgreSQL every replica would run every sync loop: until the loops are
-  // leased like migrations, they run only where the scheduler is alone (docs/standby.md).
-  if (store.shared) log.warn('standby replicas: sync loops are not started again by a scheduler replica on a shared store (protect starts one on the replica asked)');
-  else await protections.start();
+  // On a shared store the sync loops are leased like migrations, with the same owner name and lease length.
+  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, log, lease: { owner: scheduler.owner, leaseMs: config.replica.leaseMs } });
+  await protections.start();
   fleet.delta = { before: (job) => protections.deltaBefore(job), after: (job, outcome) => protections.deltaAfter(job, outcome) };
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
