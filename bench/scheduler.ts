@@ -12,7 +12,7 @@
  *   dispatch  picking the next migration, starting it, and completing it (two transitions),
  *             measured over the whole queue draining through the limits
  * Flat means the per-operation cost does not grow with N. JSON on stdout, a table on stderr.
- *   --runs R       each figure is the median of R runs (default 1)
+ *   --runs R       each figure is the median of R runs, with their [min..max] (default 1)
  *   --only S       sqlite | postgres (default both)
  *   --sizes LIST   queue sizes (default 100,1000,10000)
  * Each row goes to stderr as it is measured; the JSON at the end. On a slow disk PostgreSQL's
@@ -101,7 +101,7 @@ async function emptyPg(url: string): Promise<void> {
   const c = new pg.Client({ connectionString: url });
   await c.connect();
   try {
-    await c.query('DROP TABLE IF EXISTS leases, journal, migrations, protections, recoveries, ferry_schema; DROP SEQUENCE IF EXISTS migration_seq, fencing_epoch');
+    await c.query('DROP TABLE IF EXISTS leases, protection_leases, journal, migrations, protections, recoveries, ferry_schema; DROP SEQUENCE IF EXISTS migration_seq, fencing_epoch');
   } finally {
     await c.end();
   }
@@ -147,21 +147,33 @@ async function measure(variant: Variant, n: number): Promise<{ n: number; enqueu
 
 const round = (x: number): number => Math.round(x * 10) / 10;
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const spread = (xs: number[]): [number, number] => [Math.min(...xs), Math.max(...xs)];
+const range = ([lo, hi]: [number, number]): string => `[${lo}..${hi}]`;
 
 const variants: Variant[] = [
   ...(args.only === 'postgres' ? [] : [{ name: 'sqlite', kind: 'sqlite' as const }]),
   ...(args.only === 'sqlite' ? [] : [{ name: 'postgres x1', kind: 'postgres' as const, replicas: 1 }, { name: 'postgres x3', kind: 'postgres' as const, replicas: 3 }]),
 ];
-const table: { store: string; results: Awaited<ReturnType<typeof measure>>[] }[] = [];
+type Measured = Awaited<ReturnType<typeof measure>>;
+type Row = Measured & { enqueueSpreadUs: [number, number]; dispatchSpreadUs: [number, number]; runs: Measured[] };
+const table: { store: string; results: Row[] }[] = [];
 try {
   for (const v of variants) {
-    const results = [];
+    const results: Row[] = [];
     for (const n of SIZES) {
       const runs = [];
       for (let r = 0; r < RUNS; r++) runs.push(await measure(v, n));
-      const row = { n, enqueueUs: median(runs.map((x) => x.enqueueUs)), enqueueLast10pctUs: median(runs.map((x) => x.enqueueLast10pctUs)), dispatchUs: median(runs.map((x) => x.dispatchUs)) };
+      const row = {
+        n,
+        enqueueUs: median(runs.map((x) => x.enqueueUs)),
+        enqueueSpreadUs: spread(runs.map((x) => x.enqueueUs)),
+        enqueueLast10pctUs: median(runs.map((x) => x.enqueueLast10pctUs)),
+        dispatchUs: median(runs.map((x) => x.dispatchUs)),
+        dispatchSpreadUs: spread(runs.map((x) => x.dispatchUs)),
+        runs,
+      };
       results.push(row);
-      process.stderr.write(`${v.name.padEnd(12)}  ${String(n).padStart(8)}  enqueue ${row.enqueueUs} µs (last 10%: ${row.enqueueLast10pctUs})  pick+run+complete ${row.dispatchUs} µs\n`);
+      process.stderr.write(`${v.name.padEnd(12)}  ${String(n).padStart(8)}  enqueue ${row.enqueueUs} µs ${range(row.enqueueSpreadUs)} (last 10%: ${row.enqueueLast10pctUs})  pick+run+complete ${row.dispatchUs} µs ${range(row.dispatchSpreadUs)}\n`);
     }
     table.push({ store: v.name, results });
   }
@@ -180,5 +192,9 @@ process.stdout.write(
     2,
   )}\n`,
 );
-process.stderr.write(`\n${'store'.padEnd(12)}  ${'queued'.padStart(8)}  ${'enqueue µs'.padStart(11)}  ${'enqueue (last 10%) µs'.padStart(22)}  ${'pick+run+complete µs'.padStart(21)}\n`);
-for (const t of table) for (const r of t.results) process.stderr.write(`${t.store.padEnd(12)}  ${String(r.n).padStart(8)}  ${String(r.enqueueUs).padStart(11)}  ${String(r.enqueueLast10pctUs).padStart(22)}  ${String(r.dispatchUs).padStart(21)}\n`);
+process.stderr.write(`\n${'store'.padEnd(12)}  ${'queued'.padStart(8)}  ${'enqueue µs [min..max]'.padStart(26)}  ${'enqueue (last 10%) µs'.padStart(22)}  ${'pick+run+complete µs [min..max]'.padStart(32)}\n`);
+for (const t of table) {
+  for (const r of t.results) {
+    process.stderr.write(`${t.store.padEnd(12)}  ${String(r.n).padStart(8)}  ${`${r.enqueueUs} ${range(r.enqueueSpreadUs)}`.padStart(26)}  ${String(r.enqueueLast10pctUs).padStart(22)}  ${`${r.dispatchUs} ${range(r.dispatchSpreadUs)}`.padStart(32)}\n`);
+  }
+}

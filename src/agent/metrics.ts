@@ -7,9 +7,10 @@
  *   ferry_agent_qmp_refused_total{code}            QMP commands the agent's policy refused (never reached QEMU)
  *   ferry_agent_requests_refused_total{method,code} API requests refused (bad input, not found, not allowed)
  *   ferry_agent_vm_deaths_total                    VMs that exited without being asked to
- *   ferry_agent_stale_calls_refused_total{method}  mutating calls refused for a stale fencing epoch
+ *   ferry_agent_stale_calls_refused_total{method}  mutating calls refused for a stale fencing epoch:
+ *                                                  an RPC method, qmp:<command>, or qmp-tunnel
  *
- * The last stays absent (no series) until fencing epochs land and call `recordStaleCallRefused`.
+ * The last has no series until a scheduler replica's stale call is refused.
  * Aggregates only: no VM name, no principal, so any API token may read them.
  */
 import { Counter, Gauge, Registry } from 'prom-client';
@@ -94,4 +95,16 @@ export class AgentMetrics implements QmpObserver {
   async render(): Promise<{ contentType: string; body: string }> {
     return renderWithProcess(this.registry, 'ferry_agent_');
   }
+}
+
+/**
+ * The metric label of a refused stale call, from what fencing names: an RPC method as it is,
+ * `qmp:<command>` for a command in the tunnel (QMP names only, so a caller cannot grow the
+ * label set with arbitrary strings), `qmp-tunnel` for the tunnel's upgrade.
+ */
+export function staleCallLabel(what: string): string {
+  if (what === 'a QMP tunnel') return 'qmp-tunnel';
+  const qmp = /^QMP (.*)$/.exec(what);
+  if (qmp) return /^[a-z][a-z0-9-]{0,63}$/.test(qmp[1]!) ? `qmp:${qmp[1]}` : 'qmp:other';
+  return what;
 }

@@ -35,7 +35,7 @@ import { FENCE_EPOCH_HEADER, FENCE_VM_HEADER } from './client.js';
 import { Fences, fenceHeadersSchema, type SessionFence } from './fencing.js';
 import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, READ_ONLY_METHODS, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
 import { DiskClaims } from './claims.js';
-import { AgentMetrics } from './metrics.js';
+import { AgentMetrics, staleCallLabel } from './metrics.js';
 import { handleMetricsRequest, startMetricsListener } from '../host/metrics-http.js';
 import { AgentError } from './errors.js';
 import { Placement } from './placement.js';
@@ -141,7 +141,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const dataTls = await AgentDataTls.load(config);
   const claims = new DiskClaims(config.stateDir, log);
-  const fences = new Fences(config.stateDir, log, (what) => metrics.recordStaleCallRefused(what.split(' ')[0] ?? what));
+  const fences = new Fences(config.stateDir, log, (what) => metrics.recordStaleCallRefused(staleCallLabel(what)));
   /** QMP tunnels opened under a fence: cut when a later epoch for their VM arrives. */
   const fencedTunnels = new Set<{ fence: SessionFence; ws: WebSocket; cut: () => void }>();
   const placement = new Placement({

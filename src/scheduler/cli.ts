@@ -116,7 +116,10 @@ export async function main(argv: string[], io: Io = { stdout: process.stdout, st
             const j = e.job;
             io.stdout.write(`${new Date().toISOString()}  ${j.id} ${j.vm} ${j.from} -> ${j.to}: ${j.state}${j.error ? ` (${j.error})` : ''}\n`);
           } else if (e.type === 'phase') io.stdout.write(`${new Date().toISOString()}  ${e.id} ${e.vm}: ${e.phase}\n`);
-          else {
+          else if (e.type === 'finished') {
+            const downtime = e.downtimeMs !== undefined ? `, downtime ${e.downtimeMs} ms` : '';
+            io.stdout.write(`${new Date().toISOString()}  ${e.id} ${e.vm}: ${e.state} after ${(e.durationMs / 1000).toFixed(1)} s${downtime}\n`);
+          } else {
             const pct = e.totalBytes > 0 ? Math.floor((100 * e.doneBytes) / e.totalBytes) : 0;
             const eta = e.etaMs !== null ? `, ETA ${Math.ceil(e.etaMs / 1000)} s` : '';
             io.stdout.write(`${new Date().toISOString()}  ${e.id} ${e.vm}: ${e.phase} ${pct}% of ${mib(e.totalBytes)}, ${mib(e.bytesPerSec)}/s${eta}\n`);

@@ -81,6 +81,7 @@ export const schedulerEventSchema = z.discriminatedUnion('type', [
     bytesPerSec: z.number(),
     etaMs: z.number().nullable(),
   }),
+  z.looseObject({ type: z.literal('finished'), id: z.string(), vm: z.string(), state: z.enum(MIGRATION_STATES), durationMs: z.number(), downtimeMs: z.number().optional() }),
 ]);
 export type SchedulerEvent = z.infer<typeof schedulerEventSchema>;
 

@@ -38,6 +38,7 @@ import {
   type ClaimedJob,
   type ClaimLimits,
   type EnqueueRequest,
+  type FleetMessage,
   type JournalEntry,
   type ProtectionRow,
   type RecoveryRow,
@@ -66,6 +67,79 @@ function transient(err: unknown): boolean {
   return /Connection terminated|connection timeout|Client has encountered a connection error/i.test(message);
 }
 
+/** The NOTIFY channel replicas publish their watch events on (fleet-events.ts). */
+const EVENT_CHANNEL = 'ferry_events';
+const fleetMessageSchema = z.object({ origin: z.string(), event: z.unknown() });
+
+/**
+ * LISTEN on a connection of its own (a pooled one goes back to others, and its LISTEN with it),
+ * dialled again a second after it drops: a database restart costs watchers the events published
+ * while it was down, never the stream.
+ */
+class EventListener {
+  readonly #url: string;
+  readonly #log: Logger;
+  readonly #onMessage: (m: FleetMessage) => void;
+  #client: pg.Client | undefined;
+  #timer: NodeJS.Timeout | undefined;
+  #closed = false;
+
+  constructor(url: string, log: Logger, onMessage: (m: FleetMessage) => void) {
+    this.#url = url;
+    this.#log = log;
+    this.#onMessage = onMessage;
+  }
+
+  /** One attempt; a failed one is tried again later, so this never throws. */
+  async connect(): Promise<void> {
+    if (this.#closed) return;
+    const client = new pg.Client({ connectionString: this.#url, connectionTimeoutMillis: 5_000 });
+    client.on('notification', (n) => {
+      if (n.channel !== EVENT_CHANNEL || n.payload === undefined) return;
+      let raw: unknown;
+      try {
+        raw = JSON.parse(n.payload);
+      } catch {
+        return void this.#log.warn('a NOTIFY on the events channel was not JSON; skipped');
+      }
+      const m = fleetMessageSchema.safeParse(raw);
+      if (m.success) this.#onMessage(m.data);
+      else this.#log.warn('a NOTIFY on the events channel had no origin; skipped');
+    });
+    client.on('error', (err) => this.#log.warn({ err: errorText(err) }, 'the events connection failed; dialling again'));
+    client.on('end', () => {
+      if (this.#client === client) this.#client = undefined;
+      this.#again();
+    });
+    try {
+      await client.connect();
+      await client.query(`LISTEN ${EVENT_CHANNEL}`);
+      if (this.#closed) return void (await client.end().catch(() => undefined));
+      this.#client = client;
+    } catch (err) {
+      this.#log.warn({ err: errorText(err) }, 'cannot listen for the other replicas\' events yet; trying again');
+      await client.end().catch(() => undefined);
+      this.#again();
+    }
+  }
+
+  #again(): void {
+    if (this.#closed || this.#timer) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      void this.connect();
+    }, 1_000);
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    const c = this.#client;
+    this.#client = undefined;
+    await c?.end().catch(() => undefined);
+  }
+}
+
 export class PostgresStore implements SchedulerStore {
   readonly shared = true;
   readonly #pool: pg.Pool;
@@ -73,7 +147,10 @@ export class PostgresStore implements SchedulerStore {
   /** How long a statement keeps being retried while the database is unreachable. */
   readonly #retryMs: number;
 
-  private constructor(pool: pg.Pool, log: Logger, retryMs: number) {
+  readonly #url: string;
+
+  private constructor(url: string, pool: pg.Pool, log: Logger, retryMs: number) {
+    this.#url = url;
     this.#pool = pool;
     this.#log = log;
     this.#retryMs = retryMs;
@@ -84,7 +161,7 @@ export class PostgresStore implements SchedulerStore {
     const pool = new pg.Pool({ connectionString: url, max: 8, connectionTimeoutMillis: 5_000, idleTimeoutMillis: 30_000 });
     // An idle connection the server closed (a restart) must not become an uncaught error.
     pool.on('error', (err) => log.warn({ err: errorText(err) }, 'an idle database connection failed; the pool dials again'));
-    const store = new PostgresStore(pool, log, opts.retryMs ?? 10_000);
+    const store = new PostgresStore(url, pool, log, opts.retryMs ?? 10_000);
     try {
       await store.#migrate();
     } catch (err) {
@@ -188,6 +265,13 @@ export class PostgresStore implements SchedulerStore {
             spec TEXT NOT NULL, created_at BIGINT NOT NULL);
           CREATE TABLE recoveries (id TEXT PRIMARY KEY, vm TEXT NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL, state TEXT NOT NULL,
             seq BIGINT, point_at BIGINT, rpo_ms BIGINT, detail TEXT, created_at BIGINT NOT NULL);`);
+      }
+      // Schema 5: the standby sync loops are leased (one replica runs each protection's loop).
+      // `op`: taken for an operation (unprotect, recover, evacuation), no loop runs under it.
+      if (version < 5) {
+        await c.query(`
+          CREATE TABLE protection_leases (vm TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until BIGINT NOT NULL,
+            op BOOLEAN NOT NULL DEFAULT false, hand_over BOOLEAN NOT NULL DEFAULT false);`);
       }
       await c.query('DELETE FROM ferry_schema');
       await c.query('INSERT INTO ferry_schema (version) VALUES ($1)', [SCHEMA_VERSION]);
@@ -429,6 +513,43 @@ export class PostgresStore implements SchedulerStore {
     await this.#tx('release', (c) => c.query(`UPDATE leases SET lease_until = ${NOW_MS} + $4 WHERE migration_id = $1 AND owner = $2 AND epoch = $3`, [id, claim.owner, claim.epoch, afterMs]));
   }
 
+  async claimProtections(owner: string, leaseMs: number): Promise<{ held: string[]; handOver: string[] }> {
+    return this.#tx('claimProtections', async (c) => {
+      await c.query('DELETE FROM protection_leases l WHERE NOT EXISTS (SELECT 1 FROM protections p WHERE p.vm = l.vm)');
+      await c.query(
+        `INSERT INTO protection_leases (vm, owner, lease_until)
+         SELECT p.vm, $1, ${NOW_MS} + $2 FROM protections p
+         ON CONFLICT (vm) DO UPDATE SET owner = $1, lease_until = EXCLUDED.lease_until, op = false, hand_over = false
+         WHERE protection_leases.lease_until < ${NOW_MS}`,
+        [owner, leaseMs],
+      );
+      const rows = (await c.query(`UPDATE protection_leases SET lease_until = ${NOW_MS} + $2 WHERE owner = $1 AND NOT op RETURNING vm, hand_over`, [owner, leaseMs])).rows;
+      // An operation's lease is renewed too, but never runs a loop.
+      await c.query(`UPDATE protection_leases SET lease_until = ${NOW_MS} + $2 WHERE owner = $1 AND op`, [owner, leaseMs]);
+      const parsed = rows.map((r) => z.object({ vm: z.string(), hand_over: z.boolean() }).parse(r));
+      return { held: parsed.filter((r) => !r.hand_over).map((r) => r.vm), handOver: parsed.filter((r) => r.hand_over).map((r) => r.vm) };
+    });
+  }
+
+  async takeProtection(vm: string, owner: string, leaseMs: number): Promise<boolean> {
+    return this.#tx('takeProtection', async (c) => {
+      const taken = await c.query(
+        `INSERT INTO protection_leases (vm, owner, lease_until, op) VALUES ($1, $2, ${NOW_MS} + $3, true)
+         ON CONFLICT (vm) DO UPDATE SET owner = $2, lease_until = EXCLUDED.lease_until, op = true, hand_over = false
+         WHERE protection_leases.owner = $2 OR protection_leases.lease_until < ${NOW_MS}
+         RETURNING vm`,
+        [vm, owner, leaseMs],
+      );
+      if (taken.rows.length > 0) return true;
+      await c.query('UPDATE protection_leases SET hand_over = true WHERE vm = $1', [vm]);
+      return false;
+    });
+  }
+
+  async releaseProtection(vm: string, owner: string): Promise<void> {
+    await this.#tx('releaseProtection', (c) => c.query('DELETE FROM protection_leases WHERE vm = $1 AND owner = $2', [vm, owner]));
+  }
+
   async requestCancel(id: string): Promise<void> {
     await this.#tx('cancel', (c) => c.query('UPDATE leases SET cancel_requested = true WHERE migration_id = $1', [id]));
   }
@@ -441,6 +562,19 @@ export class PostgresStore implements SchedulerStore {
 
   async close(): Promise<void> {
     await this.#pool.end();
+  }
+
+  async publish(m: FleetMessage): Promise<void> {
+    const payload = JSON.stringify(m);
+    // NOTIFY refuses a payload of 8000 bytes or more; events are small by design (fleet-events.ts).
+    if (Buffer.byteLength(payload) >= 8000) throw new SchedulerError('EVENT_TOO_LARGE', `an event of ${Buffer.byteLength(payload)} bytes does not fit a NOTIFY`);
+    await this.#pool.query('SELECT pg_notify($1, $2)', [EVENT_CHANNEL, payload]);
+  }
+
+  async listen(listener: (m: FleetMessage) => void): Promise<() => Promise<void>> {
+    const l = new EventListener(this.#url, this.#log, listener);
+    await l.connect();
+    return () => l.close();
   }
 
   async addProtection(p: ProtectionRow): Promise<void> {

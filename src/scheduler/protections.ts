@@ -7,6 +7,13 @@
  *
  * A restarted scheduler starts every stored loop again; the first sync reconciles the source's
  * bitmaps with the standby's consistent seq, so replication resumes without a full resync.
+ *
+ * Scheduler replicas on PostgreSQL lease the loops (store.claimProtections): each protection's
+ * loop runs on the one replica holding its lease, renewed every third of it; a replica that dies
+ * loses its loops to whoever claims next, which resumes them the same incremental way. An
+ * operation on a protection (unprotect, recover, a delta evacuation) first takes its lease on
+ * the replica that was asked: the holder is asked to hand it over (its loop stopped, the sync in
+ * flight ended), or it expires.
  */
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
@@ -41,12 +48,19 @@ export class ProtectionService {
   readonly #loops = new Map<string, Protection>();
   /** Protections whose loop is held (the VM's whereabouts in doubt), and why: `protect status` says so. */
   readonly #suspended = new Map<string, string>();
-
   readonly #dataTls: DataTlsMode;
+  /** Shared store: this replica's name in the leases, and their length. */
+  readonly #lease: { owner: string; leaseMs: number } | undefined;
+  /** Shared store: protections whose lease this replica took for an operation (no loop under it). */
+  readonly #ops = new Set<string>();
+  #ticker: NodeJS.Timeout | undefined;
+  #ticking: Promise<void> | undefined;
+  #renewedAt = 0;
 
-  constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; dataTls?: DataTlsMode | undefined; log: Logger }) {
+  constructor(opts: { store: SchedulerStore; hosts: HostConfig[]; token: string; tls?: TlsMaterial | undefined; dataTls?: DataTlsMode | undefined; log: Logger; lease?: { owner: string; leaseMs: number } }) {
     this.#dataTls = opts.dataTls ?? 'preferred';
     this.#store = opts.store;
+    this.#lease = opts.store.claimProtections ? opts.lease : undefined;
     this.#hosts = opts.hosts;
     this.#token = opts.token;
     this.#tls = opts.tls;
@@ -54,20 +68,95 @@ export class ProtectionService {
   }
 
   /**
-   * Every stored protection's loop, started again; one whose VM now runs elsewhere (moved while
-   * the scheduler was down) follows it first, as afterMigration would have.
+   * Every stored protection's loop, started again (on a shared store: those this replica
+   * claims); one whose VM now runs elsewhere (moved while no loop ran) follows it first (#current).
    */
   async start(): Promise<void> {
-    for (const p of await this.#store.protections()) {
-      const found = await this.#find(p.vm).catch(() => undefined);
-      if (found && found.host.name !== p.source) await this.#follow(p, found.host.name, found.spec, false);
-      else this.#startLoop(p);
+    if (!this.#lease) {
+      for (const p of await this.#store.protections()) {
+        const row = await this.#current(p);
+        if (row) this.#startLoop(row);
+      }
+      return;
     }
+    await this.#claim();
+    const every = Math.max(200, Math.floor(this.#lease.leaseMs / 3));
+    this.#ticker = setInterval(() => void this.#claim(), every);
   }
 
   async stop(): Promise<void> {
+    clearInterval(this.#ticker);
+    this.#ticker = undefined;
+    await this.#ticking;
+    const ran = [...this.#loops.keys()];
     await Promise.all([...this.#loops.values()].map((l) => l.stop()));
     this.#loops.clear();
+    // Handed back at once, so another replica resumes the loops without waiting out the leases.
+    if (this.#lease) for (const vm of ran) await this.#store.releaseProtection!(vm, this.#lease.owner).catch(() => undefined);
+  }
+
+  /** One round of the leases: claim and renew, hand over what was asked, run what is held. */
+  #claim(): Promise<void> {
+    this.#ticking ??= (async () => {
+      const lease = this.#lease!;
+      try {
+        const { held, handOver } = await this.#store.claimProtections!(lease.owner, lease.leaseMs);
+        this.#renewedAt = performance.now();
+        for (const vm of handOver) {
+          await this.#stopLoop(vm);
+          await this.#store.releaseProtection!(vm, lease.owner);
+          this.#log.info({ vm }, 'handed a sync loop over to the replica that asked');
+        }
+        const keep = new Set([...held, ...this.#ops]);
+        for (const vm of [...this.#loops.keys()]) if (!keep.has(vm)) await this.#stopLoop(vm);
+        for (const vm of held) {
+          if (this.#loops.has(vm) || this.#ops.has(vm)) continue;
+          const stored = await this.#store.protection(vm);
+          const row = stored && (await this.#current(stored));
+          if (row && !this.#loops.has(vm) && !this.#ops.has(vm)) this.#startLoop(row);
+        }
+      } catch (err) {
+        // Past most of a lease without renewing, another replica may take the loops at any moment.
+        if (performance.now() - this.#renewedAt > 0.75 * lease.leaseMs && this.#loops.size > 0) {
+          this.#log.warn({ err: errorText(err) }, 'cannot renew the sync loops\' leases: stopping them (another replica resumes them)');
+          for (const vm of [...this.#loops.keys()]) await this.#stopLoop(vm);
+        } else this.#log.warn({ err: errorText(err) }, 'cannot renew the sync loops\' leases; trying again');
+      } finally {
+        this.#ticking = undefined;
+      }
+    })();
+    return this.#ticking;
+  }
+
+  async #stopLoop(vm: string): Promise<void> {
+    const loop = this.#loops.get(vm);
+    this.#loops.delete(vm);
+    await loop?.stop();
+  }
+
+  /**
+   * Before an operation on a protection: no loop may sync under it. On a shared store its lease
+   * is taken for the operation (the holder hands it over, or the lease runs out); here, the
+   * local loop stops.
+   */
+  async #acquire(vm: string): Promise<void> {
+    if (this.#lease) {
+      const { owner, leaseMs } = this.#lease;
+      const deadline = performance.now() + 2 * leaseMs + 10_000;
+      while (!(await this.#store.takeProtection!(vm, owner, leaseMs))) {
+        if (performance.now() > deadline) throw new SchedulerError('PROTECTION_BUSY', `another scheduler replica runs the sync loop of ${vm} and did not hand it over within ${Math.round((2 * leaseMs + 10_000) / 1000)} s`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      this.#ops.add(vm);
+    }
+    await this.#stopLoop(vm);
+  }
+
+  /** After an operation: the loop may run again (wherever its lease is claimed next). */
+  async #release(vm: string): Promise<void> {
+    if (!this.#lease) return;
+    this.#ops.delete(vm);
+    await this.#store.releaseProtection!(vm, this.#lease.owner);
   }
 
   async protect(p: z.infer<(typeof protectionMethods)['protect']>): Promise<ProtectionStatusRow> {
@@ -84,23 +173,44 @@ export class ProtectionService {
     await this.#call(standby, 'replica.create', { vm: p.vm, disks: disks.map((d) => ({ id: d.id, virtualSize: d.virtualSize })), needBytes }, (r) => replicaStatusSchema.parse(r));
     const row: ProtectionRow = { vm: p.vm, source: found.host.name, standby: standby.name, intervalMs: p.intervalMs, spec: found.spec, createdAt: Date.now() };
     await this.#store.addProtection(row);
-    this.#startLoop(row);
+    if (this.#lease) await this.#claim();
+    else this.#startLoop(row);
     return this.#statusOf(row);
   }
 
   async unprotect(vm: string): Promise<{ vm: string }> {
     const row = await this.#row(vm);
-    await this.#stopLoop(vm);
+    await this.#acquire(vm);
     this.#suspended.delete(vm);
     const found = await this.#find(vm).catch(() => undefined);
     if (found) await this.#call(found.host, 'vm.replicaRemove', { vmId: found.vmId }, () => undefined).catch((err: unknown) => this.#log.warn({ vm, err: errorText(err) }, 'removing the source bitmaps failed'));
-    await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined);
-    await this.#store.removeProtection(vm);
+    try {
+      await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined);
+      await this.#store.removeProtection(vm);
+    } finally {
+      await this.#release(vm);
+    }
     return { vm };
   }
 
   async status(): Promise<ProtectionStatusRow[]> {
-    return (await this.#store.protections()).map((p) => this.#statusOf(p));
+    return Promise.all((await this.#store.protections()).map((p) => (this.#lease && !this.#loops.has(p.vm) && !this.#suspended.has(p.vm) ? this.#remoteStatusOf(p) : this.#statusOf(p))));
+  }
+
+  /** A loop another replica runs: what the standby's agent holds is the truth (its counters start at the replica's). */
+  async #remoteStatusOf(p: ProtectionRow): Promise<ProtectionStatusRow> {
+    const st = await this.#call(this.#host(p.standby), 'replica.status', { vm: p.vm }, (r) => replicaStatusSchema.parse(r)).catch(() => undefined);
+    if (!st) return this.#statusOf(p);
+    return {
+      ...this.#statusOf(p),
+      state: this.#ops.has(p.vm) ? 'paused' : st.syncing ? 'syncing' : 'idle',
+      consistentAt: st.consistent?.pointAt ?? null,
+      rpoMs: st.consistent ? Math.max(0, Date.now() - st.consistent.pointAt) : null,
+      lastBytes: st.lastSync?.bytes ?? null,
+      lastDurationMs: st.lastSync?.durationMs ?? null,
+      syncs: st.lastSync?.seq ?? 0,
+      failedSyncs: st.failedSyncs,
+    };
   }
 
   async recover(p: z.infer<(typeof protectionMethods)['recover']>): Promise<RecoveryRow> {
@@ -116,7 +226,7 @@ export class ProtectionService {
     if (!onSource.reachable && !p.sourceFenced) {
       throw new SchedulerError('SOURCE_UNKNOWN', `refusing to recover ${p.vm}: ${source.name} cannot be reached, so it may still run the guest; make sure the host is off, then pass --source-fenced`, { userError: true });
     }
-    await this.#stopLoop(p.vm);
+    await this.#acquire(p.vm);
     this.#suspended.delete(p.vm);
     const failedAt = Date.now();
     const id = `r-${randomBytes(5).toString('hex')}`;
@@ -130,6 +240,8 @@ export class ProtectionService {
     } catch (err) {
       await this.#store.addRecovery({ id, vm: p.vm, source: row.source, standby: row.standby, state: 'failed', seq: null, pointAt: null, rpoMs: null, detail: errorText(err), createdAt: failedAt });
       throw err;
+    } finally {
+      await this.#release(p.vm);
     }
   }
 
@@ -153,7 +265,8 @@ export class ProtectionService {
   async beforeMigration(job: MigrationJob): Promise<DeltaReplica | undefined> {
     const row = await this.#store.protection(job.vm);
     if (!row) return undefined;
-    await this.#stopLoop(job.vm);
+    // Held until afterMigration (which is called whatever happens here).
+    await this.#acquire(job.vm);
     if (row.standby !== job.to || job.mode !== 'precopy') return undefined;
     const st = await this.#deltaReady(row);
     if (!st) return undefined;
@@ -180,49 +293,62 @@ export class ProtectionService {
    */
   async afterMigration(job: MigrationJob, outcome: MigrationOutcome | undefined, byDelta: boolean): Promise<void> {
     const row = await this.#store.protection(job.vm);
-    if (!row) return;
+    if (!row) return void (await this.#release(job.vm));
     // undefined: the run rejected before it changed anything (MigrationRunner's contract).
-    if (!outcome || outcome.kind === 'rolledBack') {
-      if (!this.#loops.has(job.vm)) this.#startLoop(row);
-      return;
-    }
+    if (!outcome || outcome.kind === 'rolledBack') return this.#resume(row);
     if (outcome.kind !== 'migrated') {
+      // The lease (shared store) stays with this replica's operation: no other replica resumes it.
       this.#suspend(job.vm, `migration ${job.id} ended ${outcome.kind}: where ${job.vm} runs is not settled; syncs held (unprotect, or migrate it again once it runs)`);
       return;
     }
     const spec = await this.#call(this.#host(job.to), 'vm.get', { name: job.vm }, (r) => vmGetSchema.parse(r).spec).catch(() => row.spec);
-    await this.#follow(row, job.to, spec, byDelta);
+    const next = await this.#moved(row, job.to, spec, byDelta);
+    if (next) await this.#resume(next);
+    else await this.#release(job.vm);
   }
 
-  /** The VM runs on `host` now, not on the row's source: see afterMigration's table. */
-  async #follow(row: ProtectionRow, host: string, spec: unknown, byDelta: boolean): Promise<void> {
-    const vm = row.vm;
-    if (host === row.standby) {
-      if (!byDelta) {
-        // A released replica (a delta evacuation, a recovery) is the VM's disk: destroy keeps its files.
-        await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined).catch((err: unknown) => this.#log.warn({ vm, err: errorText(err) }, 'removing the stale replica failed; unprotect removes it'));
-      }
-      await this.#store.removeProtection(vm);
-      this.#suspended.delete(vm);
-      this.#log.info({ vm, standby: row.standby, byDelta }, byDelta ? 'evacuated onto its replica: protection ends' : 'runs on its standby now (a full migration): the stale replica removed, protection ends');
+  /** The loop runs again: here, or (shared store) wherever its lease is claimed next, likely here at once. */
+  async #resume(row: ProtectionRow): Promise<void> {
+    if (!this.#lease) {
+      if (!this.#loops.has(row.vm)) this.#startLoop(row);
       return;
+    }
+    await this.#release(row.vm);
+    await this.#claim();
+  }
+
+  /**
+   * The VM runs on `host` now, not on the row's source (afterMigration's table): the protection
+   * ends (onto its standby) or is re-targeted (elsewhere). Returns the row to run the loop with,
+   * or undefined when the protection ended.
+   */
+  async #moved(row: ProtectionRow, host: string, spec: unknown, byDelta: boolean): Promise<ProtectionRow | undefined> {
+    const vm = row.vm;
+    this.#suspended.delete(vm);
+    if (host === row.standby) {
+      // A released replica (a delta evacuation, a recovery) is the VM's disk: destroy keeps its files.
+      if (!byDelta) await this.#call(this.#host(row.standby), 'replica.destroy', { vm }, () => undefined).catch((err: unknown) => this.#log.warn({ vm, err: errorText(err) }, 'removing the stale replica failed; unprotect removes it'));
+      await this.#store.removeProtection(vm);
+      this.#log.info({ vm, standby: row.standby, byDelta }, byDelta ? 'evacuated onto its replica: protection ends' : 'runs on its standby now (a full migration): the stale replica removed, protection ends');
+      return undefined;
     }
     // The replica stays: the next sync reconciles with the new source's bitmaps (a persistent
     // bitmap that migrated with the VM keeps it incremental; without it, a full sync).
     await this.#store.retargetProtection(vm, host, spec);
-    this.#suspended.delete(vm);
     this.#log.info({ vm, from: row.source, to: host, standby: row.standby }, 'the protected VM moved: its protection follows it');
-    this.#startLoop({ ...row, source: host, spec });
+    return { ...row, source: host, spec };
+  }
+
+  /** Before a loop starts: a VM that moved while no loop ran (the scheduler down) is followed first. */
+  async #current(row: ProtectionRow): Promise<ProtectionRow | undefined> {
+    const found = await this.#find(row.vm).catch(() => undefined);
+    if (!found || found.host.name === row.source) return row;
+    return this.#moved(row, found.host.name, found.spec, false);
   }
 
   async #deltaReady(row: ProtectionRow): Promise<{ seq: number } | undefined> {
     const st = await this.#call(this.#host(row.standby), 'replica.status', { vm: row.vm }, (r) => replicaStatusSchema.parse(r));
     return st.consistent && st.state === 'active' ? { seq: st.consistent.seq } : undefined;
-  }
-
-  async #stopLoop(vm: string): Promise<void> {
-    await this.#loops.get(vm)?.stop();
-    this.#loops.delete(vm);
   }
 
   #suspend(vm: string, why: string): void {

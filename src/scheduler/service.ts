@@ -13,7 +13,8 @@ import { handleMetricsRequest, MetricsListenSchema, startMetricsListener } from 
 import { loadTls, TlsFilesSchema } from '../host/tls.js';
 import { AgentFleet, HostConfigSchema } from './agents.js';
 import { SCHEDULER_PROTOCOL_VERSION, schedulerMethods, type SchedulerMethod } from './protocol.js';
-import { Scheduler, type SchedulerEvents } from './scheduler.js';
+import { Scheduler } from './scheduler.js';
+import { FleetEvents, type WatchEvent } from './fleet-events.js';
 import { SchedulerMetrics } from './metrics.js';
 import { openStore, redactDatabase } from './store.js';
 import { crossOrigin, handleWebRequest } from './web.js';
@@ -98,7 +99,8 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const log = logger.child({ tool: 'ferry-scheduler' });
   const tls = config.agentTls ? await loadTls(config.agentTls) : undefined;
   const store = await openStore(config.database, { log });
-  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, dataTls: config.dataTls, log });
+  // Made after the scheduler (its lease owner name); the placement hint asks it once it exists.
+  let standbys: ProtectionService | undefined;
   const fleet = new AgentFleet(config.hosts, config.agentToken, log, tls, { dataTls: config.dataTls, ...(config.hydrationBytesPerSec ? { hydrationBytesPerSec: config.hydrationBytesPerSec } : {}) });
   const scheduler = new Scheduler({
     store,
@@ -111,19 +113,22 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     logger: log,
     replica: { leaseMs: config.replica.leaseMs, pollMs: config.replica.pollMs },
     // A drain (or a migration naming no host) sends a protected VM to its standby: by delta.
-    placement: { preferredFor: (vm, mode) => protections.preferredFor(vm, mode) },
+    placement: { preferredFor: async (vm, mode) => standbys?.preferredFor(vm, mode) },
   });
   const metrics = new SchedulerMetrics(scheduler, { queued: () => store.inState('queued'), running: () => store.inState('running') }, config.hosts.map((h) => h.name));
+  let events: FleetEvents;
   try {
     await scheduler.start();
+    events = await FleetEvents.start(scheduler, store, log);
   } catch (err) {
+    await scheduler.stop(0).catch(() => undefined);
     await store.close().catch(() => undefined);
     throw err;
   }
-  // With replicas on PostgreSQL every replica would run every sync loop: until the loops are
-  // leased like migrations, they run only where the scheduler is alone (docs/standby.md).
-  if (store.shared) log.warn('standby replicas: sync loops are not started again by a scheduler replica on a shared store (protect starts one on the replica asked)');
-  else await protections.start();
+  // On a shared store the sync loops are leased like migrations, with the same owner name and lease length.
+  const protections = new ProtectionService({ store, hosts: config.hosts, token: config.agentToken, tls, dataTls: config.dataTls, log, lease: { owner: scheduler.owner, leaseMs: config.replica.leaseMs } });
+  standbys = protections;
+  await protections.start();
   fleet.replicas = { before: (job) => protections.beforeMigration(job), after: (job, outcome, byDelta) => protections.afterMigration(job, outcome, byDelta) };
 
   const handle = async (method: SchedulerMethod, params: unknown): Promise<unknown> => {
@@ -208,11 +213,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
     if (!principal) return reject('401 Unauthorized');
     if (req.url !== '/v1') return reject('404 Not Found');
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const send = (event: Record<string, unknown>): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event })));
-      const onJob = (...[job]: SchedulerEvents['job']): void => send({ type: 'job', job });
-      const onPhase = (...[p]: SchedulerEvents['phase']): void => send({ type: 'phase', ...p });
-      const onProgress = (...[p]: SchedulerEvents['progress']): void => send({ type: 'progress', ...p });
-      const onFinished = (...[f]: SchedulerEvents['finished']): void => send({ type: 'finished', id: f.job.id, vm: f.job.vm, state: f.job.state, durationMs: Math.round(f.durationMs), ...(f.result ?? {}) });
+      const send = (event: WatchEvent): void => void (ws.readyState === ws.OPEN && ws.send(JSON.stringify({ v: SCHEDULER_PROTOCOL_VERSION, event })));
       let watching = false;
       serveRpc(ws, {
         version: SCHEDULER_PROTOCOL_VERSION,
@@ -220,22 +221,14 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
         handle: async (method, params) => {
           if (method === 'watch' && !watching) {
             watching = true;
-            scheduler.on('job', onJob);
-            scheduler.on('phase', onPhase);
-            scheduler.on('progress', onProgress);
-            scheduler.on('finished', onFinished);
+            events.on('event', send);
           }
           return handle(method, params);
         },
         log: log.child({ principal }),
         heartbeatMs: config.heartbeatMs,
       });
-      ws.once('close', () => {
-        scheduler.off('job', onJob);
-        scheduler.off('phase', onPhase);
-        scheduler.off('progress', onProgress);
-        scheduler.off('finished', onFinished);
-      });
+      ws.once('close', () => events.off('event', send));
     });
   });
   await new Promise<void>((resolve, reject) => {
@@ -249,6 +242,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   const metricsListener = config.metricsListen ? await startMetricsListener(config.metricsListen, () => metrics.render(), log).catch(async (err: unknown) => {
     await new Promise<void>((r) => http.close(() => r()));
     await scheduler.stop(0);
+    await events.stop();
     await store.close().catch(() => undefined);
     throw err;
   }) : undefined;
@@ -264,6 +258,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
       metrics.close();
       await protections.stop().catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the protections'));
       await scheduler.stop(opts.graceMs).catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the scheduler'));
+      await events.stop().catch((err: unknown) => log.error({ err: errorText(err) }, 'stopping the fleet events'));
       await store.close().catch((err: unknown) => log.error({ err: errorText(err) }, 'closing the store'));
     },
   };

@@ -90,6 +90,9 @@ export class SqliteStore implements SchedulerStore {
           seq INTEGER, point_at INTEGER, rpo_ms INTEGER, detail TEXT, created_at INTEGER NOT NULL);
         PRAGMA user_version = 4;`);
     }
+    // Schema 5 leases the standby sync loops between replicas (PostgreSQL's protection_leases):
+    // one scheduler on SQLite runs every loop itself and has nothing to add.
+    if (version < 5) this.#db.exec('PRAGMA user_version = 5;');
   }
 
   /** New queued migrations, all or none. A VM that already has an active one keeps it. */

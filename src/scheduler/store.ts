@@ -22,7 +22,7 @@ import { z } from 'zod';
 import type { SavedSourceSettings } from '../engine/types.js';
 import { MIGRATION_STATES, type MigrationJob, type MigrationMode, type MigrationState, type Reason } from './types.js';
 
-export const SCHEMA_VERSION = 4;
+export const SCHEMA_VERSION = 5;
 
 export const ALLOWED: Record<MigrationState, readonly MigrationState[]> = {
   queued: ['running', 'cancelled', 'failed'],
@@ -173,6 +173,12 @@ export interface ClaimLimits {
   bandwidth(outgoing: number, incoming: number): number | null;
 }
 
+/** An event one replica hands to the others (shared stores): who sent it, and the event. */
+export interface FleetMessage {
+  origin: string;
+  event: unknown;
+}
+
 export interface SchedulerStore {
   /** Several schedulers may share it: work is claimed with leases (the methods below). */
   readonly shared: boolean;
@@ -219,6 +225,25 @@ export interface SchedulerStore {
   requestCancel?(id: string): Promise<void>;
   /** Memory and disk that active (queued, running) migrations promise each destination, summed. */
   reservations?(): Promise<Map<string, { memoryMiB: number; diskBytes: number }>>;
+  /**
+   * Standby sync loops (issue 12) are leased like migrations: one replica runs each protection's
+   * loop. In one transaction: leases of protections that are gone are dropped, protections without
+   * a live lease are taken, this owner's are renewed. Answers what this owner holds, and which of
+   * those another replica asked it to hand over (`handOver`: stop the loop, then release).
+   */
+  claimProtections?(owner: string, leaseMs: number): Promise<{ held: string[]; handOver: string[] }>;
+  /**
+   * Takes a protection's lease for an operation on it (unprotect, recover, a delta evacuation):
+   * at once if it is free, expired or this owner's; else asks its holder to hand it over and
+   * answers false (ask again). Taken for an operation, no loop runs under it.
+   */
+  takeProtection?(vm: string, owner: string, leaseMs: number): Promise<boolean>;
+  /** Gives a protection's lease up (its loop stopped, or the operation done): any replica may take it. */
+  releaseProtection?(vm: string, owner: string): Promise<void>;
+  /** Hands an event to every replica listening, this one included (best effort, not durable). */
+  publish?(m: FleetMessage): Promise<void>;
+  /** Calls `listener` with every published event until the returned stop is called; keeps listening across database restarts. */
+  listen?(listener: (m: FleetMessage) => void): Promise<() => Promise<void>>;
 }
 
 /** The store a config's database names: a PostgreSQL URL, or a SQLite file. */

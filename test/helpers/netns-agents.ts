@@ -12,10 +12,10 @@ import { createNetnsPair, type NetnsPair } from './netns.js';
 const REPO = resolve(import.meta.dirname, '../..');
 
 /** Runs argv inside namespace `ns`; resolves with exit code and output. */
-export function inNs(ns: string, argv: string[], opts: { token?: string; timeoutMs?: number } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+export function inNs(ns: string, argv: string[], opts: { token?: string; timeoutMs?: number; env?: Record<string, string> } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const timeoutMs = opts.timeoutMs ?? 120_000;
   return new Promise((resolveRun) => {
-    const child = spawn('ip', ['netns', 'exec', ns, ...argv], { cwd: REPO, env: { ...process.env, FERRY_TOKEN: opts.token ?? '', FERRY_LOG_LEVEL: 'warn' } });
+    const child = spawn('ip', ['netns', 'exec', ns, ...argv], { cwd: REPO, env: { ...process.env, FERRY_TOKEN: opts.token ?? '', FERRY_LOG_LEVEL: 'warn', ...opts.env } });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -36,12 +36,17 @@ export async function call(ns: string, url: string, token: string, method: strin
 
 /** Starts ferry-agent in `ns` and waits for its "listening" line; the child goes into `started`. */
 export async function startAgentIn(ns: string, config: string, started: ChildProcess[]): Promise<ChildProcess> {
-  const child = spawn('ip', ['netns', 'exec', ns, 'node', 'bin/ferry-agent.mjs', '--config', config], { cwd: REPO, env: { ...process.env, FERRY_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  return startBinIn(ns, 'bin/ferry-agent.mjs', config, started);
+}
+
+/** Starts a ferry bin that takes `--config` (an agent, a scheduler) in `ns`, once it says it is listening. */
+export async function startBinIn(ns: string, bin: string, config: string, started: ChildProcess[]): Promise<ChildProcess> {
+  const child = spawn('ip', ['netns', 'exec', ns, 'node', bin, '--config', config], { cwd: REPO, env: { ...process.env, FERRY_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
   started.push(child);
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-4000)));
   await new Promise<void>((ready, fail) => {
-    const timer = setTimeout(() => fail(new Error(`agent in ${ns} did not start: ${err}`)), 30_000);
+    const timer = setTimeout(() => fail(new Error(`${bin} in ${ns} did not start: ${err}`)), 30_000);
     child.stdout!.on('data', (d: Buffer) => {
       if (d.toString().includes('listening on')) {
         clearTimeout(timer);
@@ -50,7 +55,7 @@ export async function startAgentIn(ns: string, config: string, started: ChildPro
     });
     child.once('exit', (code) => {
       clearTimeout(timer);
-      fail(new Error(`agent in ${ns} exited (${code}): ${err}`));
+      fail(new Error(`${bin} in ${ns} exited (${code}): ${err}`));
     });
   });
   return child;

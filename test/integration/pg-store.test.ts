@@ -29,7 +29,7 @@ beforeEach(async () => {
   await two?.close();
   const c = new pg.Client({ connectionString: server.url });
   await c.connect();
-  await c.query('DROP TABLE IF EXISTS leases, journal, migrations, protections, recoveries, ferry_schema; DROP SEQUENCE IF EXISTS migration_seq, fencing_epoch');
+  await c.query('DROP TABLE IF EXISTS leases, protection_leases, journal, migrations, protections, recoveries, ferry_schema; DROP SEQUENCE IF EXISTS migration_seq, fencing_epoch');
   await c.end();
   // Both at once: the schema is made once, under its advisory lock.
   [one, two] = await Promise.all([PostgresStore.open(server.url), PostgresStore.open(server.url)]);

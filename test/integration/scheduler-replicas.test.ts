@@ -21,7 +21,7 @@ import { IMAGE_DIR } from '../../src/guest/image.js';
 import { highestAcks } from '../../src/guest/serial.js';
 import { verifyDisk } from '../../src/guest/verify.js';
 import { main as ferryMain } from '../../src/scheduler/cli.js';
-import { SchedulerClient } from '../../src/scheduler/client.js';
+import { SchedulerClient, type SchedulerEvent } from '../../src/scheduler/client.js';
 import type { MigrationJob } from '../../src/scheduler/types.js';
 import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
 import { startPostgres, type TestPostgres } from '../helpers/postgres.js';
@@ -228,6 +228,15 @@ afterAll(async () => {
 
 test('three replicas on PostgreSQL: a database restart, a replica paused past its lease, a replica killed -9; every VM lands once, every write is there', async () => {
   const started = performance.now();
+  // A watcher on every replica: each must see every migration, whichever replica runs it.
+  const watchers = await Promise.all(
+    replicas.map(async (r) => {
+      const c = await SchedulerClient.connect(r.url, API_TOKEN);
+      const seen: SchedulerEvent[] = [];
+      await c.watch((e) => seen.push(e));
+      return { replica: r, client: c, seen };
+    }),
+  );
   // 1. The drain is asked of one replica and seen by the others; PostgreSQL restarts under it.
   const first = await drain('A', replicas[0]!.url, async () => {
     for (const r of replicas.slice(1)) {
@@ -304,6 +313,17 @@ test('three replicas on PostgreSQL: a database restart, a replica paused past it
     takeoverMs = Number(row) - killedAt;
   });
   expect(third.every((j) => j.state === 'succeeded')).toBe(true);
+  // The replicas still alive saw every migration of this drain from its mirror to its end, also those
+  // another replica ran (published over NOTIFY, after the database restart of drain 1).
+  const survivors = watchers.filter((w) => w.replica.child.exitCode === null && w.replica.child.signalCode === null);
+  expect(survivors.length).toBeGreaterThanOrEqual(2);
+  for (const w of survivors) {
+    for (const j of third) {
+      await waitFor(`replica ${replicas.indexOf(w.replica)}'s watcher to see ${j.vm} succeed`, 10_000, async () => (w.seen.some((e) => e.type === 'job' && e.job.id === j.id && e.job.state === 'succeeded') ? true : undefined));
+      expect(w.seen.some((e) => e.type === 'phase' && e.id === j.id && e.phase === 'mirror'), `replica ${replicas.indexOf(w.replica)} saw ${j.vm}'s mirror phase`).toBe(true);
+    }
+  }
+  for (const w of watchers) w.client.close();
   expect(takeoverMs).toBeGreaterThan(0);
   expect(takeoverMs).toBeLessThan(LEASE_MS + 3_000);
   where = await expectEachVmOnce();

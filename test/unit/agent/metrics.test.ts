@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { WebSocket, WebSocketServer } from 'ws';
-import { AgentMetrics } from '../../../src/agent/metrics.js';
+import { AgentMetrics, staleCallLabel } from '../../../src/agent/metrics.js';
 import { peerMatcher } from '../../../src/agent/qmp-policy.js';
 import { tunnelQmp } from '../../../src/agent/qmp-tunnel.js';
 import { silentLogger } from '../../../src/log.js';
@@ -80,4 +80,11 @@ test('error replies counted by class whatever their split, refusals by code, byt
   expect(text).not.toMatch(/^ferry_agent_stale_calls_refused_total\{/m);
   metrics.recordStaleCallRefused('dest.start');
   expect(value((await metrics.render()).body, 'ferry_agent_stale_calls_refused_total{method="dest.start"}')).toBe(1);
+});
+
+test('a stale call is labelled by its RPC method or QMP command, never by free text', () => {
+  expect(staleCallLabel('dest.start')).toBe('dest.start');
+  expect(staleCallLabel('QMP migrate-cancel')).toBe('qmp:migrate-cancel');
+  expect(staleCallLabel('a QMP tunnel')).toBe('qmp-tunnel');
+  expect(staleCallLabel('QMP {"execute": "x"} and more')).toBe('qmp:other');
 });
