@@ -64,12 +64,13 @@ export async function protectCommand(
 
 function statusTable(rows: ProtectionStatusRow[]): string {
   if (rows.length === 0) return 'no VM is protected';
-  const head = ['VM', 'SOURCE', 'STANDBY', 'STATE', 'LAST CONSISTENT', 'RPO NOW', 'BYTES', 'DURATION', 'SYNCS', 'FAILED'];
+  const head = ['VM', 'SOURCE', 'STANDBY', 'STATE', 'DATA', 'LAST CONSISTENT', 'RPO NOW', 'BYTES', 'DURATION', 'SYNCS', 'FAILED'];
   const body = rows.map((r) => [
     r.vm,
     r.source,
     r.standby,
     r.state,
+    r.dataPath === 'tls' ? 'tls' : r.dataPath ? 'plain' : '-',
     r.consistentAt === null ? '-' : new Date(r.consistentAt).toISOString(),
     r.rpoMs === null ? '-' : `${(r.rpoMs / 1000).toFixed(1)} s`,
     r.lastBytes === null ? '-' : `${(r.lastBytes / 2 ** 20).toFixed(1)} MiB`,

@@ -25,6 +25,8 @@ export const protectionStatusSchema = z.looseObject({
   syncs: z.number(),
   failedSyncs: z.number(),
   lastError: z.string().nullable(),
+  /** The sync's data path as planned for the loop this scheduler runs: 'tls', 'plain: why', or null (not planned here yet). */
+  dataPath: z.string().nullable().optional(),
 });
 export type ProtectionStatusRow = z.infer<typeof protectionStatusSchema>;
 

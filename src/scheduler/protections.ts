@@ -48,6 +48,8 @@ export class ProtectionService {
   readonly #loops = new Map<string, Protection>();
   /** Protections whose loop is held (the VM's whereabouts in doubt), and why: `protect status` says so. */
   readonly #suspended = new Map<string, string>();
+  /** Each running loop's data path, once planned: what `protect status` says of it. */
+  readonly #dataPaths = new Map<string, DataTlsPlan>();
   readonly #dataTls: DataTlsMode;
   /** Shared store: this replica's name in the leases, and their length. */
   readonly #lease: { owner: string; leaseMs: number } | undefined;
@@ -91,6 +93,7 @@ export class ProtectionService {
     const ran = [...this.#loops.keys()];
     await Promise.all([...this.#loops.values()].map((l) => l.stop()));
     this.#loops.clear();
+    this.#dataPaths.clear();
     // Handed back at once, so another replica resumes the loops without waiting out the leases.
     if (this.#lease) for (const vm of ran) await this.#store.releaseProtection!(vm, this.#lease.owner).catch(() => undefined);
   }
@@ -131,6 +134,7 @@ export class ProtectionService {
   async #stopLoop(vm: string): Promise<void> {
     const loop = this.#loops.get(vm);
     this.#loops.delete(vm);
+    this.#dataPaths.delete(vm);
     await loop?.stop();
   }
 
@@ -371,6 +375,7 @@ export class ProtectionService {
       syncs: s?.syncs ?? 0,
       failedSyncs: s?.failedSyncs ?? 0,
       lastError: this.#suspended.get(p.vm) ?? s?.lastError ?? null,
+      dataPath: s ? dataPathOf(this.#dataPaths.get(p.vm)) : null,
     };
   }
 
@@ -400,10 +405,13 @@ export class ProtectionService {
     // Planned once per loop (a failure is planned again at the next sync).
     let planned: Promise<DataTlsPlan> | undefined;
     const tls = (): Promise<DataTlsPlan> =>
-      (planned ??= this.#planTls(source, standby).catch((err: unknown) => {
-        planned = undefined;
-        throw err;
-      }));
+      (planned ??= this.#planTls(source, standby).then(
+        (plan) => (this.#dataPaths.set(p.vm, plan), plan),
+        (err: unknown) => {
+          planned = undefined;
+          throw err;
+        },
+      ));
     const vmId = async (): Promise<string> => {
       const found = await this.#call(source, 'vm.get', { name: p.vm }, (r) => vmGetSchema.parse(r));
       return found.vmId;
@@ -465,4 +473,10 @@ export class ProtectionService {
       c.close();
     }
   }
+}
+
+/** What `protect status` says of a loop's data path. */
+function dataPathOf(plan: DataTlsPlan | undefined): string | null {
+  if (!plan) return null;
+  return plan.encrypted ? 'tls' : `plain: ${plan.reason}`;
 }

@@ -122,6 +122,8 @@ test('protect through the scheduler; recover refused while the source runs; both
   expect(row).toMatchObject({ vm: 'vm1', source: 'A', standby: 'B' });
   const first = await waitSyncs(2);
   expect(first.consistentAt).not.toBeNull();
+  // These agents have no data-path certificates.
+  expect(first.dataPath).toMatch(/^plain: /);
   expect(first.lastBytes!).toBeLessThan(8 << 20);
 
   // Test 5 through the scheduler: the source runs the guest.

@@ -111,6 +111,7 @@ test('a sync over TLS between required agents; the daemon refuses a plain client
   }
   // Both agents require TLS: a plain sync would have been refused by either.
   expect(s?.syncs, JSON.stringify(s)).toBeGreaterThanOrEqual(3);
+  expect(s?.dataPath).toBe('tls');
 
   const replicaDir = join(roots.B!, 'replicas', (await readdir(join(roots.B!, 'replicas')))[0]!);
   const manifest = JSON.parse(await readFile(join(replicaDir, 'manifest.json'), 'utf8')) as { daemon: { port: number }; consistent: { seq: number } };
