@@ -14,7 +14,8 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, expect, test } from 'vitest';
-import { AgentClient } from '../../src/agent/client.js';
+import { AgentClient, AgentDestination, AgentSource } from '../../src/agent/client.js';
+import { migrate } from '../../src/engine/migrate.js';
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
 import { IMAGE_DIR } from '../../src/guest/image.js';
 import { highestAcks } from '../../src/guest/serial.js';
@@ -106,7 +107,9 @@ async function waitSyncs(n: number, timeoutMs = 60_000) {
   }
 }
 
+let dbPath = '';
 async function startScheduler(db: string): Promise<void> {
+  dbPath = db;
   const memoryMiB: Record<string, number> = { A: 8192, B: 4096, C: 8192 };
   svc = await startSchedulerService({ listenPort: 0, database: db, hosts: ['A', 'B', 'C'].map((h) => ({ name: h, url: agents[h]!.url, memoryMiB: memoryMiB[h]! })), agentToken: AGENT_TOKEN, tokens: { [API_TOKEN]: 'operator' } });
   api = await SchedulerClient.connect(svc.url, API_TOKEN);
@@ -322,6 +325,24 @@ test('a protected VM migrated to another host: its protection follows it (increm
   const after = await waitVmSyncs('vm4', 2);
   expect(after.state).not.toBe('suspended');
   expect(after.lastBytes!).toBeLessThan(8 << 20);
+
+  // Moved while the scheduler was down (the engine straight between the agents): at its start the
+  // scheduler finds vm4 on C, and the protection follows it there, still incrementally.
+  api!.close();
+  await svc!.close();
+  const source = await AgentSource.connect(agents.A!.url, AGENT_TOKEN, 'vm4');
+  const destination = await AgentDestination.connect(agents.C!.url, AGENT_TOKEN);
+  try {
+    await migrate({ spec: source.spec, source, destination });
+  } finally {
+    source.close();
+    destination.close();
+  }
+  pids.push((await onHost('C', 'vm4')).pid);
+  await startScheduler(dbPath);
+  expect((await api!.call('protect-status', {})).find((r) => r.vm === 'vm4')).toMatchObject({ source: 'C', standby: 'B' });
+  const onC = await waitVmSyncs('vm4', 2);
+  expect(onC.lastBytes!).toBeLessThan(8 << 20);
 
   // Lazy never goes by delta: a full migration onto the standby.
   const toB = await settled((await api!.call('migrate', { vm: 'vm4', to: 'B', mode: 'lazy' })).job.id);
