@@ -21,6 +21,7 @@ import { workloadAppend, type Workload } from '../src/guest/serial.js';
 import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
 import { parseVmSpec, type VmSpec } from '../src/qemu/spec.js';
+import { diskSchemaCache, layeredSchemaCache, useSchemaCache } from '../src/qmp/schema-cache.js';
 import { lazyFloorOnce, type LazyFloorRow } from './floor-lazy.js';
 import { fillDisk, GiB } from './scenario.js';
 import { flag, list, median, QEMUS, stat } from './suite-args.js';
@@ -74,8 +75,14 @@ async function withSource(qemu: string, scenario: string, image: { kernel: strin
   }
 }
 
-async function ferryLazy(qemu: string, spec: VmSpec, destDir: string): Promise<Omit<Row, 'qemu' | 'scenario' | 'driver' | 'run' | 'ok'>> {
+/**
+ * ferry runs as migrate-vm would, one process per migration: the schema cache on disk (kept
+ * for the whole bench, so the first ferry run of each QEMU probes and later ones read the file),
+ * a fresh memory layer per run so that no run reads another's memory.
+ */
+async function ferryLazy(qemu: string, spec: VmSpec, destDir: string, schemaCacheDir: string): Promise<Omit<Row, 'qemu' | 'scenario' | 'driver' | 'run' | 'ok'>> {
   await mkdir(destDir);
+  useSchemaCache(layeredSchemaCache(diskSchemaCache(schemaCacheDir)));
   const destination = new LocalDestination({ dir: destDir, qemuBinary: QEMUS[qemu]! });
   let incoming: LocalIncomingVm | undefined;
   try {
@@ -104,6 +111,7 @@ export async function lazySuite(): Promise<void> {
   const image = await loadGuestImage();
   process.stderr.write(`bench lazy: ${qemus.length * scenarios.length * runs * 2} migrations (QEMU ${qemus.join(', ')} x ${scenarios.join(', ')} x ${runs} x ferry+floor)\n`);
   const rows: Row[] = [];
+  const schemaCacheDir = await mkdtemp(join(tmpdir(), 'ferry-bench-schema-'));
   try {
     for (const qemu of qemus) {
       for (const scenario of scenarios) {
@@ -111,7 +119,7 @@ export async function lazySuite(): Promise<void> {
           // Interleaved, and the order alternates, so that drift in the machine's load hits both.
           const order: Row['driver'][] = i % 2 === 0 ? ['ferry', 'floor'] : ['floor', 'ferry'];
           for (const driver of order) {
-            const r = await withSource(qemu, scenario, image, (spec, destDir) => (driver === 'ferry' ? ferryLazy(qemu, spec, destDir) : floorLazy(qemu, spec, destDir)));
+            const r = await withSource(qemu, scenario, image, (spec, destDir) => (driver === 'ferry' ? ferryLazy(qemu, spec, destDir, schemaCacheDir) : floorLazy(qemu, spec, destDir)));
             const row: Row = { qemu, scenario, driver, run: i, ...r };
             rows.push(row);
             process.stderr.write(`${JSON.stringify(row)}\n`);
@@ -121,6 +129,7 @@ export async function lazySuite(): Promise<void> {
     }
   } finally {
     await reapAll();
+    await rm(schemaCacheDir, { recursive: true, force: true });
   }
   const summary = qemus.flatMap((qemu) =>
     scenarios.map((scenario) => {

@@ -22,6 +22,7 @@ import { throwawayPki, type HostTlsMaterial } from '../host/data-tls.js';
 import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
+import { defaultSchemaCacheDir, diskSchemaCache, layeredSchemaCache, useSchemaCache } from '../qmp/schema-cache.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
 import { recoverLocal } from './recover.js';
 import { startWatchdog, type Watchdog } from './watchdog-spawn.js';
@@ -82,6 +83,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     held!.length = 0;
   };
   const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, { write: (line: string) => void (holding ? held!.push(line) : stderrFd.write(line)) });
+  // One process per migration: a build's schema remembered on disk spares the next run its probe.
+  useSchemaCache(layeredSchemaCache(diskSchemaCache(defaultSchemaCacheDir(), { logger })));
   const emit = (obj: Record<string, unknown>): void => {
     if (args.json) io.stdout.write(`${JSON.stringify(obj)}\n`);
   };
