@@ -19,7 +19,6 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, rename, rm } from 'node:fs/promises';
-import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { errorText } from '../errors.js';
@@ -57,14 +56,6 @@ export function memorySchemaCache(): SchemaCache {
       return Promise.resolve();
     },
   };
-}
-
-/** `$XDG_CACHE_HOME/ferry`, else `~/.cache/ferry` (the XDG base directory spec's default). */
-export function defaultSchemaCacheDir(env: NodeJS.ProcessEnv = process.env): string {
-  const xdg = env['XDG_CACHE_HOME'];
-  // The spec: a relative path in the variable is invalid and is ignored.
-  const base = xdg !== undefined && xdg.startsWith('/') ? xdg : join(homedir(), '.cache');
-  return join(base, 'ferry');
 }
 
 const FILE_FORMAT = 1;

@@ -3,7 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { QmpClient, type SchemaInfo, type VersionInfo } from '../../../src/qmp/index.js';
-import { defaultSchemaCacheDir, diskSchemaCache, layeredSchemaCache, memorySchemaCache, noSchemaCache, schemaCacheFile, schemaCacheKey, type SchemaCache } from '../../../src/qmp/schema-cache.js';
+import { ferryCacheDir } from '../../../src/host/cache-dir.js';
+import { diskSchemaCache, layeredSchemaCache, memorySchemaCache, noSchemaCache, schemaCacheFile, schemaCacheKey, type SchemaCache } from '../../../src/qmp/schema-cache.js';
 import { FakeQmp, loadTranscript, type TranscriptLine } from './fake-qmp.js';
 
 const DEBIAN_72: VersionInfo = { qemu: { major: 7, minor: 2, micro: 22 }, package: 'Debian 1:7.2+dfsg-7+deb12u18+b3' };
@@ -31,9 +32,9 @@ describe('schemaCacheKey', () => {
   });
 
   it('defaults to $XDG_CACHE_HOME/ferry, ignoring a relative one', () => {
-    expect(defaultSchemaCacheDir({ XDG_CACHE_HOME: '/var/cache/u' })).toBe('/var/cache/u/ferry');
-    expect(defaultSchemaCacheDir({ XDG_CACHE_HOME: 'rel' })).toMatch(/\/\.cache\/ferry$/);
-    expect(defaultSchemaCacheDir({})).toMatch(/\/\.cache\/ferry$/);
+    expect(ferryCacheDir({ XDG_CACHE_HOME: '/var/cache/u' })).toBe('/var/cache/u/ferry');
+    expect(ferryCacheDir({ XDG_CACHE_HOME: 'rel' })).toMatch(/\/\.cache\/ferry$/);
+    expect(ferryCacheDir({})).toMatch(/\/\.cache\/ferry$/);
   });
 });
 
