@@ -153,7 +153,8 @@ describe('migrate-vm', () => {
     });
     const specPath = join(hostA, 'vm.json');
     await writeFile(specPath, JSON.stringify(spec));
-    const child = spawn(process.execPath, [BIN, '--spec', specPath, '--to-dir', hostB, '--json', '--bandwidth', '10M'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    cacheHome ??= await makeTempDir('ferry-test-cache-');
+    const child = spawn(process.execPath, [BIN, '--spec', specPath, '--to-dir', hostB, '--json', '--bandwidth', '10M'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, XDG_CACHE_HOME: cacheHome } });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (b: Buffer) => {
