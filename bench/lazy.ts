@@ -21,6 +21,8 @@ import { workloadAppend, type Workload } from '../src/guest/serial.js';
 import { launchVm, type VmProcess } from '../src/qemu/launcher.js';
 import { reapAll } from '../src/qemu/reaper.js';
 import { parseVmSpec, type VmSpec } from '../src/qemu/spec.js';
+import { diskSchemaCache, layeredSchemaCache, useSchemaCache } from '../src/qmp/schema-cache.js';
+import { diskQemuBuildCache } from '../src/qemu/build-cache.js';
 import { lazyFloorOnce, type LazyFloorRow } from './floor-lazy.js';
 import { fillDisk, GiB } from './scenario.js';
 import { flag, list, median, QEMUS, stat } from './suite-args.js';
@@ -74,9 +76,16 @@ async function withSource(qemu: string, scenario: string, image: { kernel: strin
   }
 }
 
-async function ferryLazy(qemu: string, spec: VmSpec, destDir: string): Promise<Omit<Row, 'qemu' | 'scenario' | 'driver' | 'run' | 'ok'>> {
+/**
+ * ferry runs as migrate-vm would, one process per migration: its caches on disk (a QEMU build's
+ * schema, the destination binary's probe; kept for the whole bench, so the first ferry run of
+ * each QEMU probes and later ones read the files), fresh memory layers per run so that no run
+ * reads another's memory.
+ */
+async function ferryLazy(qemu: string, spec: VmSpec, destDir: string, cacheDir: string): Promise<Omit<Row, 'qemu' | 'scenario' | 'driver' | 'run' | 'ok'>> {
   await mkdir(destDir);
-  const destination = new LocalDestination({ dir: destDir, qemuBinary: QEMUS[qemu]! });
+  useSchemaCache(layeredSchemaCache(diskSchemaCache(cacheDir)));
+  const destination = new LocalDestination({ dir: destDir, qemuBinary: QEMUS[qemu]!, qemuBuildCache: diskQemuBuildCache(cacheDir) });
   let incoming: LocalIncomingVm | undefined;
   try {
     const result = await migrate({ spec, source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock') }), destination, options: { mode: 'lazy', dataTls: 'off' } });
@@ -104,6 +113,7 @@ export async function lazySuite(): Promise<void> {
   const image = await loadGuestImage();
   process.stderr.write(`bench lazy: ${qemus.length * scenarios.length * runs * 2} migrations (QEMU ${qemus.join(', ')} x ${scenarios.join(', ')} x ${runs} x ferry+floor)\n`);
   const rows: Row[] = [];
+  const cacheDir = await mkdtemp(join(tmpdir(), 'ferry-bench-cache-'));
   try {
     for (const qemu of qemus) {
       for (const scenario of scenarios) {
@@ -111,7 +121,7 @@ export async function lazySuite(): Promise<void> {
           // Interleaved, and the order alternates, so that drift in the machine's load hits both.
           const order: Row['driver'][] = i % 2 === 0 ? ['ferry', 'floor'] : ['floor', 'ferry'];
           for (const driver of order) {
-            const r = await withSource(qemu, scenario, image, (spec, destDir) => (driver === 'ferry' ? ferryLazy(qemu, spec, destDir) : floorLazy(qemu, spec, destDir)));
+            const r = await withSource(qemu, scenario, image, (spec, destDir) => (driver === 'ferry' ? ferryLazy(qemu, spec, destDir, cacheDir) : floorLazy(qemu, spec, destDir)));
             const row: Row = { qemu, scenario, driver, run: i, ...r };
             rows.push(row);
             process.stderr.write(`${JSON.stringify(row)}\n`);
@@ -121,6 +131,7 @@ export async function lazySuite(): Promise<void> {
     }
   } finally {
     await reapAll();
+    await rm(cacheDir, { recursive: true, force: true });
   }
   const summary = qemus.flatMap((qemu) =>
     scenarios.map((scenario) => {

@@ -16,6 +16,7 @@ export const QEMU10_LEG = [
   'test/integration/agent.test.ts',
   'test/integration/qemu-leg.test.ts',
   'test/integration/auto-converge.test.ts',
+  'test/integration/build-cache.test.ts',
 ];
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');

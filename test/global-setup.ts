@@ -14,9 +14,17 @@ export default function setup(): () => void {
   // Short: QEMU's and the agents' unix socket paths live below it (at most 107 bytes).
   const dir = mkdtempSync(join(tmpdir(), 'ferry-run-'));
   process.env.TMPDIR = dir;
+  // What migrate-vm remembers between runs (docs/migration.md) goes to a cache home of the run's
+  // own, removed at the end: no test writes the user's ~/.cache.
+  const previousCache = process.env.XDG_CACHE_HOME;
+  const cacheHome = mkdtempSync(join(tmpdir(), 'ferry-cache-'));
+  process.env.XDG_CACHE_HOME = cacheHome;
   return () => {
     if (previous === undefined) delete process.env.TMPDIR;
     else process.env.TMPDIR = previous;
+    if (previousCache === undefined) delete process.env.XDG_CACHE_HOME;
+    else process.env.XDG_CACHE_HOME = previousCache;
+    rmSync(cacheHome, { recursive: true, force: true });
     // tsx-<uid> is tsx's compile cache, made by bins run from the sources: no test's leftover.
     const left = readdirSync(dir).filter((name) => !/^tsx-\d+$/.test(name));
     rmSync(dir, { recursive: true, force: true });

@@ -8,6 +8,7 @@ import { serveUntilSignal } from '../serve.js';
 import { createLogger } from '../log.js';
 import { AGENT_USAGE, loadAgentConfig, type AgentConfig } from './config.js';
 import { startAgent } from './server.js';
+import { memorySchemaCache, useSchemaCache } from '../qmp/schema-cache.js';
 
 export async function main(argv: string[]): Promise<number> {
   // Before the flags are parsed: the usage is what someone asks for who does not know them yet.
@@ -23,5 +24,7 @@ export async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const log = createLogger({ tool: 'ferry-agent' });
+  // Long-lived: a build's schema, if a session here probes one, is asked of QEMU once per process.
+  useSchemaCache(memorySchemaCache());
   return serveUntilSignal('ferry-agent', log, () => startAgent(config, log), 'shutting down (VMs keep running)');
 }

@@ -22,6 +22,9 @@ import { throwawayPki, type HostTlsMaterial } from '../host/data-tls.js';
 import { loadTls } from '../host/tls.js';
 import type { DestinationEndpoint, SourceEndpoint } from '../engine/endpoint.js';
 import type { Logger } from '../log.js';
+import { diskSchemaCache, layeredSchemaCache, useSchemaCache } from '../qmp/schema-cache.js';
+import { diskQemuBuildCache } from '../qemu/build-cache.js';
+import { ferryCacheDir } from '../host/cache-dir.js';
 import { parseCli, USAGE, UsageError, type CliArgs } from './args.js';
 import { recoverLocal } from './recover.js';
 import { startWatchdog, type Watchdog } from './watchdog-spawn.js';
@@ -82,6 +85,8 @@ async function run(args: CliArgs, io: Io): Promise<number> {
     held!.length = 0;
   };
   const logger = pino({ level: args.logLevel, base: { tool: 'migrate-vm' } }, { write: (line: string) => void (holding ? held!.push(line) : stderrFd.write(line)) });
+  // One process per migration: a build's schema remembered on disk spares the next run its probe.
+  useSchemaCache(layeredSchemaCache(diskSchemaCache(ferryCacheDir(), { logger })));
   const emit = (obj: Record<string, unknown>): void => {
     if (args.json) io.stdout.write(`${JSON.stringify(obj)}\n`);
   };
@@ -315,7 +320,7 @@ async function endpointsOf(args: CliArgs, logger: Logger, closers: (() => void)[
     closers.push(() => d.close());
     destination = d;
   } else {
-    destination = new LocalDestination({ dir: args.destination.toDir, migrationHost: args.destination.migrationHost, portRange: args.destination.portRange, logger, outliveProcess: true, ...(local.destination ? { dataTls: local.destination } : {}) });
+    destination = new LocalDestination({ dir: args.destination.toDir, migrationHost: args.destination.migrationHost, portRange: args.destination.portRange, logger, outliveProcess: true, qemuBuildCache: diskQemuBuildCache(ferryCacheDir(), { logger }), ...(local.destination ? { dataTls: local.destination } : {}) });
   }
   return { spec, source: source!, destination };
 }

@@ -6,7 +6,8 @@ import { silentLogger } from '../log.js';
 import { QmpClient } from '../qmp/index.js';
 import type { LaunchTlsObjects } from '../qemu/argv.js';
 import { defaultQemuBinary, launchVm, type VmProcess } from '../qemu/launcher.js';
-import { probeQemuBinary, type QemuBuild } from '../qemu/versions.js';
+import { probeQemuBinaryCached, type QemuBuildCache } from '../qemu/build-cache.js';
+import { probeQemuBinary, versionText, type QemuBuild } from '../qemu/versions.js';
 import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { startNbdRelay } from './convergence/nbd-relay.js';
 import { nbdRelaySocketPath } from './data-path.js';
@@ -117,6 +118,8 @@ export interface LocalDestinationOptions {
   outliveProcess?: boolean;
   /** This host's certificate for TLS on the data path; without it, plain text only. */
   dataTls?: HostTlsMaterial;
+  /** Where probeQemu's answer is remembered per binary file (build-cache.ts); without it, probed each time. */
+  qemuBuildCache?: QemuBuildCache;
 }
 
 /** A destination QEMU on this machine, with its console for whoever wants to watch the guest. */
@@ -134,6 +137,9 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #logger: Logger;
   readonly #outlive: boolean;
   readonly #dataTls: HostTlsMaterial | undefined;
+  readonly #buildCache: QemuBuildCache | undefined;
+  /** What probeQemu answered from the cache, not from a QEMU: startIncoming checks it against the one it starts. */
+  #rememberedBuild: { build: QemuBuild; fileKey: string } | undefined;
   /** Every QEMU startIncoming launched, by run dir: what abandonIncoming finds when a reply was lost. */
   readonly #started = new Map<string, VmProcess>();
   /** The destination QEMU of the latest migration, for whoever watches the guest (demo, tests). */
@@ -148,6 +154,7 @@ export class LocalDestination implements DestinationEndpoint {
     this.#ports = opts.portRange ?? [20000, 29999];
     this.#qemuBinary = opts.qemuBinary;
     this.#logger = opts.logger ?? silentLogger;
+    this.#buildCache = opts.qemuBuildCache;
   }
 
   targetSpec(spec: VmSpec, migrationId: string): VmSpec {
@@ -204,6 +211,18 @@ export class LocalDestination implements DestinationEndpoint {
       ...(this.#qemuBinary ? { qemuBinary: this.#qemuBinary } : {}),
     });
     this.#started.set(spec.runDir, vm);
+    const remembered = this.#rememberedBuild?.build;
+    const greeted = vm.qmp.greeting.version;
+    if (remembered && (versionText(remembered) !== versionText({ version: greeted.qemu }) || remembered.package.trim() !== greeted.package.trim())) {
+      // The preflight decided on a remembered build; one that is not what started decided nothing.
+      await vm.kill();
+      await this.#buildCache?.forget(this.#rememberedBuild!.fileKey);
+      throw new FerryError(
+        'QEMU_BUILD_CHANGED',
+        `the destination QEMU started as ${versionText({ version: greeted.qemu })} (${greeted.package}), not the remembered ${versionText(remembered)} (${remembered.package}) its preflight checked: migrate again`,
+        { context: { binary: this.#qemuBinary ?? defaultQemuBinary() } },
+      );
+    }
     if (tls) await vm.qmp.executeRaw('migrate-set-parameters', SERVER_TLS, { timeoutMs: 10_000 });
     this.incoming = {
       process: vm,
@@ -250,10 +269,15 @@ export class LocalDestination implements DestinationEndpoint {
     return { port: relay.port, unixPath, close: () => relay.close() };
   }
 
-  /** The QEMU startIncoming would start, asked what it is (asked each time: binaries get upgraded). */
+  /**
+   * The QEMU startIncoming would start, asked what it is; with a cache, once per binary file (an
+   * upgrade is a new file: build-cache.ts), and startIncoming checks the remembered answer.
+   */
   async probeQemu(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QemuBuild> {
     // async: a bad FERRY_QEMU becomes a rejection, i.e. one more preflight problem.
-    return await probeQemuBinary(this.#qemuBinary ?? defaultQemuBinary(), opts);
+    const probed = await probeQemuBinaryCached(this.#qemuBinary ?? defaultQemuBinary(), this.#buildCache, (b) => probeQemuBinary(b, opts));
+    this.#rememberedBuild = probed.remembered ? { build: probed.build, fileKey: probed.fileKey } : undefined;
+    return probed.build;
   }
 
   async removeRunDir(spec: VmSpec, opts: { keepLog?: boolean } = {}): Promise<string | undefined> {

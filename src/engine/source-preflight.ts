@@ -86,17 +86,20 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
   const pairing = checkQemuPair(source.qmp, destination, ctx.call());
   const memory = source.qmp.executeRaw('query-memory-size-summary', undefined, ctx.call());
   // Awaited below, in order; until then a rejection must not count as unhandled.
-  for (const p of [stateProblems, memory]) p.catch(() => undefined);
+  // The disks are read (a qemu-img per disk, tens of ms) while the destination's QEMU is asked
+  // what it is: only the destination's paths in the answer wait for the pairing's machine type.
+  const destSpecOf = pairing.then((pair) => targetSpec(ctx, pair.machine));
+  const reading = readDisks(ctx, source, destSpecOf);
+  for (const p of [stateProblems, memory, reading, destSpecOf]) p.catch(() => undefined);
   const pair = await pairing;
-  const destSpec = targetSpec(ctx, pair.machine);
-  const reading = readDisks(ctx, source, destSpec);
+  const destSpec = await destSpecOf;
   const target = ctx.req.destination.checkTarget(destSpec, { signal: ctx.signal });
   const freeing = ctx.req.destination.freeBytes(destSpec, { signal: ctx.signal }).catch(() => undefined);
   const tlsPlanning = planSidesDataTls(ctx, source, pair.destination).then(
     (plan) => ({ plan }),
     (err: unknown) => ({ err }),
   );
-  for (const p of [reading, target]) p.catch(() => undefined);
+  target.catch(() => undefined);
   const state = await stateProblems;
   const problems = [...state.problems, ...pair.problems];
   const { disks, bitmaps: found, problems: diskProblems } = await reading;
@@ -198,7 +201,7 @@ const RECOVER_HINT = 'Settle it with migrate-vm --recover (the same --spec and -
 async function readDisks(
   ctx: MigrationContext,
   source: SourceState,
-  destSpec: VmSpec,
+  destSpecOf: Promise<VmSpec>,
 ): Promise<{ disks: MigrationPlan['disks']; bitmaps: MigrationPlan['bitmaps']; problems: string[] }> {
   const problems: string[] = [];
   // What the copy writes (qemu-img map, a process per disk) is asked while QEMU lists its nodes.
@@ -209,6 +212,7 @@ async function readDisks(
     }),
   );
   const nodes = await source.qmp.execute('query-named-block-nodes', { flat: true }, ctx.call());
+  const destSpec = await destSpecOf;
   const byName = new Map(nodes.map((n) => [n['node-name'], n]));
   const disks: MigrationPlan['disks'] = [];
   const bitmaps: MigrationPlan['bitmaps'] = [];

@@ -16,6 +16,7 @@ import { buildCapabilities, type QmpCapabilities } from './capabilities.js';
 import {
   replySchemas,
   type ArgsOf,
+  type SchemaInfo,
   type CallOptions,
   type QmpCommandName,
   type ReturnOf,
@@ -33,6 +34,7 @@ import {
 import { EventLog } from './event-log.js';
 import { parseEvent, type QmpEvent } from './events.js';
 import { LineDecoder } from './framing.js';
+import { processSchemaCache, type SchemaCache } from './schema-cache.js';
 import { greetingSchema, type ConnectOptions, type QmpGreeting } from './session-options.js';
 import { describeTarget, openStream, type QmpTarget } from './transport.js';
 
@@ -76,9 +78,11 @@ export class QmpClient implements AsyncDisposable {
   #closedWith: QmpError | undefined;
   #resolveClosed!: (reason: QmpError | undefined) => void;
   #caps: Promise<QmpCapabilities> | undefined;
+  readonly #schemaCache: SchemaCache;
 
-  private constructor(stream: Duplex, where: string, logger: Logger) {
+  private constructor(stream: Duplex, where: string, logger: Logger, schemaCache: SchemaCache) {
     this.#stream = stream;
+    this.#schemaCache = schemaCache;
     this.#where = where;
     this.#log = logger;
     this.#events = new EventLog({ logger, where });
@@ -113,7 +117,7 @@ export class QmpClient implements AsyncDisposable {
     try {
       const stream = await openStream(target, deadline.signal);
       stage = 'waiting for the greeting';
-      client = new QmpClient(stream, where, logger);
+      client = new QmpClient(stream, where, logger, opts.schemaCache ?? processSchemaCache());
       const greeting = await client.#waitGreeting(deadline.signal);
       stage = 'negotiating capabilities';
       const enableOob = opts.oob === true && greeting.capabilities.includes('oob');
@@ -221,11 +225,15 @@ export class QmpClient implements AsyncDisposable {
     return this.#events.wait<E>(predicate, opts);
   }
 
-  /** What this QEMU supports, from its schema; asked once per session. */
+  /**
+   * What this QEMU supports, from its schema; asked once per session, and the schema itself once
+   * per build where the build is named (schema-cache.ts). The migration capabilities are always
+   * asked: a cheap answer, and the one a preflight refuses on.
+   */
   probeCapabilities(opts?: CallOptions): Promise<QmpCapabilities> {
     if (!this.#caps) {
       const probe = Promise.all([
-        this.execute('query-qmp-schema', undefined, opts),
+        this.#schema(opts),
         this.execute('query-migrate-capabilities', undefined, opts),
       ]).then(([schema, migration]) => buildCapabilities(schema, migration));
       this.#caps = probe;
@@ -235,6 +243,21 @@ export class QmpClient implements AsyncDisposable {
       });
     }
     return this.#caps;
+  }
+
+  async #schema(opts: CallOptions | undefined): Promise<readonly SchemaInfo[]> {
+    const build = this.greeting.version;
+    // Sent before anything else is, as without a cache: no wait on a lookup that cannot hit.
+    if (!this.#schemaCache.remembers(build)) return this.execute('query-qmp-schema', undefined, opts);
+    // The cache promises never to reject; one that does anyway costs a probe, not the session.
+    const remembered = await this.#schemaCache.get(build).catch(() => undefined);
+    if (remembered) {
+      this.#log.debug({ version: build.qemu, package: build.package }, 'QMP schema of this build remembered; not probed');
+      return remembered;
+    }
+    const schema = await this.execute('query-qmp-schema', undefined, opts);
+    await this.#schemaCache.put(build, schema).catch(() => undefined);
+    return schema;
   }
 
   /** Ends the session. Sends nothing (`quit` is a command); idempotent. */

@@ -6,3 +6,4 @@ export * from './events.js';
 export * from './commands.js';
 export { buildCapabilities, enumPaths, type QmpCapabilities } from './capabilities.js';
 export { LineDecoder } from './framing.js';
+export { diskSchemaCache, layeredSchemaCache, memorySchemaCache, noSchemaCache, processSchemaCache, schemaCacheKey, useSchemaCache, type SchemaCache } from './schema-cache.js';

@@ -2,6 +2,7 @@
 import { z } from 'zod';
 import type { Logger } from '../log.js';
 import { versionInfoSchema } from './commands.js';
+import type { SchemaCache } from './schema-cache.js';
 
 export const greetingSchema = z.object({
   QMP: z.object({ version: versionInfoSchema, capabilities: z.array(z.string()) }),
@@ -17,5 +18,7 @@ export interface ConnectOptions {
   logger?: Logger;
   /** Names the session in logs; defaults to the target. */
   name?: string;
+  /** Where probeCapabilities looks for this build's schema first; default processSchemaCache(). */
+  schemaCache?: SchemaCache;
 }
 

@@ -11,6 +11,7 @@ import { errorText } from '../errors.js';
 import { serveUntilSignal } from '../serve.js';
 import { createLogger } from '../log.js';
 import { startSchedulerService } from './service.js';
+import { memorySchemaCache, useSchemaCache } from '../qmp/schema-cache.js';
 
 export const SCHEDULER_USAGE = `usage: ferry-scheduler --config FILE [--listen HOST:PORT] [--database PATH|postgres://URL]
 environment: FERRY_TOKEN (what the scheduler presents to the agents), FERRY_SCHEDULER_TOKEN
@@ -43,6 +44,8 @@ export async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const log = createLogger({ tool: 'ferry-scheduler' });
+  // Long-lived: each build's schema is probed once per process, then every migration reads it here.
+  useSchemaCache(memorySchemaCache());
   return serveUntilSignal(
     'ferry-scheduler',
     log,

@@ -1,6 +1,6 @@
 /** migrate-vm as an operator runs it: a real process, real sockets, a real guest. */
 import { execFile, spawn } from 'node:child_process';
-import { readdir, writeFile } from 'node:fs/promises';
+import { readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, describe, expect, test } from 'vitest';
@@ -11,9 +11,13 @@ import { bootWorkloadGuest, cleanupAll, makeTempDir } from '../helpers/guest.js'
 const exec = promisify(execFile);
 const BIN = join(import.meta.dirname, '..', '..', 'bin', 'migrate-vm.mjs');
 
+/** Where the runs keep what they remember (docs/migration.md): a temp dir, never the user's ~/.cache. */
+let cacheHome: string | undefined;
+
 async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  cacheHome ??= await makeTempDir('ferry-test-cache-');
   try {
-    const r = await exec(process.execPath, [BIN, ...args], { timeout: 120_000 });
+    const r = await exec(process.execPath, [BIN, ...args], { timeout: 120_000, env: { ...process.env, XDG_CACHE_HOME: cacheHome } });
     return { code: 0, stdout: r.stdout, stderr: r.stderr };
   } catch (err) {
     const e = err as { code?: number; stdout?: string; stderr?: string };
@@ -21,7 +25,10 @@ async function cli(args: string[]): Promise<{ code: number; stdout: string; stde
   }
 }
 
-afterEach(cleanupAll);
+afterEach(async () => {
+  await cleanupAll();
+  cacheHome = undefined;
+});
 
 describe('migrate-vm', () => {
   test('bad input: exit 2, one clear line, no stack trace', async () => {
@@ -68,6 +75,15 @@ describe('migrate-vm', () => {
     expect(r.stdout).toMatch(/nothing was changed/);
     expect(await readdir(hostB)).toEqual([]);
     expect((await vm.qmp.execute('query-status')).status).toBe('running');
+    // The dry run probed the source's schema and the destination's binary, and remembered both
+    // (a packaged QEMU), 0600 under a 0700 dir; the run below reads them instead of probing.
+    const remembered = join(cacheHome!, 'ferry');
+    expect((await stat(remembered)).mode & 0o777).toBe(0o700);
+    const files = (await readdir(remembered)).sort();
+    expect(files).toHaveLength(2);
+    expect(files[0]).toMatch(/^qemu-build-[0-9a-f]{16}\.json$/);
+    expect(files[1]).toMatch(/^qmp-schema-\d+\.\d+\.\d+-[0-9a-f]{16}\.json$/);
+    for (const f of files) expect((await stat(join(remembered, f))).mode & 0o777).toBe(0o600);
 
     r = await cli(['--spec', specPath, '--to-dir', hostB, '--json']);
     expect(r.code, r.stderr).toBe(0);
@@ -137,7 +153,8 @@ describe('migrate-vm', () => {
     });
     const specPath = join(hostA, 'vm.json');
     await writeFile(specPath, JSON.stringify(spec));
-    const child = spawn(process.execPath, [BIN, '--spec', specPath, '--to-dir', hostB, '--json', '--bandwidth', '10M'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    cacheHome ??= await makeTempDir('ferry-test-cache-');
+    const child = spawn(process.execPath, [BIN, '--spec', specPath, '--to-dir', hostB, '--json', '--bandwidth', '10M'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, XDG_CACHE_HOME: cacheHome } });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (b: Buffer) => {
