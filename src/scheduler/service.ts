@@ -83,6 +83,8 @@ export type SchedulerConfig = z.infer<typeof SchedulerConfigSchema>;
 export interface RunningScheduler {
   url: string;
   scheduler: Scheduler;
+  /** The watch stream's events (this replica's, and on PostgreSQL every replica's): one listener per watching caller. */
+  events: FleetEvents;
   metrics: SchedulerMetrics;
   /** http://…/metrics of `metricsListen`, when configured. */
   metricsUrl?: string;
@@ -249,6 +251,7 @@ export async function startSchedulerService(input: unknown, logger: Logger = sil
   return {
     url: `ws://${config.listenHost}:${port}`,
     scheduler,
+    events,
     metrics,
     ...(metricsListener ? { metricsUrl: metricsListener.url } : {}),
     close: async (opts = {}) => {

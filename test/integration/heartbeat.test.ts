@@ -150,19 +150,19 @@ describe('the server pings its callers', () => {
     // The client itself would wait a minute: only the scheduler's pings can find the silence.
     const client = await SchedulerClient.connect(`ws://127.0.0.1:${proxy.port}`, API_TOKEN, 10_000, { heartbeatMs: 60_000 });
     closers.push(() => client.close());
-    // The scheduler's own listeners (its metrics) are there before any watch.
-    const own = svc.scheduler.listenerCount('job');
+    // A watching caller is one listener on the scheduler's event stream.
+    const own = svc.events.listenerCount('event');
     await client.watch(() => undefined);
     await new Promise((r) => setTimeout(r, 1_000));
     expect(proxy.links[0]!.upstreamClosedAt).toBeUndefined();
-    expect(svc.scheduler.listenerCount('job')).toBe(own + 1);
+    expect(svc.events.listenerCount('event')).toBe(own + 1);
 
     proxy.blackhole();
     const t0 = performance.now();
     const at = await proxy.closed('upstream', 2 * 300 + SLACK_MS);
     expect(at - t0).toBeLessThan(2 * 300 + SLACK_MS);
     // The dead caller's watch stream is gone with it.
-    await expect.poll(() => svc.scheduler.listenerCount('job')).toBe(own);
+    await expect.poll(() => svc.events.listenerCount('event')).toBe(own);
   });
 
   test(`the agent drops a caller behind a silent link within 2 x ${DEFAULT_HEARTBEAT_MS} ms (its default)`, async () => {
