@@ -200,9 +200,6 @@ export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {
   'switchover/kill-destination-agent': [/^debris: host B still holds /, /^debris: agent B still lists /, /^debris: QEMU process/],
   // Cut for good: the source's NBD client hangs on the silent destination, every source step times out.
   'ram/link-cut-forever': [/exit code says 'uncertain' but the guest is '(source|uncertain)'/, /outcome 'uncertain', the matrix expects 'source'/, /^debris: /],
-  // Lazy, the source dead: its TLS credentials folder beside the source's QMP socket stays.
-  // The sampler finds B's QEMU gone although exit 4 says the guest runs there.
-  'hydrate/kill-source-qemu': [/^debris: host A has new files run\/ferry-tls-/, /exit code says 'needs-source' but the guest is 'killed'/, /outcome 'killed', the matrix expects 'needs-source'/],
 };
 
 /** Parses `--cells a/b,c/*,*` against the matrix; an unknown cell is an error naming it. */
