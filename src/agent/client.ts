@@ -79,10 +79,19 @@ export class AgentClient {
     return () => this.#listeners.delete(listener);
   }
 
-  /** A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. */
-  async openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
+  /**
+   * A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. `onClose`:
+   * the tunnel's WebSocket close code (1000/1005: the agent closed it, its QEMU's monitor having
+   * closed; 1006: it broke, the agent or the link gone, which says nothing of the QEMU).
+   */
+  async openQmp(vmId: string, timeoutMs = 10_000, opts: { onClose?: (code: number) => void } = {}): Promise<QmpClient> {
     const peer = { ...agentPeer(this.#url), who: `the QMP tunnel to ${vmId} on agent ${this.#url}` };
-    const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false, headers: fenceHeaders(this.#fence) }, (ws) => createWebSocketStream(ws));
+    const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false, headers: fenceHeaders(this.#fence) }, (ws) => {
+      const onClose = opts.onClose;
+      // Registered before the stream's own listener: the code is known when the session ends.
+      if (onClose) ws.once('close', (code: number) => onClose(code));
+      return createWebSocketStream(ws);
+    });
     return QmpClient.connect({ stream }, { timeoutMs, name: `agent:${vmId}` });
   }
 
@@ -258,7 +267,8 @@ export class AgentDestination implements DestinationEndpoint {
   async startIncoming(spec: VmSpec, opts: { timeoutMs: number; dataTls?: DataTlsPeer }): Promise<IncomingVm> {
     const started = startResultSchema.parse(await this.#client.call('dest.start', { spec, ...(opts.dataTls ? { dataTls: opts.dataTls } : {}) }, opts.timeoutMs + 5_000));
     this.#vmId = started.vmId;
-    const qmp = await this.#client.openQmp(started.vmId, opts.timeoutMs);
+    let closeCode: number | undefined;
+    const qmp = await this.#client.openQmp(started.vmId, opts.timeoutMs, { onClose: (code) => (closeCode = code) });
     let killed = false;
     let died = false;
     // `closed` resolves with an error when the tunnel breaks (the destination QEMU died), and
@@ -272,6 +282,8 @@ export class AgentDestination implements DestinationEndpoint {
       exited,
       // The tunnel closes when the destination QEMU dies: that is what the engine can see.
       running: () => !killed && !died,
+      // A tunnel that broke without the agent closing it: the agent or the link went, not (known) the QEMU.
+      unreachable: () => !killed && died && closeCode !== 1000 && closeCode !== 1005,
       kill: async () => {
         killed = true;
         await qmp.close();

@@ -68,6 +68,12 @@ export interface IncomingVm {
   /** Settles when the process has exited, for whatever reason. */
   readonly exited: Promise<unknown>;
   running(): boolean;
+  /**
+   * Not running() because its host can no longer be reached (the tunnel to its monitor broke: the
+   * agent or the link went), not because its QEMU was seen to exit: it may be alive. Optional: a
+   * local destination is never unreachable.
+   */
+  unreachable?(): boolean;
   /** SIGKILL by PID, then wait for the exit: used on rollback only. */
   kill(): Promise<void>;
   /** The migration succeeded: the engine lets go, the VM lives on under its host's care. */

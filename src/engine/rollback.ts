@@ -7,7 +7,10 @@ import { FerryError, errorText } from '../errors.js';
 import { QmpDisconnectedError } from '../qmp/index.js';
 import { STOP_DESTINATION, type MigrationContext, type SourceState } from './context.js';
 import { classifyFailure } from './outcome.js';
+import { sourceYankDestination } from './source-yank.js';
 import { MigrationError, type Phase } from './types.js';
+
+const YANK_STEP = "yank the source's connections to the destination";
 
 type SourceAfter = Parameters<typeof classifyFailure>[1]['source'];
 
@@ -51,14 +54,30 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   // A source QEMU that died took its migration, mirrors and NBD nodes with it: the steps that
   // would undo them there have nothing left to undo, and saying they failed would be false.
   const sourceDied = source !== undefined && (await sourceQemuGone(ctx, source));
-  const moot = (side: 'source' | 'destination', stepErr: unknown): string | undefined =>
-    sourceDied && side === 'source' && causedBy(stepErr, (e) => e instanceof QmpDisconnectedError) ? 'the source QEMU is gone' : undefined;
+  const moot = (side: 'source' | 'destination', stepErr: unknown): string | undefined => {
+    if (sourceDied && side === 'source' && causedBy(stepErr, (e) => e instanceof QmpDisconnectedError)) return 'the source QEMU is gone';
+    // Its agent abandons an incoming VM that never ran once the tunnel to it is gone (src/agent).
+    if (ctx.destinationUnreachable && side === 'destination') return 'the destination cannot be reached; its agent abandons what it holds of this migration';
+    return undefined;
+  };
   // The destination QEMU goes first. It never ran the guest, so killing it is always safe
   // here, and a destination that is alive but silent (frozen, partitioned) would otherwise
   // block the source's QEMU: its NBD client waits forever for replies on an open connection,
   // and every block operation on the source (blockdev-del, the reactivation inside `cont`)
   // waits with it. A dead peer makes them fail at once.
   const cleanupErrors = await ctx.undo.runNow(STOP_DESTINATION, report);
+  // A destination dead or out of reach may leave the source's NBD client waiting on a silent
+  // connection: cut it (and the migration's) before the source's steps wait on it too.
+  if (source && !sourceDied && (ctx.destinationUnreachable || ctx.destinationDied || cleanupErrors.length > 0)) {
+    const yanked = await sourceYankDestination(source.qmp, source.caps, { timeoutMs: 5_000 }).then(
+      (y) => (y.length ? y.map((i) => (i.type === 'migration' ? 'migration' : i['node-name'])).join(', ') : undefined),
+      (yankErr: unknown) => {
+        report(YANK_STEP, yankErr);
+        return undefined;
+      },
+    );
+    if (yanked) report(`${YANK_STEP} (${yanked})`, undefined);
+  }
   cleanupErrors.push(...(await ctx.undo.runAll(report, { moot })));
   let where: SourceAfter = 'not-connected';
   if (source) {
