@@ -106,9 +106,11 @@ export class AgentSource implements SourceEndpoint {
   readonly exportHost: string;
   readonly #portRange: [number, number];
   readonly spec: VmSpec;
-  readonly #client: AgentClient;
+  #client: AgentClient;
   readonly #vmId: string;
   readonly #removeDisks: boolean;
+  /** How #client was made: a restarted agent is connected to again the same way (reconnect). */
+  #dial: (() => Promise<AgentClient>) | undefined;
 
   readonly #dataTls: HostInfo['dataTls'];
 
@@ -134,7 +136,9 @@ export class AgentSource implements SourceEndpoint {
       const info = hostInfoSchema.parse(await client.call('host.info'));
       const found = vmGetSchema.parse(await client.call('vm.get', { name: vmName }));
       if (found.state !== 'running') throw new AgentCallError('VM_NOT_RUNNING', `VM '${vmName}' on ${info.name} is ${found.state}, not running`, { userError: true });
-      return new AgentSource(client, info, found.vmId, parseVmSpec(found.spec), !(opts.keepDisks ?? false));
+      const source = new AgentSource(client, info, found.vmId, parseVmSpec(found.spec), !(opts.keepDisks ?? false));
+      source.#dial = () => AgentClient.connect(url, token, 5_000, opts.tls, opts.fence);
+      return source;
     } catch (err) {
       client.close();
       throw err;
@@ -143,6 +147,26 @@ export class AgentSource implements SourceEndpoint {
 
   connect(opts: { timeoutMs: number }): Promise<QmpClient> {
     return this.#client.openQmp(this.#vmId, opts.timeoutMs);
+  }
+
+  /** The agent again (a restart takes it a moment), and a new QMP tunnel to the VM, until the deadline. */
+  async reconnect(opts: { timeoutMs: number }): Promise<QmpClient> {
+    const dial = this.#dial;
+    if (!dial) throw new AgentCallError('AGENT_NO_RECONNECT', `no way to reach ${this.name} again`);
+    const deadline = performance.now() + opts.timeoutMs;
+    let last: unknown;
+    while (performance.now() < deadline) {
+      try {
+        const client = await dial();
+        this.#client.close();
+        this.#client = client;
+        return await client.openQmp(this.#vmId, Math.max(1_000, Math.round(deadline - performance.now())));
+      } catch (err) {
+        last = err;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
+    throw new AgentCallError('AGENT_UNREACHABLE', `${this.name} did not answer again within ${opts.timeoutMs} ms: ${errorText(last)}`, { cause: last });
   }
 
   candidateExportPorts(): Iterable<number> {

@@ -15,7 +15,7 @@ import type { DestinationEndpoint, IncomingVm, NbdRelayHandle, SourceEndpoint } 
 import { newMigrationId } from './names.js';
 import { PhaseClock } from './phase.js';
 import type { ProgressTracker } from './progress.js';
-import { MigrationError, type MigrationEvent, type MigrationOptions, type MigrationOptionsInput, type Phase } from './types.js';
+import { MigrationError, type MigrationEvent, type MigrationOptions, type MigrationOptionsInput, type Phase, type SavedSourceSettings } from './types.js';
 import { UndoStack } from './undo.js';
 
 export interface MigrateRequest {
@@ -177,6 +177,9 @@ export class MigrationContext {
   keptDestinationLog: string | undefined;
   /** How the destination QEMU died and its last lines, when it died on its own. */
   destinationExit: string | undefined;
+
+  /** The source's settings from before the migration changed them (source-perform.ts), once read. */
+  sourceSaved: SavedSourceSettings | undefined;
 
   /** The destination's host cannot be reached (its tunnel broke); its QEMU may be alive. */
   destinationUnreachable = false;

@@ -51,6 +51,11 @@ export interface SourceEndpoint {
    * the source QEMU has exited (its socket refuses, its host says it died). False when unsure.
    */
   sourceGone(): Promise<boolean>;
+  /**
+   * After the source's QMP session broke while its QEMU may live (its agent was restarted): a new
+   * session, tried until the deadline. Optional: a local source's session breaks only with its QEMU.
+   */
+  reconnect?(opts: { timeoutMs: number }): Promise<QmpClient>;
   /** After a successful migration: make the source QEMU exit (it is paused in postmigrate). */
   retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
   /** Data-path TLS this host offers; absent: none (plain text only). */
