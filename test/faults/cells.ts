@@ -196,10 +196,6 @@ export const CI_CELLS: readonly string[] = [
 export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {
   // The engine loses the source's QMP with its agent and says "uncertain"; ferry's mirror and NBD node stay.
   'ram/kill-source-agent': [/exit code says 'uncertain' but the guest is 'source'/, /^debris: source: block (jobs|nodes) ferry-/],
-  // The rollback cannot reach agent B; agent B keeps the incoming VM's record, disk and run dir.
-  'switchover/kill-destination-agent': [/^debris: host B still holds /, /^debris: agent B still lists /, /^debris: QEMU process/],
-  // Cut for good: the source's NBD client hangs on the silent destination, every source step times out.
-  'ram/link-cut-forever': [/exit code says 'uncertain' but the guest is '(source|uncertain)'/, /outcome 'uncertain', the matrix expects 'source'/, /^debris: /],
 };
 
 /** Parses `--cells a/b,c/*,*` against the matrix; an unknown cell is an error naming it. */
