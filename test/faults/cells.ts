@@ -194,8 +194,6 @@ export const CI_CELLS: readonly string[] = [
  * matches none of these) fails the test until this list is updated.
  */
 export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {
-  // The engine loses the source's QMP with its agent and says "uncertain"; ferry's mirror and NBD node stay.
-  'ram/kill-source-agent': [/exit code says 'uncertain' but the guest is 'source'/, /^debris: source: block (jobs|nodes) ferry-/],
 };
 
 /** Parses `--cells a/b,c/*,*` against the matrix; an unknown cell is an error naming it. */
