@@ -22,7 +22,7 @@ import { nbdRelaySocketPath } from '../engine/data-path.js';
 import type { NbdRelayHandle } from '../engine/endpoint.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
 import { destinationPid } from '../engine/settle-local.js';
-import { allocatedBytes } from '../host/disk-files.js';
+import { allocatedBytes, removeEmptyParent } from '../host/disk-files.js';
 import { tcpBytesAcked, tcpBytesAckedFrom } from '../host/wire.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
@@ -548,6 +548,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     const unrecorded = r.state === 'running' ? undefined : await destinationPid(r.spec.runDir);
     if (unrecorded !== undefined && !(await killAndWait(unrecorded))) throw new AgentError('KILL_FAILED', `the destination QEMU of '${r.name}' (pid ${unrecorded}) did not die of SIGKILL`);
     await removeFiles(r, true);
+    // The VM's folder the migration made for it, once empty: nothing of it is left on this host.
+    await removeEmptyParent(r.spec.runDir, config.storageRoot);
     for (const d of r.spec.disks) incomingDisks.remove(d.path);
     registry.remove(r);
     incomingHandles.delete(r.vmId);

@@ -193,8 +193,7 @@ export const CI_CELLS: readonly string[] = [
  * CI holds them to exactly these problems, so a fix (the cell passes) or a new problem (one that
  * matches none of these) fails the test until this list is updated.
  */
-export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {
-};
+export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {};
 
 /** Parses `--cells a/b,c/*,*` against the matrix; an unknown cell is an error naming it. */
 export function selectCells(spec: string | undefined): Cell[] {

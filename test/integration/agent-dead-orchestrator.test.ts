@@ -24,7 +24,7 @@ afterEach(async () => {
   await cleanupAll();
 });
 
-test('kill -9 of migrate-vm at pre-switchover between agents: the source agent resumes the source, the destination agent fences its QEMU', async () => {
+test('kill -9 of migrate-vm at pre-switchover between agents: the source agent resumes the source, the destination agent abandons its incoming VM', async () => {
   const rootA = await makeTempDir('ferry-agent-a-');
   const rootB = await makeTempDir('ferry-agent-b-');
   const agentA = await startAgent({ name: 'hostA', listenPort: 0, storageRoot: rootA, bootRoots: [IMAGE_DIR], tokens: { [TOKEN]: 'alice' } });
