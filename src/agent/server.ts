@@ -507,6 +507,12 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
    * if it is still at work, may ask to undo the same things, and finds them undone, not missing.
    */
   const abandoned = new AbandonedIncoming();
+  /** Abandonments under way: close() waits for them, so nothing is written after it returned. */
+  const pendingSettles = new Set<Promise<void>>();
+  const settling = (p: Promise<void>): void => {
+    const tracked = p.catch((err: unknown) => log.error({ err: errorText(err) }, 'settling what an orchestrator left failed')).finally(() => pendingSettles.delete(tracked));
+    pendingSettles.add(tracked);
+  };
   /** NBD relays of incoming VMs (dest.startNbdRelay), by vmId. */
   const nbdRelays = new Map<string, NbdRelayHandle>();
   /**
@@ -663,7 +669,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       sessions.add(session);
       ws.once('close', () => {
         sessions.delete(session);
-        void abandonWhatSessionMade(session);
+        settling(abandonWhatSessionMade(session));
       });
       if (target) {
         const vmId = target.vmId;
@@ -708,7 +714,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         ws.once('close', () => {
           if (!migrated || cutByFence) return;
           const settle = target.role === 'vm' ? settleOrphanedSource(target) : abandonOrphanedDestination(target);
-          void settle.catch((err: unknown) => log.error({ vmId: target.vmId, err: errorText(err) }, 'could not settle a migration whose caller went'));
+          settling(settle.catch((err: unknown) => log.error({ vmId: target.vmId, err: errorText(err) }, 'could not settle a migration whose caller went')));
         });
       } else onRpc(session);
     });
@@ -722,7 +728,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   // confirm one that never ran; and disks made for one that never started have no caller left
   // (issue 17's fault matrix, cells */kill-destination-agent).
   for (const r of registry.all().filter((x) => x.role === 'incoming')) {
-    void abandonOrphanedDestination(r).catch((err: unknown) => log.error({ vmId: r.vmId, err: errorText(err) }, 'could not abandon an incoming VM left from before the restart'));
+    settling(abandonOrphanedDestination(r).catch((err: unknown) => log.error({ vmId: r.vmId, err: errorText(err) }, 'could not abandon an incoming VM left from before the restart')));
   }
   for (const path of incomingDisks.all()) {
     if (registry.all().some((r) => r.spec.disks.some((d) => d.path === path))) {
@@ -748,7 +754,11 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     ...(metricsListener ? { metricsUrl: metricsListener.url } : {}),
     url: `${tls ? 'wss' : 'ws'}://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`,
     close: async () => {
+      // The sessions cut here abandon what they made on their close events: those are waited for.
+      const closed = [...wss.clients].map((c) => new Promise((r) => (c.readyState === c.CLOSED ? r(undefined) : c.once('close', r))));
       for (const c of wss.clients) c.terminate();
+      await Promise.all(closed);
+      while (pendingSettles.size > 0) await Promise.all([...pendingSettles]);
       for (const vmId of [...nbdRelays.keys()]) await closeRelay(vmId);
       await new Promise<void>((r) => http.close(() => r()));
       await metricsListener?.close();
