@@ -50,3 +50,49 @@ export class DiskClaims {
     renameSync(`${this.#file}.tmp`, this.#file);
   }
 }
+
+/**
+ * Disks dest.createDisk made for a migration whose incoming VM has not started yet (no record
+ * names them). Persisted, so an agent restarted in between (its caller's session gone with it)
+ * removes them: no QEMU ever opened them, nothing of a guest can be in them.
+ */
+export class IncomingDisks {
+  readonly #file: string;
+  readonly #paths = new Set<string>();
+
+  constructor(stateDir: string, log: Logger) {
+    this.#file = join(stateDir, 'incoming-disks.json');
+    let text: string | undefined;
+    try {
+      text = readFileSync(this.#file, 'utf8');
+    } catch {
+      text = undefined;
+    }
+    if (text !== undefined) {
+      try {
+        for (const path of z.array(z.string().min(1)).parse(JSON.parse(text))) this.#paths.add(path);
+      } catch (err) {
+        log.error({ path: this.#file, err: String(err) }, 'unreadable incoming disks set aside (renamed to .bad)');
+        renameSync(this.#file, `${this.#file}.bad`);
+      }
+    }
+  }
+
+  all(): string[] {
+    return [...this.#paths];
+  }
+
+  add(path: string): void {
+    this.#paths.add(path);
+    this.#save();
+  }
+
+  remove(path: string): void {
+    if (this.#paths.delete(path)) this.#save();
+  }
+
+  #save(): void {
+    writeFileSync(`${this.#file}.tmp`, JSON.stringify([...this.#paths]), { mode: 0o600 });
+    renameSync(`${this.#file}.tmp`, this.#file);
+  }
+}

@@ -79,10 +79,19 @@ export class AgentClient {
     return () => this.#listeners.delete(listener);
   }
 
-  /** A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. */
-  async openQmp(vmId: string, timeoutMs = 10_000): Promise<QmpClient> {
+  /**
+   * A QMP session to one of this principal's VMs, tunnelled over its own WebSocket. `onClose`:
+   * the tunnel's WebSocket close code (1000/1005: the agent closed it, its QEMU's monitor having
+   * closed; 1006: it broke, the agent or the link gone, which says nothing of the QEMU).
+   */
+  async openQmp(vmId: string, timeoutMs = 10_000, opts: { onClose?: (code: number) => void } = {}): Promise<QmpClient> {
     const peer = { ...agentPeer(this.#url), who: `the QMP tunnel to ${vmId} on agent ${this.#url}` };
-    const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false, headers: fenceHeaders(this.#fence) }, (ws) => createWebSocketStream(ws));
+    const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false, headers: fenceHeaders(this.#fence) }, (ws) => {
+      const onClose = opts.onClose;
+      // Registered before the stream's own listener: the code is known when the session ends.
+      if (onClose) ws.once('close', (code: number) => onClose(code));
+      return createWebSocketStream(ws);
+    });
     return QmpClient.connect({ stream }, { timeoutMs, name: `agent:${vmId}` });
   }
 
@@ -97,9 +106,11 @@ export class AgentSource implements SourceEndpoint {
   readonly exportHost: string;
   readonly #portRange: [number, number];
   readonly spec: VmSpec;
-  readonly #client: AgentClient;
+  #client: AgentClient;
   readonly #vmId: string;
   readonly #removeDisks: boolean;
+  /** How #client was made: a restarted agent is connected to again the same way (reconnect). */
+  #dial: (() => Promise<AgentClient>) | undefined;
 
   readonly #dataTls: HostInfo['dataTls'];
 
@@ -125,7 +136,9 @@ export class AgentSource implements SourceEndpoint {
       const info = hostInfoSchema.parse(await client.call('host.info'));
       const found = vmGetSchema.parse(await client.call('vm.get', { name: vmName }));
       if (found.state !== 'running') throw new AgentCallError('VM_NOT_RUNNING', `VM '${vmName}' on ${info.name} is ${found.state}, not running`, { userError: true });
-      return new AgentSource(client, info, found.vmId, parseVmSpec(found.spec), !(opts.keepDisks ?? false));
+      const source = new AgentSource(client, info, found.vmId, parseVmSpec(found.spec), !(opts.keepDisks ?? false));
+      source.#dial = () => AgentClient.connect(url, token, 5_000, opts.tls, opts.fence);
+      return source;
     } catch (err) {
       client.close();
       throw err;
@@ -134,6 +147,26 @@ export class AgentSource implements SourceEndpoint {
 
   connect(opts: { timeoutMs: number }): Promise<QmpClient> {
     return this.#client.openQmp(this.#vmId, opts.timeoutMs);
+  }
+
+  /** The agent again (a restart takes it a moment), and a new QMP tunnel to the VM, until the deadline. */
+  async reconnect(opts: { timeoutMs: number }): Promise<QmpClient> {
+    const dial = this.#dial;
+    if (!dial) throw new AgentCallError('AGENT_NO_RECONNECT', `no way to reach ${this.name} again`);
+    const deadline = performance.now() + opts.timeoutMs;
+    let last: unknown;
+    while (performance.now() < deadline) {
+      try {
+        const client = await dial();
+        this.#client.close();
+        this.#client = client;
+        return await client.openQmp(this.#vmId, Math.max(1_000, Math.round(deadline - performance.now())));
+      } catch (err) {
+        last = err;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
+    throw new AgentCallError('AGENT_UNREACHABLE', `${this.name} did not answer again within ${opts.timeoutMs} ms: ${errorText(last)}`, { cause: last });
   }
 
   candidateExportPorts(): Iterable<number> {
@@ -258,7 +291,8 @@ export class AgentDestination implements DestinationEndpoint {
   async startIncoming(spec: VmSpec, opts: { timeoutMs: number; dataTls?: DataTlsPeer }): Promise<IncomingVm> {
     const started = startResultSchema.parse(await this.#client.call('dest.start', { spec, ...(opts.dataTls ? { dataTls: opts.dataTls } : {}) }, opts.timeoutMs + 5_000));
     this.#vmId = started.vmId;
-    const qmp = await this.#client.openQmp(started.vmId, opts.timeoutMs);
+    let closeCode: number | undefined;
+    const qmp = await this.#client.openQmp(started.vmId, opts.timeoutMs, { onClose: (code) => (closeCode = code) });
     let killed = false;
     let died = false;
     // `closed` resolves with an error when the tunnel breaks (the destination QEMU died), and
@@ -272,6 +306,8 @@ export class AgentDestination implements DestinationEndpoint {
       exited,
       // The tunnel closes when the destination QEMU dies: that is what the engine can see.
       running: () => !killed && !died,
+      // A tunnel that broke without the agent closing it: the agent or the link went, not (known) the QEMU.
+      unreachable: () => !killed && died && closeCode !== 1000 && closeCode !== 1005,
       kill: async () => {
         killed = true;
         await qmp.close();

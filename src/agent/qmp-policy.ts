@@ -14,6 +14,7 @@
  *   - NBD servers only on this agent's migration address and port range (a destination: or the
  *     one unix socket in its own run dir the agent's NBD relay forwards to); writable exports only
  *     on a destination (a source serves its disks read-only);
+ *   - `yank` (a source's rollback) only of this VM's ferry NBD client nodes and its migration;
  *   - no object-add, chardev-add, getfd/add-fd, human-monitor-command, device_add, exec-oob...
  * What passes is forwarded re-serialised from the parsed value, never as the caller's bytes: QEMU
  * reads exactly what was checked (no duplicate keys, no QEMU-only JSON extensions).
@@ -220,6 +221,20 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
       ['block-dirty-bitmap-remove', z.object({ node: diskNode, name: deltaBitmap }).strict()],
       ['migrate', streamNeedsTls(z.object({ uri: migrationUri(peerHost, anyPort) }).strict())],
       ['migrate_cancel', noArgs],
+      // The rollback's cut from a dead or unreachable destination (src/engine/source-yank.ts):
+      // this VM's ferry NBD client nodes and the migration, never a chardev or another node.
+      ['query-yank', noArgs],
+      [
+        'yank',
+        z
+          .object({
+            instances: z
+              .array(z.union([z.object({ type: z.literal('block-node'), 'node-name': targetNode }).strict(), z.object({ type: z.literal('migration') }).strict()]))
+              .min(1)
+              .max(ids.length + 1),
+          })
+          .strict(),
+      ],
       ['migrate-continue', z.object({ state: z.literal('pre-switchover') }).strict()],
       ['quit', noArgs],
     ]);

@@ -32,6 +32,7 @@ const recordSchema = z
     pid: z.number().int().positive().optional(),
     /** /proc/<pid>/stat field 22: tells a re-used PID from our QEMU after a restart. */
     pidStart: z.string().optional(),
+    contForwarded: z.boolean().optional(),
     updatedAt: z.number(),
   })
   .strict();
@@ -45,6 +46,12 @@ export interface VmRecord {
   readonly spec: VmSpec;
   pid?: number | undefined;
   pidStart?: string | undefined;
+  /**
+   * An incoming VM: whether a `cont` for it ever went through this agent's tunnel, persisted
+   * before QEMU got it. `false` is the proof that it never ran (nothing else sends it `cont`);
+   * absent (a record of an older agent) proves nothing.
+   */
+  contForwarded?: boolean | undefined;
   updatedAt: number;
 }
 
@@ -121,6 +128,14 @@ export class VmRegistry {
   /** The engine released a destination QEMU: from now on it is an ordinary VM of this host. */
   adopt(r: VmRecord): void {
     r.role = 'vm';
+    r.updatedAt = Date.now();
+    this.#save(r);
+  }
+
+  /** Synchronous: on disk before the `cont` it records reaches QEMU. */
+  markContForwarded(r: VmRecord): void {
+    if (r.contForwarded === true) return;
+    r.contForwarded = true;
     r.updatedAt = Date.now();
     this.#save(r);
   }

@@ -21,7 +21,8 @@ import { rollBackSource } from '../engine/recover.js';
 import { nbdRelaySocketPath } from '../engine/data-path.js';
 import type { NbdRelayHandle } from '../engine/endpoint.js';
 import { LocalDestination } from '../engine/local-endpoint.js';
-import { allocatedBytes } from '../host/disk-files.js';
+import { destinationPid } from '../engine/settle-local.js';
+import { allocatedBytes, removeEmptyParent } from '../host/disk-files.js';
 import { tcpBytesAcked, tcpBytesAckedFrom } from '../host/wire.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
@@ -34,7 +35,7 @@ import { bearerAuthenticator, serveRpc } from '../rpc/ws-rpc.js';
 import { FENCE_EPOCH_HEADER, FENCE_VM_HEADER } from './client.js';
 import { Fences, fenceHeadersSchema, type SessionFence } from './fencing.js';
 import { MAX_MESSAGE_BYTES, methodParams, PROTOCOL_VERSION, READ_ONLY_METHODS, type AgentEvent, type HostInfo, type Method, type VmSummary } from './protocol.js';
-import { DiskClaims } from './claims.js';
+import { DiskClaims, IncomingDisks } from './claims.js';
 import { AgentMetrics, staleCallLabel } from './metrics.js';
 import { handleMetricsRequest, startMetricsListener } from '../host/metrics-http.js';
 import { AgentError } from './errors.js';
@@ -141,6 +142,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
 
   const dataTls = await AgentDataTls.load(config);
   const claims = new DiskClaims(config.stateDir, log);
+  const incomingDisks = new IncomingDisks(config.stateDir, log);
   const fences = new Fences(config.stateDir, log, (what) => metrics.recordStaleCallRefused(staleCallLabel(what)));
   /** QMP tunnels opened under a fence: cut when a later epoch for their VM arrives. */
   const fencedTunnels = new Set<{ fence: SessionFence; ws: WebSocket; cut: () => void }>();
@@ -339,7 +341,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       if (same?.state === 'running') problems.push(`a VM named '${spec.name}' already runs on this host`);
       return { problems };
     },
-    'dest.createDisk': async (principal, params) => {
+    'dest.createDisk': async (principal, params, session) => {
       const path = placement.diskOp(principal, params.path, 'create');
       if (params.backingNbd && !peerAllowed(params.backingNbd.host)) {
         throw new AgentError('PATH_REFUSED', `backingNbd.host: ${params.backingNbd.host} is not a migration peer this agent allows`, { userError: true });
@@ -349,33 +351,50 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       }
       // Claimed before the file exists: a lost reply still leaves the caller able to remove it.
       claims.claim(path, principal);
+      incomingDisks.add(path);
+      madeBy(session).add(path);
       try {
         await local.createDisk({ ...params, path });
       } catch (err) {
         claims.release(path);
+        incomingDisks.remove(path);
         throw err;
       }
       return {};
     },
     'dest.removeDisk': async (principal, params) => {
+      if (abandoned.done(principal, placement.diskPath(params.path, 'path'))) return {};
       const path = placement.diskOp(principal, params.path, 'remove');
       await local.removeDisk(path);
       claims.release(path);
+      incomingDisks.remove(path);
       return {};
     },
-    'dest.start': async (principal, params) => {
+    'dest.start': async (principal, params, session) => {
       const spec = hereSpec(principal, params.spec, { claimed: true });
       if (dataTls.mode === 'required' && !params.dataTls) throw new AgentError('DATA_TLS_REQUIRED', 'this agent requires TLS on the data path: dest.start needs dataTls', { userError: true });
-      const tls = params.dataTls ? await dataTls.launchObjects(spec, params.dataTls.peerIdentity) : undefined;
-      const vm = await local.startIncoming(spec, { timeoutMs: 30_000, ...(tls ? { tls } : {}) });
+      // Recorded before the launch: an agent killed meanwhile finds, restarted, what it made.
+      const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'incoming', state: 'stopped', spec, contForwarded: false });
+      madeBy(session).add(r.vmId);
+      for (const d of spec.disks) incomingDisks.remove(d.path);
+      let vm: Awaited<ReturnType<typeof local.startIncoming>>;
+      try {
+        const tls = params.dataTls ? await dataTls.launchObjects(spec, params.dataTls.peerIdentity) : undefined;
+        vm = await local.startIncoming(spec, { timeoutMs: 30_000, ...(tls ? { tls } : {}) });
+        if (tls) dataTls.markActive(r.vmId);
+      } catch (err) {
+        // Its disks go back to waiting for a start (or the caller's removeDisk); no QEMU runs.
+        for (const d of spec.disks) if (claims.owner(d.path) === principal) incomingDisks.add(d.path);
+        registry.remove(r);
+        throw err;
+      }
       // With tls, the incoming stream's TLS parameters were set by startIncoming, the agent's own
       // call, not by its caller: in required mode no caller can make it plain text.
-      const r = registry.add({ vmId: newVmId(spec.name), name: spec.name, principal, role: 'incoming', state: 'running', spec, pid: vm.pid, pidStart: processStartTime(vm.pid) });
+      registry.transition(r, 'running', { pid: vm.pid, pidStart: processStartTime(vm.pid) });
       // The incoming QEMU's own reaper registration lasts until release: if this agent exits
       // mid-migration, the half-made destination goes with it.
       watch(r, supervise({ pid: vm.pid, pidStart: r.pidStart, monitor: vm.process.qmp, childExited: vm.exited, onEvent: onQmpEvent(r), log }));
       incomingHandles.set(r.vmId, vm);
-      if (tls) dataTls.markActive(r.vmId);
       emitState(r);
       return { vmId: r.vmId, pid: vm.pid };
     },
@@ -390,11 +409,13 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       return { port: relay.port, unixPath: relay.unixPath };
     },
     'dest.stopNbdRelay': async (principal, params) => {
+      if (abandoned.done(principal, params.vmId)) return {};
       const r = owned(principal, params.vmId);
       await closeRelay(r.vmId);
       return {};
     },
     'dest.kill': async (principal, params) => {
+      if (abandoned.done(principal, params.vmId)) return {};
       // The record stays until the run dir is gone: the caller's rollback removes it after this.
       const r = owned(principal, params.vmId);
       await closeRelay(r.vmId);
@@ -406,6 +427,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       return {};
     },
     'dest.abandon': async (principal, params) => {
+      if (abandoned.done(principal, params.vmId)) return {};
       const r = owned(principal, params.vmId);
       if (r.role !== 'incoming') throw new AgentError('NOT_INCOMING', `VM '${r.name}' is not a migration's destination`, { userError: true });
       await closeRelay(r.vmId);
@@ -416,13 +438,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         if (status === undefined || status === 'running') {
           throw new AgentError('GUEST_RUNS_HERE', `the destination QEMU of '${r.name}' is ${status ?? 'of unknown status'}: refusing to abandon it`, { userError: true });
         }
-        expectingExit.add(r.vmId);
-        await sup.kill();
       }
-      await removeFiles(r, true);
-      registry.remove(r);
-      incomingHandles.delete(r.vmId);
-      log.info({ vmId: r.vmId, vm: r.name }, 'abandoned an incoming VM');
+      await abandonIncoming(r);
       return {};
     },
     'dest.release': async (principal, params) => {
@@ -443,6 +460,7 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
       return {};
     },
     'dest.removeRunDir': async (principal, params) => {
+      if (abandoned.done(principal, params.vmId)) return {};
       const r = owned(principal, params.vmId);
       if (r.state === 'running') throw new AgentError('VM_RUNNING', `VM '${params.vmId}' still runs: stop it first`, { userError: true });
       placement.checkRemovable(r);
@@ -452,6 +470,50 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     },
   };
   const incomingHandles = new Map<string, { release(): Promise<void> }>();
+  /** What each caller's session made for a migration (incoming VMs' ids, disk paths): abandoned if it goes first. */
+  const made = new WeakMap<Session, Set<string>>();
+  const madeBy = (session: Session): Set<string> => {
+    let m = made.get(session);
+    if (!m) made.set(session, (m = new Set()));
+    return m;
+  };
+  /**
+   * The session that started a migration's destination went (its orchestrator killed, cut off, or
+   * done): an incoming VM of it that never ran is abandoned, as are disks it made for one that never
+   * started. One it released, or handed to the rollback's own calls, is gone from the registry or
+   * no longer incoming by then: left alone.
+   */
+  const abandonWhatSessionMade = async (session: Session): Promise<void> => {
+    const keys = made.get(session);
+    if (!keys) return;
+    made.delete(session);
+    for (const key of keys) {
+      try {
+        const r = registry.get(key);
+        if (r) await abandonOrphanedDestination(r);
+        else if (incomingDisks.all().includes(key) && !registry.all().some((x) => x.spec.disks.some((d) => d.path === key)) && claims.owner(key) === session.principal) {
+          log.warn({ path: key }, "a disk made for a migration whose orchestrator went before its destination started: removed");
+          await local.removeDisk(key);
+          claims.release(key);
+          incomingDisks.remove(key);
+          abandoned.add(session.principal, [key]);
+        }
+      } catch (err) {
+        log.error({ key, err: errorText(err) }, 'could not abandon what a gone session made for a migration');
+      }
+    }
+  };
+  /**
+   * What this agent abandoned on its own (an orchestrator gone): the rollback of that orchestrator,
+   * if it is still at work, may ask to undo the same things, and finds them undone, not missing.
+   */
+  const abandoned = new AbandonedIncoming();
+  /** Abandonments under way: close() waits for them, so nothing is written after it returned. */
+  const pendingSettles = new Set<Promise<void>>();
+  const settling = (p: Promise<void>): void => {
+    const tracked = p.catch((err: unknown) => log.error({ err: errorText(err) }, 'settling what an orchestrator left failed')).finally(() => pendingSettles.delete(tracked));
+    pendingSettles.add(tracked);
+  };
   /** NBD relays of incoming VMs (dest.startNbdRelay), by vmId. */
   const nbdRelays = new Map<string, NbdRelayHandle>();
   /**
@@ -478,19 +540,46 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     log.info({ vmId: r.vmId, vm: r.name, did }, 'settled the source of a migration whose orchestrator went');
   };
   /**
-   * The destination side: an incoming QEMU whose orchestrator's tunnel closed and that has not
-   * run is killed, so nothing can `cont` it any more (the fence). One that runs is left alone.
+   * An incoming VM abandoned (dest.abandon, or its orchestrator gone before it ran): its QEMU
+   * killed (the fence: nothing can `cont` it any more), the disks and run dir made for it
+   * removed, its record gone. The caller has established that it never ran.
    */
-  const fenceOrphanedDestination = async (r: VmRecord): Promise<void> => {
-    const sup = supervised.get(r.vmId);
-    if (!sup || r.role !== 'incoming' || r.state !== 'running') return;
-    const status = await sup.status();
-    if (status === undefined || status === 'running') return;
-    log.warn({ vmId: r.vmId, vm: r.name, status }, "a migration's orchestrator went before the destination ran: killing the destination QEMU (fence)");
+  const abandonIncoming = async (r: VmRecord): Promise<void> => {
     await closeRelay(r.vmId);
-    expectingExit.add(r.vmId);
-    await sup.kill();
+    const sup = supervised.get(r.vmId);
+    if (sup && r.state === 'running') {
+      expectingExit.add(r.vmId);
+      await sup.kill();
+    }
+    // A QEMU whose launch this agent did not live to record (killed mid dest.start).
+    const unrecorded = r.state === 'running' ? undefined : await destinationPid(r.spec.runDir);
+    if (unrecorded !== undefined && !(await killAndWait(unrecorded))) throw new AgentError('KILL_FAILED', `the destination QEMU of '${r.name}' (pid ${unrecorded}) did not die of SIGKILL`);
+    await removeFiles(r, true);
+    // The VM's folder the migration made for it, once empty: nothing of it is left on this host.
+    await removeEmptyParent(r.spec.runDir, config.storageRoot);
+    for (const d of r.spec.disks) incomingDisks.remove(d.path);
+    registry.remove(r);
+    incomingHandles.delete(r.vmId);
+    abandoned.add(r.principal, [r.vmId, ...r.spec.disks.map((d) => d.path)]);
+    log.info({ vmId: r.vmId, vm: r.name }, 'abandoned an incoming VM');
   };
+  /**
+   * The destination side: an incoming VM whose orchestrator went (its tunnel closed, or this agent
+   * restarted since) and that never ran is abandoned whole: the source is authoritative until the
+   * destination ran, so no one will confirm it. Never ran: no `cont` ever went through this agent
+   * (contForwarded false), and a live QEMU says so too. Anything else is left alone.
+   */
+  const abandonOrphanedDestination = async (r: VmRecord): Promise<void> => {
+    if (r.role !== 'incoming' || r.contForwarded !== false || registry.get(r.vmId) !== r) return;
+    const sup = supervised.get(r.vmId);
+    const status = r.state === 'running' ? await sup?.status() : 'exited';
+    if (!NEVER_RAN.has(status ?? 'silent')) return;
+    log.warn({ vmId: r.vmId, vm: r.name, status }, "a migration's orchestrator went before the destination ran: abandoning the incoming VM (QEMU killed, its disks and run dir removed)");
+    await abandonIncoming(r);
+  };
+
+  /** Run states of an incoming QEMU that got no `cont`: receiving, or received and paused (-S); or exited. */
+  const NEVER_RAN = new Set(['inmigrate', 'prelaunch', 'paused', 'exited']);
 
   const closeRelay = async (vmId: string): Promise<void> => {
     const relay = nbdRelays.get(vmId);
@@ -579,7 +668,10 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     wss.handleUpgrade(req, socket, head, (ws) => {
       const session: Session = { ws, principal, subscribed: false, fence };
       sessions.add(session);
-      ws.once('close', () => sessions.delete(session));
+      ws.once('close', () => {
+        sessions.delete(session);
+        settling(abandonWhatSessionMade(session));
+      });
       if (target) {
         const vmId = target.vmId;
         const policy = {
@@ -597,7 +689,10 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         const admit = (command: string): { code: string; reason: string } | undefined => {
           if (command.startsWith('query-') || command === 'qmp_capabilities') return undefined;
           const reason = fences.staleReason(fence, `QMP ${command}`);
-          return reason === undefined ? undefined : { code: 'STALE_EPOCH', reason };
+          if (reason !== undefined) return { code: 'STALE_EPOCH', reason };
+          // Persisted before QEMU reads it: an incoming VM without this mark never ran.
+          if (command === 'cont' && target.role === 'incoming') registry.markContForwarded(target);
+          return undefined;
         };
         let cutByFence = false;
         if (fence) {
@@ -619,8 +714,8 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
         });
         ws.once('close', () => {
           if (!migrated || cutByFence) return;
-          const settle = target.role === 'vm' ? settleOrphanedSource(target) : fenceOrphanedDestination(target);
-          void settle.catch((err: unknown) => log.error({ vmId: target.vmId, err: errorText(err) }, 'could not settle a migration whose caller went'));
+          const settle = target.role === 'vm' ? settleOrphanedSource(target) : abandonOrphanedDestination(target);
+          settling(settle.catch((err: unknown) => log.error({ vmId: target.vmId, err: errorText(err) }, 'could not settle a migration whose caller went')));
         });
       } else onRpc(session);
     });
@@ -630,6 +725,24 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     http.once('error', reject);
     http.listen(config.listenPort, config.listenHost, () => resolve());
   });
+  // Restarted: every incoming VM's tunnel went with the previous run of this agent, so nothing can
+  // confirm one that never ran; and disks made for one that never started have no caller left
+  // (issue 17's fault matrix, cells */kill-destination-agent).
+  for (const r of registry.all().filter((x) => x.role === 'incoming')) {
+    settling(abandonOrphanedDestination(r).catch((err: unknown) => log.error({ vmId: r.vmId, err: errorText(err) }, 'could not abandon an incoming VM left from before the restart')));
+  }
+  for (const path of incomingDisks.all()) {
+    if (registry.all().some((r) => r.spec.disks.some((d) => d.path === path))) {
+      incomingDisks.remove(path);
+      continue;
+    }
+    const owner = claims.owner(path);
+    log.warn({ path, principal: owner }, 'a disk made for a migration that never started its destination: removed');
+    await local.removeDisk(path).catch((err: unknown) => log.error({ path, err: errorText(err) }, 'could not remove a disk left by a migration'));
+    claims.release(path);
+    incomingDisks.remove(path);
+    if (owner !== undefined) abandoned.add(owner, [path]);
+  }
   const port = (http.address() as AddressInfo).port;
   log.info({ port, storageRoot: config.storageRoot, vms: registry.all().length }, 'agent listening');
   const metricsListener = config.metricsListen ? await startMetricsListener(config.metricsListen, () => metrics.render(), log).catch(async (err: unknown) => {
@@ -642,7 +755,11 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
     ...(metricsListener ? { metricsUrl: metricsListener.url } : {}),
     url: `${tls ? 'wss' : 'ws'}://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`,
     close: async () => {
+      // The sessions cut here abandon what they made on their close events: those are waited for.
+      const closed = [...wss.clients].map((c) => new Promise((r) => (c.readyState === c.CLOSED ? r(undefined) : c.once('close', r))));
       for (const c of wss.clients) c.terminate();
+      await Promise.all(closed);
+      while (pendingSettles.size > 0) await Promise.all([...pendingSettles]);
       for (const vmId of [...nbdRelays.keys()]) await closeRelay(vmId);
       await new Promise<void>((r) => http.close(() => r()));
       await metricsListener?.close();
@@ -653,3 +770,38 @@ export async function startAgent(input: unknown, logger: Logger = silentLogger):
   };
 }
 
+/** vmIds and disk paths of incoming VMs this agent abandoned, by principal; the oldest forgotten past a bound. */
+class AbandonedIncoming {
+  static readonly MAX = 1_000;
+  readonly #keys = new Map<string, string>();
+
+  add(principal: string, keys: string[]): void {
+    for (const k of keys) {
+      this.#keys.delete(k);
+      this.#keys.set(k, principal);
+    }
+    for (const k of this.#keys.keys()) {
+      if (this.#keys.size <= AbandonedIncoming.MAX) break;
+      this.#keys.delete(k);
+    }
+  }
+
+  done(principal: string, key: string): boolean {
+    return this.#keys.get(key) === principal;
+  }
+}
+
+/** SIGKILL by pid, and the wait until /proc says it is gone or a zombie (bounded). */
+async function killAndWait(pid: number, timeoutMs = 10_000): Promise<boolean> {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    return true;
+  }
+  const deadline = performance.now() + timeoutMs;
+  while (performance.now() < deadline) {
+    if (processStartTime(pid) === undefined) return true;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return false;
+}

@@ -15,7 +15,7 @@ import type { DestinationEndpoint, IncomingVm, NbdRelayHandle, SourceEndpoint } 
 import { newMigrationId } from './names.js';
 import { PhaseClock } from './phase.js';
 import type { ProgressTracker } from './progress.js';
-import { MigrationError, type MigrationEvent, type MigrationOptions, type MigrationOptionsInput, type Phase } from './types.js';
+import { MigrationError, type MigrationEvent, type MigrationOptions, type MigrationOptionsInput, type Phase, type SavedSourceSettings } from './types.js';
 import { UndoStack } from './undo.js';
 
 export interface MigrateRequest {
@@ -178,8 +178,20 @@ export class MigrationContext {
   /** How the destination QEMU died and its last lines, when it died on its own. */
   destinationExit: string | undefined;
 
+  /** The source's settings from before the migration changed them (source-perform.ts), once read. */
+  sourceSaved: SavedSourceSettings | undefined;
+
+  /** The destination's host cannot be reached (its tunnel broke); its QEMU may be alive. */
+  destinationUnreachable = false;
+
   async throwIfDestinationDied(dest: DestinationState): Promise<void> {
     if (dest.vm.running()) return;
+    if (dest.vm.unreachable?.()) {
+      this.destinationUnreachable = true;
+      throw new MigrationError('DESTINATION_UNREACHABLE', `the destination host ${this.req.destination.name} cannot be reached during ${this.phase} (the tunnel to its QEMU, pid ${dest.vm.pid}, broke: its agent or the link went); its QEMU may still be alive`, {
+        phase: this.phase,
+      });
+    }
     this.destinationDied = true;
     const reason = await dest.vm.exitReason?.().catch(() => undefined);
     this.destinationExit = reason;

@@ -58,8 +58,20 @@ export async function destinationPrepare(
     const sessionEnded = await Promise.race([started.qmp.closed.then(() => true), new Promise<false>((r) => setTimeout(r, 0, false))]);
     if (sessionEnded && started.running()) await Promise.race([started.exited, new Promise((r) => setTimeout(r, 2_000).unref())]);
     await started.qmp.close().catch(() => undefined);
-    if (started.running()) await started.kill();
-    else {
+    if (started.unreachable?.()) {
+      // Its agent abandons an incoming VM whose tunnel broke before it ran; asking it is in vain.
+      ctx.destinationUnreachable = true;
+      return;
+    }
+    if (started.running()) {
+      try {
+        await started.kill();
+      } catch (err) {
+        // Not killed, and its host did not answer: a silent NBD server the source must be cut from.
+        ctx.destinationUnreachable = true;
+        throw err;
+      }
+    } else {
       ctx.destinationDied = true;
       ctx.destinationExit ??= await started.exitReason?.().catch(() => undefined);
     }

@@ -51,6 +51,11 @@ export interface SourceEndpoint {
    * the source QEMU has exited (its socket refuses, its host says it died). False when unsure.
    */
   sourceGone(): Promise<boolean>;
+  /**
+   * After the source's QMP session broke while its QEMU may live (its agent was restarted): a new
+   * session, tried until the deadline. Optional: a local source's session breaks only with its QEMU.
+   */
+  reconnect?(opts: { timeoutMs: number }): Promise<QmpClient>;
   /** After a successful migration: make the source QEMU exit (it is paused in postmigrate). */
   retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void>;
   /** Data-path TLS this host offers; absent: none (plain text only). */
@@ -68,6 +73,12 @@ export interface IncomingVm {
   /** Settles when the process has exited, for whatever reason. */
   readonly exited: Promise<unknown>;
   running(): boolean;
+  /**
+   * Not running() because its host can no longer be reached (the tunnel to its monitor broke: the
+   * agent or the link went), not because its QEMU was seen to exit: it may be alive. Optional: a
+   * local destination is never unreachable.
+   */
+  unreachable?(): boolean;
   /** SIGKILL by PID, then wait for the exit: used on rollback only. */
   kill(): Promise<void>;
   /** The migration succeeded: the engine lets go, the VM lives on under its host's care. */

@@ -12,7 +12,7 @@ import { retargetSpec, type VmSpec } from '../qemu/spec.js';
 import { startNbdRelay } from './convergence/nbd-relay.js';
 import { nbdRelaySocketPath } from './data-path.js';
 import { backingNbdFilename, type BackingNbd, type DataTlsPeer, type DestinationEndpoint, type HostDataTls, type IncomingVm, type NbdRelayHandle, type SourceEndpoint } from './endpoint.js';
-import { beginDataTls, certIdentity, certNames, endDataTls, SERVER_TLS, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
+import { beginDataTls, certIdentity, certNames, endDataTls, removeCredentialDirs, SERVER_TLS, writeCredentialDirs, type HostTlsMaterial } from '../host/data-tls.js';
 import { createImage, dataBytes, freeBytesAt, pathExists, removeEmptyParent, removeImage, unusableDir } from '../host/disk-files.js';
 import { randomOrder } from '../host/ports.js';
 import { tcpBytesAcked, tcpBytesAckedFrom, tcpBytesReceivedBy } from '../host/wire.js';
@@ -32,7 +32,7 @@ export class LocalSource implements SourceEndpoint {
   /**
    * exportHost/exportPortRange: where lazy mode's read-only NBD server listens on this host.
    * dataTls: this host's certificate for TLS on the data path (its credentials go into a 0700
-   * folder beside the QMP socket while a migration runs).
+   * folder beside the QMP socket for as long as QEMU takes to read them).
    */
   constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number]; dataTls?: HostTlsMaterial }) {
     this.#qmpSocket = opts.qmpSocket;
@@ -54,7 +54,13 @@ export class LocalSource implements SourceEndpoint {
 
   async beginDataTls(qmp: QmpClient, peer: DataTlsPeer, opts: { timeoutMs: number }): Promise<void> {
     if (!this.#dataTls) throw new FerryError('DATA_TLS_OFF', `${this.name} has no data-path certificate`, { userError: true });
-    await beginDataTls(qmp, { dir: this.#tlsDir, material: this.#dataTls, role: 'source', ...peer, timeoutMs: opts.timeoutMs });
+    try {
+      await beginDataTls(qmp, { dir: this.#tlsDir, material: this.#dataTls, role: 'source', ...peer, timeoutMs: opts.timeoutMs });
+    } finally {
+      // QEMU read the files when it made its objects: they need not outlive this call, so no
+      // outcome (the source dying, this process killed later) can leave keys beside the socket.
+      await removeCredentialDirs(this.#tlsDir);
+    }
   }
 
   async endDataTls(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {

@@ -169,7 +169,15 @@ async function runLazy(ctx: MigrationContext, source: SourceState, plan: Migrati
   // therefore stay up (paused, serving its export) until every overlay holds everything.
   await ctx.enter('hydrate');
   await ctx.tidy('activate the source disks again for its export', () => sourceReactivateDisks(ctx, { source, plan }));
-  const hydration = await destinationHydrate(ctx, { dest, plan, sourceExport });
+  let hydration: Awaited<ReturnType<typeof destinationHydrate>>;
+  try {
+    hydration = await destinationHydrate(ctx, { dest, plan, sourceExport });
+  } catch (err) {
+    // The guest runs there whatever became of its hydration: its QEMU must outlive this process
+    // (exit 4 says so), not go with it (issue 17's fault matrix, cell hydrate/kill-source-qemu).
+    await ctx.tidy('release the destination QEMU to its host', () => dest.vm.release());
+    throw err;
+  }
   await ctx.enter('cleanup');
   await cleanupLazy(ctx, { source, plan });
   const bitmapsMigrated = await cleanupFinish(ctx, { source, dest, plan });

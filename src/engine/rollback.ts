@@ -4,10 +4,14 @@
  * undone. The first error survives its cleanup; the outcome is decided here (outcome.ts).
  */
 import { FerryError, errorText } from '../errors.js';
-import { QmpDisconnectedError } from '../qmp/index.js';
+import { QmpDisconnectedError, type QmpClient } from '../qmp/index.js';
+import { rollBackSource } from './recover.js';
 import { STOP_DESTINATION, type MigrationContext, type SourceState } from './context.js';
 import { classifyFailure } from './outcome.js';
+import { sourceYankDestination } from './source-yank.js';
 import { MigrationError, type Phase } from './types.js';
+
+const YANK_STEP = "yank the source's connections to the destination";
 
 type SourceAfter = Parameters<typeof classifyFailure>[1]['source'];
 
@@ -51,16 +55,42 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   // A source QEMU that died took its migration, mirrors and NBD nodes with it: the steps that
   // would undo them there have nothing left to undo, and saying they failed would be false.
   const sourceDied = source !== undefined && (await sourceQemuGone(ctx, source));
-  const moot = (side: 'source' | 'destination', stepErr: unknown): string | undefined =>
-    sourceDied && side === 'source' && causedBy(stepErr, (e) => e instanceof QmpDisconnectedError) ? 'the source QEMU is gone' : undefined;
+  const moot = (side: 'source' | 'destination', stepErr: unknown): string | undefined => {
+    if (sourceDied && side === 'source' && causedBy(stepErr, (e) => e instanceof QmpDisconnectedError)) return 'the source QEMU is gone';
+    // Its agent abandons an incoming VM that never ran once the tunnel to it is gone (src/agent).
+    if (ctx.destinationUnreachable && side === 'destination') return 'the destination cannot be reached; its agent abandons what it holds of this migration';
+    return undefined;
+  };
   // The destination QEMU goes first. It never ran the guest, so killing it is always safe
   // here, and a destination that is alive but silent (frozen, partitioned) would otherwise
   // block the source's QEMU: its NBD client waits forever for replies on an open connection,
   // and every block operation on the source (blockdev-del, the reactivation inside `cont`)
   // waits with it. A dead peer makes them fail at once.
   const cleanupErrors = await ctx.undo.runNow(STOP_DESTINATION, report);
+  // A destination dead or out of reach may leave the source's NBD client waiting on a silent
+  // connection: cut it (and the migration's) before the source's steps wait on it too.
+  if (source && !sourceDied && (ctx.destinationUnreachable || ctx.destinationDied || cleanupErrors.length > 0)) {
+    const yanked = await sourceYankDestination(source.qmp, source.caps, { timeoutMs: 5_000 }).then(
+      (y) => (y.length ? y.map((i) => (i.type === 'migration' ? 'migration' : i['node-name'])).join(', ') : undefined),
+      (yankErr: unknown) => {
+        report(YANK_STEP, yankErr);
+        return undefined;
+      },
+    );
+    if (yanked) report(`${YANK_STEP} (${yanked})`, undefined);
+  }
   cleanupErrors.push(...(await ctx.undo.runAll(report, { moot })));
   let where: SourceAfter = 'not-connected';
+  if (source && !sourceDied) {
+    const settled = await sourceSettleAgain(ctx, source, report);
+    if (settled) {
+      await source.qmp.close().catch(() => undefined);
+      source = { ...source, qmp: settled };
+      // What the broken session could not undo, the new one did.
+      const undone = cleanupErrors.filter((e) => !causedBy(e, (x) => x instanceof QmpDisconnectedError));
+      cleanupErrors.splice(0, cleanupErrors.length, ...undone);
+    }
+  }
   if (source) {
     const status = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).catch(() => undefined);
     // The state it was found in: a refusal of a source paused by someone else's migration leaves it so.
@@ -82,6 +112,37 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   }
   await ctx.enter('failed');
   return verdict(where, cleanupErrors);
+}
+
+/** Bound on finding a restarted source agent again (systemd's Restart= takes a few seconds). */
+const SOURCE_RECONNECT_MS = 15_000;
+
+/**
+ * The source's QMP session broke under the rollback, its QEMU not known to be gone (its agent was
+ * restarted): the undo steps could not run. A new session, if its host offers one within a bound,
+ * settles the source from what QEMU reports (recover.ts's rollBackSource: the migration, ferry's
+ * mirrors and NBD nodes, the saved settings, `cont` if the guest ran before). Returns the session.
+ */
+async function sourceSettleAgain(ctx: MigrationContext, source: SourceState, report: (step: string, err: unknown) => void): Promise<QmpClient | undefined> {
+  if (!ctx.req.source.reconnect) return undefined;
+  const broken = await source.qmp.execute('query-status', undefined, { timeoutMs: 5_000 }).then(
+    () => false,
+    (err: unknown) => causedBy(err, (e) => e instanceof QmpDisconnectedError),
+  );
+  if (!broken) return undefined;
+  const step = 'settle the source over a new QMP session';
+  let q: QmpClient | undefined;
+  try {
+    q = await ctx.req.source.reconnect({ timeoutMs: SOURCE_RECONNECT_MS });
+    const did = await rollBackSource(q, ctx.log, { saved: ctx.sourceSaved, timeoutMs: 30_000 });
+    ctx.log.info({ did }, 'settled the source over a new QMP session');
+    report(`${step}${did.length ? ` (${did.join('; ')})` : ''}`, undefined);
+    return q;
+  } catch (err) {
+    report(step, err);
+    await q?.close().catch(() => undefined);
+    return undefined;
+  }
 }
 
 /**

@@ -148,22 +148,34 @@ async function removeDestination(d: DestinationSeen, did: string[]): Promise<voi
   await removeEmptyParent(d.left.runDir, d.left.dir).catch(() => undefined);
 }
 
-/**
- * ferry's TLS credentials beside the source QMP socket (`ferry-tls-<pid>`) whose migrate-vm is
- * gone, and ferry's TLS objects in the source QEMU, once no migration needs them.
- */
-async function removeSourceTls(q: QmpClient, sourceQmp: string, did: string[]): Promise<void> {
+/** ferry's TLS objects in the source QEMU (and the stream's TLS parameters), once no migration needs them. */
+async function removeSourceTlsObjects(q: QmpClient): Promise<void> {
   await q.executeRaw('migrate-set-parameters', { 'tls-creds': '', 'tls-hostname': '', 'tls-authz': '' }, { timeoutMs: QMP_MS }).catch(() => undefined);
   await removeDataTlsObjects(q, { timeoutMs: QMP_MS }).catch(() => undefined);
+}
+
+/** A live process, not a zombie: a migrate-vm killed a moment ago may not be reaped yet. */
+async function processAlive(pid: number): Promise<boolean> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  return stat !== '' && !/^\d+ \(.*\) Z/.test(stat);
+}
+
+/**
+ * ferry's TLS credentials beside the source QMP socket (`ferry-tls-<pid>`) whose migrate-vm is
+ * gone. QEMU read them when its objects were made, so they go whatever the outcome: also when
+ * the guest moved, or the source died, or nobody can tell where the guest is.
+ */
+export async function removeDeadSourceTlsDirs(sourceQmp: string): Promise<string[]> {
+  const did: string[] = [];
   const dir = dirname(sourceQmp);
   for (const n of await readdir(dir).catch(() => [] as string[])) {
     const m = /^ferry-tls-(\d+)$/.exec(n);
     if (!m) continue;
-    const alive = await readFile(`/proc/${m[1]}/cmdline`, 'utf8').then(() => true).catch(() => false);
-    if (alive && Number(m[1]) !== process.pid) continue;
+    if (Number(m[1]) !== process.pid && (await processAlive(Number(m[1])))) continue;
     await rm(join(dir, n), { recursive: true, force: true });
     did.push(`removed the TLS credentials ${basename(n)} a dead migrate-vm left`);
   }
+  return did;
 }
 
 /**
@@ -175,13 +187,22 @@ async function removeSourceTls(q: QmpClient, sourceQmp: string, did: string[]): 
  * never ran, and a dead one's files are this migration's. Without it (--recover, any time later),
  * only an incoming QEMU (`inmigrate`) or a source whose migration never completed proves that.
  */
-export async function settleLocalMigration(opts: {
+export async function settleLocalMigration(opts: SettleOptions): Promise<SettleReport> {
+  const report = await settle(opts);
+  // Every outcome: the files are no migration's any more (the objects went with the rollback or the QEMU).
+  const removed = await removeDeadSourceTlsDirs(opts.sourceQmp).catch((err: unknown) => [`could not remove the dead migrate-vm's TLS credentials: ${errorText(err)}`]);
+  return { ...report, did: [...report.did, ...removed] };
+}
+
+interface SettleOptions {
   sourceQmp: string;
   destinations: LocalDestinationLeft[];
   saved?: SavedSourceSettings | undefined;
   fresh: boolean;
   log: Logger;
-}): Promise<SettleReport> {
+}
+
+async function settle(opts: SettleOptions): Promise<SettleReport> {
   const { log } = opts;
   const did: string[] = [];
   let q: QmpClient | undefined;
@@ -249,7 +270,7 @@ export async function settleLocalMigration(opts: {
       else did.push(`left ${d.left.runDir} (no QEMU, and nothing on the source says it is this migration's): remove it by hand if it is not needed`);
     }
     did.push(...(await rollBackSource(q, log, { saved: opts.saved, timeoutMs: 30_000 })));
-    await removeSourceTls(q, opts.sourceQmp, did);
+    await removeSourceTlsObjects(q);
     const status = await q.execute('query-status', undefined, { timeoutMs: QMP_MS });
     if (status.status !== 'running' && !opts.saved) {
       return { where: 'source', did, advice: `the source is ${status.status}; whether it ran before the migration is not known here: 'cont' it on its QMP if it did` };

@@ -56,6 +56,7 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
   // Announced before the change: a scheduler persists it, so its recovery can put them back.
   const savedEvent = { event: 'source-saved', migrationId: ctx.id, saved } as const;
   ctx.emit(savedEvent);
+  ctx.sourceSaved = saved;
   await ctx.persist(savedEvent);
   ctx.undo.push('restore source migration settings', 'source', () => restoreSourceSettings(sq, saved));
   await sq.execute('migrate-set-capabilities', { capabilities: Object.entries(want).map(([capability, state]) => ({ capability, state })) }, ctx.call());

@@ -193,17 +193,7 @@ export const CI_CELLS: readonly string[] = [
  * CI holds them to exactly these problems, so a fix (the cell passes) or a new problem (one that
  * matches none of these) fails the test until this list is updated.
  */
-export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {
-  // The engine loses the source's QMP with its agent and says "uncertain"; ferry's mirror and NBD node stay.
-  'ram/kill-source-agent': [/exit code says 'uncertain' but the guest is 'source'/, /^debris: source: block (jobs|nodes) ferry-/],
-  // The rollback cannot reach agent B; agent B keeps the incoming VM's record, disk and run dir.
-  'switchover/kill-destination-agent': [/^debris: host B still holds /, /^debris: agent B still lists /, /^debris: QEMU process/],
-  // Cut for good: the source's NBD client hangs on the silent destination, every source step times out.
-  'ram/link-cut-forever': [/exit code says 'uncertain' but the guest is '(source|uncertain)'/, /outcome 'uncertain', the matrix expects 'source'/, /^debris: /],
-  // Lazy, the source dead: its TLS credentials folder beside the source's QMP socket stays.
-  // The sampler finds B's QEMU gone although exit 4 says the guest runs there.
-  'hydrate/kill-source-qemu': [/^debris: host A has new files run\/ferry-tls-/, /exit code says 'needs-source' but the guest is 'killed'/, /outcome 'killed', the matrix expects 'needs-source'/],
-};
+export const OPEN_FINDINGS: Readonly<Record<string, readonly RegExp[]>> = {};
 
 /** Parses `--cells a/b,c/*,*` against the matrix; an unknown cell is an error naming it. */
 export function selectCells(spec: string | undefined): Cell[] {

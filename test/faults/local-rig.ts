@@ -286,7 +286,8 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     // Ticks on B, or a `cont` there that succeeded (exit 0 past the point of no return) and a fault
     // that struck before B's first tick was read.
     const ranOnDestination = sampler.ticks.destination.size > 0 || (o.pastNoReturn() && ended.code === 0);
-    outcome = actualOutcome({ source: last.source, destination: last.destination }, ranOnDestination, lazy);
+    const overlaysBacked = lazy && last.destination === 'running' ? await backed(join(hostB, `${DISK.id}.qcow2`)) : false;
+    outcome = actualOutcome({ source: last.source, destination: last.destination, overlaysBacked }, ranOnDestination, lazy);
     expected = expectedFor(cell, hitPhase);
 
     // Debris, while everything that is left is still there.
@@ -353,4 +354,11 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     if (mounts.includes(root)) problems.push(`debris: a mount under ${root} is left`);
   }
   return cellResult(cell, seed, { t0, orch, hitPhase, offsetMs, exit, outcome, expected, problems, notes });
+}
+
+/** A qcow2 overlay whose header still names a backing file (hydration not finished), read with -U beside its QEMU. */
+async function backed(path: string): Promise<boolean> {
+  const { stdout } = await run('qemu-img', ['info', '-U', '--output=json', path], { timeout: 10_000 });
+  const info: unknown = JSON.parse(stdout);
+  return typeof info === 'object' && info !== null && 'backing-filename' in info;
 }

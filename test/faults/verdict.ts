@@ -35,11 +35,15 @@ export interface Settled {
   source: string;
   /** The destination QEMU's state ('gone' when none is left). */
   destination: string;
+  /** Lazy: a destination overlay still has its backing (the source's export), read from its header. */
+  overlaysBacked?: boolean;
 }
 
 /** Where the guest really is, from the settled state of both sides (a QEMU left over is debris, judged apart). */
 export function actualOutcome(s: Settled, ranOnDestination: boolean, lazy = false): Outcome {
-  if (s.destination === 'running') return s.source === 'gone' ? 'destination' : s.source === 'running' ? 'uncertain' : 'needs-source';
+  // Lazy, an overlay that still names its backing lacks blocks only the source's disks hold,
+  // whether or not the source QEMU is alive to serve them.
+  if (s.destination === 'running') return s.source === 'gone' && !s.overlaysBacked ? 'destination' : s.source === 'running' ? 'uncertain' : 'needs-source';
   // A destination that ran and now stands still (QEMU stopped it on a disk error): the guest is
   // there; lazy, it waits on reads only the source can serve.
   if (ranOnDestination && s.destination !== 'gone' && s.source !== 'running') return lazy ? 'needs-source' : s.source === 'gone' ? 'destination' : 'uncertain';

@@ -53,6 +53,9 @@ const ENGINE: Record<TunnelRole, [string, Record<string, unknown> | undefined][]
     ['query-machines', undefined],
     ['qom-get', { path: '/machine', property: 'type' }],
     ['blockdev-set-active', { 'node-name': 'disk-data', active: true }],
+    ['query-yank', undefined],
+    ['yank', { instances: [{ type: 'block-node', 'node-name': 'ferry-nbd-root' }, { type: 'migration' }] }],
+    ['yank', { instances: [{ type: 'block-node', 'node-name': 'ferry-nbd-data' }] }],
     ['quit', undefined],
   ],
   destination: [
@@ -94,6 +97,15 @@ describe('the policy on examples', () => {
     ['source', { execute: 'blockdev-set-active', arguments: { 'node-name': 'disk-root', active: false } }],
     ['source', { execute: 'blockdev-set-active', arguments: { active: true } }],
     ['source', { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: RELAY_SOCK } } } }],
+    // yank: only this VM's ferry NBD client nodes and the migration, never a chardev or a disk
+    ['source', { execute: 'yank', arguments: { instances: [{ type: 'chardev', id: 'serial0' }] } }],
+    ['source', { execute: 'yank', arguments: { instances: [{ type: 'block-node', 'node-name': 'disk-root' }] } }],
+    ['source', { execute: 'yank', arguments: { instances: [{ type: 'block-node', 'node-name': 'ferry-nbd-other' }] } }],
+    ['source', { execute: 'yank', arguments: { instances: [{ type: 'block-node', 'node-name': 'ferry-nbd-root', extra: 1 }] } }],
+    ['source', { execute: 'yank', arguments: { instances: [] } }],
+    ['source', { execute: 'yank' }],
+    ['destination', { execute: 'yank', arguments: { instances: [{ type: 'migration' }] } }],
+    ['destination', { execute: 'query-yank' }],
     ['destination', { execute: 'qom-get', arguments: { path: '/machine', property: 'type' } }],
     ['destination', { execute: 'block-export-add', arguments: { type: 'nbd', id: 'ferry-1-root', 'node-name': 'disk-root', name: 'ferry-1-root', writable: true, 'allow-inactive': true } }],
     ['destination', { execute: 'migrate-incoming', arguments: { uri: 'unix:/run/x' } }],
@@ -199,7 +211,10 @@ function violations(role: TunnelRole, line: string): string[] {
       if (['device', 'node-name', 'target', 'job-id', 'id'].includes(key) && !/^(disk|ferry)-/.test(v)) out.push(`${key} ${v}`);
       // The one unix address: a destination's NBD server on its own run dir's relay socket.
       const relaySocket = role === 'destination' && msg.execute === 'nbd-server-start';
-      if (key === 'type' && !['inet', 'nbd', 'mirror', ...(relaySocket ? ['unix'] : [])].includes(v)) out.push(`type ${v}`);
+      // yank cuts connections: only the source's own NBD client nodes and its migration.
+      const yank = role === 'source' && msg.execute === 'yank';
+      if (key === 'type' && !['inet', 'nbd', 'mirror', ...(relaySocket ? ['unix'] : []), ...(yank ? ['block-node', 'migration'] : [])].includes(v)) out.push(`type ${v}`);
+      if (msg.execute === 'yank' && key === 'node-name' && !/^ferry-nbd-(root|data)$/.test(v)) out.push(`yank of node ${v}`);
       if (key === 'path' && !(relaySocket && v === RELAY_SOCK)) out.push(`path ${v}`);
       if (key === 'port' && msg.execute === 'nbd-server-start' && !(Number(v) >= RANGE[0] && Number(v) <= RANGE[1])) out.push(`port ${v}`);
       return;

@@ -58,4 +58,7 @@ test('where the guest is, from the settled run states', () => {
   // lazy: the source died mid-hydration, the destination stands on a read it cannot serve
   expect(actualOutcome({ source: 'gone', destination: 'io-error' }, true, true)).toBe('needs-source');
   expect(actualOutcome({ source: 'gone', destination: 'io-error' }, true)).toBe('destination');
+  // Lazy, the source dead: the guest runs on B, but its overlay still reads from A's disks.
+  expect(actualOutcome({ source: 'gone', destination: 'running', overlaysBacked: true }, true, true)).toBe('needs-source');
+  expect(actualOutcome({ source: 'gone', destination: 'running', overlaysBacked: false }, true, true)).toBe('destination');
 });
