@@ -27,16 +27,19 @@ export class LocalSource implements SourceEndpoint {
   readonly #exportPorts: [number, number];
 
   readonly #dataTls: HostTlsMaterial | undefined;
+  readonly #priority: string | undefined;
   readonly #tlsDir: string;
 
   /**
    * exportHost/exportPortRange: where lazy mode's read-only NBD server listens on this host.
    * dataTls: this host's certificate for TLS on the data path (its credentials go into a 0700
-   * folder beside the QMP socket while a migration runs).
+   * folder beside the QMP socket while a migration runs). dataTlsPriority: the gnutls priority
+   * string of its TLS objects (the benchmark compares them); absent: QEMU's default.
    */
-  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number]; dataTls?: HostTlsMaterial }) {
+  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number]; dataTls?: HostTlsMaterial; dataTlsPriority?: string }) {
     this.#qmpSocket = opts.qmpSocket;
     this.#dataTls = opts.dataTls;
+    this.#priority = opts.dataTlsPriority;
     this.#tlsDir = join(dirname(opts.qmpSocket), `ferry-tls-${process.pid}`);
     this.name = opts.name ?? 'local';
     this.#logger = opts.logger ?? silentLogger;
@@ -54,7 +57,7 @@ export class LocalSource implements SourceEndpoint {
 
   async beginDataTls(qmp: QmpClient, peer: DataTlsPeer, opts: { timeoutMs: number }): Promise<void> {
     if (!this.#dataTls) throw new FerryError('DATA_TLS_OFF', `${this.name} has no data-path certificate`, { userError: true });
-    await beginDataTls(qmp, { dir: this.#tlsDir, material: this.#dataTls, role: 'source', ...peer, timeoutMs: opts.timeoutMs });
+    await beginDataTls(qmp, { dir: this.#tlsDir, material: this.#dataTls, role: 'source', ...peer, priority: this.#priority, timeoutMs: opts.timeoutMs });
   }
 
   async endDataTls(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
@@ -120,6 +123,8 @@ export interface LocalDestinationOptions {
   dataTls?: HostTlsMaterial;
   /** Where probeQemu's answer is remembered per binary file (build-cache.ts); without it, probed each time. */
   qemuBuildCache?: QemuBuildCache;
+  /** The gnutls priority string of its TLS objects; absent: QEMU's default. */
+  dataTlsPriority?: string;
 }
 
 /** A destination QEMU on this machine, with its console for whoever wants to watch the guest. */
@@ -140,6 +145,7 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #buildCache: QemuBuildCache | undefined;
   /** What probeQemu answered from the cache, not from a QEMU: startIncoming checks it against the one it starts. */
   #rememberedBuild: { build: QemuBuild; fileKey: string } | undefined;
+  readonly #priority: string | undefined;
   /** Every QEMU startIncoming launched, by run dir: what abandonIncoming finds when a reply was lost. */
   readonly #started = new Map<string, VmProcess>();
   /** The destination QEMU of the latest migration, for whoever watches the guest (demo, tests). */
@@ -148,6 +154,7 @@ export class LocalDestination implements DestinationEndpoint {
   constructor(opts: LocalDestinationOptions) {
     this.#outlive = opts.outliveProcess ?? false;
     this.#dataTls = opts.dataTls;
+    this.#priority = opts.dataTlsPriority;
     this.#dir = opts.dir;
     this.name = opts.name ?? opts.dir;
     this.migrationHost = opts.migrationHost ?? '127.0.0.1';
@@ -199,7 +206,7 @@ export class LocalDestination implements DestinationEndpoint {
     let tls = opts.tls;
     if (opts.dataTls) {
       if (!this.#dataTls) throw new FerryError('DATA_TLS_OFF', `${this.name} has no data-path certificate`, { userError: true });
-      tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), this.#dataTls)), peerIdentity: opts.dataTls.peerIdentity };
+      tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), this.#dataTls)), peerIdentity: opts.dataTls.peerIdentity, priority: this.#priority };
     }
     const vm = await launchVm(spec, {
       incoming: true,
