@@ -1,5 +1,5 @@
 /**
- * `npm run bench:migrate -- --suite data-tls [--runs 5] [--scenarios idle,writer] [--variants plain,tls,...]`:
+ * `npm run bench:migrate -- --suite data-tls [--runs 5] [--scenarios idle,writer] [--variants plain,tls,...] [--qemu 7.2]`:
  * TLS on the data path beside plain text, in the same run: the idle guest (1 GiB qcow2 holding
  * 200 MiB) and a guest writing as fast as it can, each migrated N times per variant, interleaved
  * (plain, TLS, plain, ...) so that the machine's drift lands on all of them. Variants: `plain`,
@@ -12,7 +12,8 @@
  */
 import { loadGuestImage } from '../src/guest/image.js';
 import { GiB, runScenario, type PauseSteps, type Row, type Scenario } from './scenario.js';
-import { list } from './suite-args.js';
+import { existsSync } from 'node:fs';
+import { flag, list, QEMUS } from './suite-args.js';
 
 const base: Scenario[] = [
   { name: 'idle', diskSize: GiB, fillMiB: 200, workload: { tickMs: 20 } },
@@ -49,6 +50,10 @@ export async function dataTlsSuite(argv: string[] = process.argv.slice(2)): Prom
   const chosen = list('variants', Object.keys(variants) as Variant[]);
   const want: Variant[] = chosen.includes('plain') ? chosen : ['plain', ...chosen];
   const scenarios = list('scenarios', base.map((s) => s.name)).map((n) => base.find((s) => s.name === n)!);
+  const qemu = flag('qemu') ?? '7.2';
+  const qemuBinary = QEMUS[qemu];
+  if (qemuBinary === undefined) throw new Error(`--qemu: unknown '${qemu}'; known: ${Object.keys(QEMUS).join(', ')}`);
+  if (qemu !== '7.2' && !existsSync(qemuBinary)) throw new Error(`QEMU ${qemu} is not at ${qemuBinary} (node scripts/bootstrap.mjs --qemu10)`);
   const image = await loadGuestImage();
   const rows: (Row & { variant: Variant; run: number; base: string })[] = [];
   for (let run = 0; run < runs; run++) {
@@ -56,7 +61,7 @@ export async function dataTlsSuite(argv: string[] = process.argv.slice(2)): Prom
       for (const v of want) {
         process.stderr.write(`bench data-tls: ${s.name} ${v} run ${run + 1}/${runs}...\n`);
         const variant: Partial<Scenario> = variants[v];
-        const scenario: Scenario = { ...s, ...variant, options: { ...s.options, ...variant.options }, name: `${s.name}-${v}` };
+        const scenario: Scenario = { ...s, ...variant, options: { ...s.options, ...variant.options }, name: `${s.name}-${v}`, ...(qemu === '7.2' ? {} : { qemuBinary }) };
         // No NBD baseline here: the ratio that matters is against plain, measured side by side.
         rows.push({ ...(await runScenario(scenario, image, 1)), variant: v, run, base: s.name });
       }
@@ -90,7 +95,7 @@ export async function dataTlsSuite(argv: string[] = process.argv.slice(2)): Prom
       };
     });
   });
-  process.stdout.write(`${JSON.stringify({ bench: 'data-tls', runs, summary, rows }, null, 2)}\n`);
+  process.stdout.write(`${JSON.stringify({ bench: 'data-tls', qemu, runs, summary, rows }, null, 2)}\n`);
   const fmt = (x: Spread): string => `${x.median} [${x.min}..${x.max}]`;
   process.stderr.write(`\n${['scenario', 'variant', 'total ms', 'x plain', 'downtime ms', '+ms', 'QEMU dt', 'mirror ms', 'ram ms'].join(' | ')}\n`);
   for (const r of summary) {

@@ -34,6 +34,8 @@ export interface Scenario {
   tls?: boolean;
   /** With tls: the gnutls priority string of both QEMUs' TLS objects; absent: ferry's default. */
   tlsPriority?: string;
+  /** Both QEMUs' binary; absent: the system's. */
+  qemuBinary?: string;
 }
 
 export interface Row {
@@ -174,14 +176,14 @@ export async function runScenario(s: Scenario, image: { kernel: string; initrd: 
       boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend(s.workload)}` },
       runDir: join(hostA, 'run'),
     });
-    vm = await launchVm(spec, { timeoutMs: 30_000 });
+    vm = await launchVm(spec, { timeoutMs: 30_000, ...(s.qemuBinary ? { qemuBinary: s.qemuBinary } : {}) });
     await vm.serial.waitForLine((l) => l.text.includes('ferry-ready'), { timeoutMs: 60_000, what: 'ferry-ready' });
     // Let the workload reach its steady state.
     await new Promise((r) => setTimeout(r, 2_000));
 
     const pki = s.tls ? await throwawayPki(join(dir, 'pki'), { address: '127.0.0.1', names: ['bench-a', 'bench-b'] }) : [];
     const priority = s.tlsPriority === undefined ? {} : { dataTlsPriority: s.tlsPriority };
-    const destination = new LocalDestination({ dir: hostB, ...(pki[1] ? { dataTls: pki[1] } : {}), ...priority });
+    const destination = new LocalDestination({ dir: hostB, ...(pki[1] ? { dataTls: pki[1] } : {}), ...priority, ...(s.qemuBinary ? { qemuBinary: s.qemuBinary } : {}) });
     const stopEvents = new AbortController();
     const sourceEvents = collectEvents(vm.qmp, stopEvents.signal);
     const t0 = performance.now();
