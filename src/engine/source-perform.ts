@@ -44,12 +44,9 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
   const moveBitmaps = plan.bitmaps.length > 0;
   if (moveBitmaps) want['dirty-bitmaps'] = true;
   if (source.caps.migrationCapabilities.has('auto-converge')) want['auto-converge'] = ctx.opts.autoConverge;
+  // Both sides' multifd capability was checked before anything was copied (preflight, prepare).
   const multifd = ctx.opts.multifdChannels;
-  if (multifd > 0) {
-    const lacking = [source.caps.migrationCapabilities.has('multifd') ? undefined : 'source', dest.caps.migrationCapabilities.has('multifd') ? undefined : 'destination'].filter((x) => x !== undefined);
-    if (lacking.length > 0) throw new MigrationError('MULTIFD_UNAVAILABLE', `multifd channels asked, but the ${lacking.join(' and ')} QEMU lacks the multifd migration capability`, { phase: ctx.phase, userError: true });
-    want['multifd'] = true;
-  }
+  if (multifd > 0) want['multifd'] = true;
 
   // Saved before they are changed, so a rollback leaves the source as it found it.
   const savedCaps = await sq.execute('query-migrate-capabilities', undefined, ctx.call());
