@@ -32,7 +32,7 @@ export interface Scenario {
   options?: MigrationOptionsInput;
   /** TLS on the data path, with a throwaway CA made for the run. */
   tls?: boolean;
-  /** With tls: the gnutls priority string of both QEMUs' TLS objects; absent: ferry's default. */
+  /** With tls: the gnutls priority string of both QEMUs' TLS objects; absent: QEMU's default. */
   tlsPriority?: string;
   /** Both QEMUs' binary; absent: the system's. */
   qemuBinary?: string;
