@@ -16,7 +16,7 @@
  *
  * Prints one JSON document on stdout, then a table on stderr.
  *
- * `npm run bench:migrate -- --suite data-tls [--runs 5]`: TLS on the data path beside plain text
+ * `npm run bench:migrate -- --suite data-tls [--runs 5] [--variants ...] [--qemu 10.0]`: TLS on the data path beside plain text
  * (bench/data-tls.ts).
  *
  * `npm run bench:migrate -- --suite lazy [--runs 5] [--qemu 7.2,10.0]`: lazy mode's time to

@@ -32,6 +32,10 @@ export interface Scenario {
   options?: MigrationOptionsInput;
   /** TLS on the data path, with a throwaway CA made for the run. */
   tls?: boolean;
+  /** With tls: the gnutls priority string of both QEMUs' TLS objects; absent: QEMU's default. */
+  tlsPriority?: string;
+  /** Both QEMUs' binary; absent: the system's. */
+  qemuBinary?: string;
 }
 
 export interface Row {
@@ -55,8 +59,66 @@ export interface Row {
   hydratedBytes?: number | undefined;
   /** Whether the data path was encrypted. */
   encrypted?: boolean;
+  /** Inside the pause, from QEMU's own event timestamps (ms): see pauseSteps. */
+  pause?: PauseSteps;
   /** The guest's probes on the destination (ferry.probe), over the window after it started running. */
   latency?: { windowMs: number; readP50Us: number; readP99Us: number; reads: number; writeP50Us: number; writeP99Us: number; writes: number };
+}
+
+/**
+ * The pause, step by step, from the timestamps QEMU puts on its events (one host clock):
+ * stop→pre-switchover (QEMU stops the vCPUs), then the mirrors' cancel until their last job
+ * ends, migrate-continue until `device` (the last RAM and the device state go after it), until
+ * the source's `completed`, the destination's `completed`, and its RESUME (nbd-server-stop and
+ * `cont` in between). `qemu` is QEMU's own downtime figure's span: STOP to the source's completed.
+ */
+export interface PauseSteps {
+  stopToPreSwitchover: number;
+  mirrorsComplete: number;
+  continueToDevice: number;
+  deviceToCompleted: number;
+  sourceToDestinationCompleted: number;
+  destinationCompletedToResume: number;
+  stopToResume: number;
+}
+
+type Stamp = { event: string; at: number; data: unknown };
+const stampOf = (e: { event: string; timestamp: { seconds: number; microseconds: number }; data?: unknown }): Stamp => ({ event: e.event, at: e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000, data: e.data });
+const statusOf = (s: Stamp): string | undefined => (s.event === 'MIGRATION' && typeof s.data === 'object' && s.data !== null && 'status' in s.data && typeof s.data.status === 'string' ? s.data.status : undefined);
+
+function pauseSteps(source: Stamp[], destination: Stamp[]): PauseSteps | undefined {
+  const at = (xs: Stamp[], f: (s: Stamp) => boolean): number | undefined => xs.find(f)?.at;
+  const pre = at(source, (s) => statusOf(s) === 'pre-switchover');
+  const stop = source.filter((s) => s.event === 'STOP' && pre !== undefined && s.at <= pre).at(-1)?.at;
+  const device = at(source, (s) => statusOf(s) === 'device');
+  const done = at(source, (s) => statusOf(s) === 'completed');
+  const mirrorsEnd = source.filter((s) => (s.event === 'BLOCK_JOB_COMPLETED' || s.event === 'BLOCK_JOB_CANCELLED') && pre !== undefined && s.at >= pre).at(-1)?.at ?? pre;
+  const destDone = at(destination, (s) => statusOf(s) === 'completed');
+  const resume = at(destination, (s) => s.event === 'RESUME');
+  if ([pre, stop, device, done, mirrorsEnd, destDone, resume].some((x) => x === undefined)) return undefined;
+  const r = (x: number): number => Math.round(x * 10) / 10;
+  return {
+    stopToPreSwitchover: r(pre! - stop!),
+    mirrorsComplete: r(mirrorsEnd! - pre!),
+    continueToDevice: r(device! - mirrorsEnd!),
+    deviceToCompleted: r(done! - device!),
+    sourceToDestinationCompleted: r(destDone! - done!),
+    destinationCompletedToResume: r(resume! - destDone!),
+    stopToResume: r(resume! - stop!),
+  };
+}
+
+/** Every event of a session from now until `stop` aborts. */
+function collectEvents(qmp: { events(opts: { signal?: AbortSignal }): AsyncIterableIterator<Parameters<typeof stampOf>[0]> }, stop: AbortSignal): Stamp[] {
+  const out: Stamp[] = [];
+  void (async () => {
+    try {
+      for await (const e of qmp.events({ signal: stop })) out.push(stampOf(e));
+    } catch {
+      // The reader ends with the session or the abort.
+    }
+  })();
+  return out;
 }
 
 export function percentile(xs: number[], p: number): number {
@@ -114,18 +176,21 @@ export async function runScenario(s: Scenario, image: { kernel: string; initrd: 
       boot: { kernel: image.kernel, initrd: image.initrd, append: `console=ttyS0 quiet ${workloadAppend(s.workload)}` },
       runDir: join(hostA, 'run'),
     });
-    vm = await launchVm(spec, { timeoutMs: 30_000 });
+    vm = await launchVm(spec, { timeoutMs: 30_000, ...(s.qemuBinary ? { qemuBinary: s.qemuBinary } : {}) });
     await vm.serial.waitForLine((l) => l.text.includes('ferry-ready'), { timeoutMs: 60_000, what: 'ferry-ready' });
     // Let the workload reach its steady state.
     await new Promise((r) => setTimeout(r, 2_000));
 
     const pki = s.tls ? await throwawayPki(join(dir, 'pki'), { address: '127.0.0.1', names: ['bench-a', 'bench-b'] }) : [];
-    const destination = new LocalDestination({ dir: hostB, ...(pki[1] ? { dataTls: pki[1] } : {}) });
+    const priority = s.tlsPriority === undefined ? {} : { dataTlsPriority: s.tlsPriority };
+    const destination = new LocalDestination({ dir: hostB, ...(pki[1] ? { dataTls: pki[1] } : {}), ...priority, ...(s.qemuBinary ? { qemuBinary: s.qemuBinary } : {}) });
+    const stopEvents = new AbortController();
+    const sourceEvents = collectEvents(vm.qmp, stopEvents.signal);
     const t0 = performance.now();
     let runningAt = 0;
     const result = await migrate({
       spec,
-      source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), ...(pki[0] ? { dataTls: pki[0] } : {}) }),
+      source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), ...(pki[0] ? { dataTls: pki[0] } : {}), ...priority }),
       destination,
       options: { ...s.options, dataTls: s.tls ? 'required' : 'off' },
       onEvent: (e) => {
@@ -133,6 +198,13 @@ export async function runScenario(s: Scenario, image: { kernel: string; initrd: 
       },
     });
     incoming = destination.incoming;
+    stopEvents.abort();
+    const destinationEvents: Stamp[] = [];
+    for (const pred of [(e: { event: string; data?: unknown }) => e.event === 'MIGRATION' && statusOf(stampOf({ ...e, timestamp: { seconds: 0, microseconds: 0 } })) === 'completed', (e: { event: string }) => e.event === 'RESUME']) {
+      const e = await incoming?.qmp.waitForEvent(pred, { since: 0, timeoutMs: 100 }).catch(() => undefined);
+      if (e) destinationEvents.push(stampOf(e));
+    }
+    const pause = pauseSteps(sourceEvents, destinationEvents);
     // Latency window: lazy, the hydration; precopy, as long again after the guest arrived.
     const windowMs = result.lazy ? result.lazy.hydrationMs : 10_000;
     if (!result.lazy && s.workload.probeMs) await new Promise((r) => setTimeout(r, windowMs));
@@ -167,6 +239,7 @@ export async function runScenario(s: Scenario, image: { kernel: string; initrd: 
       ratioToBound: Number((result.totalMs / boundMs).toFixed(2)),
       forced: result.convergence.forced,
       encrypted: result.plan.dataTls.encrypted,
+      ...(pause ? { pause } : {}),
       ...(result.lazy ? { destinationRunningMs: result.lazy.destinationRunningMs, hydrationMs: result.lazy.hydrationMs, hydratedBytes: result.lazy.hydratedWireBytes } : {}),
       ...(latency ? { latency } : {}),
     };

@@ -55,7 +55,7 @@ export type PolicyVerdict =
   /** `id`: the refused message's own (a string or a number), so the caller's pending call ends. */
   | { ok: false; command: string | undefined; code: 'QMP_REFUSED' | 'QMP_BAD_MESSAGE'; reason: string; id?: string | number };
 
-const MIGRATION_CAPABILITIES = ['events', 'pause-before-switchover', 'auto-converge', 'dirty-bitmaps', 'late-block-activate'] as const;
+const MIGRATION_CAPABILITIES = ['events', 'pause-before-switchover', 'auto-converge', 'dirty-bitmaps', 'late-block-activate', 'multifd'] as const;
 
 const noArgs = z.union([z.undefined(), z.object({}).strict()]);
 const oneOf = (values: readonly string[], what: string) =>
@@ -132,7 +132,8 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
   const setCapabilities = z
     .object({ capabilities: z.array(z.object({ capability: oneOf(MIGRATION_CAPABILITIES, `one of ${MIGRATION_CAPABILITIES.join(', ')}`), state: z.boolean() }).strict()).max(16) })
     .strict();
-  const setParameters = z.object({ 'max-bandwidth': bytes.optional(), 'downtime-limit': z.number().int().min(0).max(2_000_000).optional() }).strict();
+  // multifd-channels: the engine's multifdChannels (1-8); each channel is one more connection to the same migration port, TLS like the first.
+  const setParameters = z.object({ 'max-bandwidth': bytes.optional(), 'downtime-limit': z.number().int().min(0).max(2_000_000).optional(), 'multifd-channels': z.number().int().min(1).max(8).optional() }).strict();
 
   const common: [string, z.ZodType][] = [
     ['qmp_capabilities', noArgs],

@@ -95,6 +95,9 @@ export async function destinationPrepare(
       userError: true,
     });
   }
+  if (ctx.opts.multifdChannels > 0 && !caps.migrationCapabilities.has('multifd')) {
+    throw new MigrationError('MULTIFD_UNAVAILABLE', `multifdChannels ${ctx.opts.multifdChannels} asked, but the destination QEMU lacks the multifd migration capability`, { phase: ctx.phase, userError: true });
+  }
   const state: DestinationState = { spec, vm, caps, nbdPort: undefined, convergence: undefined, relay: undefined };
   if (sourceExport) return state;
   const convergence = destinationConvergencePlan(ctx, input.sourceCaps, vm.qmp.greeting.version, spec);

@@ -27,16 +27,19 @@ export class LocalSource implements SourceEndpoint {
   readonly #exportPorts: [number, number];
 
   readonly #dataTls: HostTlsMaterial | undefined;
+  readonly #priority: string | undefined;
   readonly #tlsDir: string;
 
   /**
    * exportHost/exportPortRange: where lazy mode's read-only NBD server listens on this host.
    * dataTls: this host's certificate for TLS on the data path (its credentials go into a 0700
-   * folder beside the QMP socket for as long as QEMU takes to read them).
+   * folder beside the QMP socket for as long as QEMU takes to read them). dataTlsPriority: the
+   * gnutls priority string of its TLS objects (the benchmark compares them); absent: QEMU's default.
    */
-  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number]; dataTls?: HostTlsMaterial }) {
+  constructor(opts: { qmpSocket: string; name?: string; logger?: Logger; exportHost?: string; exportPortRange?: [number, number]; dataTls?: HostTlsMaterial; dataTlsPriority?: string }) {
     this.#qmpSocket = opts.qmpSocket;
     this.#dataTls = opts.dataTls;
+    this.#priority = opts.dataTlsPriority;
     this.#tlsDir = join(dirname(opts.qmpSocket), `ferry-tls-${process.pid}`);
     this.name = opts.name ?? 'local';
     this.#logger = opts.logger ?? silentLogger;
@@ -55,7 +58,7 @@ export class LocalSource implements SourceEndpoint {
   async beginDataTls(qmp: QmpClient, peer: DataTlsPeer, opts: { timeoutMs: number }): Promise<void> {
     if (!this.#dataTls) throw new FerryError('DATA_TLS_OFF', `${this.name} has no data-path certificate`, { userError: true });
     try {
-      await beginDataTls(qmp, { dir: this.#tlsDir, material: this.#dataTls, role: 'source', ...peer, timeoutMs: opts.timeoutMs });
+      await beginDataTls(qmp, { dir: this.#tlsDir, material: this.#dataTls, role: 'source', ...peer, priority: this.#priority, timeoutMs: opts.timeoutMs });
     } finally {
       // QEMU read the files when it made its objects: they need not outlive this call, so no
       // outcome (the source dying, this process killed later) can leave keys beside the socket.
@@ -126,6 +129,8 @@ export interface LocalDestinationOptions {
   dataTls?: HostTlsMaterial;
   /** Where probeQemu's answer is remembered per binary file (build-cache.ts); without it, probed each time. */
   qemuBuildCache?: QemuBuildCache;
+  /** The gnutls priority string of its TLS objects; absent: QEMU's default. */
+  dataTlsPriority?: string;
 }
 
 /** A destination QEMU on this machine, with its console for whoever wants to watch the guest. */
@@ -146,6 +151,7 @@ export class LocalDestination implements DestinationEndpoint {
   readonly #buildCache: QemuBuildCache | undefined;
   /** What probeQemu answered from the cache, not from a QEMU: startIncoming checks it against the one it starts. */
   #rememberedBuild: { build: QemuBuild; fileKey: string } | undefined;
+  readonly #priority: string | undefined;
   /** Every QEMU startIncoming launched, by run dir: what abandonIncoming finds when a reply was lost. */
   readonly #started = new Map<string, VmProcess>();
   /** The destination QEMU of the latest migration, for whoever watches the guest (demo, tests). */
@@ -154,6 +160,7 @@ export class LocalDestination implements DestinationEndpoint {
   constructor(opts: LocalDestinationOptions) {
     this.#outlive = opts.outliveProcess ?? false;
     this.#dataTls = opts.dataTls;
+    this.#priority = opts.dataTlsPriority;
     this.#dir = opts.dir;
     this.name = opts.name ?? opts.dir;
     this.migrationHost = opts.migrationHost ?? '127.0.0.1';
@@ -205,7 +212,7 @@ export class LocalDestination implements DestinationEndpoint {
     let tls = opts.tls;
     if (opts.dataTls) {
       if (!this.#dataTls) throw new FerryError('DATA_TLS_OFF', `${this.name} has no data-path certificate`, { userError: true });
-      tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), this.#dataTls)), peerIdentity: opts.dataTls.peerIdentity };
+      tls = { ...(await writeCredentialDirs(join(spec.runDir, 'tls'), this.#dataTls)), peerIdentity: opts.dataTls.peerIdentity, priority: this.#priority };
     }
     const vm = await launchVm(spec, {
       incoming: true,

@@ -44,6 +44,9 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
   const moveBitmaps = plan.bitmaps.length > 0;
   if (moveBitmaps) want['dirty-bitmaps'] = true;
   if (source.caps.migrationCapabilities.has('auto-converge')) want['auto-converge'] = ctx.opts.autoConverge;
+  // Both sides' multifd capability was checked before anything was copied (preflight, prepare).
+  const multifd = ctx.opts.multifdChannels;
+  if (multifd > 0) want['multifd'] = true;
 
   // Saved before they are changed, so a rollback leaves the source as it found it.
   const savedCaps = await sq.execute('query-migrate-capabilities', undefined, ctx.call());
@@ -51,7 +54,7 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
   const saved: SavedSource = {
     wasRunning: source.wasRunning,
     capabilities: savedCaps.filter((c) => c.capability in want).map((c) => ({ capability: c.capability, state: c.state })),
-    parameters: { 'max-bandwidth': savedParams['max-bandwidth'], 'downtime-limit': savedParams['downtime-limit'] },
+    parameters: { 'max-bandwidth': savedParams['max-bandwidth'], 'downtime-limit': savedParams['downtime-limit'], ...(multifd > 0 ? { 'multifd-channels': savedParams['multifd-channels'] } : {}) },
   };
   // Announced before the change: a scheduler persists it, so its recovery can put them back.
   const savedEvent = { event: 'source-saved', migrationId: ctx.id, saved } as const;
@@ -60,13 +63,16 @@ export async function sourcePerformRam(ctx: MigrationContext, input: { source: S
   await ctx.persist(savedEvent);
   ctx.undo.push('restore source migration settings', 'source', () => restoreSourceSettings(sq, saved));
   await sq.execute('migrate-set-capabilities', { capabilities: Object.entries(want).map(([capability, state]) => ({ capability, state })) }, ctx.call());
-  await sq.execute('migrate-set-parameters', { 'max-bandwidth': ctx.opts.bandwidthBytesPerSec ?? UNLIMITED_BANDWIDTH, 'downtime-limit': ctx.opts.downtimeLimitMs }, ctx.call());
+  await sq.execute('migrate-set-parameters', { 'max-bandwidth': ctx.opts.bandwidthBytesPerSec ?? UNLIMITED_BANDWIDTH, 'downtime-limit': ctx.opts.downtimeLimitMs, ...(multifd > 0 ? { 'multifd-channels': multifd } : {}) }, ctx.call());
 
   const destCaps: { capability: string; state: boolean }[] = [{ capability: 'events', state: true }];
   // Like libvirt: the destination's disks are activated by `cont`, not when RAM arrives.
   if (dest.caps.migrationCapabilities.has('late-block-activate')) destCaps.push({ capability: 'late-block-activate', state: true });
   if (moveBitmaps) destCaps.push({ capability: 'dirty-bitmaps', state: true });
+  if (multifd > 0) destCaps.push({ capability: 'multifd', state: true });
   await dq.execute('migrate-set-capabilities', { capabilities: destCaps }, ctx.call());
+  // Both ends must agree on the channel count before the destination listens.
+  if (multifd > 0) await dq.execute('migrate-set-parameters', { 'multifd-channels': multifd }, ctx.call());
   const destinationSince = dq.eventCursor();
   const host = ctx.req.destination.migrationHost;
   const port = await onFreePort(ctx, (p) => dq.execute('migrate-incoming', { uri: migrationUri(host, p) }, ctx.call()), { host, ports: ctx.req.destination.candidatePorts() });

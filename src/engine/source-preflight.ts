@@ -113,6 +113,9 @@ export async function sourcePreflight(ctx: MigrationContext, source: SourceState
     // incremental backup there would silently miss every block written before the move.
     problems.push(`the source disks carry dirty bitmaps (${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}) but the source QEMU lacks the dirty-bitmaps migration capability`);
   }
+  if (ctx.opts.multifdChannels > 0 && !source.caps.migrationCapabilities.has('multifd')) {
+    problems.push(`multifdChannels ${ctx.opts.multifdChannels} asked, but the source QEMU lacks the multifd migration capability`);
+  }
   if (ctx.opts.mode === 'lazy' && bitmaps.length > 0) {
     // Not verified yet: the bitmap would land on the overlay while the data is still behind it.
     problems.push(`lazy mode does not move dirty bitmaps yet (found ${bitmaps.map((b) => `${b.disk}/${b.name}`).join(', ')}); use precopy`);

@@ -42,6 +42,8 @@ export const MigrationOptionsSchema = z
     copyMode: z.enum(['auto', 'background', 'write-blocking']).default('auto'),
     /** TLS on the data path: required refuses without it; preferred uses it where both sides can. */
     dataTls: z.enum(['required', 'preferred', 'off']).default('preferred'),
+    /** RAM over this many multifd channels (QEMU's `multifd`); 0: one migration stream. */
+    multifdChannels: z.number().int().min(0).max(8).default(0),
     /** Cap on the migration link, bytes/s, shared by RAM and disks; absent = unlimited. */
     bandwidthBytesPerSec: z.number().int().positive().optional(),
     /** The pause QEMU aims for at switchover, ms. */
@@ -128,14 +130,14 @@ export type MigrationEvent =
 export interface SavedSourceSettings {
   wasRunning: boolean;
   capabilities: { capability: string; state: boolean }[];
-  parameters: { 'max-bandwidth'?: number | undefined; 'downtime-limit'?: number | undefined };
+  parameters: { 'max-bandwidth'?: number | undefined; 'downtime-limit'?: number | undefined; 'multifd-channels'?: number | undefined };
 }
 
 export const SavedSourceSettingsSchema = z
   .object({
     wasRunning: z.boolean(),
     capabilities: z.array(z.object({ capability: z.string(), state: z.boolean() }).strict()),
-    parameters: z.object({ 'max-bandwidth': z.number().optional(), 'downtime-limit': z.number().optional() }).strict(),
+    parameters: z.object({ 'max-bandwidth': z.number().optional(), 'downtime-limit': z.number().optional(), 'multifd-channels': z.number().optional() }).strict(),
   })
   .strict();
 

@@ -117,11 +117,15 @@ export async function writeCredentialDirs(dir: string, m: HostTlsMaterial): Prom
  * Adds ferry's TLS objects to a running QEMU (object-add; the files are read then). Whatever a
  * previous attempt left is deleted first, so the call can be repeated.
  */
-export async function addDataTlsObjects(qmp: QmpClient, opts: { serverDir: string; clientDir: string; peerIdentity: string; timeoutMs: number }): Promise<void> {
+export async function addDataTlsObjects(
+  qmp: QmpClient,
+  opts: { serverDir: string; clientDir: string; peerIdentity: string; priority?: string | undefined; timeoutMs: number },
+): Promise<void> {
   await removeDataTlsObjects(qmp, { timeoutMs: opts.timeoutMs });
   const call = { timeoutMs: opts.timeoutMs };
-  await qmp.executeRaw('object-add', { 'qom-type': 'tls-creds-x509', id: DATA_TLS_IDS.server, dir: opts.serverDir, endpoint: 'server', 'verify-peer': true }, call);
-  await qmp.executeRaw('object-add', { 'qom-type': 'tls-creds-x509', id: DATA_TLS_IDS.client, dir: opts.clientDir, endpoint: 'client', 'verify-peer': true }, call);
+  const priority = opts.priority === undefined ? {} : { priority: opts.priority };
+  await qmp.executeRaw('object-add', { 'qom-type': 'tls-creds-x509', id: DATA_TLS_IDS.server, dir: opts.serverDir, endpoint: 'server', 'verify-peer': true, ...priority }, call);
+  await qmp.executeRaw('object-add', { 'qom-type': 'tls-creds-x509', id: DATA_TLS_IDS.client, dir: opts.clientDir, endpoint: 'client', 'verify-peer': true, ...priority }, call);
   await qmp.executeRaw('object-add', { 'qom-type': 'authz-simple', id: DATA_TLS_IDS.authz, identity: opts.peerIdentity }, call);
 }
 
@@ -176,10 +180,10 @@ export async function throwawayPki(dir: string, opts: { address: string | readon
  */
 export async function beginDataTls(
   qmp: QmpClient,
-  opts: { dir: string; material: HostTlsMaterial; role: 'source' | 'destination'; peerIdentity: string; peerHostname: string; timeoutMs: number },
+  opts: { dir: string; material: HostTlsMaterial; role: 'source' | 'destination'; peerIdentity: string; peerHostname: string; priority?: string | undefined; timeoutMs: number },
 ): Promise<void> {
   const dirs = await writeCredentialDirs(opts.dir, opts.material);
-  await addDataTlsObjects(qmp, { ...dirs, peerIdentity: opts.peerIdentity, timeoutMs: opts.timeoutMs });
+  await addDataTlsObjects(qmp, { ...dirs, peerIdentity: opts.peerIdentity, priority: opts.priority, timeoutMs: opts.timeoutMs });
   await qmp.executeRaw('migrate-set-parameters', opts.role === 'source' ? clientTls(opts.peerHostname) : SERVER_TLS, { timeoutMs: opts.timeoutMs });
 }
 

@@ -37,6 +37,8 @@ export interface LaunchTlsObjects {
   serverDir: string;
   clientDir: string;
   peerIdentity: string;
+  /** A gnutls priority string for both objects; absent: QEMU's default. */
+  priority?: string | undefined;
 }
 
 /**
@@ -130,11 +132,12 @@ export function buildArgv(spec: VmSpec, opts: BuildArgvOptions = {}): string[] {
     if (spec.boot.append) argv.push('-append', spec.boot.append);
   }
   if (opts.tls) {
+    const priority = opts.tls.priority === undefined ? '' : `,priority=${escapeOpt(opts.tls.priority)}`;
     argv.push(
       '-object',
-      `tls-creds-x509,id=${DATA_TLS_IDS.server},dir=${escapeOpt(opts.tls.serverDir)},endpoint=server,verify-peer=on`,
+      `tls-creds-x509,id=${DATA_TLS_IDS.server},dir=${escapeOpt(opts.tls.serverDir)},endpoint=server,verify-peer=on${priority}`,
       '-object',
-      `tls-creds-x509,id=${DATA_TLS_IDS.client},dir=${escapeOpt(opts.tls.clientDir)},endpoint=client,verify-peer=on`,
+      `tls-creds-x509,id=${DATA_TLS_IDS.client},dir=${escapeOpt(opts.tls.clientDir)},endpoint=client,verify-peer=on${priority}`,
       '-object',
       `authz-simple,id=${DATA_TLS_IDS.authz},identity=${escapeOpt(opts.tls.peerIdentity)}`,
     );

@@ -276,3 +276,21 @@ test("the scheduler's job record says the data path was TLS and which names each
     killPids(pids);
   }
 }, 120_000);
+
+test('the engine over TLS with RAM on multifd channels: every write arrives, the destination ran 3 TLS channels', async () => {
+  const { vm, spec, hostB } = await bootWorkloadGuest({ disks: [{ id: 'data', format: 'qcow2', size: 64 << 20, fillMiB: 8 }], workload: { write: { rate: 50 }, tickMs: 50 } });
+  await vm.serial.waitForLine((l) => /^ack data \d{2,}$/.test(l.text), { timeoutMs: 30_000, what: 'acks' });
+  const [a, b] = await throwawayPki(await makeTempDir('ferry-pki-'), { address: '127.0.0.1', names: ['hostA', 'hostB'] });
+  const destination = new LocalDestination({ dir: hostB, dataTls: b! });
+  const result = await migrate({ spec, source: new LocalSource({ qmpSocket: join(spec.runDir, 'qmp.sock'), dataTls: a! }), destination, options: { dataTls: 'required', multifdChannels: 3 } });
+  expect(result.plan.dataTls.encrypted).toBe(true);
+  await vm.exited;
+  const dest = destination.incoming!.process;
+  const caps = await dest.qmp.execute('query-migrate-capabilities');
+  expect(caps.find((c) => c.capability === 'multifd')?.state).toBe(true);
+  expect(await dest.qmp.execute('query-migrate-parameters')).toMatchObject({ 'multifd-channels': 3 });
+  const acked = highestAcks(vm.serial.history()).get('data')!;
+  await dest.quit({ timeoutMs: 10_000 });
+  const report = await verifyDisk(dest.spec.disks[0]!.path, { format: 'qcow2', diskId: 'data', ackedSeq: acked });
+  expect(report).toMatchObject({ ok: true, missingCount: 0, corruptCount: 0 });
+});

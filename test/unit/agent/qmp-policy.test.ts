@@ -41,6 +41,9 @@ const ENGINE: Record<TunnelRole, [string, Record<string, unknown> | undefined][]
     ['block-job-change', { id: 'ferry-mirror-root', type: 'mirror', 'copy-mode': 'write-blocking' }],
     ['migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'pause-before-switchover', state: true }] }],
     ['migrate-set-parameters', { 'max-bandwidth': 2 ** 40, 'downtime-limit': 300 }],
+    // RAM over multifd channels (multifdChannels): the capability and the count, on both sides.
+    ['migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: true }] }],
+    ['migrate-set-parameters', { 'max-bandwidth': 2 ** 40, 'downtime-limit': 300, 'multifd-channels': 2 }],
     ['migrate', { uri: `tcp:${PEER}:20002` }],
     ['migrate-continue', { state: 'pre-switchover' }],
     ['block-job-cancel', { device: 'ferry-mirror-data' }],
@@ -64,6 +67,8 @@ const ENGINE: Record<TunnelRole, [string, Record<string, unknown> | undefined][]
     ['nbd-server-start', { addr: { type: 'unix', data: { path: RELAY_SOCK } } }],
     ['block-export-add', { type: 'nbd', id: 'ferry-0a1b2c3d-root', 'node-name': 'disk-root', name: 'ferry-0a1b2c3d-root', writable: true }],
     ['migrate-set-capabilities', { capabilities: [{ capability: 'late-block-activate', state: true }] }],
+    ['migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: true }] }],
+    ['migrate-set-parameters', { 'multifd-channels': 2 }],
     ['migrate-incoming', { uri: `tcp:${HOST}:20004` }],
     ['cont', undefined],
     ['block-stream', { 'job-id': 'ferry-stream-root', device: 'disk-root', 'auto-finalize': false, 'auto-dismiss': false, speed: 5 }],
@@ -117,6 +122,11 @@ describe('the policy on examples', () => {
     ['destination', { execute: 'quit' }],
     ['destination', { execute: 'human-monitor-command', arguments: { 'command-line': 'info status' } }],
     ['destination', { execute: 'cont', arguments: {}, control: 1 }],
+    // multifd: a count, no more than 8 connections; none of the channel's other knobs.
+    ['destination', { execute: 'migrate-set-parameters', arguments: { 'multifd-channels': 0 } }],
+    ['destination', { execute: 'migrate-set-parameters', arguments: { 'multifd-channels': 64 } }],
+    ['source', { execute: 'migrate-set-parameters', arguments: { 'multifd-compression': 'zstd' } }],
+    ['source', { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'postcopy-ram', state: true }] } }],
   ] as const)('%s refuses %j', (role, msg) => {
     const v = new QmpPolicy(ctx(role)).judge(JSON.stringify(msg));
     expect(v.ok).toBe(false);
