@@ -5,7 +5,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer, type Server } from 'node:net';
+import { createConnection, createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -23,12 +23,26 @@ async function startQemu(): Promise<{ proc: ChildProcess; path: string }> {
   });
   qemus.push(proc);
   const deadline = Date.now() + 10_000;
-  while (!existsSync(path)) {
-    if (proc.exitCode !== null) throw new Error(`QEMU exited with ${proc.exitCode} before creating its QMP socket`);
-    if (Date.now() > deadline) throw new Error('QEMU did not create its QMP socket within 10 s');
+  // The file appears at bind(), a moment before QEMU listens on it: wait until it accepts (a
+  // loaded machine showed ECONNREFUSED in that moment), then let the test make its own connection.
+  while (!existsSync(path) || !(await accepts(path))) {
+    if (proc.exitCode !== null) throw new Error(`QEMU exited with ${proc.exitCode} before listening on its QMP socket`);
+    if (Date.now() > deadline) throw new Error('QEMU did not listen on its QMP socket within 10 s');
     await new Promise((r) => setTimeout(r, 20));
   }
   return { proc, path };
+}
+
+/** Whether a unix socket takes a connection now (closed at once: QEMU's monitor then waits for the next). */
+function accepts(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = createConnection(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
 }
 
 async function connect(path: string): Promise<QmpClient> {

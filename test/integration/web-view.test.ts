@@ -210,6 +210,12 @@ test('the page shows a drain of two writing guests progress live to the end', as
     expect([...midway.values()].some((seen) => new Set(seen).size > 1)).toBe(true);
     expect(rates.size).toBeGreaterThan(0);
     expect([...rates][0]).toMatch(/^\d+(\.\d)? (B|KiB|MiB) \/ \d+(\.\d)? (KiB|MiB|GiB) · \d+(\.\d)? (B|KiB|MiB)\/s · ETA /);
+    // The downtime comes with the migration's `finished` event, just after its state changed.
+    const downtimeDeadline = Date.now() + 10_000;
+    while (Date.now() < downtimeDeadline && !last.every((r) => /^\d+ ms$/.test(r.downtime))) {
+      await sleep(100);
+      last = await rows(page);
+    }
     for (const r of last) {
       expect(r.percent).toBe(100);
       expect(r.downtime).toMatch(/^\d+ ms$/);
