@@ -16,13 +16,14 @@
  * On disk beside the schema cache (0600 files under a 0700 dir, written whole then renamed,
  * parsed by zod, anything odd ignored and probed again), or in memory.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { constants } from 'node:fs';
-import { access, mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { access, rm, stat } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { z } from 'zod';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
+import { readCacheEntry, writeCacheEntry } from '../host/cache-dir.js';
 import type { QemuBuild } from './versions.js';
 
 export interface QemuBuildCache {
@@ -90,25 +91,9 @@ export function diskQemuBuildCache(dir: string, opts: { logger?: Logger } = {}):
       const hit = await front.get(key);
       if (hit) return hit;
       const file = fileOf(key);
-      let raw: unknown;
-      try {
-        const fh = await open(file, 'r');
-        try {
-          const st = await fh.stat();
-          const uid = process.getuid?.();
-          if ((uid !== undefined && st.uid !== uid) || (st.mode & 0o022) !== 0) {
-            log.warn({ file }, 'QEMU build cache entry not owned by this user or writable by others; ignored');
-            return undefined;
-          }
-          raw = JSON.parse(await fh.readFile('utf8'));
-        } finally {
-          await fh.close();
-        }
-      } catch (err) {
-        if (!(err instanceof Error && 'code' in err && err.code === 'ENOENT')) log.warn({ file, err: errorText(err) }, 'cannot read the QEMU build cache entry; probing');
-        return undefined;
-      }
-      const parsed = fileSchema.safeParse(raw);
+      const entry = await readCacheEntry(file, 'QEMU build cache', log);
+      if (!entry) return undefined;
+      const parsed = fileSchema.safeParse(entry.raw);
       // The name is a hash: the entry must name this very file, or it answers for another.
       if (!parsed.success || parsed.data.fileKey !== key || parsed.data.build.package.trim() === '') {
         log.warn({ file }, 'QEMU build cache entry is malformed or names another binary; ignored, probing');
@@ -120,21 +105,7 @@ export function diskQemuBuildCache(dir: string, opts: { logger?: Logger } = {}):
     async put(key, build) {
       if (build.package.trim() === '') return;
       await front.put(key, build);
-      const file = fileOf(key);
-      const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
-      try {
-        await mkdir(dir, { recursive: true, mode: 0o700 });
-        const fh = await open(tmp, 'wx', 0o600);
-        try {
-          await fh.writeFile(JSON.stringify({ format: FILE_FORMAT, fileKey: key, build }), 'utf8');
-        } finally {
-          await fh.close();
-        }
-        await rename(tmp, file);
-      } catch (err) {
-        log.warn({ file, err: errorText(err) }, 'cannot write the QEMU build cache; the next run probes again');
-        await rm(tmp, { force: true }).catch(() => undefined);
-      }
+      await writeCacheEntry(dir, fileOf(key), { format: FILE_FORMAT, fileKey: key, build }, 'QEMU build cache', log);
     },
     async forget(key) {
       await front.forget(key);

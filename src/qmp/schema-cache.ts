@@ -17,12 +17,12 @@
  * transcripts share one greeting but not one schema) nothing is remembered. A connect may name
  * its own cache.
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, open, rename, rm } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { errorText } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
+import { readCacheEntry, writeCacheEntry } from '../host/cache-dir.js';
 import { schemaInfoSchema, type SchemaInfo, type VersionInfo } from './commands.js';
 
 export interface SchemaCache {
@@ -87,32 +87,9 @@ export function diskSchemaCache(dir: string, opts: { logger?: Logger } = {}): Sc
     async get(build) {
       const file = schemaCacheFile(dir, build);
       if (file === undefined) return undefined;
-      let text: string;
-      try {
-        const fh = await open(file, 'r');
-        try {
-          const st = await fh.stat();
-          const uid = process.getuid?.();
-          if ((uid !== undefined && st.uid !== uid) || (st.mode & 0o022) !== 0) {
-            log.warn({ file }, 'QMP schema cache entry not owned by this user or writable by others; ignored');
-            return undefined;
-          }
-          text = await fh.readFile('utf8');
-        } finally {
-          await fh.close();
-        }
-      } catch (err) {
-        if (!(err instanceof Error && 'code' in err && err.code === 'ENOENT')) log.warn({ file, err: errorText(err) }, 'cannot read the QMP schema cache; probing');
-        return undefined;
-      }
-      let raw: unknown;
-      try {
-        raw = JSON.parse(text);
-      } catch {
-        log.warn({ file }, 'QMP schema cache entry is not JSON; ignored, probing');
-        return undefined;
-      }
-      const parsed = fileSchema.safeParse(raw);
+      const entry = await readCacheEntry(file, 'QMP schema cache', log);
+      if (!entry) return undefined;
+      const parsed = fileSchema.safeParse(entry.raw);
       if (!parsed.success) {
         log.warn({ file }, 'QMP schema cache entry is malformed; ignored, probing');
         return undefined;
@@ -128,22 +105,7 @@ export function diskSchemaCache(dir: string, opts: { logger?: Logger } = {}): Sc
     async put(build, schema) {
       const file = schemaCacheFile(dir, build);
       if (file === undefined) return;
-      const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
-      try {
-        await mkdir(dir, { recursive: true, mode: 0o700 });
-        const body = JSON.stringify({ format: FILE_FORMAT, qemu: build.qemu, package: build.package.trim(), schema });
-        // 'wx': never through a file (or a symlink) someone put at the temporary name.
-        const fh = await open(tmp, 'wx', 0o600);
-        try {
-          await fh.writeFile(body, 'utf8');
-        } finally {
-          await fh.close();
-        }
-        await rename(tmp, file);
-      } catch (err) {
-        log.warn({ file, err: errorText(err) }, 'cannot write the QMP schema cache; the next session probes again');
-        await rm(tmp, { force: true }).catch(() => undefined);
-      }
+      await writeCacheEntry(dir, file, { format: FILE_FORMAT, qemu: build.qemu, package: build.package.trim(), schema }, 'QMP schema cache', log);
     },
   };
 }
