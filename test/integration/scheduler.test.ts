@@ -17,6 +17,7 @@ import { main as ferryMain } from '../../src/scheduler/cli.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
 import { startSchedulerService } from '../../src/scheduler/service.js';
 import type { MigrationJob } from '../../src/scheduler/types.js';
+import { agentLeftoverPids } from '../helpers/agent-leftovers.js';
 import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
 
 const REPO = resolve(import.meta.dirname, '../..');
@@ -59,12 +60,7 @@ afterAll(async () => {
   for (const c of children) c.kill('SIGKILL');
   for (const a of Object.values(agents)) await a.close();
   // Every QEMU of this file, wherever it migrated: the agents' records know their PIDs.
-  for (const h of Object.keys(roots)) {
-    for (const f of await readdir(join(roots[h]!, '.ferry-agent', 'vms')).catch(() => [] as string[])) {
-      const rec = JSON.parse(await readFile(join(roots[h]!, '.ferry-agent', 'vms', f), 'utf8').catch(() => '{}')) as { pid?: number };
-      if (rec.pid) pids.push(rec.pid);
-    }
-  }
+  pids.push(...(await agentLeftoverPids(Object.values(roots))));
   for (const pid of pids) {
     try {
       process.kill(pid, 'SIGKILL');

@@ -18,6 +18,7 @@ import { replicaStatusSchema } from '../../src/agent/replica-protocol.js';
 import { startAgent, type RunningAgent } from '../../src/agent/server.js';
 import { IMAGE_DIR } from '../../src/guest/image.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
+import { agentLeftoverPids } from '../helpers/agent-leftovers.js';
 import { agentGuestSpec, cleanupAll, killPids, makeTempDir } from '../helpers/guest.js';
 import { startPostgres, type TestPostgres } from '../helpers/postgres.js';
 
@@ -117,17 +118,7 @@ afterAll(async () => {
   for (const r of replicas) if (r.child.exitCode === null && r.child.signalCode === null) r.child.kill('SIGKILL');
   await db?.end().catch(() => undefined);
   for (const a of Object.values(agents)) await a.close();
-  for (const h of Object.keys(roots)) {
-    for (const f of await readdir(join(roots[h]!, '.ferry-agent', 'vms')).catch(() => [] as string[])) {
-      const rec = JSON.parse(await readFile(join(roots[h]!, '.ferry-agent', 'vms', f), 'utf8').catch(() => '{}')) as { pid?: number };
-      if (rec.pid) pids.push(rec.pid);
-    }
-    // Replica daemons outlive their agents by design: stopped here by the PID their manifests name.
-    for (const d of await readdir(join(roots[h]!, 'replicas')).catch(() => [] as string[])) {
-      const m = JSON.parse(await readFile(join(roots[h]!, 'replicas', d, 'manifest.json'), 'utf8').catch(() => '{}')) as { daemon?: { pid?: number } | null };
-      if (m.daemon?.pid) pids.push(m.daemon.pid);
-    }
-  }
+  pids.push(...(await agentLeftoverPids(Object.values(roots))));
   killPids(pids);
   await postgres?.stop();
   await cleanupAll();

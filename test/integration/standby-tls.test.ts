@@ -16,6 +16,7 @@ import { IMAGE_DIR } from '../../src/guest/image.js';
 import { throwawayPki, type HostTlsMaterial } from '../../src/host/data-tls.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
 import { startSchedulerService, type RunningScheduler } from '../../src/scheduler/service.js';
+import { agentLeftoverPids } from '../helpers/agent-leftovers.js';
 import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
 
 const run = promisify(execFile);
@@ -59,13 +60,7 @@ afterAll(async () => {
   api?.close();
   await svc?.close();
   for (const a of Object.values(agents)) await a.close();
-  for (const h of Object.keys(roots)) {
-    // The replica daemons outlive their agents by design: stopped here by the PID their manifests name.
-    for (const d of await readdir(join(roots[h]!, 'replicas')).catch(() => [] as string[])) {
-      const m = JSON.parse(await readFile(join(roots[h]!, 'replicas', d, 'manifest.json'), 'utf8').catch(() => '{}')) as { daemon?: { pid?: number } | null };
-      if (m.daemon?.pid) pids.push(m.daemon.pid);
-    }
-  }
+  pids.push(...(await agentLeftoverPids(Object.values(roots))));
   for (const pid of pids) {
     try {
       process.kill(pid, 'SIGKILL');
