@@ -216,17 +216,19 @@ export async function convergenceSuite(): Promise<void> {
   const image = await loadGuestImage();
   const rows: Row[] = [];
   const floor: FloorRow[] = [];
+  // Run by run, each mode then the floor, so that the machine's drift (load comes and goes on a
+  // shared box) falls on ferry and its floor alike.
   for (const qemu of qemus) {
     for (const scenario of scenarios) {
-      for (const mode of modes) {
-        for (let i = 0; i < runs; i++) {
+      for (let i = 0; i < runs; i++) {
+        for (const mode of modes) {
           const row = await ferryOnce(qemu, scenario, mode, i, image);
           rows.push(row);
           process.stderr.write(`${JSON.stringify(row)}\n`);
         }
+        if (withFloor) floor.push(...(await floorRuns(qemu, [scenario], 1)));
       }
     }
-    if (withFloor) floor.push(...(await floorRuns(qemu, scenarios, runs)));
   }
   const startup = await startupMs(Math.max(runs, 3));
 

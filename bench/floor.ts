@@ -59,9 +59,11 @@ const GiB = 1 << 30;
 const SCENARIOS: Record<string, Workload> = {
   idle: { tickMs: 20 },
   /** The demo's guest (scripts/demo.ts): 100 records/s. */
-  'write-100': { tickMs: 20, write: { rate: 100 } },
-  'write-200': { tickMs: 20, write: { rate: 200 } },
-  'write-max': { tickMs: 20, write: { rate: 0 } },
+  // The same guests as ferry's convergence suite, ferry.probe included (a timed read and write
+  // every 50 ms): a floor whose guest did less would flatter itself.
+  'write-100': { tickMs: 20, probeMs: 50, write: { rate: 100 } },
+  'write-200': { tickMs: 20, probeMs: 50, write: { rate: 200 } },
+  'write-max': { tickMs: 20, probeMs: 50, write: { rate: 0 } },
   dirty: { tickMs: 20, dirty: { mib: 64, mibPerSec: 0 } },
 };
 
