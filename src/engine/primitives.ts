@@ -62,12 +62,22 @@ export async function cancelJob(q: QmpClient, id: string, timeoutMs = 30_000): P
   if (!job) return;
   if (job.status !== 'concluded' && job.status !== 'null') {
     const since = q.eventCursor();
-    await q.execute('block-job-cancel', { device: id, force: true }, opts);
-    await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
-      since,
-      timeoutMs,
-      what: `job ${id} to end after cancel`,
-    });
+    try {
+      await q.execute('block-job-cancel', { device: id, force: true }, opts);
+    } catch (err) {
+      // It may have ended by itself since the query (a yanked NBD client fails a mirror): then
+      // only the dismiss is left, or the end it is already on its way to.
+      if (!(err instanceof QmpCommandError && /cannot accept command verb 'cancel'/.test(err.desc))) throw err;
+    }
+    const now = (await q.execute('query-jobs', undefined, opts)).find((j) => j.id === id);
+    if (!now) return;
+    if (now.status !== 'concluded' && now.status !== 'null') {
+      await q.waitForEvent((e) => eventIs(e, 'JOB_STATUS_CHANGE') && e.data.id === id && e.data.status === 'concluded', {
+        since,
+        timeoutMs,
+        what: `job ${id} to end after cancel`,
+      });
+    }
   }
   await q.execute('job-dismiss', { id }, opts);
 }

@@ -9,7 +9,7 @@ import { FakeQmp } from '../qmp/fake-qmp.js';
 import { fakeClients } from './fake-client.js';
 
 /** A peer that answers from `state` and records every command. */
-function peer(state: { nodes?: string[]; exports?: string[]; jobs?: { id: string; status: string }[]; nbdRunning?: boolean; migration?: string; status?: string }) {
+function peer(state: { nodes?: string[]; exports?: string[]; jobs?: { id: string; status: string }[]; nbdRunning?: boolean; migration?: string; status?: string; concludeOnCancel?: boolean }) {
   const fake = new FakeQmp();
   const commands: string[] = [];
   const node = (name: string) => ({ file: '/x', 'node-name': name, ro: false, drv: 'raw', backing_file_depth: 0, encrypted: false, detect_zeroes: 'off', image: { filename: '/x', format: 'raw', 'virtual-size': 1 }, cache: { writeback: true, direct: false, 'no-flush': false }, write_threshold: 0 });
@@ -34,6 +34,15 @@ function peer(state: { nodes?: string[]; exports?: string[]; jobs?: { id: string
         if (!state.nbdRunning) return fake.send({ error: { class: 'GenericError', desc: 'NBD server not running' }, id: m.id });
         state.nbdRunning = false;
         return ok();
+      case 'block-job-cancel': {
+        // As QEMU answers a job that ended by itself since it was listed.
+        const j = (state.jobs ?? []).find((x) => x.id === (m.arguments as { device: string }).device);
+        if (j && (state.concludeOnCancel ?? false)) {
+          j.status = 'concluded';
+          return fake.send({ error: { class: 'GenericError', desc: `Job '${j.id}' in state 'concluded' cannot accept command verb 'cancel'` }, id: m.id });
+        }
+        return ok();
+      }
       case 'job-dismiss':
         state.jobs = (state.jobs ?? []).filter((j) => j.id !== (m.arguments as { id: string }).id);
         return ok();
@@ -55,6 +64,13 @@ describe('undo steps are idempotent', () => {
     await unexport(q, 'ferry-x-root', 2_000);
     await cancelJob(q, 'ferry-mirror-root', 2_000);
     expect(commands.filter((c) => c !== 'qmp_capabilities')).toEqual(['query-named-block-nodes', 'query-block-exports', 'query-jobs']);
+  });
+
+  test('cancelJob: a job that ended by itself between the query and the cancel is dismissed, not an error', async () => {
+    const { fake, commands } = peer({ jobs: [{ id: 'ferry-mirror-root', status: 'running' }], concludeOnCancel: true });
+    const q = await connect(fake);
+    await cancelJob(q, 'ferry-mirror-root', 2_000);
+    expect(commands.filter((c) => c !== 'qmp_capabilities')).toEqual(['query-jobs', 'block-job-cancel', 'query-jobs', 'job-dismiss']);
   });
 
   test('deleteNode and unexport act on what is there', async () => {
