@@ -10,26 +10,39 @@ import type { Logger } from '../log.js';
 
 const claimsSchema = z.record(z.string(), z.string().min(1));
 
+/**
+ * A state file read back through its schema: undefined when there is none; one that does not
+ * parse is set aside as `.bad` (logged as `what`) and the agent starts without it.
+ */
+function loadState<T>(file: string, schema: z.ZodType<T>, what: string, log: Logger): T | undefined {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return undefined;
+  }
+  try {
+    return schema.parse(JSON.parse(text));
+  } catch (err) {
+    log.error({ path: file, err: String(err) }, `unreadable ${what} set aside (renamed to .bad)`);
+    renameSync(file, `${file}.bad`);
+    return undefined;
+  }
+}
+
+/** Written under a temporary name and renamed into place: a crash leaves the old file or the new. */
+function saveState(file: string, value: unknown): void {
+  writeFileSync(`${file}.tmp`, JSON.stringify(value), { mode: 0o600 });
+  renameSync(`${file}.tmp`, file);
+}
+
 export class DiskClaims {
   readonly #file: string;
   readonly #owners = new Map<string, string>();
 
   constructor(stateDir: string, log: Logger) {
     this.#file = join(stateDir, 'claims.json');
-    let text: string | undefined;
-    try {
-      text = readFileSync(this.#file, 'utf8');
-    } catch {
-      text = undefined;
-    }
-    if (text !== undefined) {
-      try {
-        for (const [path, principal] of Object.entries(claimsSchema.parse(JSON.parse(text)))) this.#owners.set(path, principal);
-      } catch (err) {
-        log.error({ path: this.#file, err: String(err) }, 'unreadable disk claims set aside (renamed to .bad)');
-        renameSync(this.#file, `${this.#file}.bad`);
-      }
-    }
+    for (const [path, principal] of Object.entries(loadState(this.#file, claimsSchema, 'disk claims', log) ?? {})) this.#owners.set(path, principal);
   }
 
   owner(path: string): string | undefined {
@@ -46,8 +59,7 @@ export class DiskClaims {
   }
 
   #save(): void {
-    writeFileSync(`${this.#file}.tmp`, JSON.stringify(Object.fromEntries(this.#owners)), { mode: 0o600 });
-    renameSync(`${this.#file}.tmp`, this.#file);
+    saveState(this.#file, Object.fromEntries(this.#owners));
   }
 }
 
@@ -62,20 +74,7 @@ export class IncomingDisks {
 
   constructor(stateDir: string, log: Logger) {
     this.#file = join(stateDir, 'incoming-disks.json');
-    let text: string | undefined;
-    try {
-      text = readFileSync(this.#file, 'utf8');
-    } catch {
-      text = undefined;
-    }
-    if (text !== undefined) {
-      try {
-        for (const path of z.array(z.string().min(1)).parse(JSON.parse(text))) this.#paths.add(path);
-      } catch (err) {
-        log.error({ path: this.#file, err: String(err) }, 'unreadable incoming disks set aside (renamed to .bad)');
-        renameSync(this.#file, `${this.#file}.bad`);
-      }
-    }
+    for (const path of loadState(this.#file, z.array(z.string().min(1)), 'incoming disks', log) ?? []) this.#paths.add(path);
   }
 
   all(): string[] {
@@ -92,7 +91,6 @@ export class IncomingDisks {
   }
 
   #save(): void {
-    writeFileSync(`${this.#file}.tmp`, JSON.stringify([...this.#paths]), { mode: 0o600 });
-    renameSync(`${this.#file}.tmp`, this.#file);
+    saveState(this.#file, [...this.#paths]);
   }
 }

@@ -24,6 +24,7 @@ import { LocalDestination } from '../engine/local-endpoint.js';
 import { destinationPid } from '../engine/settle-local.js';
 import { allocatedBytes, removeEmptyParent } from '../host/disk-files.js';
 import { tcpBytesAcked, tcpBytesAckedFrom } from '../host/wire.js';
+import { killAndWait } from '../host/processes.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { QmpEvent } from '../qmp/index.js';
 import { launcherQmpSocketPath, qmpSocketPath } from '../qemu/argv.js';
@@ -791,17 +792,3 @@ class AbandonedIncoming {
   }
 }
 
-/** SIGKILL by pid, and the wait until /proc says it is gone or a zombie (bounded). */
-async function killAndWait(pid: number, timeoutMs = 10_000): Promise<boolean> {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    return true;
-  }
-  const deadline = performance.now() + timeoutMs;
-  while (performance.now() < deadline) {
-    if (processStartTime(pid) === undefined) return true;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return false;
-}

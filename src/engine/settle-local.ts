@@ -38,6 +38,7 @@ import { pathExists, removeEmptyParent, removeImage } from '../host/disk-files.j
 import { rollBackSource } from './recover.js';
 import { EXPORT_PREFIX, MIRROR_JOB_PREFIX, TARGET_NODE_PREFIX } from './names.js';
 import type { SavedSourceSettings } from './types.js';
+import { killAndWait } from '../host/processes.js';
 
 /** Where the guest is after a settle. */
 export type SettledWhere = 'source' | 'destination' | 'nowhere' | 'uncertain';
@@ -97,22 +98,6 @@ function isGone(err: unknown): boolean {
   return false;
 }
 
-/** SIGKILL by pid, and the wait until /proc says it is gone (bounded). */
-async function killAndWait(pid: number, timeoutMs = 10_000): Promise<boolean> {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    return true;
-  }
-  const deadline = performance.now() + timeoutMs;
-  while (performance.now() < deadline) {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-    // Gone, or a zombie (its parent, the dead migrate-vm, is no longer there to reap it: init will).
-    if (!stat || /^\d+ \(.*\) Z/.test(stat)) return true;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return false;
-}
 
 interface DestinationSeen {
   left: LocalDestinationLeft;

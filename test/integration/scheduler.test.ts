@@ -18,7 +18,7 @@ import { SchedulerClient } from '../../src/scheduler/client.js';
 import { startSchedulerService } from '../../src/scheduler/service.js';
 import type { MigrationJob } from '../../src/scheduler/types.js';
 import { agentLeftoverPids } from '../helpers/agent-leftovers.js';
-import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
+import { agentGuestSpec, cleanupAll, killPids, makeTempDir } from '../helpers/guest.js';
 
 const REPO = resolve(import.meta.dirname, '../..');
 const AGENT_TOKEN = 'agent-token-for-the-scheduler-0123';
@@ -61,13 +61,7 @@ afterAll(async () => {
   for (const a of Object.values(agents)) await a.close();
   // Every QEMU of this file, wherever it migrated: the agents' records know their PIDs.
   pids.push(...(await agentLeftoverPids(Object.values(roots))));
-  for (const pid of pids) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // gone
-    }
-  }
+  killPids(pids);
   await cleanupAll();
 }, 60_000);
 

@@ -23,7 +23,7 @@ import { verifyDisk } from '../../src/guest/verify.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
 import { startSchedulerService, type RunningScheduler } from '../../src/scheduler/service.js';
 import { agentLeftoverPids } from '../helpers/agent-leftovers.js';
-import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
+import { agentGuestSpec, cleanupAll, killPids, makeTempDir } from '../helpers/guest.js';
 
 const run = promisify(execFile);
 const AGENT_TOKEN = 'agent-token-for-the-scheduler-0123';
@@ -73,13 +73,7 @@ afterAll(async () => {
   await svc?.close();
   for (const a of Object.values(agents)) await a.close();
   pids.push(...(await agentLeftoverPids(Object.values(roots))));
-  for (const pid of pids) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // gone
-    }
-  }
+  killPids(pids);
   await cleanupAll();
 }, 60_000);
 

@@ -17,7 +17,7 @@ import { throwawayPki, type HostTlsMaterial } from '../../src/host/data-tls.js';
 import { SchedulerClient } from '../../src/scheduler/client.js';
 import { startSchedulerService, type RunningScheduler } from '../../src/scheduler/service.js';
 import { agentLeftoverPids } from '../helpers/agent-leftovers.js';
-import { agentGuestSpec, cleanupAll, makeTempDir } from '../helpers/guest.js';
+import { agentGuestSpec, cleanupAll, killPids, makeTempDir } from '../helpers/guest.js';
 
 const run = promisify(execFile);
 const AGENT_TOKEN = 'agent-token-standby-tls-0123';
@@ -61,13 +61,7 @@ afterAll(async () => {
   await svc?.close();
   for (const a of Object.values(agents)) await a.close();
   pids.push(...(await agentLeftoverPids(Object.values(roots))));
-  for (const pid of pids) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // gone
-    }
-  }
+  killPids(pids);
   await cleanupAll();
 }, 60_000);
 
