@@ -87,14 +87,18 @@ export class MigrationContext {
   readonly phases: PhaseClock;
   #pastNoReturn = false;
   readonly #napCursor = new WeakMap<QmpClient, number>();
+  readonly #total: AbortSignal;
 
   constructor(req: MigrateRequest, opts: MigrationOptions) {
     this.req = req;
     this.opts = opts;
     this.id = req.migrationId ?? newMigrationId();
     this.log = (req.logger ?? silentLogger).child({ migration: this.id, vm: req.spec.name });
-    const total = AbortSignal.timeout(opts.totalTimeoutMs);
-    this.signal = req.signal ? AbortSignal.any([req.signal, total]) : total;
+    // Held by the context: a timeout signal that only AbortSignal.any() refers to is collected
+    // with its timer on Node 20, and the total timeout then never fires (issue 17's matrix,
+    // mirror/slow-link: a mirror crawling on a 1 Mbit/s link ran past --timeout 20 for minutes).
+    this.#total = AbortSignal.timeout(opts.totalTimeoutMs);
+    this.signal = req.signal ? AbortSignal.any([req.signal, this.#total]) : this.#total;
     this.phases = new PhaseClock((phase) => {
       this.log.info({ phase }, 'phase');
       this.emit({ event: 'phase', migrationId: this.id, phase, at: performance.now() - this.started });
@@ -180,6 +184,9 @@ export class MigrationContext {
 
   /** The source's settings from before the migration changed them (source-perform.ts), once read. */
   sourceSaved: SavedSourceSettings | undefined;
+
+  /** The plan's disk ids, once preflight made it: the rollback's out-of-band yank names their NBD client nodes. */
+  plannedDisks: readonly string[] = [];
 
   /** The destination's host cannot be reached (its tunnel broke); its QEMU may be alive. */
   destinationUnreachable = false;
