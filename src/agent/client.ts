@@ -84,7 +84,7 @@ export class AgentClient {
    * the tunnel's WebSocket close code (1000/1005: the agent closed it, its QEMU's monitor having
    * closed; 1006: it broke, the agent or the link gone, which says nothing of the QEMU).
    */
-  async openQmp(vmId: string, timeoutMs = 10_000, opts: { onClose?: (code: number) => void } = {}): Promise<QmpClient> {
+  async openQmp(vmId: string, timeoutMs = 10_000, opts: { onClose?: (code: number) => void; oob?: boolean } = {}): Promise<QmpClient> {
     const peer = { ...agentPeer(this.#url), who: `the QMP tunnel to ${vmId} on agent ${this.#url}` };
     const stream = await openSocket(`${this.#url}/v1/qmp/${vmId}`, { token: this.#token, timeoutMs, peer, tls: tlsOptions(this.#url, this.#tls), userError: false, headers: fenceHeaders(this.#fence) }, (ws) => {
       const onClose = opts.onClose;
@@ -92,13 +92,16 @@ export class AgentClient {
       if (onClose) ws.once('close', (code: number) => onClose(code));
       return createWebSocketStream(ws);
     });
-    return QmpClient.connect({ stream }, { timeoutMs, name: `agent:${vmId}` });
+    return QmpClient.connect({ stream }, { timeoutMs, name: `agent:${vmId}`, ...(opts.oob ? { oob: true } : {}) });
   }
 
   close(): void {
     this.#session.close();
   }
 }
+
+/** Bound on finding a restarted source agent again for the source's last step (systemd's Restart= takes a few seconds). */
+const SOURCE_AGAIN_MS = 15_000;
 
 /** The source host is an agent that runs the VM: QMP through its allowlist tunnel. */
 export class AgentSource implements SourceEndpoint {
@@ -145,28 +148,34 @@ export class AgentSource implements SourceEndpoint {
     }
   }
 
+  /** OOB negotiated: the rollback's yank must reach a source whose main loop waits on a silent destination. */
   connect(opts: { timeoutMs: number }): Promise<QmpClient> {
-    return this.#client.openQmp(this.#vmId, opts.timeoutMs);
+    return this.#client.openQmp(this.#vmId, opts.timeoutMs, { oob: true });
   }
 
   /** The agent again (a restart takes it a moment), and a new QMP tunnel to the VM, until the deadline. */
-  async reconnect(opts: { timeoutMs: number }): Promise<QmpClient> {
+  reconnect(opts: { timeoutMs: number }): Promise<QmpClient> {
+    return this.#again(opts.timeoutMs, (client, leftMs) => client.openQmp(this.#vmId, leftMs, { oob: true }));
+  }
+
+  /** Dials the agent again until `step` succeeds on the new session or the deadline passes. */
+  async #again<T>(timeoutMs: number, step: (client: AgentClient, leftMs: number) => Promise<T>): Promise<T> {
     const dial = this.#dial;
     if (!dial) throw new AgentCallError('AGENT_NO_RECONNECT', `no way to reach ${this.name} again`);
-    const deadline = performance.now() + opts.timeoutMs;
+    const deadline = performance.now() + timeoutMs;
     let last: unknown;
     while (performance.now() < deadline) {
       try {
         const client = await dial();
         this.#client.close();
         this.#client = client;
-        return await client.openQmp(this.#vmId, Math.max(1_000, Math.round(deadline - performance.now())));
+        return await step(client, Math.max(1_000, Math.round(deadline - performance.now())));
       } catch (err) {
         last = err;
         await new Promise((r) => setTimeout(r, 500));
       }
     }
-    throw new AgentCallError('AGENT_UNREACHABLE', `${this.name} did not answer again within ${opts.timeoutMs} ms: ${errorText(last)}`, { cause: last });
+    throw new AgentCallError('AGENT_UNREACHABLE', `${this.name} did not answer again within ${timeoutMs} ms: ${errorText(last)}`, { cause: last });
   }
 
   candidateExportPorts(): Iterable<number> {
@@ -217,7 +226,17 @@ export class AgentSource implements SourceEndpoint {
 
   async retireSource(qmp: QmpClient, opts: { timeoutMs: number }): Promise<void> {
     await qmp.close();
-    await this.#client.call('vm.retire', { vmId: this.#vmId, timeoutMs: opts.timeoutMs, removeDisks: this.#removeDisks }, opts.timeoutMs + 5_000);
+    const params = { vmId: this.#vmId, timeoutMs: opts.timeoutMs, removeDisks: this.#removeDisks };
+    try {
+      await this.#client.call('vm.retire', params, opts.timeoutMs + 5_000);
+    } catch (err) {
+      // The agent went (a restart) after the guest moved: its QEMU, paused in postmigrate,
+      // outlived it, and nothing else would ever make it exit (issue 17's cells
+      // confirm|cleanup/kill-source-agent). The agent found again retires it; it refuses
+      // unless QEMU says postmigrate, so a retry can never stop a running guest.
+      if (!(err instanceof FerryError && err.code === 'AGENT_DISCONNECTED')) throw err;
+      await this.#again(SOURCE_AGAIN_MS, (client) => client.call('vm.retire', params, opts.timeoutMs + 5_000));
+    }
   }
 
   close(): void {

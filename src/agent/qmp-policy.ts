@@ -14,8 +14,10 @@
  *   - NBD servers only on this agent's migration address and port range (a destination: or the
  *     one unix socket in its own run dir the agent's NBD relay forwards to); writable exports only
  *     on a destination (a source serves its disks read-only);
- *   - `yank` (a source's rollback) only of this VM's ferry NBD client nodes and its migration;
- *   - no object-add, chardev-add, getfd/add-fd, human-monitor-command, device_add, exec-oob...
+ *   - `yank` (a source's rollback) only of this VM's ferry NBD client nodes and its migration,
+ *     in-band or out-of-band (`exec-oob`, the one command allowed so: a source whose main loop
+ *     waits on a silent destination answers nothing in-band);
+ *   - no object-add, chardev-add, getfd/add-fd, human-monitor-command, device_add...
  * What passes is forwarded re-serialised from the parsed value, never as the caller's bytes: QEMU
  * reads exactly what was checked (no duplicate keys, no QEMU-only JSON extensions).
  */
@@ -136,7 +138,8 @@ function commandSchemas(ctx: QmpPolicyContext): Map<string, z.ZodType> {
   const setParameters = z.object({ 'max-bandwidth': bytes.optional(), 'downtime-limit': z.number().int().min(0).max(2_000_000).optional(), 'multifd-channels': z.number().int().min(1).max(8).optional() }).strict();
 
   const common: [string, z.ZodType][] = [
-    ['qmp_capabilities', noArgs],
+    // OOB may be negotiated: only `yank` is ever let through out-of-band (OOB_COMMANDS).
+    ['qmp_capabilities', z.union([noArgs, z.object({ enable: z.tuple([z.literal('oob')]) }).strict()])],
     ['query-qmp-schema', noArgs],
     ['query-version', noArgs],
     ['query-status', noArgs],
@@ -280,6 +283,19 @@ const messageSchema = z
   })
   .strict();
 
+/**
+ * What may run out-of-band: the rollback's cut from a silent destination, which QEMU runs in the
+ * monitor's own thread while the main loop waits on that destination (QMP requires an id).
+ */
+const OOB_COMMANDS: ReadonlySet<string> = new Set(['yank']);
+const oobMessageSchema = z
+  .object({
+    'exec-oob': z.string().max(64),
+    arguments: z.record(z.string(), z.unknown()).optional(),
+    id: z.union([z.string().max(128), z.number().int()]),
+  })
+  .strict();
+
 /** A compiled policy for one VM's tunnel: judge() is called for every line the caller sends. */
 export class QmpPolicy {
   readonly #schemas: Map<string, z.ZodType>;
@@ -301,22 +317,27 @@ export class QmpPolicy {
     }
     const idOf = idSchema.safeParse(raw);
     const id = idOf.success && idOf.data.id !== undefined ? { id: idOf.data.id } : {};
-    const msg = messageSchema.safeParse(raw);
+    const oob = typeof raw === 'object' && raw !== null && 'exec-oob' in raw;
+    const msg = oob
+      ? oobMessageSchema.transform((m) => ({ execute: m['exec-oob'], arguments: m.arguments, id: m.id })).safeParse(raw)
+      : messageSchema.safeParse(raw);
     if (!msg.success) {
       const issue = msg.error.issues[0];
       const field = issue?.path.join('.') || '(message)';
-      return { ok: false, command: undefined, code: 'QMP_BAD_MESSAGE', reason: `not a QMP command the agent forwards: ${field}: ${issue?.message ?? 'malformed'} (exec-oob and control messages are refused)`, ...id };
+      return { ok: false, command: undefined, code: 'QMP_BAD_MESSAGE', reason: `not a QMP command the agent forwards: ${field}: ${issue?.message ?? 'malformed'} (control messages are refused)`, ...id };
     }
     const command = msg.data.execute;
     const schema = this.#schemas.get(command);
-    if (!schema) return { ok: false, command, code: 'QMP_REFUSED', reason: `the agent does not allow '${command}' on this VM`, ...id };
+    if (!schema || (oob && !OOB_COMMANDS.has(command))) {
+      return { ok: false, command, code: 'QMP_REFUSED', reason: `the agent does not allow '${command}'${oob ? ' out-of-band' : ''} on this VM`, ...id };
+    }
     const args = schema.safeParse(msg.data.arguments);
     if (!args.success) {
       const issue = args.error.issues[0];
       const field = issue?.path.join('.') || 'arguments';
       return { ok: false, command, code: 'QMP_REFUSED', reason: `the agent does not allow these arguments to '${command}': ${field}: ${issue?.message ?? 'refused'}`, ...id };
     }
-    const out: Record<string, unknown> = { execute: command };
+    const out: Record<string, unknown> = oob ? { 'exec-oob': command } : { execute: command };
     if (args.data !== undefined) out.arguments = args.data;
     if (msg.data.id !== undefined) out.id = msg.data.id;
     return { ok: true, command, line: JSON.stringify(out), ...(msg.data.id !== undefined ? { id: msg.data.id } : {}) };

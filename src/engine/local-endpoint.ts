@@ -75,7 +75,8 @@ export class LocalSource implements SourceEndpoint {
   }
 
   connect(opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QmpClient> {
-    return QmpClient.connect({ path: this.#qmpSocket }, { ...opts, logger: this.#logger, name: 'source' });
+    // OOB: the rollback's yank must reach a source whose main loop waits on a silent destination.
+    return QmpClient.connect({ path: this.#qmpSocket }, { ...opts, logger: this.#logger, name: 'source', oob: true });
   }
 
   nbdBytesSent(peer: { host: string; port: number }): Promise<number | undefined> {

@@ -74,6 +74,7 @@ async function runMigration(req: MigrateRequest): Promise<MigrationResult> {
     const destinationBuild = destinationProbe(ctx);
     source = await sourceBegin(ctx);
     const plan = await sourcePreflight(ctx, source, destinationBuild);
+    ctx.plannedDisks = plan.disks.map((d) => d.id);
     if (req.dryRun) {
       await source.qmp.close();
       return resultOf(ctx, plan, { downtimeMs: 0, qemuDowntimeMs: undefined, diskBytes: 0, ramBytes: 0, bitmapsMigrated: [], convergence: undefined });

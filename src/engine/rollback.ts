@@ -70,7 +70,7 @@ export async function fail(ctx: MigrationContext, err: unknown, source: SourceSt
   // A destination dead or out of reach may leave the source's NBD client waiting on a silent
   // connection: cut it (and the migration's) before the source's steps wait on it too.
   if (source && !sourceDied && (ctx.destinationUnreachable || ctx.destinationDied || cleanupErrors.length > 0)) {
-    const yanked = await sourceYankDestination(source.qmp, source.caps, { timeoutMs: 5_000 }).then(
+    const yanked = await sourceYankDestination(source.qmp, source.caps, { timeoutMs: 5_000, diskIds: ctx.plannedDisks }).then(
       (y) => (y.length ? y.map((i) => (i.type === 'migration' ? 'migration' : i['node-name'])).join(', ') : undefined),
       (yankErr: unknown) => {
         report(YANK_STEP, yankErr);

@@ -77,6 +77,30 @@ const ENGINE: Record<TunnelRole, [string, Record<string, unknown> | undefined][]
   ],
 };
 
+describe('out-of-band', () => {
+  test('a source allows OOB to be negotiated and exactly yank out-of-band, forwarded as exec-oob', () => {
+    const p = new QmpPolicy(ctx('source'));
+    expect(p.judge(JSON.stringify({ execute: 'qmp_capabilities', arguments: { enable: ['oob'] }, id: 1 }))).toMatchObject({ ok: true });
+    const msg = { 'exec-oob': 'yank', arguments: { instances: [{ type: 'block-node', 'node-name': 'ferry-nbd-root' }] }, id: 'y1' };
+    const v = p.judge(JSON.stringify(msg));
+    expect(v).toMatchObject({ ok: true, command: 'yank', id: 'y1' });
+    if (v.ok) expect(JSON.parse(v.line)).toEqual(msg);
+  });
+
+  test.each([
+    ['source', { 'exec-oob': 'migrate-pause', id: 1 }],
+    ['source', { 'exec-oob': 'query-status', id: 1 }],
+    // QMP requires an id out-of-band
+    ['source', { 'exec-oob': 'yank', arguments: { instances: [{ type: 'migration' }] } }],
+    ['source', { 'exec-oob': 'yank', arguments: { instances: [{ type: 'chardev', id: 'serial0' }] }, id: 1 }],
+    ['source', { 'exec-oob': 'yank', execute: 'yank', arguments: { instances: [{ type: 'migration' }] }, id: 1 }],
+    ['source', { execute: 'qmp_capabilities', arguments: { enable: ['oob', 'other'] } }],
+    ['destination', { 'exec-oob': 'yank', arguments: { instances: [{ type: 'migration' }] }, id: 1 }],
+  ] as const)('%s refuses %j', (role, msg) => {
+    expect(new QmpPolicy(ctx(role)).judge(JSON.stringify(msg))).toMatchObject({ ok: false });
+  });
+});
+
 describe('the policy on examples', () => {
   test.each(['source', 'destination'] as const)('%s: what the engine sends passes unchanged', (role) => {
     const p = new QmpPolicy(ctx(role));

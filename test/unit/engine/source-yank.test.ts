@@ -5,7 +5,7 @@
  */
 import { expect, test } from 'vitest';
 import { destinationYankInstances, sourceYankDestination } from '../../../src/engine/source-yank.js';
-import type { QmpCapabilities, QmpClient } from '../../../src/qmp/index.js';
+import { QmpCommandError, type QmpCapabilities, type QmpClient } from '../../../src/qmp/index.js';
 
 // query-yank of QEMU 10.0 during a mirror and a migration (recorded), plus a chardev.
 const LISTED = [{ type: 'block-node', 'node-name': 'ferry-nbd-data' }, { type: 'block-node', 'node-name': 'file-data' }, { type: 'migration' }, { type: 'chardev', id: 'serial0' }];
@@ -38,4 +38,31 @@ test('yank is sent with exactly the listed instances, and not at all without the
   const c = fakeQmp(LISTED);
   expect(await sourceYankDestination(c.q, caps([]), { timeoutMs: 1_000 })).toEqual([]);
   expect(c.sent).toEqual([]);
+});
+
+test('with OOB the yank names each instance blindly, out-of-band, one per command; a refusal of one is not a failure', async () => {
+  const sent: [string, unknown][] = [];
+  const q = {
+    oob: true,
+    executeRaw: async (): Promise<unknown> => {
+      throw new Error('in-band must not be used: the main loop may be the thing that waits');
+    },
+    executeOob: async (command: string, args: { instances: { type: string; 'node-name'?: string }[] }): Promise<unknown> => {
+      sent.push([command, args]);
+      if (args.instances[0]?.['node-name'] === 'ferry-nbd-gone') throw new QmpCommandError('yank', 'DeviceNotFound', 'Instance not found');
+      return {};
+    },
+  } as unknown as QmpClient;
+  const yanked = await sourceYankDestination(q, caps(['yank']), { timeoutMs: 1_000, diskIds: ['data', 'gone'] });
+  expect(yanked).toEqual([{ type: 'migration' }, { type: 'block-node', 'node-name': 'ferry-nbd-data' }]);
+  expect(sent.map(([, a]) => a)).toEqual([
+    { instances: [{ type: 'migration' }] },
+    { instances: [{ type: 'block-node', 'node-name': 'ferry-nbd-data' }] },
+    { instances: [{ type: 'block-node', 'node-name': 'ferry-nbd-gone' }] },
+  ]);
+});
+
+test('an OOB yank that no instance answered (a broken session) is a failure', async () => {
+  const q = { oob: true, executeOob: async (): Promise<unknown> => Promise.reject(new Error('session closed')) } as unknown as QmpClient;
+  await expect(sourceYankDestination(q, caps(['yank']), { timeoutMs: 1_000, diskIds: ['data'] })).rejects.toThrow('session closed');
 });
