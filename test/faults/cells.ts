@@ -71,7 +71,9 @@ export const EXPECTED: Record<Fault, Row> = {
     mirror: ['source'],
     ram: ['source'],
     switchover: ['source'],
-    confirm: ['source', 'killed'],
+    // A kill that lands while `cont` is on its way leaves it unanswered: whether the destination
+    // ran before it died nobody can know, so the source stays paused (seed 5 hit that at +2 ms).
+    confirm: ['source', 'uncertain', 'killed'],
     cleanup: ['killed'],
   },
   'kill-orchestrator': {

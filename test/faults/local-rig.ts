@@ -5,6 +5,7 @@
  * migrate-vm, host B's filesystem filled, host B's disk failing writes.
  */
 import { execFile } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, statfs, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
@@ -51,9 +52,15 @@ export const replayCommand = (c: Cell, seed: number): string => `npm run faults 
 export function cellResult(
   cell: Cell,
   seed: number,
-  r: Pick<CellResult, 'hitPhase' | 'offsetMs' | 'exit' | 'outcome' | 'expected' | 'problems' | 'notes'> & { t0: number; orch: Pick<Orchestrator, 'stderr'> | undefined },
+  r: Pick<CellResult, 'hitPhase' | 'offsetMs' | 'exit' | 'outcome' | 'expected' | 'problems' | 'notes'> & { t0: number; orch: Pick<Orchestrator, 'stderr' | 'events'> | undefined },
 ): CellResult {
   if (r.problems.length && r.orch) r.notes.push(`migrate-vm stderr (last lines): ${r.orch.stderr().trim().split('\n').slice(-6).join(' | ')}`);
+  // Replaying a failure: FERRY_FAULT_STDERR_DIR keeps migrate-vm's whole stderr (with FERRY_FAULT_LOG_LEVEL=debug, its log).
+  const keep = process.env.FERRY_FAULT_STDERR_DIR;
+  if (keep && r.orch) {
+    writeFileSync(join(keep, `${cellId(cell).replace('/', '_')}-${seed}.stderr`), r.orch.stderr());
+    writeFileSync(join(keep, `${cellId(cell).replace('/', '_')}-${seed}.events`), r.orch.events.map((e) => JSON.stringify(e)).join('\n'));
+  }
   return {
     id: cellId(cell),
     phase: cell.phase,
@@ -192,7 +199,7 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
 
     const lazy = cell.phase === 'hydrate';
     const argv = ['--spec', specPath, '--to-dir', hostB, '--json', '--bandwidth', '16M', '--progress-timeout', '20', '--timeout', '90', ...(lazy ? ['--mode', 'lazy', '--hydration-rate', '4M'] : [])];
-    const env: NodeJS.ProcessEnv = { TMPDIR: childTmp, FERRY_LOG_LEVEL: 'warn' };
+    const env: NodeJS.ProcessEnv = { TMPDIR: childTmp, FERRY_LOG_LEVEL: process.env.FERRY_FAULT_LOG_LEVEL ?? 'warn' };
     if (cell.fault === 'disk-io-error') {
       env.FERRY_QEMU = join(REPO, 'test/faults/blkdebug-qemu.sh');
       env.FERRY_FAULT_REAL_QEMU = process.env.FERRY_QEMU ?? 'qemu-system-x86_64';
@@ -299,7 +306,9 @@ export async function runLocalCell(cell: Cell, seed: number): Promise<CellResult
     if (last.destination !== 'gone' && dpid !== undefined) allowed.add(dpid);
     const stray = qemus.filter((p) => !allowed.has(p));
     if (stray.length) debris.push(`QEMU process(es) ${stray.join(', ')} left running`);
-    if (vm.running() && outcome !== 'needs-source') debris.push(...(await qemuLeftovers(vm.qmp, 'source')));
+    // Uncertain leaves the source paused as it was, mirror and NBD node included, for the operator
+    // (`migrate-vm --recover` settles it once the destination was looked at), as the netns rig does.
+    if (vm.running() && outcome !== 'needs-source' && outcome !== 'uncertain') debris.push(...(await qemuLeftovers(vm.qmp, 'source')));
     // A dead destination's log is kept on purpose until the operator read it (DESTINATION_DIED names it).
     const bFiles = (await readdir(hostB)).filter((f) => f !== BALLAST && f !== 'lost+found' && !KEPT_LOG.test(f));
     if (outcome === 'source' || outcome === 'nowhere') {

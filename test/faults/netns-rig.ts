@@ -161,7 +161,7 @@ export class NetnsRig {
 
       const slow = cell.fault === 'slow-link';
       const argv = ['--from', urlA, '--to', urlB, name, '--json', '--bandwidth', '16M', '--progress-timeout', slow ? '10' : '20', '--timeout', slow ? '20' : '90'];
-      const o = startOrchestrator(argv, { netns: nsA, env: { FERRY_TOKEN: TOKEN, FERRY_LOG_LEVEL: 'warn' } });
+      const o = startOrchestrator(argv, { netns: nsA, env: { FERRY_TOKEN: TOKEN, FERRY_LOG_LEVEL: process.env.FERRY_FAULT_LOG_LEVEL ?? 'warn' } });
       orch = o;
       const cutS = 1 + Math.floor(rand() * 4);
       let injected: Promise<void> | undefined;

@@ -64,7 +64,7 @@ export function startOrchestrator(argv: string[], opts: { env?: NodeJS.ProcessEn
     }
   });
   child.stderr!.setEncoding('utf8');
-  child.stderr!.on('data', (d: string) => (err = (err + d).slice(-20_000)));
+  child.stderr!.on('data', (d: string) => (err = (err + d).slice(-2_000_000)));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => child.once('exit', (code, signal) => r({ code, signal })));
   return {
     child,
