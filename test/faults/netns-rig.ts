@@ -259,8 +259,10 @@ export class NetnsRig {
       await sleep(300);
       const acked = sampler.acks.get('data') ?? -1;
       let writes = { ok: true, detail: '' };
-      if (outcome !== 'needs-source' && outcome !== 'uncertain') {
-        const disk = outcome === 'destination' || outcome === 'killed' ? join(dirB, 'data.qcow2') : join(dirA, 'data.qcow2');
+      // Uncertain with the destination running: the guest is there, and so must be its writes.
+      const onB = outcome === 'destination' || outcome === 'killed' || (outcome === 'uncertain' && last.destination === 'running');
+      if (outcome !== 'needs-source' && (outcome !== 'uncertain' || onB)) {
+        const disk = onB ? join(dirB, 'data.qcow2') : join(dirA, 'data.qcow2');
         const rep = await verifyDisk(disk, { format: 'qcow2', diskId: 'data', ackedSeq: acked }).catch((e: unknown) => ({ ok: false, missingCount: -1, corruptCount: -1, highestContiguous: -1, error: String(e) }));
         writes = { ok: rep.ok, detail: `${disk}, acked ${acked}: ${JSON.stringify({ missing: rep.missingCount, corrupt: rep.corruptCount, contiguous: rep.highestContiguous })}` };
       }

@@ -43,7 +43,9 @@ export interface Settled {
 export function actualOutcome(s: Settled, ranOnDestination: boolean, lazy = false): Outcome {
   // Lazy, an overlay that still names its backing lacks blocks only the source's disks hold,
   // whether or not the source QEMU is alive to serve them.
-  if (s.destination === 'running') return s.source === 'gone' && !s.overlaysBacked ? 'destination' : s.source === 'running' ? 'uncertain' : 'needs-source';
+  // Pre-copy, a running destination beside a paused source is the state an unanswered `cont` that
+  // did arrive leaves (exit 3): the guest is there, the source waits for someone who looked.
+  if (s.destination === 'running') return s.source === 'gone' && !s.overlaysBacked ? 'destination' : s.source === 'running' || !lazy ? 'uncertain' : 'needs-source';
   // A destination that ran and now stands still (QEMU stopped it on a disk error): the guest is
   // there; lazy, it waits on reads only the source can serve.
   if (ranOnDestination && s.destination !== 'gone' && s.source !== 'running') return lazy ? 'needs-source' : s.source === 'gone' ? 'destination' : 'uncertain';
