@@ -170,8 +170,8 @@ export class StandbyRig {
         await writeFile(configs[i], JSON.stringify({ name: `host${'AB'[i]}`, listenHost: ip, listenPort: AGENT_PORT, storageRoot: roots[i], bootRoots: [IMAGE_DIR], tokens: { [AGENT_TOKEN]: 'scheduler' }, migrationHost: ip, portRange: [23000, 23100] }));
       }
       const rig = new StandbyRig(pair, roots, configs, base);
-      rig.#agentA = await startAgentIn(pair.names[0], configs[0], rig.#started);
-      rig.#agentB = await startAgentIn(pair.names[1], configs[1], rig.#started);
+      rig.#agentA = rig.#keepLog(0, await startAgentIn(pair.names[0], configs[0], rig.#started));
+      rig.#agentB = rig.#keepLog(1, await startAgentIn(pair.names[1], configs[1], rig.#started));
       return rig;
     } catch (err) {
       await pair.remove();
@@ -194,9 +194,22 @@ export class StandbyRig {
     return [`ws://${this.pair.addresses[0]}:${AGENT_PORT}`, `ws://${this.pair.addresses[1]}:${AGENT_PORT}`];
   }
 
+  /** Each agent's last log lines (warnings and errors, pino JSON): a failed cell prints B's. */
+  readonly #agentLog: [string[], string[]] = [[], []];
+
+  #keepLog(side: 0 | 1, child: ChildProcess): ChildProcess {
+    createInterface({ input: child.stderr! }).on('line', (l) => {
+      if (!/"level":[45]0/.test(l)) return;
+      const log = this.#agentLog[side];
+      log.push(l.slice(0, 600));
+      if (log.length > 50) log.shift();
+    });
+    return child;
+  }
+
   async #restartAgent(side: 0 | 1): Promise<void> {
     if (alive(side === 0 ? this.#agentA : this.#agentB)) return;
-    const fresh = await startAgentIn(this.pair.names[side], this.configs[side], this.#started);
+    const fresh = this.#keepLog(side, await startAgentIn(this.pair.names[side], this.configs[side], this.#started));
     if (side === 0) this.#agentA = fresh;
     else this.#agentB = fresh;
   }
@@ -270,6 +283,8 @@ export class StandbyRig {
     /** What the evacuation's end state claims (a sync cell has no run that claims anything). */
     let claimed: Outcome | 'no-exit' = 'no-exit';
     this.#schedulerLog = [];
+    this.#agentLog[0].length = 0;
+    this.#agentLog[1].length = 0;
     /** (wall clock, highest ack seen then): an ack sampled before an instant was printed before it. */
     const acks: { at: number; seq: number }[] = [];
     let ackTimer: NodeJS.Timeout | undefined;
@@ -616,6 +631,7 @@ export class StandbyRig {
       if (rdir) await rm(rdir, { recursive: true, force: true });
       await rm(cellDir, { recursive: true, force: true });
     }
+    if (problems.length) for (const side of [0, 1] as const) if (this.#agentLog[side].length) notes.push(`agent ${'AB'[side]} warnings (last): ${this.#agentLog[side].slice(-4).join(' | ')}`);
     const log = this.#schedulerLog;
     return cellResult(cell, seed, { t0, orch: { stderr: () => log.join('\n') }, hitPhase, offsetMs, exit, outcome, expected, problems, notes });
   }
