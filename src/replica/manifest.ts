@@ -34,6 +34,11 @@ export const ManifestSchema = z
     consistent: z.object({ seq: z.number().int().positive(), pointAt: z.number() }).nullable(),
     pending: z.object({ seq: z.number().int().positive(), overlays: z.record(z.string(), z.string()) }).nullable(),
     daemon: z.object({ pid: z.number().int().positive(), pidStart: z.string(), port: z.number().int(), host: z.string() }).nullable(),
+    /**
+     * The NBD port the daemon serves on, kept while no daemon runs (a released replica): an owner
+     * restarted meanwhile serves it again on the same port (without it: port 0, every sync refused).
+     */
+    port: z.number().int().positive().optional(),
     lastSync: syncFigureSchema.nullable(),
     /** Syncs that did not complete since the last one that did. */
     failedSyncs: z.number().int().nonnegative(),

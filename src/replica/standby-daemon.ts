@@ -110,7 +110,7 @@ export class StandbyReplica {
   static async open(opts: StandbyOptions): Promise<StandbyReplica> {
     const m = readManifest(opts.dir);
     const r = new StandbyReplica(opts, m);
-    r.#port = m.daemon?.port ?? 0;
+    r.#port = m.daemon?.port ?? m.port ?? 0;
     if (m.state !== 'active') return r;
     const d = m.daemon;
     if (d && processStartTime(d.pid) === d.pidStart) {
@@ -207,7 +207,7 @@ export class StandbyReplica {
       await this.#commitAll();
       await this.#stopDaemon();
       rmSync(this.#tlsDir, { recursive: true, force: true });
-      this.#save({ state: 'released', daemon: null });
+      this.#save({ state: 'released', daemon: null, ...(this.#port > 0 ? { port: this.#port } : {}) });
     }
     return { tops: Object.fromEntries(this.#m.disks.map((d) => [d.id, d.chain.at(-1)!.file])), consistent: this.#m.consistent };
   }

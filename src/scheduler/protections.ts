@@ -17,7 +17,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import { errorText } from '../errors.js';
+import { errorText, FerryError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { TlsMaterial } from '../host/tls.js';
 import { AgentClient } from '../agent/client.js';
@@ -350,6 +350,31 @@ export class ProtectionService {
     return this.#moved(row, found.host.name, found.spec, false);
   }
 
+  /**
+   * A running loop finds its replica released: a delta evacuation let go of it (`prepareOverlays`:
+   * the daemon quits, the manifest says released) and its undo never ran. Its scheduler died (the
+   * standby agent abandons the incoming VM, overlays and record, but not the replica's state), or
+   * the standby agent was gone when the rollback called `replica.restore`. Every sync would fail on
+   * a daemon that is not running. No loop runs during a migration (beforeMigration stops it) and
+   * none after a delta evacuation arrived (the protection ends), so if the source runs the VM and
+   * the standby holds no VM of that name (no disk stands on the chains), the replica is served
+   * again as the rollback would have done (fault matrix: evacuate/kill-orchestrator,
+   * evacuate/kill-destination-agent). True when it was.
+   */
+  async #reactivateAbandoned(row: ProtectionRow): Promise<boolean> {
+    const standby = this.#host(row.standby);
+    // Only a clear "no such VM" counts: anything else (a VM there, no answer) leaves it alone.
+    const absent = await this.#call(standby, 'vm.get', { name: row.vm }, (r) => vmGetSchema.parse(r)).then(
+      () => false,
+      (err: unknown) => err instanceof FerryError && err.code === 'VM_NOT_FOUND',
+    );
+    const onSource = await this.#call(this.#host(row.source), 'vm.get', { name: row.vm }, (r) => vmGetSchema.parse(r).state === 'running').catch(() => false);
+    if (!absent || !onSource) return false;
+    await this.#call(standby, 'replica.restore', { vm: row.vm, paths: [] }, () => undefined, SYNC_CALL_MS);
+    this.#log.warn({ vm: row.vm, standby: row.standby }, 'the replica was left released by an evacuation that did not end or roll back in full: served again');
+    return true;
+  }
+
   async #deltaReady(row: ProtectionRow): Promise<{ seq: number } | undefined> {
     const st = await this.#call(this.#host(row.standby), 'replica.status', { vm: row.vm }, (r) => replicaStatusSchema.parse(r));
     return st.consistent && st.state === 'active' ? { seq: st.consistent.seq } : undefined;
@@ -417,7 +442,12 @@ export class ProtectionService {
       return found.vmId;
     };
     const standbySide: StandbySide = {
-      consistent: () => this.#call(standby, 'replica.status', { vm: p.vm }, (r) => replicaStatusSchema.parse(r).consistent),
+      consistent: async () => {
+        const st = await this.#call(standby, 'replica.status', { vm: p.vm }, (r) => replicaStatusSchema.parse(r));
+        // Serving it again keeps the point: st.consistent stands either way.
+        if (st.state === 'released') await this.#reactivateAbandoned(p);
+        return st.consistent;
+      },
       prepareSync: async (seq) => {
         const t = await tls();
         return this.#call(standby, 'replica.prepareSync', { vm: p.vm, seq, ...(t.encrypted ? { tls: { peerIdentity: t.source.identity } } : {}) }, (r): ReplicaTarget => targetSchema.parse(r));

@@ -6,11 +6,15 @@
  * then injects the fault at a random offset inside the phase (seeded; the seed is printed), and
  * one verifier (verdict.ts) judges every cell the same way.
  *
- * Standby replicas (sync, evacuate) do not exist yet: their phases go into PHASES and their
- * expectations into EXPECTED when they do; nothing else changes.
+ * Two phases belong to standby replicas (issue 12), run by the standby rig (standby-rig.ts: two
+ * agents in network namespaces and a ferry-scheduler that protects the guest onto B):
+ *   sync      the fault strikes while a sync is in flight (the standby's manifest records it
+ *             pending); nothing migrates, the guest stays on the source unless the fault kills it
+ *   evacuate  `ferry migrate VM --to B` by delta onto the replica; the fault strikes inside the
+ *             migration, and the cell is judged by the engine phase it hit (the migration rows)
  */
 
-export const PHASES = ['preflight', 'prepare-destination', 'mirror', 'ram', 'switchover', 'confirm', 'cleanup', 'hydrate'] as const;
+export const PHASES = ['preflight', 'prepare-destination', 'mirror', 'ram', 'switchover', 'confirm', 'cleanup', 'hydrate', 'sync', 'evacuate'] as const;
 export type FaultPhase = (typeof PHASES)[number];
 export const isFaultPhase = (p: string | undefined): p is FaultPhase => (PHASES as readonly (string | undefined)[]).includes(p);
 
@@ -43,8 +47,16 @@ export type Fault = (typeof FAULTS)[number];
  */
 export type Outcome = 'source' | 'destination' | 'killed' | 'nowhere' | 'needs-source' | 'uncertain';
 
-/** Which rig runs a fault: two local folders under one migrate-vm, or two agents in network namespaces. */
-export function rigOf(fault: Fault): 'local' | 'netns' {
+/** The standby-replica phases: their cells run on the standby rig whatever the fault. */
+export const STANDBY_PHASES: ReadonlySet<FaultPhase> = new Set(['sync', 'evacuate']);
+
+/**
+ * Which rig runs a cell: two local folders under one migrate-vm, two agents in network
+ * namespaces, or (sync, evacuate) those two agents under a ferry-scheduler protecting the guest.
+ */
+export function rigOf(cell: Cell): 'local' | 'netns' | 'standby' {
+  if (STANDBY_PHASES.has(cell.phase)) return 'standby';
+  const fault = cell.fault;
   return fault === 'kill-source-agent' || fault === 'kill-destination-agent' || fault.startsWith('link-') || fault === 'slow-link' ? 'netns' : 'local';
 }
 
@@ -54,6 +66,9 @@ type Row = Partial<Record<FaultPhase, readonly Outcome[]>>;
  * Expected outcomes per fault and phase; a phase a fault has no cell in is absent. Where the
  * fault can land on either side of the point of no return (`cont` on the destination, inside
  * confirm), both outcomes are allowed and the verifier checks the one that happened is true.
+ * An evacuate cell is judged by the row's entry for the engine phase it hit (a fault in its
+ * mirror phase expects what mirror does); its own entry is the union, for a cell whose phase
+ * event never came.
  */
 export const EXPECTED: Record<Fault, Row> = {
   'kill-source-qemu': {
@@ -65,6 +80,7 @@ export const EXPECTED: Record<Fault, Row> = {
     confirm: ['nowhere', 'destination'],
     cleanup: ['destination'],
     hydrate: ['needs-source'],
+    sync: ['nowhere'],
   },
   'kill-destination-qemu': {
     'prepare-destination': ['source'],
@@ -75,6 +91,7 @@ export const EXPECTED: Record<Fault, Row> = {
     // ran before it died nobody can know, so the source stays paused (seed 5 hit that at +2 ms).
     confirm: ['source', 'uncertain', 'killed'],
     cleanup: ['killed'],
+    evacuate: ['source', 'killed'],
   },
   'kill-orchestrator': {
     preflight: ['source'],
@@ -84,6 +101,8 @@ export const EXPECTED: Record<Fault, Row> = {
     switchover: ['source'],
     confirm: ['source', 'destination'],
     cleanup: ['destination'],
+    sync: ['source'],
+    evacuate: ['source', 'destination'],
   },
   'sigterm-orchestrator': {
     preflight: ['source'],
@@ -94,6 +113,7 @@ export const EXPECTED: Record<Fault, Row> = {
     confirm: ['source', 'destination'],
     cleanup: ['destination'],
     hydrate: ['destination'],
+    sync: ['source'],
   },
   'kill-source-agent': {
     'prepare-destination': ['source'],
@@ -102,6 +122,8 @@ export const EXPECTED: Record<Fault, Row> = {
     switchover: ['source'],
     confirm: ['source', 'destination'],
     cleanup: ['destination'],
+    sync: ['source'],
+    evacuate: ['source', 'destination'],
   },
   'kill-destination-agent': {
     'prepare-destination': ['source'],
@@ -110,6 +132,8 @@ export const EXPECTED: Record<Fault, Row> = {
     switchover: ['source'],
     confirm: ['source', 'destination'],
     cleanup: ['destination'],
+    sync: ['source'],
+    evacuate: ['source', 'destination'],
   },
   'link-cut-restore': {
     'prepare-destination': ['source', 'destination'],
@@ -118,6 +142,8 @@ export const EXPECTED: Record<Fault, Row> = {
     switchover: ['source', 'destination'],
     confirm: ['source', 'destination'],
     cleanup: ['destination'],
+    sync: ['source'],
+    evacuate: ['source', 'destination'],
   },
   'link-cut-forever': {
     'prepare-destination': ['source'],
@@ -126,6 +152,7 @@ export const EXPECTED: Record<Fault, Row> = {
     switchover: ['source'],
     confirm: ['source', 'uncertain', 'destination'],
     cleanup: ['destination'],
+    sync: ['source'],
   },
   'disk-full': {
     preflight: ['source'],
@@ -192,6 +219,10 @@ export const CI_CELLS: readonly string[] = [
   'cleanup/sigterm-orchestrator',
   'hydrate/sigterm-orchestrator',
   'hydrate/kill-source-qemu',
+  // The standby rig's two cheapest (about 25 s each): a scheduler killed mid-sync, and a delta
+  // evacuation whose destination dies (rolled back: the replica served again, the loop on).
+  'sync/kill-orchestrator',
+  'evacuate/kill-destination-qemu',
 ];
 
 /**
@@ -242,4 +273,8 @@ export const PHASE_WINDOW_MS: Record<FaultPhase, number> = {
   confirm: 5,
   cleanup: 30,
   hydrate: 600,
+  // From the standby's manifest naming a sync pending (a sync over a 2 Mbit/s link lasts seconds).
+  sync: 1500,
+  // From the delta migration's mirror phase (its backup passes, then RAM at 16 MiB/s: about 8 s).
+  evacuate: 3000,
 };

@@ -11,18 +11,29 @@ import { cellId, FAULTS, PHASES, rigOf, selectCells, type Cell } from './cells.j
 import { runLocalCell, type CellResult } from './local-rig.js';
 import { REPO } from './orchestrator.js';
 import { NetnsRig } from './netns-rig.js';
+import { StandbyRig } from './standby-rig.js';
 
 export async function runCells(cells: Cell[], seed: number, log: (line: string) => void, stop: AbortSignal = new AbortController().signal): Promise<CellResult[]> {
   const results: CellResult[] = [];
   let netns: NetnsRig | undefined;
+  let standby: StandbyRig | undefined;
   try {
     for (const [i, cell] of cells.entries()) {
       if (stop.aborted) break;
       log(`[${i + 1}/${cells.length}] ${cellId(cell)} (seed ${seed}) ...`);
       let r: CellResult;
-      if (rigOf(cell.fault) === 'netns') {
+      const rig = rigOf(cell);
+      if (rig === 'netns') {
+        await standby?.close();
+        standby = undefined;
         netns ??= await NetnsRig.create();
         r = await netns.runCell(cell, seed);
+      } else if (rig === 'standby') {
+        // Its own namespaces (the same names as the netns rig's): one rig's pair at a time.
+        await netns?.close();
+        netns = undefined;
+        standby ??= await StandbyRig.create();
+        r = await standby.runCell(cell, seed);
       } else {
         r = await runLocalCell(cell, seed);
       }
@@ -32,6 +43,7 @@ export async function runCells(cells: Cell[], seed: number, log: (line: string) 
     }
   } finally {
     await netns?.close();
+    await standby?.close();
   }
   return results;
 }

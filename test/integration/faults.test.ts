@@ -9,22 +9,35 @@ import { afterAll, expect, test } from 'vitest';
 import { CI_CELLS, OPEN_FINDINGS, rigOf, selectCells } from '../faults/cells.js';
 import { runLocalCell } from '../faults/local-rig.js';
 import { NetnsRig } from '../faults/netns-rig.js';
+import { StandbyRig } from '../faults/standby-rig.js';
 import { netnsAvailable } from '../helpers/netns.js';
 
 const SEED = Number(process.env.FERRY_FAULT_SEED ?? 17);
 const canNetns = await netnsAvailable();
 let rig: Promise<NetnsRig> | undefined;
+let standbyRig: Promise<StandbyRig> | undefined;
 afterAll(async () => {
   await (await rig?.catch(() => undefined))?.close();
+  await (await standbyRig?.catch(() => undefined))?.close();
 }, 60_000);
 
 const cells = selectCells(CI_CELLS.join(','));
 
 test.each(cells.map((c) => ({ ...c, id: `${c.phase}/${c.fault}` })))('$id', async (cell) => {
-  const netns = rigOf(cell.fault) === 'netns';
+  const kind = rigOf(cell);
   // Network namespaces and the tmpfs of disk-full need root, as the other netns tests do.
-  if ((netns && !canNetns) || (cell.fault === 'disk-full' && process.getuid?.() !== 0)) return;
-  const r = netns ? await (rig ??= NetnsRig.create()).then((x) => x.runCell(cell, SEED)) : await runLocalCell(cell, SEED);
+  if ((kind !== 'local' && !canNetns) || (cell.fault === 'disk-full' && process.getuid?.() !== 0)) return;
+  // The two namespace rigs name their pair alike (by PID): the one not in use is closed first.
+  if (kind === 'standby' && rig) {
+    await (await rig.catch(() => undefined))?.close();
+    rig = undefined;
+  }
+  if (kind === 'netns' && standbyRig) {
+    await (await standbyRig.catch(() => undefined))?.close();
+    standbyRig = undefined;
+  }
+  const r =
+    kind === 'netns' ? await (rig ??= NetnsRig.create()).then((x) => x.runCell(cell, SEED)) : kind === 'standby' ? await (standbyRig ??= StandbyRig.create()).then((x) => x.runCell(cell, SEED)) : await runLocalCell(cell, SEED);
   const where = `${r.id} (seed ${SEED}, hit ${r.hitPhase ?? '-'} +${r.offsetMs} ms, exit ${r.exit}, ${r.notes.join('; ')}): replay with ${r.replay}`;
   const open = OPEN_FINDINGS[r.id];
   if (!open) {
