@@ -4,6 +4,7 @@
  *   ReplicaError
  *     SPACE            the standby lacks room for the replica (before protection starts)
  *     SYNC_FAILED      a sync did not complete; the previous consistent point stands
+ *     SYNC_STALLED     a sync whose backups copied nothing for SYNC_STALL_MS: given up, as SYNC_FAILED
  *     NO_REPLICA       no consistent point exists (first sync not done, or replica released)
  *     SOURCE_RUNNING   recover refused: the source still runs the guest
  *     DAEMON           the standby's qemu-storage-daemon did not start or answer

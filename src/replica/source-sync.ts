@@ -26,6 +26,16 @@ import type { ReplicaTarget } from './standby-daemon.js';
 
 const CMD = { timeoutMs: 30_000 };
 
+/**
+ * A sync whose backups copied nothing for this long is given up (SYNC_STALLED): a standby gone
+ * silent (a link cut for good sends no RST) would otherwise hold the sync, its jobs and its NBD
+ * nodes on the source for as long as TCP keeps retrying, and the loop with it (issue 17's cell
+ * sync/link-cut-forever). A backup's offset moves every chunk (64 KiB: half a second even at
+ * 1 Mbit/s), and a blip of a few seconds is retried by TCP well inside the bound.
+ */
+export const SYNC_STALL_MS = 20_000;
+const STALL_POLL_MS = 1_000;
+
 export interface SyncOutcome {
   seq: number;
   /** Wall clock just before the transaction: every write acknowledged before it is in the sync. */
@@ -79,7 +89,7 @@ export async function syncEndTls(q: QmpClient, runDir: string): Promise<void> {
  */
 export async function sourceSync(
   q: QmpClient,
-  input: { disks: readonly { id: string }[]; seq: number; previous: number | null; target: ReplicaTarget; tls?: SyncTls | undefined; timeoutMs: number; signal?: AbortSignal },
+  input: { disks: readonly { id: string }[]; seq: number; previous: number | null; target: ReplicaTarget; tls?: SyncTls | undefined; timeoutMs: number; stallMs?: number; signal?: AbortSignal },
 ): Promise<SyncOutcome> {
   const { disks, seq, previous, target, tls } = input;
   const started = performance.now();
@@ -105,13 +115,14 @@ export async function sourceSync(
     // No 'grouped' completion: QEMU 7.2 refuses it beside block-dirty-bitmap-add; a failed job fails the sync anyway.
     await q.executeRaw('transaction', { actions }, CMD);
     let bytes = 0;
-    await Promise.all(
+    const stalled = new AbortController();
+    const waits = Promise.all(
       disks.map(async (d) => {
         const id = syncJobId(d.id);
         const ev = await q.waitForEvent((e) => (eventIs(e, 'BLOCK_JOB_COMPLETED') || eventIs(e, 'BLOCK_JOB_CANCELLED')) && e.data.device === id, {
           since,
           timeoutMs: input.timeoutMs,
-          ...(input.signal ? { signal: input.signal } : {}),
+          signal: input.signal ? AbortSignal.any([input.signal, stalled.signal]) : stalled.signal,
           what: `replica backup ${id} to complete`,
         });
         if (!eventIs(ev, 'BLOCK_JOB_COMPLETED') || ev.data.error !== undefined) {
@@ -120,6 +131,17 @@ export async function sourceSync(
         bytes += ev.data.len;
       }),
     );
+    const watch = watchProgress(q, disks.map((d) => syncJobId(d.id)), { stallMs: input.stallMs ?? SYNC_STALL_MS, stop: stalled.signal });
+    waits.catch(() => undefined);
+    watch.catch(() => undefined);
+    try {
+      await Promise.race([waits, watch]);
+    } catch (err) {
+      if (err instanceof ReplicaError && err.code === 'SYNC_STALLED') await yankTargets(q, disks);
+      throw err;
+    } finally {
+      stalled.abort();
+    }
     for (const d of disks) await deleteNode(q, syncTargetNode(d.id), CMD.timeoutMs);
     if (tls) await syncEndTls(q, tls.runDir);
     return { seq, pointAt, pointAtMono, bytes, durationMs: Math.round(performance.now() - started) };
@@ -128,6 +150,38 @@ export async function sourceSync(
     if (tls) await syncEndTls(q, tls.runDir).catch(() => undefined);
     if (err instanceof ReplicaError) throw err;
     throw new ReplicaError('SYNC_FAILED', `sync ${seq} failed on the source: ${errorText(err)}`, { cause: err });
+  }
+}
+
+/**
+ * Rejects with SYNC_STALLED once no job of the sync moved its offset for `stallMs`; else it ends
+ * quietly when `stop` fires (the sync settled first). A job QEMU no longer lists ended: its
+ * event settles the sync.
+ */
+async function watchProgress(q: QmpClient, jobIds: readonly string[], opts: { stallMs: number; stop: AbortSignal }): Promise<void> {
+  let last = new Map<string, number>();
+  let movedAt = performance.now();
+  while (!opts.stop.aborted) {
+    await new Promise((r) => setTimeout(r, STALL_POLL_MS));
+    if (opts.stop.aborted) break;
+    const jobs = await q.execute('query-block-jobs', undefined, CMD).catch(() => undefined);
+    if (!jobs) continue;
+    const now = new Map(jobs.filter((j) => jobIds.includes(j.device)).map((j) => [j.device, j.offset] as const));
+    if (now.size < jobIds.length || [...now].some(([id, offset]) => last.get(id) !== offset)) movedAt = performance.now();
+    last = now;
+    if (performance.now() - movedAt > opts.stallMs) {
+      throw new ReplicaError('SYNC_STALLED', `the replica backups ${jobIds.join(', ')} copied nothing for ${Math.round(opts.stallMs / 1000)} s: the standby does not take the data (link or standby gone silent)`);
+    }
+  }
+}
+
+/**
+ * A stalled sync's NBD client nodes are cut (QEMU's yank): their requests wait on a silent
+ * connection, and the job's cancel and the node's deletion would wait with them.
+ */
+async function yankTargets(q: QmpClient, disks: readonly { id: string }[]): Promise<void> {
+  for (const d of disks) {
+    await q.executeRaw('yank', { instances: [{ type: 'block-node', 'node-name': syncTargetNode(d.id) }] }, CMD).catch(() => undefined);
   }
 }
 

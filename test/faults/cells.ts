@@ -222,6 +222,8 @@ export const CI_CELLS: readonly string[] = [
   // The standby rig's two cheapest (about 25 s each): a scheduler killed mid-sync, and a delta
   // evacuation whose destination dies (rolled back: the replica served again, the loop on).
   'sync/kill-orchestrator',
+  // a standby silent for good: the sync gives up on its stall bound instead of holding the loop
+  'sync/link-cut-forever',
   'evacuate/kill-destination-qemu',
 ];
 
